@@ -158,7 +158,7 @@ class DriftConfig:
 class TrainConfig:
     """One incremental LoRA/QLoRA run."""
 
-    lora_r: int = _f(16, "LoRA rank", ge=1, le=1024)
+    lora_r: int = _f(16, "LoRA rank: the adapter's width (capacity vs size)", ge=1, le=1024)
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r)", ge=1)
     lora_dropout: float = _f(0.05, "dropout on the LoRA input", ge=0.0, lt=1.0)
     lora_targets: str = _f("all-linear", "all-linear, attention, or a comma-separated list of module names",
@@ -207,7 +207,7 @@ class ServeConfig:
     """The OpenAI-compatible server."""
 
     host: str = _f("127.0.0.1", "bind address (keep 127.0.0.1 unless a proxy guards the port)")
-    port: int = _f(8000, "HTTP port", ge=1, le=65535)
+    port: int = _f(8000, "HTTP port of the API, /metrics and /admin", ge=1, le=65535)
     admin_token: str = _f("", "bearer token for /admin/*; empty = admin endpoints disabled (set via LORAD_SERVE__ADMIN_TOKEN)")
     max_prompt_tokens: int = _f(2048, "longer prompts are refused with 400", ge=1)
     max_new_tokens: int = _f(512, "upper bound on max_tokens a request may ask for", ge=1)
@@ -239,7 +239,7 @@ class MetricsConfig:
     """Prometheus metrics and logging."""
 
     enabled: bool = _f(True, "expose Prometheus metrics on /metrics")
-    log_level: str = _f("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_level: str = _f("INFO", "lowest level of log lines written to stderr", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _f("json", "json = one JSON object per line; text = human-readable", choices=("json", "text"))
 
 

@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -218,7 +219,21 @@ class Daemon:
         config = uvicorn.Config(create_app(self), host=s.host, port=s.port, log_config=None,
                                 timeout_graceful_shutdown=s.drain_timeout_seconds, access_log=False)
         self._server = uvicorn.Server(config)
-        self._server.run()
+        # uvicorn drains on the first SIGTERM/SIGINT, forces on the second, and afterwards re-raises the
+        # signal to the handler that was installed before it. Installing a recorder here turns that re-raise
+        # into a clean exit 0 instead of death by the default SIGTERM action.
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._record_signal)
+        try:
+            self._server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        log.info("stop signal handled", extra={"signal": signal.Signals(signum).name})
 
     def request_stop(self) -> None:
         """Ask the main loop to stop gracefully (same as one SIGTERM)."""
