@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("show", parents=[common], help="print the effective configuration as YAML")
     q.add_argument("--defaults", action="store_true", help="print the commented defaults (the example file)")
     q.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    q.add_argument("--markdown", action="store_true", help="print the reference tables (as in README.md)")
     q.set_defaults(func=cmd_config_show)
     q = csub.add_parser("check", parents=[common], help="validate a config; exit 2 listing every problem")
     q.set_defaults(func=cmd_config_check)
@@ -87,8 +88,11 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from daemon.config import Config, render_yaml
+    from daemon.config import Config, render_markdown, render_yaml
 
+    if args.markdown:
+        print(render_markdown())
+        return EXIT_OK
     cfg = Config() if args.defaults else _load(args)
     if args.json:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))

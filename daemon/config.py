@@ -487,3 +487,22 @@ def render_yaml(cfg: Config | None = None, *, with_docs: bool = True, mask_secre
             lines.append(f"  {f.name}: {json.dumps(values[section][f.name], ensure_ascii=False)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_markdown() -> str:
+    """The README's configuration reference: one table per section."""
+    import json
+
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"**`{section}`** — {(cls.__doc__ or '').strip().splitlines()[0]}\n")
+        out.append("| key | default | meaning |")
+        out.append("|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            doc = f.metadata["doc"]
+            if f.metadata.get("choices"):
+                doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+            out.append(f"| `{f.name}` | `{json.dumps(default, ensure_ascii=False)}` | {doc} |")
+        out.append("")
+    return "\n".join(out)

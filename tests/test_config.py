@@ -137,3 +137,13 @@ def test_config_module_imports_no_heavy_libraries():
     code = "import daemon.config, daemon.cli, sys; bad = {'torch','transformers','yaml','numpy'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_readme_config_reference_matches_the_dataclasses():
+    from daemon.config import render_markdown
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    section = readme[readme.index(start) + len(start):readme.index(end)]
+    assert section.strip() == render_markdown().strip(), \
+        "regenerate README's reference with: lorad config show --markdown"
