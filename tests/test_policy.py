@@ -1,0 +1,110 @@
+"""Policy decisions are pure: tables of cases, no model, no clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from daemon.config import PromoteConfig, ScheduleConfig
+from daemon.policy import should_promote, should_rollback, should_train
+
+SCHED = ScheduleConfig(min_new_records=50, cooldown_minutes=60, train_on_drift=True)
+NOW = 1_800_000_000.0
+DRIFT = {"drift": True, "p_value": 0.001, "status": "ok", "explanation": "embedding MMD"}
+NO_DRIFT = {"drift": False, "p_value": 0.4, "status": "ok"}
+
+
+@pytest.mark.parametrize("kw, ok, code", [
+    (dict(trigger="drift", drift=DRIFT, pending=200, last_run_at=None, job_running=False), True, "drift"),
+    (dict(trigger="drift", drift=DRIFT, pending=200, last_run_at=None, job_running=True), False, "busy"),
+    (dict(trigger="drift", drift=NO_DRIFT, pending=200, last_run_at=None, job_running=False), False, "no_drift"),
+    (dict(trigger="drift", drift=None, pending=200, last_run_at=None, job_running=False), False, "no_drift_result"),
+    (dict(trigger="drift", drift={"drift": False, "status": "insufficient_data", "explanation": "12 < 50"},
+          pending=200, last_run_at=None, job_running=False), False, "insufficient_data"),
+    (dict(trigger="drift", drift=DRIFT, pending=49, last_run_at=None, job_running=False), False, "too_few"),
+    (dict(trigger="drift", drift=DRIFT, pending=0, last_run_at=None, job_running=False), False, "no_data"),
+    (dict(trigger="drift", drift=DRIFT, pending=200, last_run_at=NOW - 59 * 60, job_running=False), False, "cooldown"),
+    (dict(trigger="drift", drift=DRIFT, pending=200, last_run_at=NOW - 61 * 60, job_running=False), True, "drift"),
+    (dict(trigger="monthly", drift=NO_DRIFT, pending=50, last_run_at=None, job_running=False), True, "monthly"),
+    (dict(trigger="monthly", drift=None, pending=10, last_run_at=None, job_running=False), False, "too_few"),
+    (dict(trigger="monthly", drift=None, pending=100, last_run_at=NOW - 60, job_running=False), False, "cooldown"),
+    (dict(trigger="manual", drift=None, pending=3, last_run_at=NOW - 60, job_running=False), True, "manual"),
+    (dict(trigger="manual", drift=None, pending=3, last_run_at=None, job_running=True), False, "busy"),
+])
+def test_should_train(kw, ok, code):
+    d = should_train(now=NOW, cfg=SCHED, **kw)
+    assert (d.ok, d.code) == (ok, code), d.reason
+    assert d.reason
+
+
+def test_should_train_respects_disabled_drift_runs():
+    d = should_train(trigger="drift", drift=DRIFT, pending=500, last_run_at=None, now=NOW, job_running=False,
+                     cfg=ScheduleConfig(train_on_drift=False))
+    assert not d and "train_on_drift" in d.reason
+
+
+def test_should_train_rejects_unknown_trigger():
+    with pytest.raises(ValueError, match="trigger"):
+        should_train(trigger="whim", drift=None, pending=1, last_run_at=None, now=NOW, job_running=False, cfg=SCHED)
+
+
+PROMOTE = PromoteConfig(min_improvement=0.0, regression_tolerance=0.02, max_latency_ratio=1.25)
+
+
+def report(cand=1.8, inc=2.0, p=0.001, n=50, regression=None, latency=None):
+    return {"holdout": {"candidate_loss": cand, "incumbent_loss": inc, "p_value": p, "n": n},
+            "regression": regression or {"chatterbot-en": {"candidate_loss": 3.0, "incumbent_loss": 3.0, "n": 40}},
+            "latency": latency or {}}
+
+
+@pytest.mark.parametrize("rep, ok, code, needle", [
+    (report(), True, "better", "-10.0 %"),
+    (report(n=0), False, "no_holdout", "no new-data holdout"),
+    (report(cand=2.0), False, "not_better", "not better"),
+    (report(cand=2.1), False, "not_better", "+5.0 %"),
+    (report(p=0.2), False, "not_significant", "p = 0.2 > 0.05"),
+    (report(cand=float("nan")), False, "invalid", "nan"),
+    (report(regression={"chatterbot-zh": {"candidate_loss": 2.082, "incumbent_loss": 2.0, "n": 40}}),
+     False, "regression", "regression set chatterbot-zh loss +4.1 % > 2 % tolerance"),
+    (report(regression={"chatterbot-zh": {"candidate_loss": 2.03, "incumbent_loss": 2.0, "n": 40}}),
+     True, "better", ""),
+    (report(regression={"a": {"candidate_loss": 1.0, "incumbent_loss": 1.0, "n": 9},
+                        "b": {"candidate_loss": float("inf"), "incumbent_loss": 1.0, "n": 9}}),
+     False, "regression", "regression set b"),
+    (report(latency={"candidate_ttft_s": 0.40, "incumbent_ttft_s": 0.30}), False, "latency", "1.33x"),
+    (report(latency={"candidate_ttft_s": 0.33, "incumbent_ttft_s": 0.30}), True, "better", ""),
+])
+def test_should_promote(rep, ok, code, needle):
+    d = should_promote(rep, PROMOTE, confidence=0.95)
+    assert (d.ok, d.code) == (ok, code), d.reason
+    assert needle in d.reason
+
+
+def test_min_improvement_is_a_floor():
+    cfg = PromoteConfig(min_improvement=0.15)
+    assert not should_promote(report(cand=1.8, inc=2.0), cfg, confidence=0.95)
+    assert should_promote(report(cand=1.6, inc=2.0), cfg, confidence=0.95)
+
+
+@pytest.mark.parametrize("kw, ok, code", [
+    (dict(seconds_since_promotion=10, requests=100, errors=10), True, "errors"),
+    (dict(seconds_since_promotion=10, requests=100, errors=5), False, "healthy"),
+    (dict(seconds_since_promotion=10, requests=5, errors=5), False, "too_few"),
+    (dict(seconds_since_promotion=10_000, requests=100, errors=100), False, "window_over"),
+    (dict(seconds_since_promotion=10, requests=100, errors=0, ttft_p95_s=0.5, baseline_ttft_p95_s=0.3),
+     True, "latency"),
+    (dict(seconds_since_promotion=10, requests=100, errors=0, negative_feedback=30, positive_feedback=10),
+     True, "feedback"),
+])
+def test_should_rollback(kw, ok, code):
+    kw = {"ttft_p95_s": None, "baseline_ttft_p95_s": None, **kw}
+    d = should_rollback(cfg=PromoteConfig(rollback_window_seconds=900, rollback_max_error_rate=0.05), **kw)
+    assert (d.ok, d.code) == (ok, code), d.reason
+
+
+def test_policy_imports_no_torch():
+    code = "import daemon.policy, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
