@@ -50,6 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=10, metavar="N", help="how many recent events to show")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("model", help="prepare the base model")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("prepare", parents=[common],
+                        help="resolve the base model once (convert a GGUF into the cache); print where it is")
+    q.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    q.set_defaults(func=cmd_model_prepare)
+
+    p = sub.add_parser("train", parents=[common], help="train a candidate adapter on data files")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="data files (any format ingest reads)")
+    p.add_argument("--parent", default="champion", metavar="VERSION|none",
+                   help="warm-start from this adapter version; 'none' = from scratch (default: the champion)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (overrides train.max_steps)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapters", parents=[common], help="list adapter versions with lineage")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("promote", parents=[common], help="make an adapter version the champion (verified first)")
+    p.add_argument("version")
+    p.add_argument("--reason", default="manual promotion", help="recorded with the alias change")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", parents=[common], help="point the champion back at the previous champion")
+    p.add_argument("--reason", default="manual rollback", help="recorded with the alias change")
+    p.set_defaults(func=cmd_rollback)
+
     p = sub.add_parser("config", help="show or check the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
@@ -157,6 +186,137 @@ def _format_status(s: dict) -> str:
             mark = {True: "ok ", False: "no ", None: "   "}[e["ok"]]
             lines.append(f"  {ts(e['ts'])} {mark}{e['kind']:<8} {e['subject'] or '':<12} {e['reason'] or ''}")
     return "\n".join(lines)
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from daemon.store import ensure_state_dir
+    from pipelines.models import ModelLoadError, resolve_base_model
+
+    cfg = _load(args)
+    cache = ensure_state_dir(cfg.paths.state_dir) / "cache"
+    t0 = time.perf_counter()
+    print(f"lorad: preparing base model {cfg.model.base_model} (a GGUF is converted once, ~35 s)", file=sys.stderr)
+    try:
+        where = resolve_base_model(cfg.model.base_model, cache, revision=cfg.model.revision or None)
+    except ModelLoadError as e:
+        print(f"lorad: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    out = {"base_model": cfg.model.base_model, "path": str(where), "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(out) if args.json else f"base model ready at {Path(where)} ({out['seconds']} s)")
+    return EXIT_OK
+
+
+def _read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Parse data files into normalised payloads; returns (payloads, problems)."""
+    from pipelines.ingest import FileRejected, iter_records
+
+    payloads, problems = [], []
+    for path in paths:
+        try:
+            for item in iter_records(path):
+                if item.record is not None:
+                    payloads.append(item.record.payload)
+                else:
+                    problems.append(f"{path}:{item.line}: {item.error}")
+        except FileRejected as e:
+            problems.append(f"{path}: {e}")
+    return payloads, problems
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.jobs import JobError, create_run, run_in_process
+    from daemon.registry import AdapterError
+    from daemon.store import open_store
+
+    cfg = _load(args)
+    missing = [p for p in args.data if not Path(p).is_file()]
+    if missing:
+        print(f"lorad: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    payloads, problems = _read_payloads(args.data)
+    if problems:
+        print(f"lorad: skipped {len(problems)} unusable record(s), first: {problems[0]}", file=sys.stderr)
+    if not payloads:
+        print("lorad: no usable records in the given files", file=sys.stderr)
+        return EXIT_FAILED
+    store = open_store(cfg.paths.state_dir)
+    try:
+        run_id, run_dir = create_run(store, cfg, payloads, parent=args.parent, trigger="manual",
+                                     max_steps=args.max_steps)
+        print(f"lorad: run {run_id}: {len(payloads)} records -> {run_dir}", file=sys.stderr)
+        result = run_in_process(store, cfg, run_id, run_dir)
+    except (JobError, AdapterError) as e:
+        print(f"lorad: training failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        store.close()
+    keys = ("version", "path", "loss_first", "loss_last", "tokens", "tokens_per_second")
+    out = {k: result[k] for k in keys} | {"run_id": run_id, "status": result["status"]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['version']}: loss {out['loss_first']:.4f} -> {out['loss_last']:.4f}, {out['tokens']} tokens "
+              f"at {out['tokens_per_second']:.0f} tokens/s\n  {out['path']}")
+    return EXIT_OK
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.registry import list_adapters
+    from daemon.store import DB_NAME, open_store
+
+    cfg = _load(args)
+    if not (Path(cfg.paths.state_dir) / DB_NAME).exists():
+        rows = []
+    else:
+        with open_store(cfg.paths.state_dir, readonly=True) as store:
+            rows = list_adapters(store)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no adapters yet (train one with `lorad train --data FILE`)")
+    for r in rows:
+        flag = "* champion" if r["champion"] else ("  previous" if r["previous_champion"] else "")
+        loss = r["metrics"].get("loss_last")
+        print(f"{r['version']:<16} parent {str(r['parent']):<16} loss {loss if loss is None else round(loss, 4)!s:<8} {flag}")
+    return EXIT_OK
+
+
+def _admin_change(args: argparse.Namespace, change: Callable[..., dict]) -> int:
+    import getpass
+
+    from daemon.registry import AdapterError
+    from daemon.store import open_store
+
+    cfg = _load(args)
+    with open_store(cfg.paths.state_dir) as store:
+        try:
+            result = change(store, cfg, actor=f"cli:{getpass.getuser()}")
+        except AdapterError as e:
+            print(f"lorad: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from daemon.registry import promote
+
+    return _admin_change(args, lambda store, cfg, actor: promote(
+        store, args.version, reason=args.reason, actor=actor, base_model=cfg.model.base_model))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from daemon.registry import rollback
+
+    return _admin_change(args, lambda store, cfg, actor: rollback(store, reason=args.reason, actor=actor))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

