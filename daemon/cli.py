@@ -50,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=10, metavar="N", help="how many recent events to show")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("ingest", parents=[common], help="ingest data files into the store (files are not moved)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--dry-run", action="store_true", help="validate and count, write nothing")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("drift", parents=[common], help="test whether CURRENT data drifted from REFERENCE data")
+    p.add_argument("--reference", required=True, metavar="PATH", help="data the model already knows")
+    p.add_argument("--current", required=True, metavar="PATH", help="new data")
+    p.add_argument("--adapter", metavar="VERSION", help="score response loss under this adapter (default: champion)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (same seed, same answer)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a candidate adapter against the champion")
+    p.add_argument("--candidate", required=True, metavar="VERSION")
+    p.add_argument("--incumbent", default="champion", metavar="VERSION|champion|base")
+    p.add_argument("--holdout", metavar="FILE", help="new-data holdout (default: the candidate snapshot's holdout)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("model", help="prepare the base model")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION")
     msub.required = True
@@ -145,6 +166,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     state = Path(cfg.paths.state_dir)
     info = read_lock_info(state)
+    snap = _live_status(info) if info and info.get("url") else None
+    if snap is not None:
+        print(json.dumps(snap, indent=2, ensure_ascii=False, default=str) if args.json else _format_status(snap))
+        return EXIT_OK
     store = open_store(state, readonly=True) if (state / DB_NAME).exists() else None
     try:
         snap = status_snapshot(cfg, store, daemon_info=info, events=args.events)
@@ -156,6 +181,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(_format_status(snap))
     return EXIT_OK
+
+
+def _live_status(info: dict) -> dict | None:
+    """Ask the running daemon for its status (it knows the schedule and the live job); None if it does not answer."""
+    import urllib.request
+
+    url = str(info["url"]).replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+    try:
+        with urllib.request.urlopen(url + "/status", timeout=3) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _format_status(s: dict) -> str:
@@ -177,9 +214,17 @@ def _format_status(s: dict) -> str:
     lines.append(f"data       {c.get('files', 0)} files, {c.get('records', 0)} records, "
                  f"{c.get('records_pending', 0)} pending for training")
     lines.append(f"adapters   {c.get('adapters', 0)}")
+    d = s.get("last_drift")
+    if d:
+        lines.append(f"last drift {ts(d['ts'])} {'DRIFT' if d['ok'] else 'no drift'} ({d['subject']}): {d['reason'] or ''}")
+    if s.get("job"):
+        lines.append(f"job        {s['job'].get('stage')} {s['job'].get('run_id') or s['job'].get('trigger') or ''}")
     for r in s["runs"]:
         progress = f"step {r['step']}/{r['total_steps'] or '?'}"
-        lines.append(f"run        {r['id']} {r['kind']} {r['status']} {progress} {r.get('reason') or ''}".rstrip())
+        eta = f" ETA {r['eta_seconds']:.0f} s" if r.get("eta_seconds") is not None else ""
+        lines.append(f"run        {r['id']} {r['kind']} {r['status']} {progress}{eta} {r.get('reason') or ''}".rstrip())
+    for j in s.get("schedule") or []:
+        lines.append(f"next       {j['name']}: {j['next_run']}")
     if s["events"]:
         lines.append("events")
         for e in s["events"]:
@@ -209,27 +254,69 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """Parse data files into normalised payloads; returns (payloads, problems)."""
-    from pipelines.ingest import FileRejected, iter_records
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import cli_ingest, format_ingest_summary
 
-    payloads, problems = [], []
-    for path in paths:
+    cfg = _load(args)
+    result = cli_ingest(args.files, cfg, dry_run=args.dry_run)
+    print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_ingest_summary(result))
+    failed_files = [f for f in result.get("files", []) if f.get("file_error")]
+    return EXIT_FAILED if failed_files and len(failed_files) == len(result.get("files", [])) else EXIT_OK
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitors.features import cli_drift
+
+    cfg = _load(args)
+    for p in (args.reference, args.current):
+        if not Path(p).is_file():
+            print(f"lorad: no such file: {p}", file=sys.stderr)
+            return EXIT_USAGE
+    report = cli_drift(args.reference, args.current, cfg, seed=args.seed)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2, default=str))
+    else:
+        verdict = "DRIFT" if report["drift"] else ("insufficient data" if report.get("status") ==
+                                                      "insufficient_data" else "no drift")
+        print(f"{verdict}: p = {report.get('p_value')}, effect = {report.get('effect')}, "
+              f"n = {report['n_reference']} vs {report['n_current']}")
+        for t in report.get("tests", []):
+            print(f"  {'*' if t['drifted'] else ' '} {t['name']:<28} p = {t['p_value']:.4g}")
+        print(report.get("explanation", ""))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from daemon.registry import AdapterError
+    from daemon.jobs import evaluate_candidate
+    from daemon.store import open_store
+    from pipelines.evaluate import EvalError
+
+    cfg = _load(args)
+    with open_store(cfg.paths.state_dir) as store:
         try:
-            for item in iter_records(path):
-                if item.record is not None:
-                    payloads.append(item.record.payload)
-                else:
-                    problems.append(f"{path}:{item.line}: {item.error}")
-        except FileRejected as e:
-            problems.append(f"{path}: {e}")
-    return payloads, problems
+            out = evaluate_candidate(store, cfg, args.candidate, args.incumbent, holdout_file=args.holdout)
+        except (AdapterError, EvalError) as e:
+            print(f"lorad: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2, default=str))
+    else:
+        m = out["metrics"]
+        print(f"{'PROMOTE' if out['decision'] == 'promote' else 'REJECT'}: {out['reason']}")
+        print(f"  holdout loss  candidate {m['candidate']['holdout_loss']:.4f}  "
+              f"incumbent ({out['incumbent']}) {m['incumbent']['holdout_loss']:.4f}")
+        for name, r in out["tests"]["regression"].items():
+            print(f"  {name:<14} candidate {r['candidate_loss']:.4f}  incumbent {r['incumbent_loss']:.4f}")
+    return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.jobs import JobError, create_run, run_in_process
+    from daemon.jobs import JobError, create_run, read_payloads, run_in_process
     from daemon.registry import AdapterError
     from daemon.store import open_store
 
@@ -238,7 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if missing:
         print(f"lorad: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    payloads, problems = _read_payloads(args.data)
+    payloads, problems = read_payloads(args.data)
     if problems:
         print(f"lorad: skipped {len(problems)} unusable record(s), first: {problems[0]}", file=sys.stderr)
     if not payloads:
@@ -325,8 +412,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     setup_logging(cfg.metrics.log_level, cfg.metrics.log_format)
+    daemon = Daemon(cfg)
+    daemon.serve_only = bool(getattr(args, "serve_only", False))
     try:
-        return Daemon(cfg).run()
+        return daemon.run()
     except AlreadyRunning as e:
         print(f"lorad: {e}", file=sys.stderr)
         return EXIT_RUNNING

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.store import Store
+from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
 
 log = logging.getLogger("lorad.jobs")
 
@@ -135,39 +136,6 @@ def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, pro
     return finish_run(store, cfg, run_id, run_dir)
 
 
-def spawn(run_dir: Path, *, log_path: Path | None = None) -> subprocess.Popen:
-    """Start ``python -m pipelines.train RUN_DIR`` in its own process group (so signals reach it alone)."""
-    log_path = log_path or run_dir / "train.log"
-    out = open(log_path, "ab")
-    try:
-        return subprocess.Popen([sys.executable, "-m", "pipelines.train", str(run_dir), "--no-progress"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parents[1]))
-    finally:
-        out.close()
-
-
-def run_subprocess(store: Store, cfg: Config, run_id: str, run_dir: Path, *,
-                   poll: Callable[[float], Any] = time.sleep) -> dict:
-    """Execute a run in a supervised subprocess; its crash is recorded and survived."""
-    proc = spawn(run_dir)
-    mark_running(store, run_id, proc.pid)
-    last_step = -1
-    while proc.poll() is None:
-        poll(0.5)
-        step = _last_step(run_dir)
-        if step is not None and step != last_step:
-            last_step = step
-            record_progress(store, run_id, step["step"], step["total_steps"])
-    if proc.returncode != 0:
-        err = run_dir / "error.json"
-        reason = (json.loads(err.read_text())["reason"] if err.exists()
-                  else f"training process exited with code {proc.returncode}; see {run_dir / 'train.log'}")
-        fail_run(store, run_id, reason)
-        raise JobError(reason)
-    return finish_run(store, cfg, run_id, run_dir)
-
-
 def _last_step(run_dir: Path) -> dict | None:
     path = run_dir / "metrics.jsonl"
     try:
@@ -180,3 +148,378 @@ def _last_step(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return None if last is None else {"step": last["step"], "total_steps": last["total_steps"]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Parse data files into normalised payloads; returns (payloads, problems)."""
+    from pipelines.ingest import FileRejected, iter_records
+
+    payloads, problems = [], []
+    for path in paths:
+        try:
+            for item in iter_records(path):
+                if item.record is not None:
+                    payloads.append(item.record.payload)
+                else:
+                    problems.append(f"{path}:{item.line}: {item.error}")
+        except FileRejected as e:
+            problems.append(f"{path}: {e}")
+    return payloads, problems
+
+
+def adapter_path(store: Store, cfg: Config, which: str | None) -> tuple[str | None, Path | None]:
+    """'base' / None -> (None, None); 'champion' -> the champion (or base); a version -> verified path."""
+    if which in (None, "base"):
+        return None, None
+    if which == "champion":
+        which = registry.champion(store)
+        if which is None:
+            return None, None
+    row = registry.verify_adapter(store, which, base_model=cfg.model.base_model)
+    return which, Path(row["path"])
+
+
+def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str = "champion", *,
+                       holdout_file: str | None = None) -> dict:
+    """Score candidate vs incumbent, decide with the pure policy, record the report and the decision."""
+    from daemon.policy import should_promote
+    from pipelines.data import snapshot_payloads
+    from pipelines.evaluate import EvalError, evaluate, load_regression_set
+    from pipelines.models import load_base_model
+
+    cand_row = registry.verify_adapter(store, candidate, base_model=cfg.model.base_model)
+    inc_version, inc_path = adapter_path(store, cfg, incumbent)
+    if inc_version == candidate:
+        raise EvalError(f"candidate {candidate} is the incumbent; compare it with another version or 'base'")
+    if holdout_file:
+        holdout, _ = read_payloads([holdout_file])
+    elif cand_row["snapshot_id"]:
+        holdout = [p for _, _, p in snapshot_payloads(store, cand_row["snapshot_id"], roles=("holdout",))]
+    else:
+        raise EvalError(f"{candidate} has no data snapshot (trained with `lorad train --data`); pass --holdout FILE")
+    regression = {name: load_regression_set(name) for name in cfg.eval.regression_sets}
+    m = cfg.model
+    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", dtype=m.dtype,
+                                       quantization=m.quantization, device=m.device, revision=m.revision or None,
+                                       trust_remote_code=m.trust_remote_code)
+    report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
+                      regression=regression, max_examples=cfg.eval.max_examples,
+                      bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,
+                      max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed)
+    decision = should_promote(report, cfg.promote, confidence=cfg.eval.confidence)
+    summary = {k: v for k, v in report.items() if k != "per_example"}
+    with store.transaction() as tx:
+        tx.execute("UPDATE adapters SET eval_report = ? WHERE version = ?",
+                   (json.dumps({**summary, "decision": decision.ok, "reason": decision.reason}), candidate))
+        store.add_event("eval", subject=candidate, ok=decision.ok, reason=decision.reason,
+                        data={"incumbent": inc_version or "base", "code": decision.code}, db=tx)
+    h = report["holdout"]
+    return {
+        "decision": "promote" if decision.ok else "reject", "reason": decision.reason, "code": decision.code,
+        "candidate": candidate, "incumbent": inc_version or "base",
+        "metrics": {
+            "candidate": {"holdout_loss": h["candidate_loss"], "holdout_perplexity": h["candidate_perplexity"],
+                          **{f"{n}_loss": r["candidate_loss"] for n, r in report["regression"].items()},
+                          "ttft_s": (report.get("latency") or {}).get("candidate_ttft_s")},
+            "incumbent": {"holdout_loss": h["incumbent_loss"], "holdout_perplexity": h["incumbent_perplexity"],
+                          **{f"{n}_loss": r["incumbent_loss"] for n, r in report["regression"].items()},
+                          "ttft_s": (report.get("latency") or {}).get("incumbent_ttft_s")},
+        },
+        "tests": {"holdout": {k: h[k] for k in ("n", "p_value", "mean_diff", "ci95")},
+                  "regression": report["regression"], "latency": report.get("latency")},
+    }
+
+
+# ----------------------------------------------------------------------------- the learning loop
+
+
+
+
+def write_job_config(cfg: Config, folder: Path) -> Path:
+    """The effective config as YAML (no secrets) for a step run as `lorad ...` in a subprocess."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(job_config(cfg), allow_unicode=True, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, payloads: Iterable[dict]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for p in payloads:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def pending_payloads(store: Store, limit: int | None = None) -> list[dict]:
+    """Train-split records not yet trained on (not 'new' in any snapshot), oldest first."""
+    sql = ("SELECT r.payload FROM records r WHERE r.split = 'train' AND NOT EXISTS (SELECT 1 FROM snapshot_records s "
+           "WHERE s.record_id = r.id AND s.role = 'new') ORDER BY r.id")
+    rows = store.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
+    return [json.loads(r["payload"]) for r in rows]
+
+
+def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, list[dict]]:
+    """What the champion learned (its snapshot's training records, reservoir-capped).
+
+    With no champion yet, the base model's own knowledge is represented by the general regression
+    sets: new domain data is then compared with general conversation.
+    """
+    import random
+
+    from daemon import registry
+    from pipelines.data import snapshot_payloads
+
+    champ = registry.champion(store)
+    payloads: list[dict] = []
+    source = "base model (general regression sets)"
+    if champ is not None:
+        row = store.query_one("SELECT snapshot_id FROM adapters WHERE version = ?", (champ,))
+        if row and row["snapshot_id"]:
+            payloads = [p for _, _, p in snapshot_payloads(store, row["snapshot_id"], roles=("new", "replay"))]
+            source = f"champion {champ} training data"
+    if not payloads:
+        from pipelines.evaluate import load_regression_set
+
+        for name in cfg.eval.regression_sets:
+            payloads.extend(load_regression_set(name))
+    if len(payloads) > cfg.drift.reference_cap:
+        payloads = random.Random(seed).sample(payloads, cfg.drift.reference_cap)
+    return source, payloads
+
+
+class JobRunner:
+    """One learning job at a time, in a thread: drift -> train -> eval -> promote, each step a subprocess.
+
+    ``request(trigger)`` queues a cycle (duplicates coalesce). At start it first resumes runs an
+    earlier process left interrupted. ``on_promoted(version)`` is called after a promotion so the
+    serving engine can hot-swap.
+    """
+
+    def __init__(self, cfg: Config, store: Store, *, on_promoted: Callable[[str | None], Any] | None = None,
+                 clock: Callable[[], float] = time.time, python: str = sys.executable):
+        import threading
+
+        self.cfg = cfg
+        self.store = store
+        self.on_promoted = on_promoted
+        self.clock = clock
+        self.python = python
+        self._cond = threading.Condition()
+        self._queue: list[str] = []
+        self._stopping = False
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self.current: dict | None = None   # what runs now, for status
+        self.last_drift: dict | None = None
+
+    # -- control ----------------------------------------------------------------------------
+
+    def request(self, trigger: str) -> bool:
+        with self._cond:
+            if self._stopping or trigger in self._queue:
+                return False
+            self._queue.append(trigger)
+            self._cond.notify()
+            return True
+
+    def start(self) -> None:
+        import threading
+
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Ask the running step to checkpoint and stop (SIGTERM to its process group), then wait."""
+        import signal
+
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            self.resume_interrupted()
+        except Exception:
+            log.exception("resuming interrupted runs failed")
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                trigger = self._queue.pop(0)
+            try:
+                self.cycle(trigger)
+            except Exception as e:  # a failed cycle is recorded and survived; the daemon keeps serving
+                log.exception("learning cycle failed", extra={"trigger": trigger})
+                self.store.add_event("cycle", subject=trigger, ok=False, reason=f"{type(e).__name__}: {e}")
+            finally:
+                self.current = None
+
+    def _run_step(self, args: list[str], folder: Path, name: str) -> subprocess.CompletedProcess:
+        """Run one `lorad` step in its own process group; capture stdout (JSON), log stderr to a file."""
+        log_path = folder / f"{name}.log"
+        with open(log_path, "ab") as err:
+            proc = subprocess.Popen([self.python, "-m", "daemon.cli", *args], stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+            with self._cond:
+                self._proc = proc
+            out, _ = proc.communicate()
+            with self._cond:
+                self._proc = None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"), "")
+
+    def _stopping_now(self) -> bool:
+        with self._cond:
+            return self._stopping
+
+    def drift_check(self, folder: Path) -> dict | None:
+        """Featurize + test pending records against the reference window (subprocess)."""
+        current = pending_payloads(self.store, limit=self.cfg.drift.reference_cap)
+        if len(current) < self.cfg.drift.min_current:
+            report = {"drift": False, "status": "insufficient_data", "n_current": len(current),
+                      "explanation": f"{len(current)} new records < drift.min_current {self.cfg.drift.min_current}"}
+        else:
+            source, reference = reference_payloads(self.store, self.cfg)
+            write_jsonl(folder / "reference.jsonl", reference)
+            write_jsonl(folder / "current.jsonl", current)
+            cfg_path = write_job_config(self.cfg, folder)
+            res = self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
+                                  "--current", str(folder / "current.jsonl"), "--json"], folder, "drift")
+            if res.returncode != 0:
+                raise JobError(f"drift check failed (exit {res.returncode}); see {folder / 'drift.log'}")
+            report = json.loads(res.stdout)
+            report["reference_source"] = source
+        self.last_drift = report
+        self.store.add_event("drift", subject=report.get("status", "ok"), ok=bool(report.get("drift")),
+                             reason=report.get("explanation", ""),
+                             data={k: report.get(k) for k in ("p_value", "effect", "n_reference", "n_current",
+                                                              "reference_source", "drifted_features")})
+        return report
+
+    def cycle(self, trigger: str) -> dict:
+        """One pass of the loop for a trigger; returns what happened (also recorded as events)."""
+        from daemon.policy import should_train
+        from pipelines.data import NothingToSnapshot, build_snapshot, snapshot_payloads
+
+        folder = runs_dir(self.cfg) / time.strftime("cycle-%Y%m%d-%H%M%S", time.gmtime(self.clock()))
+        folder = folder.with_name(folder.name + "-" + secrets.token_hex(2))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.current = {"stage": "drift", "trigger": trigger, "since": self.clock()}
+        drift = self.drift_check(folder) if trigger == "drift" else self.last_drift
+        pending = self.store.counts()["records_pending"]
+        last = self.store.query_one("SELECT MAX(created_at) FROM runs WHERE kind = 'train'")[0]
+        decision = should_train(trigger=trigger, drift=drift, pending=pending, last_run_at=last, now=self.clock(),
+                                job_running=False, cfg=self.cfg.schedule)
+        self.store.add_event("decide_train", subject=trigger, ok=decision.ok, reason=decision.reason,
+                             data={"code": decision.code, "pending": pending})
+        if not decision.ok:
+            return {"trained": False, "reason": decision.reason}
+        try:
+            snap = build_snapshot(self.store, self.cfg.data, seed=self.cfg.train.seed)
+        except NothingToSnapshot as e:
+            return {"trained": False, "reason": str(e)}
+        payloads = [p for _, _, p in snapshot_payloads(self.store, snap.id, roles=("new", "replay"))]
+        run_id, run_dir = create_run(self.store, self.cfg, payloads, parent="champion", trigger=trigger,
+                                     snapshot_id=snap.id, clock=self.clock)
+        return self.train_eval_promote(run_id, run_dir)
+
+    def train_eval_promote(self, run_id: str, run_dir: Path) -> dict:
+        self.current = {"stage": "train", "run_id": run_id, "since": self.clock()}
+        cmd = [self.python, "-m", "pipelines.train", str(run_dir), "--no-progress"]
+        with open(run_dir / "train.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=str(Path(__file__).resolve().parents[1]))
+        with self._cond:
+            self._proc = proc
+        mark_running(self.store, run_id, proc.pid, self.clock)
+        last = None
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            step = _last_step(run_dir)
+            if step is not None and step != last:
+                last = step
+                record_progress(self.store, run_id, step["step"], step["total_steps"])
+        with self._cond:
+            self._proc = None
+        if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode != 0):
+            with self.store.transaction() as tx:
+                tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ?",
+                           ("daemon stopping: checkpointed, resumes at next start", run_id))
+                self.store.add_event("train", subject=run_id, ok=False, reason="interrupted by shutdown; will resume",
+                                     db=tx)
+            return {"trained": False, "reason": "interrupted"}
+        if proc.returncode != 0:
+            err = run_dir / "error.json"
+            reason = (json.loads(err.read_text())["reason"] if err.exists()
+                      else f"training process exited with code {proc.returncode}; see {run_dir / 'train.log'}")
+            fail_run(self.store, run_id, reason, self.clock)
+            return {"trained": False, "reason": reason}
+        result = finish_run(self.store, self.cfg, run_id, run_dir, self.clock)
+        version = result["version"]
+
+        self.current = {"stage": "eval", "run_id": run_id, "version": version, "since": self.clock()}
+        cfg_path = write_job_config(self.cfg, run_dir)
+        res = self._run_step(["eval", "-c", str(cfg_path), "--candidate", version, "--json"], run_dir, "eval")
+        if res.returncode != 0:
+            reason = f"evaluation failed (exit {res.returncode}); see {run_dir / 'eval.log'}"
+            self.store.add_event("eval", subject=version, ok=False, reason=reason)
+            return {"trained": True, "version": version, "promoted": False, "reason": reason}
+        report = json.loads(res.stdout)
+        if report["decision"] != "promote":
+            return {"trained": True, "version": version, "promoted": False, "reason": report["reason"]}
+        if not self.cfg.promote.auto_promote:
+            self.store.add_event("promote", subject=version, ok=False,
+                                 reason="gate passed; waiting for manual promotion (promote.auto_promote = false)")
+            return {"trained": True, "version": version, "promoted": False, "reason": "manual promotion required"}
+        self.current = {"stage": "promote", "version": version, "since": self.clock()}
+        registry.promote(self.store, version, reason=report["reason"], base_model=self.cfg.model.base_model)
+        if self.on_promoted is not None:
+            self.on_promoted(version)
+        return {"trained": True, "version": version, "promoted": True, "reason": report["reason"]}
+
+    def resume_interrupted(self) -> list[str]:
+        """Continue train runs an earlier process left unfinished (from their last checkpoint)."""
+        resumed = []
+        rows = self.store.query("SELECT id FROM runs WHERE kind = 'train' AND status IN ('queued', 'interrupted') "
+                                "ORDER BY created_at")
+        for row in rows:
+            if self._stopping_now():
+                break
+            run_dir = runs_dir(self.cfg) / row["id"]
+            if not (run_dir / "job.json").is_file():
+                fail_run(self.store, row["id"], f"run folder {run_dir} is missing; cannot resume", self.clock)
+                continue
+            self.store.add_event("train", subject=row["id"], reason="resuming interrupted run from its checkpoint")
+            try:
+                self.train_eval_promote(row["id"], run_dir)
+            finally:
+                self.current = None
+            resumed.append(row["id"])
+        return resumed

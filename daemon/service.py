@@ -141,9 +141,21 @@ def status_snapshot(cfg: Config, store: Store | None, *, daemon_info: dict | Non
         "created_at": adapter["created_at"] if adapter else None,
     } if champion else None
     out["counts"] = store.counts()
-    out["runs"] = [dict(r) for r in store.query(
-        "SELECT id, kind, status, trigger, step, total_steps, started_at, reason FROM runs "
-        "WHERE status IN ('queued', 'running', 'interrupted') ORDER BY created_at")]
+    now = time.time()
+    runs = []
+    for r in store.query("SELECT id, kind, status, trigger, step, total_steps, started_at, reason FROM runs "
+                         "WHERE status IN ('queued', 'running', 'interrupted') ORDER BY created_at"):
+        run = dict(r)
+        if run["status"] == "running" and run["started_at"] and run["step"] and run["total_steps"]:
+            per_step = (now - run["started_at"]) / run["step"]
+            run["eta_seconds"] = round(per_step * (run["total_steps"] - run["step"]), 1)
+        runs.append(run)
+    out["runs"] = runs
+    last_runs = store.query("SELECT id, status, trigger, reason, finished_at FROM runs WHERE kind = 'train' "
+                            "AND status IN ('succeeded', 'failed') ORDER BY created_at DESC LIMIT 1")
+    out["last_run"] = dict(last_runs[0]) if last_runs else None
+    drift = store.events(limit=1, kind="drift")
+    out["last_drift"] = drift[0] if drift else None
     out["events"] = store.events(limit=events)
     return out
 
@@ -167,6 +179,12 @@ class Daemon:
         self.ready = threading.Event()
         self.started_at = clock()
         self._server = None
+        self.serve_only = False
+        self.inbox = None
+        self.scheduler = None
+        self.runner = None
+        self.engine = None
+        self._ingest_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -182,9 +200,15 @@ class Daemon:
         self.metrics.start_time.set(self.started_at)
         for run_id in recover_runs(self.store):
             log.warning("run interrupted by an earlier stop", extra={"run_id": run_id})
+        from daemon.registry import reconcile
+
+        for leftover in reconcile(self.store, self.state_dir):
+            log.warning("removed half-registered adapter folder", extra={"folder": leftover})
         self.store.add_event("daemon", subject="start", ok=True, reason="daemon started",
-                             data={"pid": os.getpid(), "url": self.url})
+                             data={"pid": os.getpid(), "url": self.url, "serve_only": self.serve_only})
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        if not self.serve_only:
+            self._start_learning_loop()
         self.metrics.up.set(1)
         log.info("lorad started", extra={"state_dir": str(self.state_dir), "url": self.url})
 
@@ -208,6 +232,83 @@ class Daemon:
         self.metrics.model_ready.set(1)
         self.ready.set()
         log.info("base model ready", extra={"seconds": round(seconds, 2)})
+
+    # -- the learning loop: inbox -> ingest -> drift -> train -> eval -> promote -> swap ---------
+
+    def _start_learning_loop(self) -> None:
+        from daemon.inbox import InboxWatcher
+        from daemon.jobs import JobRunner
+        from daemon.scheduler import Scheduler
+
+        sc = self.cfg.schedule
+        self.runner = JobRunner(self.cfg, self.store, on_promoted=self._on_promoted, clock=self.clock)
+        self.runner.start()
+        self.scheduler = Scheduler(timezone_name=sc.timezone, drift_minutes=sc.drift_check_minutes,
+                                   monthly_cron=sc.monthly_refresh_cron, misfire_grace_seconds=sc.misfire_grace_seconds,
+                                   on_drift_check=lambda: self.runner.request("drift"),
+                                   on_monthly_refresh=self._monthly_refresh)
+        self.scheduler.start()
+        self._catch_up_monthly()
+        self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds)
+        self.inbox.start()
+
+    def _monthly_refresh(self) -> None:
+        self.store.add_event("schedule", subject="monthly_refresh", ok=True, reason="monthly refresh fired")
+        self.runner.request("monthly")
+
+    def _catch_up_monthly(self) -> None:
+        """A monthly refresh missed while the daemon was down runs once now (if within the grace time)."""
+        from daemon.scheduler import missed_fire_time, utc
+
+        sc = self.cfg.schedule
+        last = self.store.query_one("SELECT MAX(ts) FROM events WHERE kind = 'schedule' AND subject = 'monthly_refresh'")[0]
+        first = self.store.query_one("SELECT MIN(ts) FROM events")[0]
+        missed = missed_fire_time(sc.monthly_refresh_cron, sc.timezone, utc(last) if last else None, utc(self.clock()),
+                                  sc.misfire_grace_seconds, installed=utc(first) if first else None)
+        if missed is not None:
+            log.info("running the monthly refresh missed during downtime", extra={"fire_time": missed.isoformat()})
+            self._monthly_refresh()
+
+    def ingest_inbox_file(self, path: Path) -> None:
+        """Ingest one complete inbox file, then move it to .done/ (or .rejected/) with its report."""
+        import shutil
+
+        from daemon.inbox import DONE, REJECTED
+        from daemon.registry import sha256_file
+        from pipelines.ingest import ingest_file
+
+        inbox = Path(self.cfg.paths.inbox).resolve()
+        rel = path.relative_to(inbox)
+        with self._ingest_lock:
+            try:
+                sha = sha256_file(path)
+            except OSError:
+                return  # vanished or unreadable: the watcher offers it again if it comes back
+            done = self.store.query_one("SELECT status FROM files WHERE path = ? AND sha256 = ? AND source = 'inbox' "
+                                        "ORDER BY id DESC LIMIT 1", (str(path), sha))
+            if done is None:
+                staging = inbox / DONE / ".reports"
+                staging.mkdir(parents=True, exist_ok=True)
+                report = staging / f"{rel.as_posix().replace('/', '__')}.rejects.jsonl"
+                result = ingest_file(path, self.store, self.cfg.data, source="inbox", report_path=report)
+                status = "rejected" if result.file_error else "done"
+                log.info("ingested inbox file", extra={"file": str(rel), **result.counts()})
+            else:
+                status, report = done["status"], None  # ingested before a crash; only the move was missing
+            dest = _unique(inbox / (REJECTED if status == "rejected" else DONE) / rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), dest)
+            if report is not None and report.exists():
+                os.replace(report, dest.with_name(dest.name + ".rejects.jsonl"))
+            with self.store.transaction() as tx:
+                tx.execute("UPDATE files SET moved_to = ? WHERE id = (SELECT MAX(id) FROM files WHERE path = ? "
+                           "AND sha256 = ?)", (str(dest), str(path), sha))
+        if self.runner is not None and status == "done":
+            self.runner.request("drift")
+
+    def _on_promoted(self, version: str | None) -> None:
+        if self.engine is not None:
+            self.engine.swap(version)
 
     def serve_forever(self) -> None:
         """Run the HTTP server in this thread until a signal asks it to stop."""
@@ -241,6 +342,12 @@ class Daemon:
             self._server.should_exit = True
 
     def shutdown(self) -> None:
+        if self.inbox is not None:
+            self.inbox.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        if self.runner is not None:
+            self.runner.stop(timeout=self.cfg.serve.drain_timeout_seconds + 60)
         if self.metrics is not None:
             self.metrics.up.set(0)
         if self.store is not None:
@@ -267,8 +374,23 @@ class Daemon:
 
     def status(self) -> dict:
         info = {"pid": os.getpid(), "url": self.url, "started_at": self.started_at,
-                "model_ready": self.ready.is_set(), "model_error": self.model_error}
-        return status_snapshot(self.cfg, self.store, daemon_info=info)
+                "model_ready": self.ready.is_set(), "model_error": self.model_error, "serve_only": self.serve_only}
+        out = status_snapshot(self.cfg, self.store, daemon_info=info)
+        out["schedule"] = self.scheduler.jobs() if self.scheduler is not None else []
+        out["job"] = self.runner.current if self.runner is not None else None
+        out["inbox_pending"] = self.inbox.pending if self.inbox is not None else 0
+        return out
+
+
+def _unique(path: Path) -> Path:
+    """``path``, or ``path`` with a numeric suffix when a file of that name was already moved there."""
+    if not path.exists():
+        return path
+    for i in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}.{i}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"too many files named {path.name} in {path.parent}")
 
 
 def _version() -> str:

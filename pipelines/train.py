@@ -43,6 +43,13 @@ class TrainingError(RuntimeError):
     """A run cannot continue; the message says why (recorded as the run's failure reason)."""
 
 
+class Interrupted(RuntimeError):
+    """The run was asked to stop; its latest state is checkpointed and it resumes from there."""
+
+
+EXIT_INTERRUPTED = 75  # what `python -m pipelines.train` exits with after a checkpointed stop (EX_TEMPFAIL)
+
+
 @dataclass
 class TrainOutcome:
     """What a finished run reports (also written to ``RUN_DIR/result.json``)."""
@@ -301,7 +308,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> dict:
 def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cfg: TrainConfig,
           max_seq_len: int, packing: bool = True, parent_adapter: Path | None = None,
           max_steps: int | None = None, progress: bool = True, clock: Callable[[], float] = time.monotonic,
-          on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 2048) -> TrainOutcome:
+          on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 2048,
+          should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
     """Train a LoRA adapter on tokenized ``examples`` and write it to ``run_dir/adapter``.
 
     Resumes from ``run_dir/checkpoints`` when present (same data and config assumed; the job
@@ -371,10 +379,18 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         # disable=None: the bar shows on a terminal and stays out of logs and pipes.
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, disable=None)
     t_start, tokens_now, status = clock(), 0, "completed"
+    def checkpoint_state() -> dict:
+        return {"step": step, "tokens": tokens_before + tokens_now, "history": history, "splits": splits,
+                "total_steps": total_steps, "sequences": len(sequences)}
+
     while step < total_steps:
         if clock() - t_start > cfg.max_wall_seconds:
             status = "budget"
             break
+        if should_stop is not None and should_stop():
+            if step > resumed_from and step % cfg.checkpoint_every_steps != 0:
+                save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+            raise Interrupted(f"stopped on request at step {step}/{total_steps}; checkpointed")
         group = [micro_batch(step * accum + a) for a in range(accum)]
         # Normalise by the labelled tokens of the whole accumulation group: every token weighs the same,
         # however the group is split into micro-batches.
@@ -424,15 +440,11 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         if on_step is not None:
             on_step(record)
         if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-            save_checkpoint(run_dir, model, optimizer, {"step": step, "tokens": tokens_before + tokens_now,
-                                                        "history": history, "splits": splits,
-                                                        "total_steps": total_steps, "sequences": len(sequences)})
+            save_checkpoint(run_dir, model, optimizer, checkpoint_state())
     if bar is not None:
         bar.close()
-    if status == "budget" and step > resumed_from:
-        save_checkpoint(run_dir, model, optimizer, {"step": step, "tokens": tokens_before + tokens_now,
-                                                    "history": history, "splits": splits,
-                                                    "total_steps": total_steps, "sequences": len(sequences)})
+    if status == "budget" and step > resumed_from and step % cfg.checkpoint_every_steps != 0:
+        save_checkpoint(run_dir, model, optimizer, checkpoint_state())
 
     adapter_dir = run_dir / ADAPTER_DIRNAME
     _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
@@ -482,7 +494,8 @@ def write_job(run_dir: Path, *, payloads: Iterable[dict], config: dict, parent_a
     return run_dir / "job.json"
 
 
-def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], None] | None = None) -> TrainOutcome:
+def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
     """Run (or resume) the job frozen in ``run_dir/job.json``."""
     from daemon.config import build_config
     from pipelines.models import load_base_model
@@ -500,7 +513,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     parent = Path(job["parent_adapter"]) if job.get("parent_adapter") else None
     return train(examples, run_dir=run_dir, model=model, tokenizer=tokenizer, cfg=cfg.train,
                  max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, parent_adapter=parent,
-                 max_steps=job.get("max_steps"), progress=progress, on_step=on_step)
+                 max_steps=job.get("max_steps"), progress=progress, on_step=on_step, should_stop=should_stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,8 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    import signal
+    import threading
+
+    # SIGTERM (the daemon shutting down) = checkpoint at the next step boundary and exit 75; resumable.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        outcome = run_job(args.run_dir, progress=not args.no_progress)
+        outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=stop.is_set)
+    except Interrupted as e:
+        print(f"lorad train: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TrainingError as e:
         (args.run_dir / "error.json").write_text(json.dumps({"reason": str(e)}))
         print(f"lorad train: {e}", file=sys.stderr)

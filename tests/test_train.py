@@ -160,23 +160,23 @@ def test_empty_data_is_a_clear_error(tiny_llama_dir, tiny_tokenizer, tmp_path):
 def _job(tmp_path: Path, name: str, model_dir: Path, steps: int) -> Path:
     cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
                         "model": {"base_model": str(model_dir)},
-                        "data": {"max_seq_len": 256, "max_prompt_tokens": 128, "max_response_tokens": 128},
+                        "data": {"max_seq_len": 128, "max_prompt_tokens": 64, "max_response_tokens": 64},
                         "train": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "learning_rate": 3e-3,
                                   "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 1}})
     run_dir = tmp_path / name
-    T.write_job(run_dir, payloads=payloads(200, seed=3), config=cfg.to_dict(mask_secrets=False),
+    T.write_job(run_dir, payloads=payloads(120, seed=3), config=cfg.to_dict(mask_secrets=False),
                 parent_adapter=None, max_steps=steps)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def slower_llama_dir(tmp_path_factory, tiny_tokenizer):
-    """Wide enough that one step takes tens of ms, so a kill lands mid-run."""
+    """Big enough that one step takes tens of ms, so a kill right after the first checkpoint lands mid-run."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
     d = tmp_path_factory.mktemp("slower-llama")
-    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
@@ -187,7 +187,7 @@ def slower_llama_dir(tmp_path_factory, tiny_tokenizer):
 def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, slower_llama_dir):
     from safetensors.torch import load_file
 
-    steps = 24
+    steps = 12
     ref_dir = _job(tmp_path, "reference", slower_llama_dir, steps)
     reference = T.run_job(ref_dir, progress=False)
 
