@@ -8,9 +8,19 @@ STAMP  := $(VENV)/.lorad-installed
 TORCH_CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast model bench clean
+.PHONY: setup system-deps run test test-fast model bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# Real components for the integration tests: Debian's prometheus (server + promtool) and, for the Grafana
+# schema check, @grafana/schema + TypeScript from npm (pinned in tests/grafana/package-lock.json).
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "note: install Debian's prometheus package (sudo apt-get install prometheus) for the deploy tests"; fi; }
+	@if command -v npm >/dev/null 2>&1 && [ ! -d tests/grafana/node_modules/@grafana/schema ]; then \
+	  npm ci --prefix tests/grafana --silent --no-audit --no-fund; fi
 
 $(STAMP): pyproject.toml constraints/cpu.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)

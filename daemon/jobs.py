@@ -136,7 +136,8 @@ def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, pro
     return finish_run(store, cfg, run_id, run_dir)
 
 
-def _last_step(run_dir: Path) -> dict | None:
+def last_step(run_dir: Path) -> dict | None:
+    """The last line of a run's metrics.jsonl (step, total_steps, loss, tokens/s), read from the file's end."""
     path = run_dir / "metrics.jsonl"
     try:
         with open(path, "rb") as f:
@@ -147,7 +148,7 @@ def _last_step(run_dir: Path) -> dict | None:
         last = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
         return None
-    return None if last is None else {"step": last["step"], "total_steps": last["total_steps"]}
+    return last
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -303,10 +304,13 @@ class JobRunner:
     """
 
     def __init__(self, cfg: Config, store: Store, *, on_promoted: Callable[[str | None], Any] | None = None,
-                 clock: Callable[[], float] = time.time, python: str = sys.executable):
+                 clock: Callable[[], float] = time.time, python: str = sys.executable, metrics: Any = None):
         import threading
 
+        from monitors.metrics import LoradMetrics
+
         self.cfg = cfg
+        self.metrics = metrics if metrics is not None else LoradMetrics()  # a private registry when none is given
         self.store = store
         self.on_promoted = on_promoted
         self.clock = clock
@@ -414,6 +418,16 @@ class JobRunner:
             report = json.loads(res.stdout)
             report["reference_source"] = source
         self.last_drift = report
+        m = self.metrics
+        status = report.get("status", "ok")
+        m.drift_checks.labels("insufficient_data" if status == "insufficient_data" else
+                              ("drift" if report.get("drift") else "no_drift")).inc()
+        if report.get("p_value") is not None:
+            m.drift_p_value.set(report["p_value"])
+        if report.get("effect") is not None:
+            m.drift_effect.set(report["effect"])
+        if report.get("drift"):
+            m.drift_last_detected.set(self.clock())
         self.store.add_event("drift", subject=report.get("status", "ok"), ok=bool(report.get("drift")),
                              reason=report.get("explanation", ""),
                              data={k: report.get(k) for k in ("p_value", "effect", "n_reference", "n_current",
@@ -436,6 +450,8 @@ class JobRunner:
                                 job_running=False, cfg=self.cfg.schedule)
         self.store.add_event("decide_train", subject=trigger, ok=decision.ok, reason=decision.reason,
                              data={"code": decision.code, "pending": pending})
+        self.metrics.train_decisions.labels("start" if decision.ok else "skip", decision.code).inc()
+        self.metrics.records_pending.set(pending)
         if not decision.ok:
             return {"trained": False, "reason": decision.reason}
         try:
@@ -456,18 +472,30 @@ class JobRunner:
         with self._cond:
             self._proc = proc
         mark_running(self.store, run_id, proc.pid, self.clock)
+        m, started = self.metrics, self.clock()
+        m.training_running.set(1)
+        m.training_last_start.set(started)
         last = None
         while proc.poll() is None:
             try:
                 proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
-            step = _last_step(run_dir)
+            step = last_step(run_dir)
             if step is not None and step != last:
                 last = step
                 record_progress(self.store, run_id, step["step"], step["total_steps"])
+                m.training_step.set(step["step"])
+                m.training_total_steps.set(step["total_steps"])
+                m.training_loss.set(step["loss"])
+                m.training_tokens_per_second.set(step["tokens_per_second"])
         with self._cond:
             self._proc = None
+        m.training_running.set(0)
+        m.training_duration.observe(self.clock() - started)
+        outcome = ("interrupted" if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode)
+                   else "succeeded" if proc.returncode == 0 else "failed")
+        m.training_runs.labels(outcome).inc()
         if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode != 0):
             with self.store.transaction() as tx:
                 tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ?",
@@ -483,6 +511,7 @@ class JobRunner:
             return {"trained": False, "reason": reason}
         result = finish_run(self.store, self.cfg, run_id, run_dir, self.clock)
         version = result["version"]
+        m.training_tokens.inc(result["tokens"])
 
         self.current = {"stage": "eval", "run_id": run_id, "version": version, "since": self.clock()}
         cfg_path = write_job_config(self.cfg, run_dir)
@@ -492,7 +521,12 @@ class JobRunner:
             self.store.add_event("eval", subject=version, ok=False, reason=reason)
             return {"trained": True, "version": version, "promoted": False, "reason": reason}
         report = json.loads(res.stdout)
+        for role in ("candidate", "incumbent"):
+            for key, value in report["metrics"][role].items():
+                if key.endswith("_loss") and value is not None:
+                    m.eval_loss.labels(role, key[:-len("_loss")]).set(value)
         if report["decision"] != "promote":
+            m.promotion_rejections.labels(report.get("code", "rejected")).inc()
             return {"trained": True, "version": version, "promoted": False, "reason": report["reason"]}
         if not self.cfg.promote.auto_promote:
             self.store.add_event("promote", subject=version, ok=False,
@@ -500,6 +534,9 @@ class JobRunner:
             return {"trained": True, "version": version, "promoted": False, "reason": "manual promotion required"}
         self.current = {"stage": "promote", "version": version, "since": self.clock()}
         registry.promote(self.store, version, reason=report["reason"], base_model=self.cfg.model.base_model)
+        m.promotions.labels(report.get("code", "better")).inc()
+        row = registry.get_adapter(self.store, version)
+        m.set_champion(version, row["parent"], row["sha256"])
         if self.on_promoted is not None:
             self.on_promoted(version)
         return {"trained": True, "version": version, "promoted": True, "reason": report["reason"]}

@@ -202,6 +202,7 @@ class Daemon:
             log.warning("run interrupted by an earlier stop", extra={"run_id": run_id})
         from daemon.registry import reconcile
 
+        self._init_metrics()
         for leftover in reconcile(self.store, self.state_dir):
             log.warning("removed half-registered adapter folder", extra={"folder": leftover})
         self.store.add_event("daemon", subject="start", ok=True, reason="daemon started",
@@ -211,6 +212,23 @@ class Daemon:
             self._start_learning_loop()
         self.metrics.up.set(1)
         log.info("lorad started", extra={"state_dir": str(self.state_dir), "url": self.url})
+
+    def _init_metrics(self) -> None:
+        """Gauges that reflect stored state, so a restarted daemon reports the truth from its first scrape."""
+        from daemon import registry
+
+        m = self.metrics
+        m.drift_alpha.set(self.cfg.drift.alpha)
+        m.drift_effect_floor.set(self.cfg.drift.effect_size_floor)
+        m.records_pending.set(self.store.counts()["records_pending"])
+        champ = registry.champion(self.store)
+        if champ is not None:
+            row = registry.get_adapter(self.store, champ)
+            m.set_champion(champ, row["parent"], row["sha256"])
+        last_drift = self.store.query_one("SELECT MAX(ts) FROM events WHERE kind = 'drift' AND ok = 1")[0]
+        m.drift_last_detected.set(last_drift or 0)
+        last_run = self.store.query_one("SELECT MAX(started_at) FROM runs WHERE kind = 'train'")[0]
+        m.training_last_start.set(last_run or 0)
 
     def _load_model(self) -> None:
         t0 = time.perf_counter()
@@ -241,7 +259,8 @@ class Daemon:
         from daemon.scheduler import Scheduler
 
         sc = self.cfg.schedule
-        self.runner = JobRunner(self.cfg, self.store, on_promoted=self._on_promoted, clock=self.clock)
+        self.runner = JobRunner(self.cfg, self.store, on_promoted=self._on_promoted, clock=self.clock,
+                                metrics=self.metrics)
         self.runner.start()
         self.scheduler = Scheduler(timezone_name=sc.timezone, drift_minutes=sc.drift_check_minutes,
                                    monthly_cron=sc.monthly_refresh_cron, misfire_grace_seconds=sc.misfire_grace_seconds,
@@ -292,6 +311,12 @@ class Daemon:
                 report = staging / f"{rel.as_posix().replace('/', '__')}.rejects.jsonl"
                 result = ingest_file(path, self.store, self.cfg.data, source="inbox", report_path=report)
                 status = "rejected" if result.file_error else "done"
+                m = self.metrics
+                m.inbox_files.labels(status).inc()
+                m.ingest_records.labels("accepted").inc(result.accepted)
+                m.ingest_records.labels("duplicate").inc(result.duplicates)
+                m.ingest_records.labels("rejected").inc(result.rejected)
+                m.records_pending.set(self.store.counts()["records_pending"])
                 log.info("ingested inbox file", extra={"file": str(rel), **result.counts()})
             else:
                 status, report = done["status"], None  # ingested before a crash; only the move was missing
