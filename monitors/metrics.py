@@ -23,7 +23,6 @@ class LoradMetrics:
         self.start_time = Gauge("lorad_daemon_start_time_seconds", "Unix time the daemon started", registry=r)
         self.model_ready = Gauge("lorad_model_ready", "1 once the base model (and champion) is loaded", registry=r)
         self.model_load_seconds = Gauge("lorad_model_load_seconds", "time the last base-model load took", registry=r)
-        self.events = Counter("lorad_events_total", "state events recorded, by kind", ["kind"], registry=r)
 
         # Serving (daemon/engine.py, daemon/server.py). Latency buckets span CPU (seconds) to GPU (milliseconds).
         from prometheus_client import Histogram
@@ -156,3 +155,19 @@ class LoradMetrics:
 
         self.sample_gpu_memory()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def catalogue_markdown() -> str:
+    """The README's metrics table: every lorad metric with its type, labels and help."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    m = LoradMetrics()
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for metric in vars(m).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        kind = metric._type  # prometheus_client keeps these on the object; stable since 0.4
+        name = metric._name + {"counter": "_total", "info": "_info"}.get(kind, "")
+        labels = ", ".join(metric._labelnames) or "-"
+        rows.append(f"| `{name}` | {kind} | {labels} | {metric._documentation} |")
+    return "\n".join(rows)
