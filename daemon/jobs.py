@@ -295,6 +295,21 @@ def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, l
     return source, payloads
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM this child when the daemon dies, even by SIGKILL.
+
+    The training process then checkpoints and exits, so a restarted daemon resumes the run
+    instead of racing an orphan on the same run folder.
+    """
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: recover_runs still stops orphans at the next start
+
+
 class JobRunner:
     """One learning job at a time, in a thread: drift -> train -> eval -> promote, each step a subprocess.
 
@@ -388,7 +403,8 @@ class JobRunner:
         log_path = folder / f"{name}.log"
         with open(log_path, "ab") as err:
             proc = subprocess.Popen([self.python, "-m", "daemon.cli", *args], stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]))
+                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
+                                    preexec_fn=_die_with_parent)
             with self._cond:
                 self._proc = proc
             out, _ = proc.communicate()
@@ -468,7 +484,7 @@ class JobRunner:
         cmd = [self.python, "-m", "pipelines.train", str(run_dir), "--no-progress"]
         with open(run_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=str(Path(__file__).resolve().parents[1]))
+                                    cwd=str(Path(__file__).resolve().parents[1]), preexec_fn=_die_with_parent)
         with self._cond:
             self._proc = proc
         mark_running(self.store, run_id, proc.pid, self.clock)

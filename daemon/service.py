@@ -97,7 +97,9 @@ def recover_runs(store: Store) -> list[str]:
     interrupted = []
     for row in store.query("SELECT id, pid FROM runs WHERE status = 'running'"):
         if row["pid"] and _pid_alive(row["pid"]):
-            continue
+            if not _is_run_process(row["pid"], row["id"]):
+                continue  # a live process of another lorad (or the pid was reused): leave it alone
+            _stop_orphan(row["pid"])
         with store.transaction() as tx:
             tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ? AND status = 'running'",
                        ("process ended without finishing (daemon restart)", row["id"]))
@@ -105,6 +107,28 @@ def recover_runs(store: Store) -> list[str]:
                             db=tx)
         interrupted.append(row["id"])
     return interrupted
+
+
+def _is_run_process(pid: int, run_id: str) -> bool:
+    """True when ``pid`` is a training process of this run (its command line names the run folder)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "pipelines.train" in cmdline and run_id in cmdline
+
+
+def _stop_orphan(pid: int, timeout: float = 60.0) -> None:
+    """A training process left behind by a killed daemon: SIGTERM (it checkpoints), then SIGKILL."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -60,3 +60,25 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(directory)
     build_tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CACHE = REPO / ".cache" / "lorad-test"
+
+
+@pytest.fixture(scope="session")
+def real_model_cache() -> pathlib.Path:
+    """The default SmolLM2-135M-Instruct converted once per machine into .cache/lorad-test (about 20 s)."""
+    from pipelines.models import EMBEDDED_DEFAULT, resolve_base_model
+
+    resolve_base_model(EMBEDDED_DEFAULT, SHARED_CACHE)
+    return SHARED_CACHE
+
+
+@pytest.fixture
+def state_with_real_model(tmp_path, real_model_cache) -> pathlib.Path:
+    """A fresh state folder whose model cache is the shared converted default model."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "cache").symlink_to(real_model_cache, target_is_directory=True)
+    return state
