@@ -125,9 +125,9 @@ class ModelConfig:
 class DataConfig:
     """Ingestion, cleaning and training-snapshot construction."""
 
-    max_prompt_tokens: int = _f(1024, "records whose prompt is longer (in tokens) are rejected", ge=1)
+    max_prompt_tokens: int = _f(2048, "records whose prompt is longer (in tokens) are rejected", ge=1)
     max_response_tokens: int = _f(1024, "records whose response is longer (in tokens) are rejected", ge=1)
-    max_seq_len: int = _f(2048, "training sequence length (prompt + response, after packing)", ge=16)
+    max_seq_len: int = _f(4096, "training sequence length (prompt + response, after packing)", ge=16)
     min_response_chars: int = _f(1, "records with a shorter response are rejected", ge=0)
     strip_patterns: list = _f([], "regular expressions removed from every text field before validation",
                               check=_check_regex)

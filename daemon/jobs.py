@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from daemon import registry
 from daemon.config import Config
-from daemon.store import Store
+from daemon.store import FAILED_SNAPSHOTS, Store
 from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
 
 log = logging.getLogger("lorad.jobs")
@@ -261,7 +261,7 @@ def write_jsonl(path: Path, payloads: Iterable[dict]) -> int:
 def pending_payloads(store: Store, limit: int | None = None) -> list[dict]:
     """Train-split records not yet trained on (not 'new' in any snapshot), oldest first."""
     sql = ("SELECT r.payload FROM records r WHERE r.split = 'train' AND NOT EXISTS (SELECT 1 FROM snapshot_records s "
-           "WHERE s.record_id = r.id AND s.role = 'new') ORDER BY r.id")
+           f"WHERE s.record_id = r.id AND s.role = 'new' AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")
     rows = store.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
     return [json.loads(r["payload"]) for r in rows]
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from daemon.config import DataConfig
+from daemon.store import FAILED_SNAPSHOTS
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -105,7 +106,8 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
     def pending(split: str, role: str) -> list[tuple[int, str | None]]:
         return db.execute(
             f"SELECT r.id, r.category FROM records r WHERE r.split = ? {since_sql} AND NOT EXISTS "
-            f"(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = ?) ORDER BY r.id",
+            f"(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = ? "
+            f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id",
             (split, *since_args, role)).fetchall()
 
     new_rows = pending("train", "new")
@@ -122,7 +124,8 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
 
     older = [rid for (rid,) in db.execute(
         "SELECT r.id FROM records r WHERE r.split = 'train' AND EXISTS "
-        "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new') ORDER BY r.id")]
+        "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
+        f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")]
     wanted = round(replay_fraction / (1.0 - replay_fraction) * len(new))
     replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
 

@@ -167,3 +167,23 @@ def test_counts_track_pending_records(tmp_path):
             tx.execute("INSERT INTO records (content_hash, file_id, line, kind, payload, split, n_chars, ingested_at) "
                        "VALUES ('h0', 1, 9, 'text', '{}', 'train', 1, 0)")
     assert s.counts()["records"] == 3
+
+
+def test_records_of_a_failed_run_become_pending_again(tmp_path):
+    s = open_store(tmp_path)
+    with s.transaction() as tx:
+        tx.execute("INSERT INTO files (path, name, sha256, size, mtime, status, created_at) "
+                   "VALUES ('/f', 'f', 'h', 1, 0, 'done', 0)")
+        tx.execute("INSERT INTO records (content_hash, file_id, line, kind, payload, split, n_chars, ingested_at) "
+                   "VALUES ('h1', 1, 1, 'text', '{}', 'train', 1, 0)")
+        tx.execute("INSERT INTO snapshots (id, created_at, n_new, n_replay, n_holdout, manifest) "
+                   "VALUES ('s1', 0, 1, 0, 0, '{}')")
+        tx.execute("INSERT INTO snapshot_records VALUES ('s1', 1, 'new')")
+        tx.execute("INSERT INTO runs (id, kind, status, snapshot_id, created_at) VALUES ('r1', 'train', 'running', 's1', 0)")
+    assert s.counts()["records_pending"] == 0
+    with s.transaction() as tx:
+        tx.execute("UPDATE runs SET status = 'failed' WHERE id = 'r1'")
+    assert s.counts()["records_pending"] == 1, "a failed run did not learn its records"
+    with s.transaction() as tx:
+        tx.execute("INSERT INTO runs (id, kind, status, snapshot_id, created_at) VALUES ('r2', 'train', 'succeeded', 's1', 1)")
+    assert s.counts()["records_pending"] == 0
