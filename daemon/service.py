@@ -209,6 +209,7 @@ class Daemon:
         self.runner = None
         self.engine = None
         self._ingest_lock = threading.Lock()
+        self._ingest_store: Store | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -333,7 +334,11 @@ class Daemon:
                 staging = inbox / DONE / ".reports"
                 staging.mkdir(parents=True, exist_ok=True)
                 report = staging / f"{rel.as_posix().replace('/', '__')}.rejects.jsonl"
-                result = ingest_file(path, self.store, self.cfg.data, source="inbox", report_path=report)
+                # Ingest has its own connection: its one long transaction per file must not hold the lock that
+                # the server's status reads and the job runner share (WAL lets them read meanwhile).
+                if self._ingest_store is None:
+                    self._ingest_store = open_store(self.state_dir, clock=self.clock)
+                result = ingest_file(path, self._ingest_store, self.cfg.data, source="inbox", report_path=report)
                 status = "rejected" if result.file_error else "done"
                 m = self.metrics
                 m.inbox_files.labels(status).inc()
@@ -399,6 +404,8 @@ class Daemon:
             self.runner.stop(timeout=self.cfg.serve.drain_timeout_seconds + 60)
         if self.metrics is not None:
             self.metrics.up.set(0)
+        if self._ingest_store is not None:
+            self._ingest_store.close()
         if self.store is not None:
             self.store.add_event("daemon", subject="stop", ok=True, reason="daemon stopped")
             self.store.close()

@@ -161,11 +161,11 @@ class Store:
         try:
             if readonly:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                           isolation_level=None, timeout=30)
+                                           isolation_level=None, timeout=300)
             else:
-                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=300)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db.execute("PRAGMA busy_timeout = 300000")
             self._db.execute("PRAGMA foreign_keys = ON")
             if not readonly:
                 self._db.execute("PRAGMA journal_mode = WAL")
