@@ -6,22 +6,34 @@ model: between decode steps it runs queued commands (adapter loads and unloads),
 requests (each prompt is prefilled alone), then advances every running request by one token
 (continuous batching: requests join and leave between steps).
 
-Batch invariance. The greedy output of a request is bit-for-bit the output it would get alone:
+Batch invariance (``batch_invariant=True``, the default). The greedy output of a request is
+bit-for-bit the output it would get alone, whatever else runs at the same time:
   * every decode step runs the model on exactly ``max_batch_size`` rows (idle rows are padding),
     because BLAS kernels (MKL, cuBLAS) pick their reduction order from the matrix shape, so the
     same row gives different low bits in a batch of 3 than in a batch of 8;
   * each row attends only to its own KV cache (a custom attention function, below): no padding
     mask ever changes the length of a softmax;
-  * rows of different versions run in separate forwards by default, because PEFT's mixed-adapter
-    path (``adapter_names``) runs each adapter's LoRA matmul on the sub-batch of its rows, whose
-    size depends on the companions. ``mix_adapters=True`` runs them in one forward instead (fewer
-    forwards while an old champion drains, but outputs are then only equal up to float rounding).
+  * rows of different versions run in separate forwards, because PEFT's mixed-adapter path
+    (``adapter_names``) runs each adapter's LoRA matmul on the sub-batch of its rows, whose size
+    depends on the companions.
+The price is decode compute for ``max_batch_size`` rows even when fewer run (on a memory-bound CPU a
+lone request decodes ~2x slower). ``batch_invariant=False`` decodes only the running rows, all
+versions mixed in one forward (PEFT ``adapter_names``): faster at low load and while an old
+champion drains, but outputs then equal lone requests only up to float rounding (greedy ties).
+Prompts are always prefilled alone, so the first token never depends on other requests.
 
-Swap. ``swap(version)`` verifies and loads the version first (``preload``: registry check, then
-``load_adapter`` in the decode thread); only then it flips the champion pointer under a lock (the
-measured ``swap`` time). Requests already pinned to the old version finish on it (reference counts);
-the previous champion stays loaded for an instant rollback; older versions are unloaded once no
-request holds them. A failed preload leaves the champion untouched.
+Swap. ``swap(version)`` verifies and loads the version first (``preload``); only then it flips the
+champion pointer under a lock (the measured ``swap`` time). Requests already pinned to the old version
+finish on it (reference counts); the previous champion stays loaded for an instant rollback; older
+versions are unloaded once no request holds them. A failed preload leaves the champion untouched.
+
+Slots. PEFT adapters are named slots ("lorad-slot-000000", ...), and a version occupies one slot while loaded.
+Unloading a version only frees its slot. Loading a version into a free slot whose LoRA tensors have
+exactly the same names and shapes (same rank and targets, the usual case for successive lorad runs)
+copies the weights in place with PEFT's hot-swap (``peft.utils.hotswap``), from the caller's thread,
+while decoding goes on: no row uses a free slot, and the module tree does not change. Only a version
+that fits no free slot makes a new one with ``load_adapter``, which changes the module tree and so
+runs in the decode thread between steps (a pause of a fraction of a second per new slot).
 
 torch, transformers and peft are imported inside functions: ``lorad --help`` stays instant.
 """
@@ -48,7 +60,7 @@ BASE_LABEL = "base"  # what clients send and see for the base model
 CHAMPION_ALIASES = ("", "lorad", "champion")
 # Prompt tokens prefilled between two decode steps (at least one request always is): bounds the stall
 # that joining requests cause to the running ones, without starving the queue.
-PREFILL_TOKEN_BUDGET = 1024
+PREFILL_TOKEN_BUDGET = 512
 # How often an idle decode thread wakes up to expire requests that waited past their deadline.
 IDLE_TICK_SECONDS = 0.05
 _OLD = object()  # activate()'s default for `previous`: the champion being replaced
@@ -219,8 +231,13 @@ class GenerationHandle:
 class _Adapter:
     version: str
     path: str
+    slot: str  # the PEFT adapter name holding its weights
     refs: int = 0  # requests pinned to this version and not finished
     loaded_at: float = 0.0
+
+
+# A few free slots are kept for in-place loads; beyond this many, free slots are deleted at the next load.
+SPARE_SLOTS = 2
 
 
 @dataclass
@@ -315,14 +332,14 @@ class Engine:
         max_batch_size: requests decoded together; every decode step runs exactly this many rows.
         max_queue: requests waiting for a slot beyond this are refused with QueueFull.
         request_timeout: seconds from submission after which a request is cut off (finish reason ``timeout``).
-        mix_adapters: decode rows of different versions in one forward (see the module docstring).
+        batch_invariant: fixed-shape decode, one forward per version (see the module docstring).
         metrics: a LoradMetrics (or None).
         clock: monotonic clock (tests pass a fake one).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
                  base_model: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
-                 request_timeout: float = 120.0, mix_adapters: bool = False, metrics: Any = None,
+                 request_timeout: float = 120.0, batch_invariant: bool = True, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic):
         import torch
 
@@ -337,7 +354,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.request_timeout = request_timeout
-        self.mix_adapters = mix_adapters
+        self.batch_invariant = batch_invariant
         self.metrics = metrics
         self.clock = clock
         self.device = next(model.parameters()).device
@@ -361,14 +378,19 @@ class Engine:
         self._previous: str | None = None
         self._adapters: dict[str, _Adapter] = {}
         self._staged: collections.Counter[str] = collections.Counter()  # preloaded for a swap or request to come
+        self._free_slots: list[str] = []  # PEFT adapters holding no version, reusable by in-place loads
+        self._slot_shapes: dict[str, dict[str, tuple]] = {}  # slot -> {state-dict key: shape} of its LoRA tensors
+        self._slot_numbers = itertools.count()
+        self._load_lock = threading.Lock()  # one load at a time: loads read or change the module tree
+        self._active_slot: str | None = None  # PEFT's active adapter as last set by the decode thread
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._closing = False
+        self._closing = False  # stop(): refuse new requests
+        self._stop_thread = False  # stop(): the decode thread ends after the drain
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
-        self._seed_counter = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -464,12 +486,21 @@ class Engine:
             UnknownModel: the version is not in the registry.
             AdapterUnavailable: verification or loading failed (nothing changed).
         """
-        from daemon import registry
-
         if version is None:
             return 0.0
-        t0 = time.perf_counter()
         with self._lock:
+            if version in self._adapters:
+                if stage:
+                    self._staged[version] += 1
+                return 0.0
+        with self._load_lock:
+            return self._preload_locked(version, stage)
+
+    def _preload_locked(self, version: str, stage: bool) -> float:
+        from daemon import registry
+
+        t0 = time.perf_counter()
+        with self._lock:  # loaded by a concurrent preload while this one waited for the load lock
             if version in self._adapters:
                 if stage:
                     self._staged[version] += 1
@@ -486,17 +517,100 @@ class Engine:
         if path.parent != self.adapters_dir:
             raise AdapterUnavailable(f"adapter {version}: path {path} is outside the registry folder "
                                      f"{self.adapters_dir}; refusing to load it")
+        if not (path / "adapter_model.safetensors").is_file():
+            raise AdapterUnavailable(f"adapter {version}: {path}/adapter_model.safetensors is missing")
         try:
-            self.call(lambda: self._load_adapter(version, path, stage), timeout=600)
+            slot, how = self._hotswap_into_free_slot(path), "in place"
+            if slot is None:
+                slot, how = self.call(lambda: self._new_slot(path), timeout=600), "new slot"
         except EngineError:
             raise
         except Exception as e:
             raise AdapterUnavailable(f"adapter {version}: loading failed: {type(e).__name__}: {e}") from e
+        with self._lock:
+            self._adapters[version] = _Adapter(version, str(path), slot, loaded_at=time.time())
+            if stage:
+                self._staged[version] += 1
+            self._lock.notify_all()
+            self._gauges()
         seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.adapter_preload_seconds.observe(seconds)
-        log.info("adapter preloaded", extra={"version": version, "seconds": round(seconds, 3)})
+        log.info("adapter preloaded", extra={"version": version, "slot": slot, "how": how,
+                                             "seconds": round(seconds, 3)})
         return seconds
+
+    def _hotswap_into_free_slot(self, path: Path) -> str | None:
+        """Copy the adapter at ``path`` into a free slot with identical tensor names and shapes; None if none fits.
+
+        Runs in the caller's thread while decoding goes on: no running row uses a free slot.
+        """
+        import torch
+        from peft import LoraConfig
+        from peft.utils import load_peft_weights
+        from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter_from_state_dict
+        from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+
+        with self._lock:
+            free = list(self._free_slots)
+        if not free or self.peft is None:
+            return None
+        config = LoraConfig.from_pretrained(str(path))
+        weights = load_peft_weights(str(path), device=str(self.device))
+        for slot in free:
+            state = _insert_adapter_name_into_state_dict(weights, adapter_name=slot, parameter_prefix="lora_")
+            if {k: tuple(v.shape) for k, v in state.items()} != self._slot_shapes.get(slot):
+                continue  # another rank or other targets: PEFT would zero-pad, which changes the numerics
+            try:
+                check_hotswap_configs_compatible(self.peft.peft_config[slot], config)
+            except ValueError:
+                continue
+            with self._lock:
+                if slot not in self._free_slots:
+                    continue
+                self._free_slots.remove(slot)  # claimed: nobody else may load into or delete it now
+            try:
+                with torch.no_grad():
+                    hotswap_adapter_from_state_dict(self.peft, state, adapter_name=slot, config=config,
+                                                    parameter_prefix="lora_")
+            except Exception:
+                with self._lock:
+                    self._free_slots.append(slot)
+                raise
+            return slot
+        return None
+
+    def _new_slot(self, path: Path) -> str:
+        """Decode thread only: load the adapter at ``path`` as a new PEFT adapter; delete surplus free slots."""
+        with self._lock:
+            surplus = self._free_slots[:-SPARE_SLOTS] if len(self._free_slots) > SPARE_SLOTS else []
+            for slot in surplus:
+                self._free_slots.remove(slot)
+        for slot in surplus:
+            self.peft.delete_adapter(slot)
+            self._slot_shapes.pop(slot, None)
+        # Equal-length names: PEFT's hot-swap finds a slot's tensors by substring, so no name may contain another.
+        slot = f"lorad-slot-{next(self._slot_numbers):06d}"
+        self._active_slot = None  # loading and deleting adapters move PEFT's active adapter
+        try:
+            if self.peft is None:
+                from peft import PeftModel
+
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=slot, is_trainable=False,
+                                                      low_cpu_mem_usage=True)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True)
+            self.peft.eval()
+        except Exception:
+            if self.peft is not None and slot in getattr(self.peft, "peft_config", {}):
+                try:  # a half-injected adapter must not linger
+                    self.peft.delete_adapter(slot)
+                except Exception:
+                    pass
+            raise
+        marker = f".{slot}."
+        self._slot_shapes[slot] = {k: tuple(v.shape) for k, v in self.peft.state_dict().items() if marker in k}
+        return slot
 
     def unstage(self, version: str | None) -> None:
         """Release a ``preload(stage=True)`` hold; the version is unloaded later if nothing else keeps it."""
@@ -525,16 +639,18 @@ class Engine:
                 previous = old if old != version else self._previous
             self._previous = previous
             seconds = time.perf_counter() - t0
+            self._ready.set()  # a champion (or the base) is loaded and pointed to: requests can be served
             if self._staged[version] > 0:  # the staging hold ends here: the champion is kept anyway
                 self._staged[version] -= 1
                 if not self._staged[version]:
                     del self._staged[version]
             self._lock.notify_all()  # the decode thread unloads what nothing holds any more
         if self.metrics is not None:
-            self.metrics.adapter_swap_seconds.observe(seconds)
-            self.metrics.adapter_swaps.labels(result="ok").inc()
             self.metrics.serve_champion.info({"version": label(version)})
         if old != version:
+            if self.metrics is not None:
+                self.metrics.adapter_swap_seconds.observe(seconds)
+                self.metrics.adapter_swaps.labels(result="ok").inc()
             log.info("champion swapped", extra={"from": label(old), "to": label(version),
                                                 "swap_ms": round(seconds * 1000, 3)})
         return SwapResult(old, version, 0.0, seconds)
@@ -651,11 +767,9 @@ class Engine:
                     "previous": label(self._previous) if self._previous else None,
                     "loaded": {v: {"refs": a.refs} for v, a in sorted(self._adapters.items())},
                     "waiting": len(self._waiting), "running": len(self._active),
-                    "max_batch_size": self.max_batch_size, "mix_adapters": self.mix_adapters}
+                    "max_batch_size": self.max_batch_size, "batch_invariant": self.batch_invariant}
 
     # -- decode thread ----------------------------------------------------------------------------
-
-    _stop_thread = False
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
@@ -702,7 +816,7 @@ class Engine:
         budget = PREFILL_TOKEN_BUDGET
         while len(self._active) < self.max_batch_size:
             with self._lock:
-                if not self._waiting:
+                if not self._waiting or self._commands:  # a pending adapter load goes first
                     return
                 size = len(self._waiting[0].handle.prompt_ids)
                 if budget < PREFILL_TOKEN_BUDGET and size > budget:
@@ -739,18 +853,19 @@ class Engine:
         if not running:
             return
         t0 = time.perf_counter()
-        if self.mix_adapters:
-            groups = [running]
-        else:
+        if self.batch_invariant:
             by_version: dict[str | None, list[_Sequence]] = {}
             for seq in running:
                 by_version.setdefault(seq.handle.version, []).append(seq)
             groups = list(by_version.values())
+        else:
+            groups = [running]
         n = self.max_batch_size
         for group in groups:
             for i in range(0, len(group), n):
                 rows: list[_Sequence | None] = group[i:i + n]
-                rows += [None] * (n - len(rows))  # fixed shape: see "Batch invariance" above
+                if self.batch_invariant:
+                    rows += [None] * (n - len(rows))  # fixed shape: see "Batch invariance" above
                 ids = torch.tensor([[s.next_token if s else self.pad_id] for s in rows], device=self.device)
                 positions = torch.tensor([[s.length if s else 0] for s in rows], device=self.device)
                 # Padding rows take the group's version: PEFT sizes each adapter's LoRA matmul by its rows.
@@ -780,9 +895,17 @@ class Engine:
                 if self.peft is None:
                     out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
                 else:
-                    names = [BASE if v is None else v for v in versions]
-                    out = self.peft(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1,
-                                    adapter_names=names)
+                    names = [BASE if v is None else self._adapters[v].slot for v in versions]
+                    if len(set(names)) == 1 and names[0] != BASE:
+                        # One adapter for every row: PEFT's plain path, cheaper than adapter_names (which
+                        # registers a hook on every LoRA layer per forward); switch only when it changes.
+                        if self._active_slot != names[0]:
+                            self.peft.base_model.set_adapter(names[0])
+                            self._active_slot = names[0]
+                        out = self.peft(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+                    else:
+                        out = self.peft(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1,
+                                        adapter_names=names)
         finally:
             _PLAN.rows = None
         return out.logits[:, -1, :].float().cpu()
@@ -808,7 +931,8 @@ class Engine:
         seq.next_token = token
         if self.metrics is not None:
             self.metrics.serve_generated_tokens.inc()
-        if len(handle.tokens) >= handle.params.max_tokens or seq.length >= seq.capacity:
+        if len(handle.tokens) >= handle.params.max_tokens or \
+                len(handle.prompt_ids) + len(handle.tokens) >= self.max_context:
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
@@ -838,46 +962,11 @@ class Engine:
             keep = {self._champion, self._previous, *self._staged}
             idle = [v for v, a in self._adapters.items() if v not in keep and a.refs == 0]
             for version in idle:
-                del self._adapters[version]
+                self._free_slots.append(self._adapters.pop(version).slot)  # reused (or deleted) by a later load
+            if idle:
+                self._gauges()
         for version in idle:
-            try:
-                self.peft.delete_adapter(version)
-                log.info("adapter unloaded", extra={"version": version})
-            except Exception as e:
-                log.warning("adapter unload failed", extra={"version": version, "error": f"{type(e).__name__}: {e}"})
-        if idle:
-            self._gauges()
-
-    def _load_adapter(self, version: str, path: Path, stage: bool) -> None:
-        """Decode thread only: add ``version`` as a named PEFT adapter (safetensors only)."""
-        with self._lock:
-            if version in self._adapters:
-                if stage:
-                    self._staged[version] += 1
-                return
-        if not (path / "adapter_model.safetensors").is_file():
-            raise AdapterUnavailable(f"adapter {version}: {path}/adapter_model.safetensors is missing")
-        try:
-            if self.peft is None:
-                from peft import PeftModel
-
-                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=version, is_trainable=False,
-                                                      low_cpu_mem_usage=True)
-            else:
-                self.peft.load_adapter(str(path), adapter_name=version, is_trainable=False, low_cpu_mem_usage=True)
-            self.peft.eval()
-        except Exception:
-            if self.peft is not None and version in getattr(self.peft, "peft_config", {}):
-                try:  # a half-injected adapter must not linger
-                    self.peft.delete_adapter(version)
-                except Exception:
-                    pass
-            raise
-        with self._lock:
-            self._adapters[version] = _Adapter(version, str(path), loaded_at=time.time())
-            if stage:
-                self._staged[version] += 1
-            self._gauges()
+            log.info("adapter unloaded", extra={"version": version})
 
     def _gauges(self) -> None:
         if self.metrics is not None:
@@ -955,7 +1044,8 @@ def build_engine(daemon: Any) -> Engine:
     """Build the engine for a running Daemon (model and tokenizer loaded), load the champion, attach it.
 
     Raises:
-        AdapterUnavailable: the champion cannot be loaded; ``daemon.engine`` is still set (base requests work).
+        AdapterUnavailable: the champion cannot be loaded. ``daemon.engine`` is set but not ready: inference
+            answers 503 until ``/admin/reload`` (or a promotion) succeeds.
     """
     s = daemon.cfg.serve
     engine = Engine(daemon.model, daemon.tokenizer, store=daemon.store, state_dir=daemon.state_dir,

@@ -15,13 +15,12 @@ OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so the offic
 its usual exceptions. Prompts and generated text are never logged above DEBUG.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request), which are
+# imported inside create_app so that importing this module stays cheap.
 import hmac
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 log = logging.getLogger("lorad.server")
@@ -82,7 +81,7 @@ class BodySizeLimit:
                     await too_large.response()(scope, receive, send)
                     return
             except ValueError:
-                await ApiError(400, "invalid Content-Length header")
+                await ApiError(400, "invalid Content-Length header").response()(scope, receive, send)
                 return
         received = 0
         started = False
@@ -223,9 +222,13 @@ def create_app(daemon: Any):
 
     @app.get("/readyz")
     def readyz() -> Response:
-        """Readiness: 200 only once the base model and the champion are loaded in the engine."""
+        """Readiness: 200 only once the base model and the champion are loaded in the engine.
+
+        The engine's own readiness decides (not only ``daemon.ready``): an engine whose champion failed to
+        load becomes ready when ``/admin/promote`` or ``/admin/reload`` succeeds.
+        """
         engine = getattr(daemon, "engine", None)
-        if daemon.ready.is_set() and engine is not None and engine.ready:
+        if engine is not None and engine.ready:
             return JSONResponse({"status": "ready", "champion": eng.label(engine.champion)})
         body = {"status": "loading" if daemon.model_error is None else "failed", "error": daemon.model_error}
         return JSONResponse(body, status_code=503)
@@ -375,7 +378,10 @@ def create_app(daemon: Any):
         try:
             require_admin(request)
             body = await json_body(request) if (await request.body()) else {}
-            engine = engine_or_503()
+            engine = getattr(daemon, "engine", None)  # not ready is fine: a promotion or reload can fix that
+            if engine is None:
+                raise ApiError(503, "the model is still loading (or failed to load); see GET /readyz",
+                               code="model_not_ready", headers={"Retry-After": "5"})
             if daemon.store is None:
                 raise ApiError(503, "the state store is not open", code="store_not_ready")
             try:
@@ -462,7 +468,7 @@ def _prompt_ids(tokenizer: Any, body: dict, *, chat: bool, max_prompt_tokens: in
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
             ids = tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # bool is not a token
             vocab = len(tokenizer)
             if not all(0 <= t < vocab for t in prompt):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")

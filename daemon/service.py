@@ -270,6 +270,14 @@ class Daemon:
             self.model_error = f"{type(e).__name__}: {e}"
             log.error("base model failed to load", extra={"error": self.model_error})
             return
+        try:
+            from daemon.engine import build_engine
+
+            build_engine(self)  # loads the champion adapter; on failure the engine exists but is not ready
+        except Exception as e:  # keep serving health/metrics; /readyz says why; /admin/reload retries
+            self.model_error = f"champion adapter failed to load: {type(e).__name__}: {e}"
+            log.error("champion adapter failed to load", extra={"error": self.model_error})
+            return
         seconds = time.perf_counter() - t0
         self.metrics.model_load_seconds.set(seconds)
         self.metrics.model_ready.set(1)
@@ -361,8 +369,17 @@ class Daemon:
             self.runner.request("drift")
 
     def _on_promoted(self, version: str | None) -> None:
-        if self.engine is not None:
+        """Hot-swap a freshly promoted version; if the engine cannot load it, the alias flips back."""
+        if self.engine is None:
+            return
+        try:
             self.engine.swap(version)
+        except Exception as e:
+            from daemon.registry import rollback
+
+            log.error("hot-swap failed; rolling the champion alias back", extra={"version": version, "error": str(e)})
+            rollback(self.store, reason=f"hot-swap of {version} failed: {type(e).__name__}: {e}")
+            self.metrics.rollbacks.labels("swap_failed").inc()
 
     def serve_forever(self) -> None:
         """Run the HTTP server in this thread until a signal asks it to stop."""
@@ -402,6 +419,8 @@ class Daemon:
             self.scheduler.shutdown()
         if self.runner is not None:
             self.runner.stop(timeout=self.cfg.serve.drain_timeout_seconds + 60)
+        if self.engine is not None:
+            self.engine.stop(timeout=self.cfg.serve.drain_timeout_seconds)
         if self.metrics is not None:
             self.metrics.up.set(0)
         if self._ingest_store is not None:
