@@ -274,7 +274,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
         if not Path(p).is_file():
             print(f"lorad: no such file: {p}", file=sys.stderr)
             return EXIT_USAGE
-    report = cli_drift(args.reference, args.current, cfg, seed=args.seed)
+    report = cli_drift(args.reference, args.current, cfg, seed=args.seed, max_tokens=cfg.drift.max_tokens)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2, default=str))
     else:
