@@ -26,13 +26,13 @@ ENV = {
     "LORAD_SCHEDULE__INBOX_SETTLE_SECONDS": "0.5",
     "LORAD_SCHEDULE__MIN_NEW_RECORDS": "50",
     "LORAD_SCHEDULE__COOLDOWN_MINUTES": "0",
-    "LORAD_DATA__MAX_SEQ_LEN": "1024",
-    "LORAD_DATA__MAX_PROMPT_TOKENS": "1024",
+    "LORAD_DATA__MAX_SEQ_LEN": "512",
+    "LORAD_DATA__MAX_PROMPT_TOKENS": "512",
     "LORAD_DRIFT__REFERENCE_CAP": "100",
     "LORAD_DRIFT__MIN_REFERENCE": "30",
     "LORAD_DRIFT__MIN_CURRENT": "30",
     "LORAD_DRIFT__PERMUTATIONS": "200",
-    "LORAD_TRAIN__MAX_STEPS": "10",
+    "LORAD_TRAIN__MAX_STEPS": "8",
     "LORAD_TRAIN__MICRO_BATCH_SIZE": "1",
     "LORAD_TRAIN__GRAD_ACCUM_STEPS": "2",
     "LORAD_TRAIN__LEARNING_RATE": "0.001",
@@ -94,6 +94,7 @@ def ready(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_inbox_to_new_champion_then_kill_9_and_resume(state_with_real_model, tmp_path):
     from test_service import free_port
 
