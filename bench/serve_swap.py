@@ -345,14 +345,14 @@ def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], ar
                "batched_fast": {"max_batch_size": 8, "batch_invariant": False}}
     out = {"prompt_tokens": len(prompts[0]), "max_tokens": args.tp_max_tokens,
            "requests_per_point": "max(1, %d // clients) per client" % args.tp_requests, "results": {}}
-    for name, kw in configs.items():
-        model, _ = load_base_model(BASE_MODEL, args.cache, dtype=args.dtype, device=args.device)  # a fresh copy
-        engine = make_engine(model, tokenizer, store, state, **kw)
-        engine.load_champion()
-        server = serve(engine, store, args)
-        try:
-            out["results"][name] = {}
-            for clients in args.tp_clients:
+    # Configurations alternate within each client count, so a neighbour's load drifts over all of them alike.
+    for clients in args.tp_clients:
+        for name, kw in configs.items():
+            model, _ = load_base_model(BASE_MODEL, args.cache, dtype=args.dtype, device=args.device)  # a fresh copy
+            engine = make_engine(model, tokenizer, store, state, **kw)
+            engine.load_champion()
+            server = serve(engine, store, args)
+            try:
                 # Fixed work per point (closed loop): every client sends its share of requests back to back.
                 per_client = max(1, args.tp_requests // clients)
                 reqs, errors = [], []
@@ -371,15 +371,16 @@ def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], ar
                     t.join(1800)
                 elapsed = time.perf_counter() - t0
                 tokens = sum(r["tokens"] or 0 for r in reqs)
-                out["results"][name][str(clients)] = {
+                out["results"].setdefault(name, {})[str(clients)] = {
                     "requests_per_s": round(len(reqs) / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2),
                     "requests": len(reqs), "errors": len(errors), "seconds": round(elapsed, 1),
                     "latency": summary([r["seconds"] for r in reqs]), "load_avg": load()}
                 print(f"  {name:18s} clients={clients:3d}: {len(reqs) / elapsed:6.2f} req/s "
                       f"{tokens / elapsed:7.1f} tok/s", flush=True)
-        finally:
-            server.stop()
-            engine.stop(timeout=30)
+            finally:
+                server.stop()
+                engine.stop(timeout=30)
+                del model, engine
     return out
 
 
@@ -398,7 +399,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--swaps", type=int, default=None, help="champion changes in the swap phase (default 100)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent streaming clients in the swap phase")
-    ap.add_argument("--swap-interval", type=float, default=0.5, help="seconds between two champion changes")
+    ap.add_argument("--swap-interval", type=float, default=1.0, help="seconds between two champion changes")
     ap.add_argument("--swap-prompt-tokens", type=int, default=64, help="prompt length in the swap phase")
     ap.add_argument("--swap-max-tokens", type=int, default=16)
     ap.add_argument("--adapter-scale", type=float, default=0.1,
