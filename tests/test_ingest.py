@@ -86,7 +86,8 @@ def test_lawbench_all_17_tasks_are_accepted_or_explained(store):
         # Independent oracle for exact duplicates: repeated raw triples among the valid lines.
         seen, expected_dups = set(), 0
         for d in raw:
-            valid = d["response"].strip() and estimate_tokens(d["system"]) + estimate_tokens(d["query"]) <= 1024
+            valid = (d["response"].strip() and
+                     estimate_tokens(d["system"]) + estimate_tokens(d["query"]) <= cfg.max_prompt_tokens)
             key = (d["system"], d["query"], d["response"])
             if valid:
                 expected_dups += key in seen
@@ -114,7 +115,7 @@ def test_lawbench_empty_answers_and_long_prompts_are_rejected_with_reasons(store
     empty = [x for x in r.rejects if x["reason"] == "field 'response' is empty"]
     assert len(empty) == 11 and 64 in {x["line"] for x in empty}
     reading = next(p for p in lawbench_files() if p.name.startswith("2-5"))
-    r = ingest_file(reading, store, DataConfig())
+    r = ingest_file(reading, store, DataConfig(max_prompt_tokens=1024))  # reading comprehension: long passages
     assert r.rejected > 400
     assert all("over data.max_prompt_tokens=1024" in x["reason"] for x in r.rejects if x["outcome"] == "rejected")
 
