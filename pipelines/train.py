@@ -15,12 +15,28 @@ Safety for unattended runs: non-finite loss aborts; a wall-clock budget stops cl
 splits micro-batches smaller and turns on gradient checkpointing before giving up with a reason.
 Nothing here is pickled: checkpoints are safetensors + JSON.
 
+Speed (chosen per device by ``plan_speed``; each choice computes the same loss and gradients as the
+plain path, up to rounding; bench/train_speed.py measures them):
+  - packed attention: each packed example attends only to itself, through varlen flash attention on
+    CUDA and one causal SDPA call over the examples padded side by side elsewhere; transformers'
+    default builds a dense block mask over each whole row instead, (row length)^2 work on a slow
+    masked kernel;
+  - the LM head and cross-entropy run fused per chunk of labelled tokens, with their gradient
+    computed in the same pass (no logits kept, no recompute);
+  - on CUDA with a bf16 base: bf16 autocast (LoRA weights and optimizer stay fp32) and
+    torch.compile of each decoder layer (compiled once, reused by every layer); a compile
+    failure falls back to eager with a warning;
+  - QLoRA: a lean k-bit preparation (no fp32 copies of embeddings / LM head) and gradient
+    checkpointing on by default, since 4-bit is chosen to save memory.
+
 The job form (``python -m pipelines.train RUN_DIR``) reads ``RUN_DIR/job.json`` and is what the
 daemon's job runner supervises in a subprocess; running it again on the same folder resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -69,6 +85,7 @@ class TrainOutcome:
     examples: int = 0
     sequences: int = 0
     parent_adapter: str | None = None
+    speed: dict = field(default_factory=dict)   # the SpeedPlan this run used (attention, compile, autocast, ...)
     history: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -105,8 +122,7 @@ def make_batches(sequences: list[dict], micro_batch_size: int) -> list[list[int]
     return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
 
-def collate(sequences: list[dict], idx: list[int], pad_id: int, device: Any):
-    """Pad a micro-batch; pads get label -100 and their own position run (a separate 'packed' segment)."""
+def _collate_cpu(sequences: list[dict], idx: list[int], pad_id: int):
     import torch
 
     rows = [sequences[i] for i in idx]
@@ -122,7 +138,26 @@ def collate(sequences: list[dict], idx: list[int], pad_id: int, device: Any):
         pos[j, :n] = torch.tensor(r["position_ids"])
         pos[j, n:] = torch.arange(width - n)
         real += n
+    return ids, labels, pos, real
+
+
+def collate(sequences: list[dict], idx: list[int], pad_id: int, device: Any):
+    """Pad a micro-batch; pads get label -100 and their own position run (a separate 'packed' segment)."""
+    ids, labels, pos, real = _collate_cpu(sequences, idx, pad_id)
     return ids.to(device), labels.to(device), pos.to(device), real
+
+
+def segment_bounds(pos) -> list[int]:
+    """Offsets where each packed example (or pad run) starts in the flattened micro-batch, plus the total.
+
+    Every position run restarts at 0 (make_sequences and collate guarantee it), so the starts are
+    exactly the zeros of ``pos``; this is the ``cu_seqlens`` of varlen attention.
+    """
+    flat = pos.reshape(-1)
+    starts = (flat == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return starts + [flat.numel()]
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -137,6 +172,27 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def is_quantized(model: Any) -> bool:
+    """True for a bitsandbytes 4/8-bit base model (QLoRA)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _prepare_kbit(model: Any) -> None:
+    """Freeze a quantized base for LoRA training, without PEFT's prepare_model_for_kbit_training upcast.
+
+    That function copies every non-quantized weight to fp32: on a 7B DeepSeek shape the embeddings and
+    the LM head (102400 x 4096 each) alone grow by 1.6 GiB, and every activation downstream of an fp32
+    norm turns fp32. bf16 has fp32's range, so a bf16 base keeps its dtypes; only an fp16 base gets its
+    1-D weights (norms, biases) in fp32, where fp16's range is the known instability.
+    """
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype == torch.float16 and p.dim() == 1:
+            p.data = p.data.float()
+
+
 def attach_lora(model: Any, cfg: TrainConfig, parent_adapter: Path | None, *, gradient_checkpointing: bool) -> Any:
     """Wrap the base model with a LoRA adapter; copy the parent adapter's weights when given."""
     from peft import get_peft_model, set_peft_model_state_dict
@@ -144,13 +200,9 @@ def attach_lora(model: Any, cfg: TrainConfig, parent_adapter: Path | None, *, gr
 
     from pipelines.models import lora_config
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        # Keeps the quantized weights frozen and makes inputs require grads; we do not want its fp32 upcast of
-        # every non-quantized weight (it costs GBs on large vocabularies), hence use_gradient_checkpointing only.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    if is_quantized(model):
+        _prepare_kbit(model)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lcfg = lora_config(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
@@ -178,11 +230,19 @@ def attach_lora(model: Any, cfg: TrainConfig, parent_adapter: Path | None, *, gr
     return model
 
 
-def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048):
+def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048,
+                     decoder_kwargs: dict | None = None):
     """Sum of next-token cross-entropy over labelled tokens, without materialising all logits at once.
 
-    The decoder runs once; the LM head + cross-entropy run per chunk of positions under activation
-    checkpointing, so peak memory holds one chunk's logits instead of [batch x seq x vocab] twice.
+    The decoder runs once; the LM head + cross-entropy run per chunk of labelled positions, so peak
+    memory holds one chunk's logits instead of [batch x seq x vocab] twice. With a frozen plain-linear
+    head (the LoRA case) the chunk's gradient is computed in the same pass (``_head_cross_entropy``);
+    otherwise each chunk runs under activation checkpointing and is recomputed in backward.
+
+    Args:
+        decoder_kwargs: extra arguments for the decoder, e.g. the packed-attention segment offsets
+            from ``packed_attention_kwargs``; without them, attention_mask=None + position_ids make
+            transformers build a block-diagonal (packed) causal mask.
     """
     import torch
     import torch.nn.functional as F
@@ -190,12 +250,14 @@ def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048):
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = base.get_decoder(), base.get_output_embeddings()
-    # attention_mask=None + position_ids => transformers builds a block-diagonal (packed) causal mask.
-    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **(decoder_kwargs or {})).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE
     hidden, target = hidden[keep], target[keep]
+
+    if torch.is_grad_enabled() and hidden.requires_grad and _fusable_head(head):
+        return _head_cross_entropy().apply(hidden, head.weight, target, chunk_tokens)
 
     def piece(h, t):
         return F.cross_entropy(head(h).float(), t, reduction="sum")
@@ -205,6 +267,285 @@ def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048):
         h, t = hidden[start:start + chunk_tokens], target[start:start + chunk_tokens]
         total = total + (checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
     return total
+
+
+def _fusable_head(head: Any) -> bool:
+    """A frozen, bias-free, unquantized nn.Linear head: its loss gradient can be taken in the forward pass."""
+    import torch
+
+    w = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and head.bias is None and w is not None and not w.requires_grad
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+@functools.cache
+def _head_cross_entropy():
+    import torch
+
+    class HeadCrossEntropy(torch.autograd.Function):
+        """sum CE(hidden @ W.T, target), W frozen; d(loss)/d(hidden) computed chunk by chunk in forward.
+
+        Against autograd through checkpointed chunks this saves one LM-head matmul per token (the
+        recompute) and keeps only [tokens x hidden] for backward. The gradient is the textbook
+        (softmax - onehot) @ W, in the head's dtype as autograd would compute it.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, target, chunk_tokens):
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden)
+            rows = torch.arange(min(chunk_tokens, max(1, target.numel())), device=hidden.device)
+            for s in range(0, target.numel(), chunk_tokens):
+                h, t = hidden[s:s + chunk_tokens].to(weight.dtype), target[s:s + chunk_tokens]
+                logits = (h @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                r = rows[:t.numel()]
+                total += (lse - logits[r, t]).sum()
+                probs = logits.sub_(lse[:, None]).exp_()   # softmax, in place of the logits
+                probs[r, t] -= 1.0
+                grad[s:s + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            (grad,) = ctx.saved_tensors
+            return (grad.float() * grad_total).to(grad.dtype), None, None, None
+
+    return HeadCrossEntropy
+
+
+# ----------------------------------------------------------------------------- speed plan (per device)
+
+PACKED_ATTENTION = "lorad_packed"   # the name registered in transformers' AttentionInterface
+# Architectures whose attention goes through transformers' AttentionInterface with plain causal
+# attention (no soft-capping): packed attention is exact for them. Others keep the block mask.
+_PACKED_ATTENTION_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"})
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How a run computes; ``plan_speed`` picks it from the device, dtype and model."""
+
+    attention: str            # "flash-varlen" (CUDA), "per-example" (padded SDPA over the packed examples),
+    #                           "mask" (transformers' block mask over whole rows: the reference)
+    compile_layers: bool      # torch.compile each decoder layer
+    autocast: str | None      # "bfloat16" on CUDA with a bf16 base, else None (weights' own dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_VARLEN: list = []   # [(varlen_attn, causal keyword arguments)] once looked up; read inside compiled code
+
+
+def _varlen_attn():
+    """torch's varlen flash attention and how this torch release spells "causal", or None without one."""
+    if not _VARLEN:
+        import inspect
+
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN.append(None)
+        else:
+            # torch 2.10+ spells causal as window_size=(-1, 0); earlier releases had is_causal=True.
+            causal = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
+                      else {"is_causal": True})
+            _VARLEN.append((varlen_attn, causal))
+    return _VARLEN[0]
+
+
+def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_layers: str | bool = "auto",
+               autocast: str | bool = "auto", max_seq_len: int = 0) -> SpeedPlan:
+    """Choose the fast path for this model on this device; "auto" everywhere is the production default.
+
+    Args:
+        attention: "auto" (packed attention where exact, varlen flash on CUDA), "mask" (transformers'
+            block mask, the reference), "per-example" or "flash-varlen" (forced).
+        compile_layers: "auto" (CUDA, unquantized, varlen flash), True or False.
+        autocast: "auto" (bf16 on CUDA when the base is bf16), True or False.
+        max_seq_len: the run's sequence length (a sliding window shorter than it disables packed attention).
+    """
+    import torch
+
+    config = getattr(model, "config", None)
+    cuda = torch.device(device).type == "cuda"
+    dtype = next(model.parameters()).dtype if not is_quantized(model) else getattr(
+        config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    window = getattr(config, "sliding_window", None)
+    window_active = bool(window) and getattr(config, "use_sliding_window", True) and window < max(max_seq_len, 1)
+    exact = (getattr(config, "model_type", None) in _PACKED_ATTENTION_TYPES and not window_active
+             and not getattr(config, "attn_logit_softcapping", None)
+             and getattr(model, "_supports_attention_backend", False))
+    if attention == "auto":
+        if not exact:
+            attention = "mask"
+        elif cuda and dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None:
+            attention = "flash-varlen"
+        else:
+            attention = "per-example"
+    elif attention not in ("mask", "per-example", "flash-varlen"):
+        raise ValueError(f"attention must be auto, mask, per-example or flash-varlen, got {attention!r}")
+    elif attention == "flash-varlen" and not (cuda and _varlen_attn() is not None):
+        raise ValueError(f"attention 'flash-varlen' needs CUDA and torch.nn.attention.varlen (torch "
+                         f"{torch.__version__} on {device}); use 'per-example' or 'auto'")
+    if autocast == "auto":
+        autocast = cuda and dtype == torch.bfloat16
+    if compile_layers == "auto":
+        compile_layers = cuda and attention == "flash-varlen" and not is_quantized(model)
+    return SpeedPlan(attention=attention, compile_layers=bool(compile_layers),
+                     autocast="bfloat16" if autocast else None)
+
+
+def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any) -> dict:
+    """Decoder keyword arguments that tell ``_packed_attention`` where each packed example starts."""
+    import torch
+
+    if plan.attention == "mask":
+        return {}
+    bounds = segment_bounds(pos_cpu)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    kwargs = {"lorad_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
+              "lorad_max_seqlen": longest}
+    if plan.attention == "per-example":
+        groups, inverse = _segment_groups(bounds)
+        kwargs["lorad_groups"] = tuple(g.to(device) for g in groups)
+        kwargs["lorad_inverse"] = inverse.to(device) if inverse is not None else None
+    return kwargs
+
+
+def _segment_groups(bounds: list[int]):
+    """Packed examples as padded [examples x longest] index batches, one SDPA call each.
+
+    One call for all examples is fastest while padding stays moderate (on CPU each attention
+    backward call has a large fixed cost); past 4x padding, examples are grouped by length
+    (within 2x of each group's longest). Pads index one past the end (a zero row). Returns the
+    index batches and the permutation that puts the concatenated outputs back in stream order
+    (None when they already are).
+    """
+    import torch
+
+    total = bounds[-1]
+    segs = [(b - a, a) for a, b in zip(bounds, bounds[1:])]
+    if len(segs) * max(n for n, _ in segs) <= 4 * total:
+        grouped = [segs]
+    else:
+        grouped = []
+        for n, a in sorted(segs, key=lambda x: -x[0]):
+            if not grouped or n * 2 < grouped[-1][0][0]:
+                grouped.append([])
+            grouped[-1].append((n, a))
+    groups = []
+    for g in grouped:
+        idx = torch.full((len(g), max(n for n, _ in g)), total, dtype=torch.long)
+        for i, (n, a) in enumerate(g):
+            idx[i, :n] = torch.arange(a, a + n)
+        groups.append(idx)
+    if len(groups) == 1:
+        return groups, None
+    order = torch.cat([g[g < total] for g in groups])
+    return groups, torch.argsort(order)
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Causal attention within each packed example: transformers' attention-interface signature.
+
+    query [B, H, L, D], key/value [B, Hkv, L, D(v)] -> ([B, L, H, Dv], None). The B rows are
+    flattened into one stream cut at ``lorad_cu_seqlens``; every example (and pad run) is its own
+    causal sequence, exactly what the block-diagonal mask computes, without the (B x L x L) mask.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cu = kwargs.get("lorad_cu_seqlens")
+    if cu is None:   # a forward outside the training loop (no segment offsets): plain causal attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **{k: v for k, v in kwargs.items() if k != "is_causal"})
+    window = kwargs.get("sliding_window")
+    if window is not None and kwargs["lorad_max_seqlen"] > window:
+        raise TrainingError(f"packed attention does not implement sliding windows ({window} < "
+                            f"{kwargs['lorad_max_seqlen']} tokens); use attention='mask'")
+    b, h, length, d = query.shape
+    hk, dv = key.shape[1], value.shape[-1]
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.transpose(1, 2).reshape(b * length, h, d)
+    k = key.transpose(1, 2).reshape(b * length, hk, d)
+    v = value.transpose(1, 2).reshape(b * length, hk, dv)
+    groups = kwargs.get("lorad_groups")
+    if groups is None:   # flash-varlen
+        if hk != h:
+            k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+        if dv < d:   # MLA (DeepSeek V2/V3): flash wants one head size; zero-padded values give the same output
+            v = F.pad(v, (0, d - dv))
+        out = _flash_varlen(q, k, v, cu, kwargs["lorad_max_seqlen"], scale)[..., :dv]
+    else:
+        total = b * length
+        qz, kz, vz = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v))   # index `total` = pad
+        pieces = []
+        for idx in groups:
+            o = F.scaled_dot_product_attention(qz[idx].transpose(1, 2), kz[idx].transpose(1, 2),
+                                               vz[idx].transpose(1, 2), is_causal=True, scale=scale,
+                                               dropout_p=dropout if module.training else 0.0, enable_gqa=hk != h)
+            pieces.append(o.transpose(1, 2)[idx < total])   # pads sit after each example: causal never sees them
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if kwargs.get("lorad_inverse") is not None:
+            out = out[kwargs["lorad_inverse"]]
+    return out.reshape(b, length, h, dv), None
+
+
+def _flash_varlen(q, k, v, cu, max_len: int, scale: float):
+    varlen_attn, causal = _varlen_attn()
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
+
+
+def _decoder_layers(model: Any) -> list:
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+@contextlib.contextmanager
+def _speed_setup(model: Any, plan: SpeedPlan):
+    """Apply the plan to a LoRA-wrapped model for the duration of a run; undo it afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous_attention = getattr(base.config, "_attn_implementation", None)
+    if plan.attention != "mask":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+        base.set_attn_implementation(PACKED_ATTENTION)
+    lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if plan.autocast:
+        # PEFT casts each LoRA input to the adapter's fp32 dtype (a full fp32 copy of every activation it
+        # touches); under autocast the matmuls run in bf16 anyway, so that copy is pure cost.
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = False
+    if plan.compile_layers:
+        for layer in _decoder_layers(model):
+            layer.compile()
+    try:
+        yield
+    finally:
+        _uncompile(model)
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = True
+        if plan.attention != "mask" and previous_attention is not None:
+            base.set_attn_implementation(previous_attention)
+
+
+def _uncompile(model: Any) -> None:
+    for layer in _decoder_layers(model):
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -309,11 +650,13 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
           max_seq_len: int, packing: bool = True, parent_adapter: Path | None = None,
           max_steps: int | None = None, progress: bool = True, clock: Callable[[], float] = time.monotonic,
           on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 2048,
-          should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
+          should_stop: Callable[[], bool] | None = None, attention: str = "auto",
+          compile_layers: str | bool = "auto", autocast: str | bool = "auto") -> TrainOutcome:
     """Train a LoRA adapter on tokenized ``examples`` and write it to ``run_dir/adapter``.
 
     Resumes from ``run_dir/checkpoints`` when present (same data and config assumed; the job
-    spec in run_dir guarantees that in the daemon).
+    spec in run_dir guarantees that in the daemon). ``attention``, ``compile_layers`` and
+    ``autocast`` override the per-device speed plan (see ``plan_speed``); "auto" is the default.
 
     Raises:
         TrainingError: non-finite loss, out of memory at the smallest split, bad parent adapter, no data.
@@ -339,11 +682,14 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         return batches[int(torch.randperm(len(batches), generator=g)[i])]
 
-    # -- model: LoRA on the base, warm-started from the parent; fresh optimizer over the LoRA weights only
-    splits, use_gc = 1, cfg.gradient_checkpointing
+    # -- model: LoRA on the base, warm-started from the parent; fresh optimizer over the LoRA weights only.
+    # A 4-bit/8-bit base means memory was chosen over speed: gradient checkpointing starts on.
+    splits, use_gc = 1, cfg.gradient_checkpointing or is_quantized(model)
     model = attach_lora(model, cfg, parent_adapter, gradient_checkpointing=use_gc)
     model.train()
     device = next(model.parameters()).device
+    plan = plan_speed(model, device, attention=attention, compile_layers=compile_layers, autocast=autocast,
+                      max_seq_len=max_seq_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
@@ -359,15 +705,24 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
             raise TrainingError(f"checkpoint {ckpt} belongs to a different run (steps {state.get('total_steps')} vs "
                                 f"{total_steps}, sequences {state.get('sequences')} vs {len(sequences)})")
 
-    def run_micro(idx: list[int], denom: float) -> tuple[float, int]:
-        """Forward + backward of one micro-batch, in `splits` pieces; returns (loss sum, real tokens)."""
-        loss_total, real_total = 0.0, 0
+    cuda = device.type == "cuda"
+
+    def run_micro(idx: list[int], denom: float):
+        """Forward + backward of one micro-batch, in `splits` pieces; returns (loss sum on device, real tokens)."""
+        loss_total, real_total = None, 0
         piece = math.ceil(len(idx) / splits)
         for s in range(0, len(idx), piece):
-            ids, labels, pos, real = collate(sequences, idx[s:s + piece], pad_id, device)
-            loss_sum = chunked_loss_sum(model, ids, labels, pos, chunk_tokens=chunk_tokens)
+            ids, labels, pos, real = _collate_cpu(sequences, idx[s:s + piece], pad_id)
+            extra = packed_attention_kwargs(plan, pos, device)
+            if cuda:   # pinned host memory lets the copies overlap the previous micro-batch's backward
+                ids, labels, pos = (t.pin_memory().to(device, non_blocking=True) for t in (ids, labels, pos))
+            amp = (torch.autocast(device.type, dtype=getattr(torch, plan.autocast)) if plan.autocast
+                   else contextlib.nullcontext())
+            with amp:
+                loss_sum = chunked_loss_sum(model, ids, labels, pos, chunk_tokens=chunk_tokens, decoder_kwargs=extra)
             (loss_sum / denom).backward()
-            loss_total += float(loss_sum.detach())
+            # Summed on the device: one host sync per optimizer step, not one per micro-batch.
+            loss_total = loss_sum.detach() if loss_total is None else loss_total + loss_sum.detach()
             real_total += real
         return loss_total, real_total
 
@@ -383,64 +738,74 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         return {"step": step, "tokens": tokens_before + tokens_now, "history": history, "splits": splits,
                 "total_steps": total_steps, "sequences": len(sequences)}
 
-    while step < total_steps:
-        if clock() - t_start > cfg.max_wall_seconds:
-            status = "budget"
-            break
-        if should_stop is not None and should_stop():
-            if step > resumed_from and step % cfg.checkpoint_every_steps != 0:
-                save_checkpoint(run_dir, model, optimizer, checkpoint_state())
-            raise Interrupted(f"stopped on request at step {step}/{total_steps}; checkpointed")
-        group = [micro_batch(step * accum + a) for a in range(accum)]
-        # Normalise by the labelled tokens of the whole accumulation group: every token weighs the same,
-        # however the group is split into micro-batches.
-        denom = max(1.0, float(sum(n_labels[i] for g in group for i in g)))
-        lr = lr_at(step, total_steps, cfg.learning_rate, cfg.warmup_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        while True:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, real = 0.0, 0
-                for idx in group:
-                    ls, r = run_micro(idx, denom)
-                    loss_sum, real = loss_sum + ls, real + r
+    with _speed_setup(model, plan):
+        while step < total_steps:
+            if clock() - t_start > cfg.max_wall_seconds:
+                status = "budget"
                 break
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                if splits < cfg.micro_batch_size:
-                    splits *= 2
-                elif not use_gc:
-                    use_gc = True
-                    model.get_base_model().gradient_checkpointing_enable(
-                        gradient_checkpointing_kwargs={"use_reentrant": False})
-                    model.enable_input_require_grads()
-                else:
-                    raise TrainingError(f"out of GPU memory at step {step} even with micro-batches of "
-                                        f"1 sequence and gradient checkpointing; lower data.max_seq_len") from None
-                print(f"lorad: out of memory; retrying step {step} with {splits} splits, "
-                      f"gradient checkpointing {'on' if use_gc else 'off'}", file=sys.stderr)
-        loss = loss_sum / denom
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {step}: aborting (lower train.learning_rate or check data)")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        optimizer.step()
-        step += 1
-        tokens_now += real
-        elapsed = clock() - t_start
-        record = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_before + tokens_now,
-                  "tokens_per_second": tokens_now / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed}
-        history.append(round(loss, 6))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        if on_step is not None:
-            on_step(record)
-        if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-            save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+            if should_stop is not None and should_stop():
+                if step > resumed_from and step % cfg.checkpoint_every_steps != 0:
+                    save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+                raise Interrupted(f"stopped on request at step {step}/{total_steps}; checkpointed")
+            group = [micro_batch(step * accum + a) for a in range(accum)]
+            # Normalise by the labelled tokens of the whole accumulation group: every token weighs the same,
+            # however the group is split into micro-batches.
+            denom = max(1.0, float(sum(n_labels[i] for g in group for i in g)))
+            lr = lr_at(step, total_steps, cfg.learning_rate, cfg.warmup_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            while True:
+                try:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_dev, real = None, 0
+                    for idx in group:
+                        ls, r = run_micro(idx, denom)
+                        loss_dev, real = (ls if loss_dev is None else loss_dev + ls), real + r
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    if splits < cfg.micro_batch_size:
+                        splits *= 2
+                    elif not use_gc:
+                        use_gc = True
+                        model.get_base_model().gradient_checkpointing_enable(
+                            gradient_checkpointing_kwargs={"use_reentrant": False})
+                        model.enable_input_require_grads()
+                    else:
+                        raise TrainingError(f"out of GPU memory at step {step} even with micro-batches of "
+                                            f"1 sequence and gradient checkpointing; lower data.max_seq_len") from None
+                    print(f"lorad: out of memory; retrying step {step} with {splits} splits, "
+                          f"gradient checkpointing {'on' if use_gc else 'off'}", file=sys.stderr)
+                except Exception as e:  # noqa: BLE001 -- only a compiler failure is retried, once, in eager mode
+                    if not plan.compile_layers:
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    _uncompile(model)
+                    plan = SpeedPlan(**{**plan.to_dict(), "compile_layers": False})
+                    print(f"lorad: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                          f"retrying step {step} without compiling", file=sys.stderr)
+            loss = float(loss_dev) / denom
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {step}: aborting (lower train.learning_rate or check data)")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            step += 1
+            tokens_now += real
+            elapsed = clock() - t_start
+            record = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": tokens_before + tokens_now,
+                      "tokens_per_second": tokens_now / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed}
+            history.append(round(loss, 6))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if on_step is not None:
+                on_step(record)
+            if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+                save_checkpoint(run_dir, model, optimizer, checkpoint_state())
     if bar is not None:
         bar.close()
     if status == "budget" and step > resumed_from and step % cfg.checkpoint_every_steps != 0:
@@ -455,7 +820,8 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         tokens=tokens_before + tokens_now, seconds=seconds,
         tokens_per_second=tokens_now / seconds if seconds > 0 else 0.0, resumed_from_step=resumed_from,
         micro_batch_splits=splits, gradient_checkpointing=use_gc, examples=len(examples),
-        sequences=len(sequences), parent_adapter=str(parent_adapter) if parent_adapter else None, history=history)
+        sequences=len(sequences), parent_adapter=str(parent_adapter) if parent_adapter else None,
+        speed=plan.to_dict(), history=history)
     (run_dir / "result.json").write_text(json.dumps(outcome.to_dict(), indent=2))
     return outcome
 

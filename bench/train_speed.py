@@ -665,6 +665,11 @@ def check_main(args) -> dict:
     return out
 
 
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def merge_main(args) -> None:
     """Combine the device runs (each with its baselines measured in the same run) into one results file."""
     gpu_cases, runs = {}, []
@@ -677,11 +682,22 @@ def merge_main(args) -> None:
     info = runs[0]["info"] if runs else {}
     wrapped = {"info": info, "cases": gpu_cases}
     summarize_gpu(wrapped)
-    cpu_cases = {}
+    cpu_cases, cpu_rounds = {}, []
     for path in args.cpu:
         run = json.loads(Path(path).read_text())
         for name, case in (run.get("cases") or {run.get("case"): run}).items():
             cpu_cases[name] = case
+        by_round: dict[int, dict] = {}
+        for i, case in enumerate(run.get("rounds", [])):   # cases ran in rounds of (seed, lorad, lorad_qv)
+            by_round.setdefault(i // 3, {})[case.get("case")] = case
+        for cases in by_round.values():
+            seed = cases.get("cpu_seed", {})
+            ratio = {}
+            for name in ("cpu_lorad", "cpu_lorad_qv"):
+                for metric in ("tokens_per_second", "tokens_per_cpu_second"):
+                    if metric in cases.get(name, {}) and metric in seed:
+                        ratio[f"{name}/{metric}"] = cases[name][metric] / seed[metric]
+            cpu_rounds.append(ratio)
     g, c = gpu_cases, cpu_cases
     ph, pl = g.get("parity_hf") or c.get("parity_hf") or {}, g.get("parity_lorad") or c.get("parity_lorad") or {}
     tps = {k: round(v["tokens_per_second"], 1) for k, v in {**g, **c}.items() if "tokens_per_second" in v}
@@ -696,11 +712,9 @@ def merge_main(args) -> None:
         "qlora": {k: {x: g[k].get(x) for x in ("peak_allocated_gib", "peak_reserved_gib", "allocated_after_load_gib",
                                                 "tokens_per_second", "settings")}
                   for k in ("qlora_stock", "qlora_lorad", "qlora_lorad_noamp") if k in g},
-        "cpu_speedup_vs_hf": (c["cpu_lorad"]["tokens_per_second"] / c["cpu_seed"]["tokens_per_second"]
-                              if "cpu_lorad" in c and "cpu_seed" in c else None),
-        "cpu_speedup_vs_hf_same_lora_targets": (c["cpu_lorad_qv"]["tokens_per_second"] /
-                                                c["cpu_seed"]["tokens_per_second"]
-                                                if "cpu_lorad_qv" in c and "cpu_seed" in c else None),
+        "cpu_speedup_vs_hf": _mean([r.get("cpu_lorad/tokens_per_second") for r in cpu_rounds]),
+        "cpu_speedup_vs_hf_same_lora_targets": _mean([r.get("cpu_lorad_qv/tokens_per_second") for r in cpu_rounds]),
+        "cpu_speedup_per_round": cpu_rounds,
         "quality_parity": {
             "metric": "held-out token-mean cross-entropy after one pass over the same LawBench records (equal tokens)",
             "hf_trainer": ph.get("heldout_loss"), "lorad": pl.get("heldout_loss"),
