@@ -177,6 +177,10 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)
     seed: int = _f(1234, "random seed (data order, LoRA init, dropout)", ge=0)
+    distributed: str = _f("none", "multi-GPU training under torchrun: ddp = base replicated on every GPU, fsdp = "
+                          "base sharded across GPUs (FSDP2; for models that do not fit one card)",
+                          choices=("none", "ddp", "fsdp"))
+    num_processes: int = _f(0, "GPUs (processes) when distributed is ddp or fsdp; 0 = every visible GPU", ge=0)
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if d.max_seq_len < min(d.max_prompt_tokens, d.max_response_tokens):
         problems.append(f"data.max_seq_len ({d.max_seq_len}) must be at least min(data.max_prompt_tokens, "
                         f"data.max_response_tokens) = {min(d.max_prompt_tokens, d.max_response_tokens)}")
+    if cfg.train.distributed == "fsdp" and cfg.model.quantization == "8bit":
+        problems.append("train.distributed 'fsdp' cannot shard 8-bit weights; use model.quantization '4bit' "
+                        "(FSDP-QLoRA) or 'none', or train.distributed 'ddp'")
     return problems
 
 

@@ -369,6 +369,7 @@ def load_base_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     for_training: bool = False,
+    quant_storage: str | None = None,
 ) -> tuple[Any, Any]:
     """Load the base causal LM and its tokenizer.
 
@@ -383,6 +384,8 @@ def load_base_model(
         trust_remote_code: allow the checkpoint's own modeling code (needed by some DeepSeek repos).
         for_training: pad on the right (labels line up); otherwise eval mode and left padding,
             which batched generation needs. k-bit preparation is left to the trainer.
+        quant_storage: 4-bit only: the dtype the packed weights are stored in ("bfloat16" lets FSDP
+            shard them like the other weights; None = bitsandbytes' uint8).
 
     Returns:
         (model, tokenizer); the tokenizer always has a pad token.
@@ -413,6 +416,10 @@ def load_base_model(
     }
     if quantization != "none":
         model_kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype, resolved_device)
+        if quant_storage and quantization == "4bit":   # FSDP-QLoRA: shardable float storage of the packed weights
+            import torch
+
+            model_kwargs["quantization_config"].bnb_4bit_quant_storage = getattr(torch, quant_storage)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)

@@ -569,25 +569,33 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, state: dict, keep: int = 2) -> Path:
-    """adapter + optimizer moments + RNG + data position, as safetensors and JSON, written atomically."""
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, state: dict, keep: int = 2, dist: Any = None) -> Path:
+    """adapter + optimizer moments + RNG + data position, as safetensors and JSON, written atomically.
+
+    Always the full (unsharded) one-process layout, so any number of GPUs can resume it. With
+    ``dist``, every rank must call this (FSDP gathers shards); rank 0 writes.
+    """
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    def host(v):   # a DTensor shard (FSDP) gathered whole; collective, so every rank runs it
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").contiguous()
+
+    lora = {k: host(v) for k, v in get_peft_model_state_dict(model).items()}
+    opt_tensors, opt_meta = {}, {"param_groups": [], "steps": {}}
+    sd = optimizer.state_dict()
+    for g in sd["param_groups"]:
+        opt_meta["param_groups"].append({k: v for k, v in g.items() if k != "params"} | {"params": g["params"]})
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                opt_tensors[f"{pid}.{name}"] = host(value)
+            else:
+                opt_meta["steps"][f"{pid}.{name}"] = float(value)
+
     def write(tmp: Path) -> None:
-        lora = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_file(lora, str(tmp / "adapter.safetensors"))
-        opt_tensors, opt_meta = {}, {"param_groups": [], "steps": {}}
-        sd = optimizer.state_dict()
-        for g in sd["param_groups"]:
-            opt_meta["param_groups"].append({k: v for k, v in g.items() if k != "params"} | {"params": g["params"]})
-        for pid, st in sd["state"].items():
-            for name, value in st.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    opt_tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
-                else:
-                    opt_meta["steps"][f"{pid}.{name}"] = float(value)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -597,11 +605,12 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, state: dict, keep
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}))
 
     ckpt_root = run_dir / CHECKPOINTS
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{state['step']:07d}"
-    _atomic_dir(final, write)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist is None or dist.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        _atomic_dir(final, write)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -611,14 +620,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> dict:
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, sharded: bool = False) -> dict:
+    """Restore a checkpoint (any world size wrote it); ``sharded``: the model is under FSDP2, load shards."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     try:
         state = json.loads((ckpt / "state.json").read_text())
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+        if sharded:
+            from pipelines.distributed import load_sharded_lora
+
+            load_sharded_lora(model, load_file(str(ckpt / "adapter.safetensors")))
+        else:
+            set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         rng = load_file(str(ckpt / "rng.safetensors"))
     except Exception as e:  # a damaged checkpoint is refused with a reason, never half-loaded silently
@@ -633,9 +648,15 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any) -> dict:
         pid, name = key.split(".", 1)
         per_param.setdefault(int(pid), {})[name] = torch.tensor(value)
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    for st in per_param.values():
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, st in per_param.items():
         for k, v in st.items():
-            st[k] = v.to(device) if v.dim() > 0 else v
+            if sharded and v.dim() > 0:
+                from pipelines.distributed import shard_like
+
+                st[k] = shard_like(v, ordered[pid])
+            else:
+                st[k] = v.to(device) if v.dim() > 0 else v
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
@@ -651,12 +672,15 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
           max_steps: int | None = None, progress: bool = True, clock: Callable[[], float] = time.monotonic,
           on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 2048,
           should_stop: Callable[[], bool] | None = None, attention: str = "auto",
-          compile_layers: str | bool = "auto", autocast: str | bool = "auto") -> TrainOutcome:
+          compile_layers: str | bool = "auto", autocast: str | bool = "auto", dist: Any = None) -> TrainOutcome:
     """Train a LoRA adapter on tokenized ``examples`` and write it to ``run_dir/adapter``.
 
     Resumes from ``run_dir/checkpoints`` when present (same data and config assumed; the job
     spec in run_dir guarantees that in the daemon). ``attention``, ``compile_layers`` and
     ``autocast`` override the per-device speed plan (see ``plan_speed``); "auto" is the default.
+    ``dist`` (a ``pipelines.distributed.Dist``, one per torchrun process) trains under DDP or FSDP2:
+    each rank computes its share of every step's micro-batches, rank 0 alone writes files, and
+    ``on_step`` runs on every rank with the global record.
 
     Raises:
         TrainingError: non-finite loss, out of memory at the smallest split, bad parent adapter, no data.
@@ -673,6 +697,11 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     sequences = make_sequences(examples, max_seq_len, packing)
     batches = make_batches(sequences, cfg.micro_batch_size)
     accum = cfg.grad_accum_steps
+    if dist is not None:   # a step's micro-batches are dealt out to the ranks (pipelines/distributed.py)
+        from pipelines import distributed
+
+        _, accum = distributed.plan_world(accum, dist.world_size)
+    n_tokens = [len(s["input_ids"]) for s in sequences]
     n_labels = [sum(1 for lab in s["labels"][1:] if lab != IGNORE) for s in sequences]
     steps_per_epoch = max(1, len(batches) // accum)
     total_steps = max_steps or cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -687,28 +716,41 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     splits, use_gc = 1, cfg.gradient_checkpointing or is_quantized(model)
     model = attach_lora(model, cfg, parent_adapter, gradient_checkpointing=use_gc)
     model.train()
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if dist is None else dist.device
+    sharded = dist is not None and dist.sharded
+    if sharded and compile_layers == "auto":
+        compile_layers = False   # FSDP's per-layer hooks and compiled layers are not combined here (not measured)
     plan = plan_speed(model, device, attention=attention, compile_layers=compile_layers, autocast=autocast,
                       max_seq_len=max_seq_len)
+    # The module whose forward is the loss: DDP / FSDP2 around the LoRA model when distributed.
+    engine = (None if dist is None else
+              distributed.wrap(model, dist, chunked_loss_sum, layers=_decoder_layers(model), autocast=plan.autocast))
+    world = 1 if dist is None else dist.world_size
+    main = dist is None or dist.is_main
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+                                  betas=(0.9, 0.999), fused=device.type == "cuda" and not sharded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     step, tokens_before, history, resumed_from = 0, 0, [], 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, sharded=sharded)
         step, tokens_before, history = state["step"], state["tokens"], state["history"]
         splits, resumed_from = state.get("splits", 1), step
         if state.get("total_steps") != total_steps or state.get("sequences") != len(sequences):
             raise TrainingError(f"checkpoint {ckpt} belongs to a different run (steps {state.get('total_steps')} vs "
-                                f"{total_steps}, sequences {state.get('sequences')} vs {len(sequences)})")
+                                f"{total_steps}, sequences {state.get('sequences')} vs {len(sequences)}); a resume "
+                                f"on another number of GPUs needs train.grad_accum_steps to be a multiple of both")
 
     cuda = device.type == "cuda"
 
-    def run_micro(idx: list[int], denom: float):
-        """Forward + backward of one micro-batch, in `splits` pieces; returns (loss sum on device, real tokens)."""
+    def run_micro(idx: list[int], denom: float, last: bool = True):
+        """Forward + backward of one micro-batch, in `splits` pieces; returns (loss sum on device, real tokens).
+
+        Distributed: the loss is scaled by the world size because DDP/FSDP average gradients over ranks;
+        ``last`` marks a rank's last micro-batch of the step, the one whose backward all-reduces (DDP).
+        """
         loss_total, real_total = None, 0
         piece = math.ceil(len(idx) / splits)
         for s in range(0, len(idx), piece):
@@ -718,9 +760,14 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
                 ids, labels, pos = (t.pin_memory().to(device, non_blocking=True) for t in (ids, labels, pos))
             amp = (torch.autocast(device.type, dtype=getattr(torch, plan.autocast)) if plan.autocast
                    else contextlib.nullcontext())
-            with amp:
-                loss_sum = chunked_loss_sum(model, ids, labels, pos, chunk_tokens=chunk_tokens, decoder_kwargs=extra)
-            (loss_sum / denom).backward()
+            if engine is None:
+                with amp:
+                    loss_sum = chunked_loss_sum(model, ids, labels, pos, chunk_tokens=chunk_tokens, decoder_kwargs=extra)
+                (loss_sum / denom).backward()
+            else:
+                with distributed.no_sync(engine, last), amp:
+                    loss_sum = engine(ids, labels, pos, extra, chunk_tokens)
+                    (loss_sum * world / denom).backward()
             # Summed on the device: one host sync per optimizer step, not one per micro-batch.
             loss_total = loss_sum.detach() if loss_total is None else loss_total + loss_sum.detach()
             real_total += real
@@ -732,7 +779,8 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         from tqdm import tqdm
 
         # disable=None: the bar shows on a terminal and stays out of logs and pipes.
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, disable=None)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr,
+                   disable=None if main else True)
     t_start, tokens_now, status = clock(), 0, "completed"
     def checkpoint_state() -> dict:
         return {"step": step, "tokens": tokens_before + tokens_now, "history": history, "splits": splits,
@@ -740,12 +788,16 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
 
     with _speed_setup(model, plan):
         while step < total_steps:
-            if clock() - t_start > cfg.max_wall_seconds:
+            spent = clock() - t_start > cfg.max_wall_seconds
+            stop = should_stop is not None and should_stop()
+            if dist is not None:   # every rank must take the same branch
+                spent, stop = dist.any(spent, stop)
+            if spent:
                 status = "budget"
                 break
-            if should_stop is not None and should_stop():
+            if stop:
                 if step > resumed_from and step % cfg.checkpoint_every_steps != 0:
-                    save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+                    save_checkpoint(run_dir, model, optimizer, checkpoint_state(), dist=dist)
                 raise Interrupted(f"stopped on request at step {step}/{total_steps}; checkpointed")
             group = [micro_batch(step * accum + a) for a in range(accum)]
             # Normalise by the labelled tokens of the whole accumulation group: every token weighs the same,
@@ -758,11 +810,19 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
                 try:
                     optimizer.zero_grad(set_to_none=True)
                     loss_dev, real = None, 0
-                    for idx in group:
-                        ls, r = run_micro(idx, denom)
+                    mine = group if dist is None else group[dist.rank::world]
+                    for j, idx in enumerate(mine):
+                        ls, r = run_micro(idx, denom, last=j == len(mine) - 1)
                         loss_dev, real = (ls if loss_dev is None else loss_dev + ls), real + r
+                    if dist is not None:   # the step's loss and tokens over all ranks
+                        loss_dev = dist.sum(loss_dev.float())
+                        real = sum(n_tokens[i] for g in group for i in g)
                     break
                 except torch.OutOfMemoryError:
+                    if dist is not None:   # ranks cannot retry independently: they would stop matching collectives
+                        raise TrainingError(f"out of GPU memory at step {step} on rank {dist.rank}; lower "
+                                            f"train.micro_batch_size, set train.gradient_checkpointing, or use "
+                                            f"train.distributed fsdp") from None
                     optimizer.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     if splits < cfg.micro_batch_size:
@@ -778,7 +838,7 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
                     print(f"lorad: out of memory; retrying step {step} with {splits} splits, "
                           f"gradient checkpointing {'on' if use_gc else 'off'}", file=sys.stderr)
                 except Exception as e:  # noqa: BLE001 -- only a compiler failure is retried, once, in eager mode
-                    if not plan.compile_layers:
+                    if not plan.compile_layers or dist is not None:
                         raise
                     optimizer.zero_grad(set_to_none=True)
                     _uncompile(model)
@@ -788,7 +848,8 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
             loss = float(loss_dev) / denom
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at step {step}: aborting (lower train.learning_rate or check data)")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
             optimizer.step()
             step += 1
             tokens_now += real
@@ -797,22 +858,27 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
                       "tokens": tokens_before + tokens_now,
                       "tokens_per_second": tokens_now / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed}
             history.append(round(loss, 6))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if on_step is not None:
                 on_step(record)
             if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+                save_checkpoint(run_dir, model, optimizer, checkpoint_state(), dist=dist)
     if bar is not None:
         bar.close()
     if status == "budget" and step > resumed_from and step % cfg.checkpoint_every_steps != 0:
-        save_checkpoint(run_dir, model, optimizer, checkpoint_state())
+        save_checkpoint(run_dir, model, optimizer, checkpoint_state(), dist=dist)
 
     adapter_dir = run_dir / ADAPTER_DIRNAME
-    _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    # FSDP: the LoRA shards are gathered on every rank (a collective); rank 0 writes.
+    full_lora = distributed.lora_state_full(model) if sharded else None
+    if main:
+        _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True,
+                                                                   **({"state_dict": full_lora} if sharded else {})))
     seconds = clock() - t_start
     outcome = TrainOutcome(
         adapter_dir=str(adapter_dir), status=status, steps=step, total_steps=total_steps,
@@ -822,7 +888,11 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         micro_batch_splits=splits, gradient_checkpointing=use_gc, examples=len(examples),
         sequences=len(sequences), parent_adapter=str(parent_adapter) if parent_adapter else None,
         speed=plan.to_dict(), history=history)
-    (run_dir / "result.json").write_text(json.dumps(outcome.to_dict(), indent=2))
+    if main:
+        (run_dir / "result.json").write_text(json.dumps(outcome.to_dict(), indent=2))
+    if dist is not None:
+        outcome.speed["distributed"] = {"mode": dist.mode, "world_size": world, "micro_batches_per_step": accum}
+        dist.barrier()   # no rank leaves (and tears down the group) while rank 0 still writes
     return outcome
 
 
@@ -861,25 +931,28 @@ def write_job(run_dir: Path, *, payloads: Iterable[dict], config: dict, parent_a
 
 
 def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> TrainOutcome:
-    """Run (or resume) the job frozen in ``run_dir/job.json``."""
+            should_stop: Callable[[], bool] | None = None, dist: Any = None) -> TrainOutcome:
+    """Run (or resume) the job frozen in ``run_dir/job.json`` (``dist``: this process's torchrun rank)."""
     from daemon.config import build_config
+    from pipelines.distributed import load_kwargs
     from pipelines.models import load_base_model
 
     run_dir = Path(run_dir)
     job = json.loads((run_dir / "job.json").read_text())
     cfg = build_config(job["config"])
     m = cfg.model
-    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", dtype=m.dtype,
-                                       quantization=m.quantization, device=m.device, revision=m.revision or None,
-                                       trust_remote_code=m.trust_remote_code, for_training=True)
+    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache",
+                                       quantization=m.quantization, revision=m.revision or None,
+                                       trust_remote_code=m.trust_remote_code, for_training=True,
+                                       **load_kwargs(dist, device=m.device, dtype=m.dtype, quantization=m.quantization))
     with open(run_dir / job["data"], encoding="utf-8") as f:
         payloads = [json.loads(line) for line in f if line.strip()]
     examples = tokenize_payloads(payloads, tokenizer, cfg.data.max_seq_len)
     parent = Path(job["parent_adapter"]) if job.get("parent_adapter") else None
     return train(examples, run_dir=run_dir, model=model, tokenizer=tokenizer, cfg=cfg.train,
                  max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, parent_adapter=parent,
-                 max_steps=job.get("max_steps"), progress=progress, on_step=on_step, should_stop=should_stop)
+                 max_steps=job.get("max_steps"), progress=progress, on_step=on_step, should_stop=should_stop,
+                 dist=dist)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -889,23 +962,54 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=main.__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none",
+                    help="set by the torchrun launch (pipelines.distributed.launch_argv): DDP or FSDP2 across ranks")
+    ap.add_argument("--stop-at-step", type=int, default=0, metavar="N",
+                    help="checkpoint and exit 75 (resumable) once N optimizer steps are done, e.g. to move a run "
+                         "to another number of GPUs")
     args = ap.parse_args(argv)
     import signal
     import threading
 
+    from pipelines import distributed
+
     # SIGTERM (the daemon shutting down) = checkpoint at the next step boundary and exit 75; resumable.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    done = [0]
+
+    def on_step(record: dict) -> None:
+        done[0] = record["step"]
+
+    def should_stop() -> bool:
+        return stop.is_set() or 0 < args.stop_at_step <= done[0]
+
+    dist = None
     try:
-        outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=stop.is_set)
+        dist = distributed.init(args.distributed)
+        main_rank = dist is None or dist.is_main
+        outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=should_stop, on_step=on_step,
+                          dist=dist)
     except Interrupted as e:
-        print(f"lorad train: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except TrainingError as e:
-        (args.run_dir / "error.json").write_text(json.dumps({"reason": str(e)}))
+        if dist is None:
+            print(f"lorad train: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        # Under torchrun a non-zero rank reads as a crash: exit 0 and leave the launcher a marker.
+        if dist.is_main:
+            print(f"lorad train: {e}", file=sys.stderr)
+            (args.run_dir / distributed.INTERRUPTED_MARKER).write_text(json.dumps({"reason": str(e)}))
+        return 0
+    except (TrainingError, distributed.DistributedError) as e:
+        # Any rank may be the one that failed (torchrun then stops the others): each writes atomically.
+        tmp = args.run_dir / f".error-{os.getpid()}.json"
+        tmp.write_text(json.dumps({"reason": str(e)}))
+        os.replace(tmp, args.run_dir / "error.json")
         print(f"lorad train: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(outcome.to_dict()))
+    finally:
+        distributed.shutdown(dist)
+    if main_rank:
+        print(json.dumps(outcome.to_dict()))
     return 0
 
 

@@ -1,0 +1,456 @@
+"""Multi-GPU training on PyTorch's own engines: DDP (replicated base) and FSDP2 (sharded base).
+
+lorad does not implement data parallelism itself. ``torchrun`` (``python -m torch.distributed.run``)
+starts one process per GPU; each runs the ordinary ``python -m pipelines.train RUN_DIR`` job and
+this module wraps its model in ``torch.nn.parallel.DistributedDataParallel`` or
+``torch.distributed.fsdp.fully_shard``. The training loop in ``pipelines/train.py`` stays one
+loop; with ``dist`` set it only changes which micro-batches a rank computes, scales the loss so
+the engine's gradient average equals the single-process gradient, and lets rank 0 alone write.
+
+World-size-independent runs. An optimizer step always covers the same micro-batches, whatever
+the number of processes: the ``train.grad_accum_steps`` micro-batches of a step are dealt out
+to the ranks (rank r takes every W-th), so W GPUs do the work of one step in parallel and the
+loss, gradient, step count and checkpoints are those of a one-process run. Checkpoints hold
+full (unsharded) LoRA weights and optimizer moments in the one-process layout, so a run
+checkpointed on 2 GPUs resumes on 1, 4 or 8 (or the other way round). When W does not divide
+``grad_accum_steps``, each rank takes ceil(accum / W) micro-batches and a step grows to that
+times W (``plan_world``): then a resume on another world size is refused unless it gives the
+same step size.
+
+Imports of torch live inside functions: the daemon builds launch commands without loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+MODES = ("none", "ddp", "fsdp")
+# NVLink multicast (NVLS / symmetric-memory multicast) stays off unless the operator turns it on:
+# LoRA's gradient all-reduce is small, and on shared hosts a multicast fault can take every GPU of
+# the host down. Setting the variable yourself wins (setdefault).
+SAFE_COLLECTIVES_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+INTERRUPTED_MARKER = "interrupted.json"   # rank 0 writes it when a torchrun run checkpointed and stopped
+
+
+class DistributedError(RuntimeError):
+    """The distributed setup is inconsistent; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- pure decisions
+
+
+def plan_world(grad_accum_steps: int, world_size: int) -> tuple[int, int]:
+    """(micro-batches per rank per step, micro-batches per step) for ``world_size`` processes.
+
+    The step keeps its ``grad_accum_steps`` micro-batches when the world size divides it;
+    otherwise it grows to the next multiple of the world size (no rank idles inside a step).
+    """
+    if grad_accum_steps < 1 or world_size < 1:
+        raise ValueError(f"grad_accum_steps and world_size must be >= 1, got {grad_accum_steps}, {world_size}")
+    per_rank = -(-grad_accum_steps // world_size)
+    return per_rank, per_rank * world_size
+
+
+def launch_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
+                extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The command that runs (or resumes) the training job in ``run_dir``.
+
+    ``mode`` "none" is the plain one-process job. "ddp" / "fsdp" go through this module's launcher
+    (``python -m pipelines.distributed``), which runs ``torchrun_argv`` and exits like the plain job
+    does: 0 done, 75 checkpointed and stopped (resumable), 1 failed with ``error.json``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"train.distributed must be one of {', '.join(MODES)}; got {mode!r}")
+    if num_processes < 0:
+        raise ValueError(f"train.num_processes must be >= 0 (0 = one per visible GPU); got {num_processes}")
+    if mode == "none":
+        return [python, "-m", "pipelines.train", str(run_dir), *extra]
+    return [python, "-m", "pipelines.distributed", str(run_dir), "--mode", mode, "--nproc", str(num_processes),
+            *extra]
+
+
+def torchrun_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
+                  extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """torchrun (``python -m torch.distributed.run``) starting one training process per GPU on this host.
+
+    ``num_processes`` 0 = one per visible GPU (torchrun's "gpu"); ``--standalone`` picks a free
+    rendezvous port, so several hosts' jobs never collide; each rank is told the mode.
+    """
+    nproc = str(num_processes) if num_processes else "gpu"
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", nproc,
+            "-m", "pipelines.train", str(run_dir), *extra, "--distributed", mode]
+
+
+def train_argv(train_cfg: Any, run_dir: str | os.PathLike, *, python: str = sys.executable,
+               extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``launch_argv`` from a ``TrainConfig`` (what the daemon's job runner and ``lorad train`` run)."""
+    return launch_argv(train_cfg.distributed, train_cfg.num_processes, run_dir, python=python, extra=extra)
+
+
+# ----------------------------------------------------------------------------- the process group
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun world."""
+
+    mode: str            # "ddp" | "fsdp"
+    rank: int
+    world_size: int
+    local_rank: int
+    device: Any          # torch.device this rank computes on
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+    def barrier(self) -> None:
+        import torch.distributed as td
+
+        td.barrier()
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over all ranks (stop requests, budgets: every rank must take the same branch)."""
+        import torch
+        import torch.distributed as td
+
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (a setting each rank chose from its own device)."""
+        import torch
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+        return int(t.item())
+
+    def sum(self, value: Any) -> Any:
+        """All-reduce SUM of a tensor (returns it)."""
+        import torch.distributed as td
+
+        td.all_reduce(value, op=td.ReduceOp.SUM)
+        return value
+
+
+def init(mode: str, environ: dict | None = None) -> Dist | None:
+    """Join the torchrun world described by the environment; None for a one-process run.
+
+    Raises:
+        DistributedError: torchrun started several processes but ``mode`` is "none" (or the reverse
+            cannot be served: a mode without the environment simply runs as one process).
+    """
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if mode not in MODES:
+        raise DistributedError(f"train.distributed must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode == "none":
+        if world > 1:
+            raise DistributedError(f"started by torchrun with WORLD_SIZE={world} but train.distributed is 'none'; "
+                                   f"set train.distributed to ddp or fsdp, or start one process")
+        return None
+    if world == 1 and "RANK" not in env:
+        return None   # ddp/fsdp asked for, but one plain process: the ordinary single-device run
+    import torch
+    import torch.distributed as td
+
+    for k, v in SAFE_COLLECTIVES_ENV.items():
+        os.environ.setdefault(k, v)
+    rank, local_rank = int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                                   f"set train.num_processes to at most the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not td.is_initialized():
+        td.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return Dist(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown(dist: Dist | None) -> None:
+    if dist is None:
+        return
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def load_kwargs(dist: Dist | None, *, device: str, dtype: str, quantization: str) -> dict:
+    """How each rank loads the base model (``pipelines.models.load_base_model`` keyword arguments).
+
+    DDP: the whole base on this rank's GPU. FSDP: unquantized weights load on the CPU in the
+    compute dtype and ``fully_shard`` moves only this rank's shard to the GPU (the full model never
+    sits on one card); 4-bit weights must be quantized on the GPU, so they load there with a
+    floating-point storage dtype that FSDP can shard (bitsandbytes' ``quant_storage``).
+    """
+    if dist is None:
+        return {"device": device, "dtype": dtype}
+    if dist.device.type != "cuda":
+        return {"device": "cpu", "dtype": dtype}
+    if dtype == "auto":
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dist.sharded and quantization == "none":
+        return {"device": "cpu", "dtype": dtype}
+    kwargs = {"device": "cuda", "dtype": dtype}
+    if dist.sharded and quantization == "4bit":
+        kwargs["quant_storage"] = dtype
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- wrapping
+
+
+def _loss_module(model: Any, loss_fn: Callable) -> Any:
+    import torch
+
+    class LossModule(torch.nn.Module):
+        """The engine's root module: its forward is the training loss, so DDP's reducer and FSDP's
+        root hooks (which unshard the embeddings and LM head) see every forward."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, labels, pos, decoder_kwargs, chunk_tokens):
+            return loss_fn(self.model, ids, labels, pos, chunk_tokens=chunk_tokens, decoder_kwargs=decoder_kwargs)
+
+    return LossModule()
+
+
+def wrap(model: Any, dist: Dist, loss_fn: Callable, *, layers: list, autocast: str | None) -> Any:
+    """Put the LoRA-wrapped model under DDP or FSDP2; returns the module whose forward is the loss.
+
+    ``layers`` are the decoder layers (each becomes one FSDP unit: its weights are gathered just
+    before it runs and freed after). With bf16 autocast FSDP gathers in bf16 and reduces gradients
+    in fp32; the LoRA weights and AdamW moments stay fp32 shards.
+    """
+    import torch
+
+    if not dist.sharded:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if dist.device.type == "cuda":
+            dev = next(p.device for p in model.parameters() if p.requires_grad)
+            if dev != dist.device:
+                raise DistributedError(f"rank {dist.rank}: the model's LoRA weights are on {dev}, expected "
+                                       f"{dist.device}; load the base on this rank's GPU")
+        # Every rank built the same base and seeded LoRA init; broadcasting the (small) trainable
+        # weights from rank 0 makes that a guarantee, without DDP's broadcast of the frozen base.
+        import torch.distributed as td
+
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    td.broadcast(p.data, src=0)
+        root = _loss_module(model, loss_fn)
+        return DDP(root, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+                   init_sync=False, gradient_as_bucket_view=True, broadcast_buffers=False)
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=getattr(torch, autocast), reduce_dtype=torch.float32)
+          if autocast else MixedPrecisionPolicy())
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    root = _loss_module(model, loss_fn)
+    fully_shard(root, mp_policy=mp)
+    return root
+
+
+def no_sync(engine: Any, last: bool):
+    """DDP: skip the gradient all-reduce on all but a rank's last micro-batch of a step."""
+    if last or not hasattr(engine, "no_sync"):
+        return contextlib.nullcontext()
+    return engine.no_sync()
+
+
+# ----------------------------------------------------------------------------- full <-> sharded tensors
+
+
+def full(t: Any) -> Any:
+    """A sharded (DTensor) tensor gathered whole; anything else unchanged. Collective under FSDP."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard_like(value: Any, ref: Any) -> Any:
+    """``value`` (a full tensor) laid out like ``ref``: this rank's shard when ``ref`` is a DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank read the same file, so each cuts its own shard (no traffic).
+        return distribute_tensor(value.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements,
+                                 src_data_rank=None)
+    return value.to(ref.device)
+
+
+def peft_key(param_name: str, adapter: str = "default") -> str:
+    """The name PEFT saves a LoRA parameter under (``get_peft_model_state_dict`` drops the adapter name)."""
+    return param_name.replace(f".{adapter}.", ".")
+
+
+def load_sharded_lora(model: Any, tensors: dict) -> None:
+    """Copy full LoRA tensors (PEFT names) into a sharded model's LoRA parameters.
+
+    Raises:
+        DistributedError: a trainable parameter has no tensor in ``tensors``.
+    """
+    import torch
+
+    missing = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = peft_key(name)
+            if key not in tensors:
+                missing.append(key)
+                continue
+            p.copy_(shard_like(tensors[key].to(p.dtype), p))
+    if missing:
+        raise DistributedError(f"checkpoint lacks {len(missing)} LoRA weight(s), e.g. {missing[:2]}")
+
+
+def lora_state_full(model: Any) -> dict:
+    """The trainable (LoRA) entries of ``model.state_dict()`` gathered whole, under their model names."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: full(v).detach().cpu() for k, v in model.state_dict().items() if k in names}
+
+
+# ----------------------------------------------------------------------------- running a launched job
+
+
+def run_launched(train_cfg: Any, run_dir: Path, *, python: str = sys.executable, progress: bool = True,
+                 on_step: Callable[[dict], None] | None = None, poll_seconds: float = 1.0) -> Any:
+    """Run the job in ``run_dir`` under torchrun and wait: the ``lorad train`` path for several GPUs.
+
+    Progress is read from ``metrics.jsonl`` (written by rank 0) and passed to ``on_step``.
+
+    Returns:
+        the TrainOutcome from ``result.json``.
+    Raises:
+        TrainingError: the job failed (its error.json reason, or the exit code and log tail).
+        Interrupted: the job checkpointed and stopped (exit 75).
+    """
+    from pipelines.train import EXIT_INTERRUPTED, Interrupted, TrainingError, TrainOutcome
+
+    run_dir = Path(run_dir)
+    argv = train_argv(train_cfg, run_dir, python=python, extra=[] if progress else ["--no-progress"])
+    root = Path(__file__).resolve().parents[1]
+    seen = 0
+    with open(run_dir / "train.log", "ab") as log:
+        proc = subprocess.Popen(argv, cwd=str(root), stdout=log, stderr=None if progress else log)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll_seconds)
+                except subprocess.TimeoutExpired:
+                    pass
+                seen = _replay_metrics(run_dir, seen, on_step)
+                if proc.returncode is not None:
+                    break
+        except BaseException:
+            proc.terminate()   # torchrun forwards it; the ranks checkpoint and stop
+            proc.wait()
+            raise
+    if proc.returncode == EXIT_INTERRUPTED:
+        raise Interrupted(f"training under torchrun stopped and checkpointed ({run_dir})")
+    if proc.returncode != 0:
+        err = run_dir / "error.json"
+        if err.is_file():
+            raise TrainingError(json.loads(err.read_text())["reason"])
+        raise TrainingError(f"torchrun exited with code {proc.returncode}; see {run_dir / 'train.log'}")
+    result = json.loads((run_dir / "result.json").read_text())
+    return TrainOutcome(**{k: v for k, v in result.items() if k in TrainOutcome.__dataclass_fields__})
+
+
+def _replay_metrics(run_dir: Path, seen: int, on_step: Callable[[dict], None] | None) -> int:
+    path = run_dir / "metrics.jsonl"
+    if on_step is None or not path.is_file():
+        return seen
+    lines = path.read_text().split("\n")[:-1]   # complete lines only; a half-written last line waits
+    for line in lines[seen:]:
+        with contextlib.suppress(ValueError):
+            on_step(json.loads(line))
+    return len(lines)
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+
+def _die_with_parent() -> None:
+    """Linux: torchrun gets SIGTERM if this launcher dies, and stops its ranks (no orphans holding GPUs)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.distributed RUN_DIR --mode ddp|fsdp --nproc N [pipelines.train options]``.
+
+    Runs torchrun and exits like ``python -m pipelines.train``: 0 done (result.json), 75 checkpointed
+    and stopped (resumable), 1 failed (error.json). torchrun itself reports any non-zero rank as a
+    failure, so a clean stop is signalled by rank 0's marker file instead of an exit code. SIGTERM
+    and SIGINT are passed to torchrun once; it forwards them to the ranks, which checkpoint and stop.
+    """
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(prog="python -m pipelines.distributed", description=main.__doc__)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--mode", choices=("ddp", "fsdp"), required=True)
+    ap.add_argument("--nproc", type=int, default=0, help="processes (GPUs); 0 = one per visible GPU")
+    args, extra = ap.parse_known_args(argv)
+    marker, error = args.run_dir / INTERRUPTED_MARKER, args.run_dir / "error.json"
+    marker.unlink(missing_ok=True)
+    error.unlink(missing_ok=True)   # a reason left by an earlier attempt must not describe this one
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_COLLECTIVES_ENV.items()}}
+    proc = subprocess.Popen(torchrun_argv(args.mode, args.nproc, args.run_dir, python=sys.executable, extra=extra),
+                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    forwarded = []
+
+    def forward(signum, _frame):
+        if not forwarded and proc.poll() is None:
+            forwarded.append(signum)
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = proc.wait()
+    if marker.is_file():
+        from pipelines.train import EXIT_INTERRUPTED   # stdlib-only at import: this process stays free of torch
+
+        return EXIT_INTERRUPTED
+    if rc != 0 and not error.is_file():
+        error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} (a rank crashed or was killed); "
+                                               f"see {args.run_dir / 'train.log'}"}))
+    return 0 if rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

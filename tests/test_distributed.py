@@ -1,0 +1,172 @@
+"""Multi-process training: launch commands, config checks, and real 2-process DDP / FSDP2 runs on CPU (gloo).
+
+The 2-process runs compare against a one-process run of the same job: a step covers the same
+micro-batches whatever the world size, so the per-step losses and the final adapter must agree
+(up to float summation order), including after a run checkpointed on 2 processes resumes on 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, build_config
+from pipelines import distributed as D
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize("accum, world, expected", [
+    (4, 1, (4, 4)), (4, 2, (2, 4)), (4, 4, (1, 4)), (3, 2, (2, 4)), (1, 2, (1, 2)), (4, 8, (1, 8)), (8, 3, (3, 9)),
+])
+def test_plan_world_deals_a_steps_micro_batches_to_ranks(accum, world, expected):
+    assert D.plan_world(accum, world) == expected
+
+
+def test_plan_world_rejects_nonsense():
+    with pytest.raises(ValueError, match="world_size"):
+        D.plan_world(4, 0)
+
+
+def test_launch_argv_plain_and_torchrun():
+    assert D.launch_argv("none", 4, "/r", python="py", extra=["--no-progress"]) == \
+        ["py", "-m", "pipelines.train", "/r", "--no-progress"]
+    assert D.launch_argv("fsdp", 2, "/r", python="py", extra=["--no-progress"]) == \
+        ["py", "-m", "pipelines.distributed", "/r", "--mode", "fsdp", "--nproc", "2", "--no-progress"]
+    argv = D.torchrun_argv("fsdp", 2, "/r", python="py", extra=["--no-progress"])
+    assert argv[:3] == ["py", "-m", "torch.distributed.run"] and "--standalone" in argv
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+    assert argv[argv.index("-m", 3):] == ["-m", "pipelines.train", "/r", "--no-progress", "--distributed", "fsdp"]
+    # 0 = one process per visible GPU, counted by torchrun (the daemon never imports torch for this)
+    argv = D.torchrun_argv("ddp", 0, "/r", python="py")
+    assert argv[argv.index("--nproc-per-node") + 1] == "gpu"
+
+
+def test_train_argv_follows_the_config():
+    cfg = build_config({"train": {"distributed": "ddp", "num_processes": 8}}).train
+    assert D.train_argv(cfg, "/r", python="py", extra=["--no-progress"]) == \
+        ["py", "-m", "pipelines.distributed", "/r", "--mode", "ddp", "--nproc", "8", "--no-progress"]
+    assert D.train_argv(build_config({}).train, "/r", python="py") == ["py", "-m", "pipelines.train", "/r"]
+
+
+@pytest.mark.parametrize("mode, n", [("x", 2), ("ddp", -1)])
+def test_launch_argv_rejects_bad_values(mode, n):
+    with pytest.raises(ValueError, match="train."):
+        D.launch_argv(mode, n, "/r")
+
+
+def test_config_lists_every_distributed_problem():
+    with pytest.raises(ConfigError) as e:
+        build_config({"train": {"distributed": "deepspeed", "num_processes": -2}})
+    text = str(e.value)
+    assert "train.distributed: must be one of none, ddp, fsdp; got 'deepspeed'" in text
+    assert "train.num_processes: must be >= 0" in text
+    with pytest.raises(ConfigError, match="cannot shard 8-bit"):
+        build_config({"train": {"distributed": "fsdp"}, "model": {"quantization": "8bit"}})
+    assert build_config({"train": {"distributed": "fsdp"}, "model": {"quantization": "4bit"}}).train.distributed == "fsdp"
+
+
+def test_init_without_torchrun_is_one_process_and_refuses_a_mismatch():
+    assert D.init("none", environ={}) is None
+    assert D.init("ddp", environ={}) is None   # asked for ddp, started plainly: an ordinary one-device run
+    with pytest.raises(D.DistributedError, match="WORLD_SIZE=2 but train.distributed is 'none'"):
+        D.init("none", environ={"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(D.DistributedError, match="one of none, ddp, fsdp"):
+        D.init("zero3", environ={})
+
+
+def test_peft_key_drops_the_adapter_name():
+    assert D.peft_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_load_kwargs_per_mode():
+    assert D.load_kwargs(None, device="auto", dtype="auto", quantization="none") == {"device": "auto", "dtype": "auto"}
+    cpu = D.Dist(mode="fsdp", rank=0, world_size=2, local_rank=0, device=_device("cpu"))
+    assert D.load_kwargs(cpu, device="auto", dtype="float32", quantization="none") == {"device": "cpu",
+                                                                                      "dtype": "float32"}
+
+
+def _device(kind: str):
+    import torch
+
+    return torch.device(kind)
+
+
+# ----------------------------------------------------------------------------- real 2-process runs (gloo, CPU)
+
+
+WORDS = "the law court contract judge party shall must not be by with for what who where".split()
+
+
+def payloads(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))},
+                          {"role": "assistant", "content": " ".join(rng.choice(WORDS[:6])
+                                                                    for _ in range(rng.randint(4, 12)))}]}
+            for _ in range(n)]
+
+
+def _job(tmp_path: Path, name: str, model_dir: Path, steps: int, distributed: str = "none") -> Path:
+    from pipelines.train import write_job
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
+                        "model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32", "quantization": "none"},
+                        "data": {"max_seq_len": 128, "max_prompt_tokens": 64, "max_response_tokens": 64},
+                        "train": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3,
+                                  "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 1,
+                                  "distributed": distributed, "num_processes": 2}})
+    run_dir = tmp_path / name
+    write_job(run_dir, payloads=payloads(60, seed=3), config=cfg.to_dict(mask_secrets=False), parent_adapter=None,
+              max_steps=steps)
+    return run_dir
+
+
+def _launch(run_dir: Path, mode: str, *extra: str) -> subprocess.CompletedProcess:
+    argv = D.launch_argv(mode, 2, run_dir, extra=["--no-progress", *extra])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama_dir, mode):
+    """2 ranks train 3 steps and checkpoint (--stop-at-step); 1 process finishes the run: same as 1 process throughout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipelines import train as T
+
+    steps = 5
+    reference = T.run_job(_job(tmp_path, "reference", tiny_llama_dir, steps), progress=False)
+
+    run_dir = _job(tmp_path, mode, tiny_llama_dir, steps, distributed=mode)
+    proc = _launch(run_dir, mode, "--stop-at-step", "3")
+    assert proc.returncode == T.EXIT_INTERRUPTED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = T.latest_checkpoint(run_dir)
+    assert ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert _losses(run_dir) == pytest.approx(reference.history[:3], rel=1e-4), "2 ranks must compute the 1-rank loss"
+    assert not (run_dir / "adapter").exists()
+
+    resumed = T.run_job(run_dir, progress=False)   # the same run, now on one process
+    assert resumed.resumed_from_step == 3 and resumed.steps == steps
+    assert resumed.history == pytest.approx(reference.history, rel=1e-4)
+    a = load_file(str(Path(reference.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed.adapter_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
