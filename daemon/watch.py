@@ -1,0 +1,256 @@
+"""Live signals per served version, and the post-promotion watch that rolls a bad champion back.
+
+``LiveStats`` is fed by the engine (every finished request: its version, finish reason and time to
+first token) and by the API (user feedback votes). ``RollbackWatch`` starts when a version is
+promoted: for ``promote.rollback_window_seconds`` it asks the pure ``policy.should_rollback`` about
+the new champion's errors, latency and feedback since the promotion, and flips the champion back
+(registry alias and engine, in one step) the moment the answer is yes. Outside a window its thread
+sleeps on a condition: no polling while nothing is watched.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from daemon.config import PromoteConfig
+from daemon.policy import Decision, should_rollback
+
+log = logging.getLogger("lorad.watch")
+
+BASE_LABEL = "base"  # the engine's label for requests served by the bare base model
+FAILED_REASONS = frozenset({"error", "timeout"})  # finish reasons that count as a failed request
+TTFT_SAMPLES = 1024  # recent time-to-first-token samples kept per version
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    errors: int = 0
+    positive: int = 0
+    negative: int = 0
+    ttft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TTFT_SAMPLES))
+    ttft_seen: int = 0  # samples ever appended (the deque forgets old ones)
+
+
+class LiveStats:
+    """Thread-safe per-version counters of what the server actually delivered."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_version: dict[str, _Counters] = collections.defaultdict(_Counters)
+        self._listeners: list[Callable[[str], None]] = []
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """``listener(version)`` is called (from the recording thread) after every recorded signal."""
+        self._listeners.append(listener)
+
+    def record(self, version: str, finish_reason: str, ttft_seconds: float | None) -> None:
+        """One finished request. Cancelled requests (the client left) say nothing about the version."""
+        if finish_reason == "cancelled":
+            return
+        with self._lock:
+            c = self._by_version[version]
+            c.requests += 1
+            c.errors += finish_reason in FAILED_REASONS
+            if ttft_seconds is not None:
+                c.ttft.append(ttft_seconds)
+                c.ttft_seen += 1
+        self._notify(version)
+
+    def feedback(self, version: str, positive: bool) -> dict:
+        """One user vote on a version's answers; returns the version's totals."""
+        with self._lock:
+            c = self._by_version[version]
+            if positive:
+                c.positive += 1
+            else:
+                c.negative += 1
+            totals = {"version": version, "positive": c.positive, "negative": c.negative}
+        self._notify(version)
+        return totals
+
+    def snapshot(self, version: str) -> dict:
+        """Plain totals for one version: requests, errors, feedback votes, TTFT samples seen so far."""
+        with self._lock:
+            c = self._by_version.get(version) or _Counters()
+            return {"requests": c.requests, "errors": c.errors, "positive": c.positive, "negative": c.negative,
+                    "ttft_seen": c.ttft_seen, "ttft": list(c.ttft)}
+
+    def _notify(self, version: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(version)
+            except Exception:  # a broken listener must never fail a request
+                log.exception("live-stats listener failed")
+
+
+def p95(samples: list[float]) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def since(start: dict, now: dict) -> dict:
+    """Signals recorded between two snapshots of one version (TTFT: the samples that arrived after ``start``)."""
+    new_ttft = now["ttft_seen"] - start["ttft_seen"]
+    return {"requests": now["requests"] - start["requests"], "errors": now["errors"] - start["errors"],
+            "positive": now["positive"] - start["positive"], "negative": now["negative"] - start["negative"],
+            "ttft": now["ttft"][-new_ttft:] if new_ttft > 0 else []}
+
+
+@dataclass
+class _Watched:
+    version: str
+    previous: str | None
+    started: float
+    start: dict
+    baseline_ttft_p95: float | None
+
+
+class RollbackWatch:
+    """After each promotion, watch the new champion's live signals and roll back when policy says so.
+
+    Args:
+        stats: the LiveStats the engine and API feed.
+        cfg: promote settings (window, error-rate limit, latency ratio).
+        rollback: ``rollback(reason) -> dict`` flips registry alias and engine back (engine.rollback_and_swap).
+        clock: wall clock for the window (tests pass a fake one).
+        min_requests: requests the new champion must have served before error rate and latency count.
+        check_seconds: how often the window is re-checked without new signals (so the window can end).
+        metrics: LoradMetrics or None; ``on_event(kind, ok, reason, data)`` records decisions (store events).
+    """
+
+    def __init__(self, stats: LiveStats, cfg: PromoteConfig, rollback: Callable[[str], Any], *,
+                 clock: Callable[[], float] = time.time, min_requests: int = 20, check_seconds: float = 5.0,
+                 metrics: Any = None, on_event: Callable[..., Any] | None = None):
+        self.stats = stats
+        self.cfg = cfg
+        self._rollback = rollback
+        self.clock = clock
+        self.min_requests = min_requests
+        self.check_seconds = check_seconds
+        self.metrics = metrics
+        self.on_event = on_event
+        self._cond = threading.Condition()
+        self._watched: _Watched | None = None
+        self._dirty = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.last_decision: Decision | None = None
+        stats.subscribe(self._poke)
+
+    # -- control --------------------------------------------------------------------------
+
+    def start(self) -> "RollbackWatch":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rollback-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def promoted(self, version: str | None, previous: str | None) -> None:
+        """A promotion happened: watch ``version`` against ``previous`` from now on (the base is not watched)."""
+        if version is None or self.cfg.rollback_window_seconds <= 0:
+            self.cancel()
+            return
+        # The latency baseline is the previous champion's recent p95, but only from enough samples: a p95 of
+        # three requests is noise, and a noisy baseline would roll back healthy champions.
+        before = self.stats.snapshot(previous if previous is not None else BASE_LABEL)["ttft"]
+        baseline = p95(before) if len(before) >= self.min_requests else None
+        with self._cond:
+            self._watched = _Watched(version, previous, self.clock(), self.stats.snapshot(version), baseline)
+            self._dirty = True
+            self._cond.notify_all()
+        log.info("watching new champion", extra={"version": version, "window_s": self.cfg.rollback_window_seconds})
+
+    def cancel(self) -> None:
+        """Stop watching (a manual rollback or another promotion supersedes the watch)."""
+        with self._cond:
+            self._watched = None
+
+    @property
+    def watching(self) -> str | None:
+        w = self._watched
+        return w.version if w is not None else None
+
+    # -- the decision ------------------------------------------------------------------------
+
+    def check(self) -> Decision | None:
+        """Ask the policy about the watched version now; roll back if it says so. None when nothing is watched."""
+        with self._cond:
+            w = self._watched
+        if w is None:
+            return None
+        live = since(w.start, self.stats.snapshot(w.version))
+        decision = should_rollback(seconds_since_promotion=self.clock() - w.started, requests=live["requests"],
+                                   errors=live["errors"], ttft_p95_s=p95(live["ttft"]),
+                                   baseline_ttft_p95_s=w.baseline_ttft_p95, cfg=self.cfg,
+                                   min_requests=self.min_requests, negative_feedback=live["negative"],
+                                   positive_feedback=live["positive"])
+        self.last_decision = decision
+        if decision.code == "window_over":
+            with self._cond:
+                if self._watched is w:
+                    self._watched = None
+            self._event(True, f"{w.version} kept: healthy through the {self.cfg.rollback_window_seconds} s "
+                              f"watch window ({live['requests']} requests, {live['errors']} errors)", w, live)
+        elif decision.ok:
+            with self._cond:
+                if self._watched is not w:  # superseded while we decided
+                    return decision
+                self._watched = None
+            log.warning("automatic rollback", extra={"version": w.version, "reason": decision.reason})
+            try:
+                self._rollback(f"automatic rollback of {w.version}: {decision.reason}")
+            except Exception as e:  # keep serving; the event says why the rollback itself failed
+                log.exception("automatic rollback failed")
+                self._event(False, f"automatic rollback of {w.version} failed: {type(e).__name__}: {e}", w, live)
+                return decision
+            if self.metrics is not None:
+                self.metrics.rollbacks.labels(decision.code).inc()
+        return decision
+
+    def _event(self, ok: bool, reason: str, w: _Watched, live: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event("rollback_watch", subject=w.version, ok=ok, reason=reason,
+                              data={k: v for k, v in live.items() if k != "ttft"})
+            except Exception:
+                log.exception("recording the watch event failed")
+
+    # -- thread ------------------------------------------------------------------------------
+
+    def _poke(self, version: str) -> None:
+        w = self._watched
+        if w is not None and w.version == version:
+            with self._cond:
+                self._dirty = True
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (self._watched is None or not self._dirty):
+                    if self._watched is None:
+                        self._cond.wait()  # idle: nothing promoted recently, nothing to do
+                    elif not self._cond.wait(self.check_seconds):
+                        break  # periodic re-check so the window can close without traffic
+                if self._stopping:
+                    return
+                self._dirty = False
+            try:
+                self.check()
+            except Exception:
+                log.exception("rollback watch check failed")
