@@ -571,21 +571,24 @@ def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], li
 
 
 def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *, seed: int = 0,
-              loader: Any = None, batch_size: int = 8, max_tokens: int = 256) -> dict:
+              loader: Any = None, batch_size: int = 8, max_tokens: int = 256,
+              adapter: str | Path | None = None, adapter_version: str | None = None) -> dict:
     """``lorad drift --reference PATH --current PATH``: featurize both files, test, report.
 
-    The loss feature is under the base model here (no adapter is loaded); the daemon passes
-    its champion to ``featurize`` instead.
+    With ``adapter`` (the champion's adapter folder, verified by the caller) both windows are
+    featurized by base + adapter in one pass: the loss feature is then the champion's own view of
+    novelty, and both windows still come from the same model, so the test stays fair.
 
     Args:
         reference_path / current_path: data files (JSONL in any record shape ingest accepts).
         cfg: the full lorad Config (model, paths and drift sections are used).
         seed: seeds the reservoir cap, MMD subsampling and permutations (same seed, same answer).
         loader: ``load_base_model``-compatible callable (tests pass a tiny model).
+        adapter / adapter_version: a PEFT adapter folder to score under, and its name for the report.
 
     Returns:
-        DriftReport.to_dict(), plus "rejected" (lines ingest would reject, left out) and
-        "timings" (seconds per step).
+        DriftReport.to_dict(), plus "rejected" (lines ingest would reject, left out), "scored_by"
+        (the version whose loss was measured, or "base") and "timings" (seconds per step).
     """
     import time
 
@@ -608,6 +611,11 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
     model, tokenizer = loader(cfg.model.base_model, Path(cfg.paths.state_dir) / "cache", dtype=dtype,
                               device=cfg.model.device, quantization=cfg.model.quantization,
                               revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
+        model.eval()
     t_load = time.perf_counter()
     ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
     cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
@@ -617,6 +625,7 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
     # Lines ingest would reject are left out of both windows, and said so.
     report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
                           "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
+    report["scored_by"] = (adapter_version or str(adapter)) if adapter is not None else "base"
     report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
                          "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
     return report

@@ -216,7 +216,7 @@ def test_cli_drift_reads_files_and_returns_the_report(tiny, tmp_path):
                         "drift": {"min_reference": 10, "min_current": 10, "permutations": 100}})
     out = cli_drift(ref, cur, cfg, loader=loader)
     assert calls[0][0] == cfg.model.base_model and calls[0][1] == tmp_path / "state" / "cache"
-    assert calls[0][4]["quantization"] == "none"
+    assert calls[0][4]["quantization"] == cfg.model.quantization
     assert out["status"] == "ok" and out["n_reference"] == 30 and out["n_current"] == 30
     assert out["drift"] is True and out["drifted_features"]
     assert set(out["timings"]) == {"read_s", "load_model_s", "featurize_s", "test_s"}
@@ -282,3 +282,29 @@ def test_real_model_features_separate_legal_qa_from_chat():
     same = detect_drift(fl.take(range(0, 40, 2)), fl.take(range(1, 40, 2)),
                         DriftConfig(min_reference=20, min_current=20))
     assert not same.drift
+
+
+def test_cli_drift_scores_the_loss_under_the_champion_adapter(tmp_path):
+    """With an adapter the loss feature is the champion's view: its loss test changes, the report says who scored."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer()
+    loader = lambda spec, cache_dir, **kw: (tiny_llama(len(tok)), tok)  # noqa: E731 (fresh model: PEFT wraps it)
+    peft_model = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    rows = [{"query": f"what is the law about {w}", "response": f"a tenant must pay rent {w}"} for w in WORDS[:24]]
+    ref = _write_jsonl(tmp_path / "ref.jsonl", rows[:12])
+    cur = _write_jsonl(tmp_path / "cur.jsonl", rows[12:])
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
+                        "drift": {"min_reference": 10, "min_current": 10, "permutations": 50}})
+    base = cli_drift(ref, cur, cfg, loader=loader)
+    champ = cli_drift(ref, cur, cfg, loader=loader, adapter=tmp_path / "adapter", adapter_version="v0001-test")
+    assert base["scored_by"] == "base" and champ["scored_by"] == "v0001-test"
+    loss = {r["scored_by"]: next(t for t in r["tests"] if "loss" in t["name"]) for r in (base, champ)}
+    assert loss["base"]["statistic"] != loss["v0001-test"]["statistic"], "the adapter must change the loss feature"
