@@ -1,0 +1,200 @@
+"""Hardware-aware defaults: dtype, quantization and micro-batch size from the machine found.
+
+``choose_defaults`` is a pure function of plain values (device kind, GPU memory, bf16 support, the
+model's size and shape, the sequence length), so its table of cases is tested without a GPU.
+``detect_hardware`` (torch, imported inside) and ``model_shape`` (config.json + safetensors
+headers, stdlib only) gather those values; ``resolve_config`` replaces the "auto" settings of a
+Config (``model.dtype``, ``model.quantization``, ``train.micro_batch_size`` = 0) with the choice and
+leaves every explicit setting alone.
+
+The memory model is deliberately simple and conservative; an out-of-memory step still splits its
+micro-batch and turns on gradient checkpointing (pipelines/train.py), so a choice that is slightly
+too large costs a retry, not a run:
+  - 16-bit weights take 2 bytes per parameter, NF4 about 0.56 (4 bits + double-quantized scales),
+    with embeddings and the LM head left in 16 bits (approximated by the 4-bit figure: small);
+  - one packed training sequence keeps ~34 x seq_len x hidden bytes of 16-bit activations per
+    layer (Korthikanti et al. 2022, without the attention-score term that flash attention avoids),
+    and with gradient checkpointing (always on for a quantized base) ~2 x seq_len x hidden per
+    layer plus one layer's full activations;
+  - 10 % of the card and 2 GiB (CUDA context, LoRA weights + AdamW state, logits chunks) stay free.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+GiB = 1 << 30
+CPU_MICRO_BATCH = 4        # the measured CPU default (bench/train_speed.py); larger batches gain nothing on 2 cores
+MAX_MICRO_BATCH = 16       # beyond this, gradient accumulation does the same work with fewer padding tokens
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
+CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER = 2
+RESERVE_BYTES = 2 * GiB
+USABLE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine offers: ``device`` is "cpu" or "cuda"; memory of the first GPU in bytes."""
+
+    device: str
+    name: str = "cpu"
+    gpu_memory_bytes: int | None = None
+    gpu_count: int = 0
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the defaults need to know about the base model (None = unknown, e.g. a hub id)."""
+
+    params: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    """The chosen defaults and why."""
+
+    device: str
+    dtype: str
+    quantization: str
+    micro_batch_size: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pow2_floor(x: float) -> int:
+    n = 1
+    while n * 2 <= x:
+        n *= 2
+    return n
+
+
+def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_len: int = 4096) -> HardwarePlan:
+    """Pick dtype, quantization and micro-batch size for training/serving on ``hw``.
+
+    CPU: float32 (half-precision matmuls are slow or missing on CPUs), no quantization, micro-batch 4.
+    CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
+    the 16-bit weights plus one sequence's activations do not fit the usable memory; the micro-batch
+    is the largest power of two (1..16) whose activations fit what the weights leave free.
+    """
+    shape = shape or ModelShape()
+    if hw.device != "cuda" or not hw.gpu_memory_bytes:
+        return HardwarePlan("cpu", "float32", "none", CPU_MICRO_BATCH,
+                            "no CUDA GPU: float32, no quantization, micro-batch 4")
+    dtype = "bfloat16" if hw.bf16 else "float16"
+    usable = hw.gpu_memory_bytes * USABLE_FRACTION - RESERVE_BYTES
+    mem = f"{hw.gpu_memory_bytes / GiB:.0f} GiB {hw.name}"
+    if not shape.params:
+        # Without the model's size, fall back to a table by card size (an OOM retry corrects a bad guess).
+        mb = 8 if hw.gpu_memory_bytes >= 70 * GiB else 4 if hw.gpu_memory_bytes >= 32 * GiB else \
+            2 if hw.gpu_memory_bytes >= 16 * GiB else 1
+        return HardwarePlan("cuda", dtype, "none", mb, f"{mem}, model size unknown: {dtype}, no quantization, "
+                                                       f"micro-batch {mb} by card size")
+    per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
+    full_seq = ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
+    weights16 = 2 * shape.params
+    if weights16 + full_seq <= usable:
+        quantization, weights, per_seq = "none", weights16, full_seq
+        why = f"16-bit weights ({weights16 / GiB:.1f} GiB) fit"
+    else:
+        quantization, weights = "4bit", int(0.56 * shape.params)
+        layer = full_seq // max(1, shape.num_layers or 32)
+        per_seq = CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer + layer
+        why = f"16-bit weights ({weights16 / GiB:.1f} GiB) + one sequence do not fit, so NF4 ({weights / GiB:.1f} GiB)"
+    headroom = usable - weights
+    mb = max(1, min(MAX_MICRO_BATCH, _pow2_floor(headroom / per_seq))) if headroom > per_seq else 1
+    if headroom < per_seq:
+        why += "; even one sequence may not fit: lower data.max_seq_len or use train.distributed fsdp"
+    return HardwarePlan("cuda", dtype, quantization, mb, f"{mem}: {why}; micro-batch {mb} at {max_seq_len} tokens")
+
+
+# ----------------------------------------------------------------------------- gathering the inputs
+
+
+def detect_hardware(device: str = "auto") -> Hardware:
+    """The first CUDA GPU torch sees (unless ``device`` is "cpu"), or the CPU."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return Hardware("cpu")
+    props = torch.cuda.get_device_properties(0)
+    return Hardware("cuda", name=props.name, gpu_memory_bytes=int(props.total_memory),
+                    gpu_count=torch.cuda.device_count(), bf16=bool(torch.cuda.is_bf16_supported()))
+
+
+def model_shape(source: Path | str) -> ModelShape:
+    """Parameters, hidden size and layers of a local model directory, read without loading it.
+
+    Parameters are counted from the safetensors headers (the first 8 bytes give the JSON header's
+    length); a hub id or a folder without safetensors gives None for what it cannot tell.
+    """
+    folder = Path(str(source))
+    if not folder.is_dir():
+        return ModelShape()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config.get("text_config", config)
+    params = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, struct.error):
+            return ModelShape(None, config.get("hidden_size"), config.get("num_hidden_layers"))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in info.get("shape", []):
+                    n *= dim
+                params += n
+    return ModelShape(params or None, config.get("hidden_size"), config.get("num_hidden_layers"))
+
+
+def resolve_config(cfg: Any, hw: Hardware | None = None, shape: ModelShape | None = None) -> tuple[Any, HardwarePlan]:
+    """Replace the "auto" settings of ``cfg`` with the hardware plan; explicit settings win.
+
+    Resolves ``model.dtype`` "auto", ``model.quantization`` "auto" and ``train.micro_batch_size`` 0.
+    Without ``shape``, the base model is located (a GGUF is converted once) and its shape read.
+    """
+    import dataclasses
+
+    m = cfg.model
+    if hw is None:
+        hw = detect_hardware(m.device)
+    if shape is None:
+        from pipelines.models import resolve_base_model
+
+        try:
+            source = resolve_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", revision=m.revision or None)
+        except Exception:  # the loader reports the real problem with its own message later
+            source = None
+        shape = model_shape(source) if source is not None else ModelShape()
+    plan = choose_defaults(hw, shape, max_seq_len=cfg.data.max_seq_len)
+    model = dataclasses.replace(
+        m, dtype=plan.dtype if m.dtype == "auto" else m.dtype,
+        quantization=plan.quantization if m.quantization == "auto" else m.quantization)
+    train = dataclasses.replace(cfg.train, micro_batch_size=cfg.train.micro_batch_size or plan.micro_batch_size)
+    return dataclasses.replace(cfg, model=model, train=train), plan
+
+
+def micro_batch_for(model: Any, max_seq_len: int) -> int:
+    """The plan's micro-batch size for an already loaded model on the device it sits on."""
+    device = next(model.parameters()).device
+    hw = detect_hardware("cuda") if device.type == "cuda" else Hardware("cpu")
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    # bitsandbytes packs two 4-bit weights per stored element.
+    params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    shape = ModelShape(params, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None))
+    return choose_defaults(hw, shape, max_seq_len=max_seq_len).micro_batch_size
