@@ -295,6 +295,17 @@ def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, l
     return source, payloads
 
 
+def _last_line(log_path: Path) -> str:
+    """': <the last line of a log>' (a crashed step's exception, e.g. a full disk), or '' when there is none."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 2048))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""
+
+
 def _die_with_parent() -> None:
     """preexec_fn: ask Linux to SIGTERM this child when the daemon dies, even by SIGKILL.
 
@@ -522,13 +533,23 @@ class JobRunner:
         if proc.returncode != 0:
             err = run_dir / "error.json"
             reason = (json.loads(err.read_text())["reason"] if err.exists()
-                      else f"training process exited with code {proc.returncode}; see {run_dir / 'train.log'}")
+                      else f"training process exited with code {proc.returncode}{_last_line(run_dir / 'train.log')}; "
+                           f"see {run_dir / 'train.log'}")
             fail_run(self.store, run_id, reason, self.clock)
             return {"trained": False, "reason": reason}
-        result = finish_run(self.store, self.cfg, run_id, run_dir, self.clock)
+        try:
+            result = finish_run(self.store, self.cfg, run_id, run_dir, self.clock)
+        except Exception as e:  # e.g. the disk filled up while copying the adapter: fail the run, keep serving
+            reason = f"registering the trained adapter failed: {type(e).__name__}: {e}"
+            fail_run(self.store, run_id, reason, self.clock)
+            return {"trained": False, "reason": reason}
         version = result["version"]
         m.training_tokens.inc(result["tokens"])
+        return self.judge(run_id, run_dir, version)
 
+    def judge(self, run_id: str, run_dir: Path, version: str) -> dict:
+        """Evaluate a registered candidate against the champion; promote it when the gate passes."""
+        m = self.metrics
         self.current = {"stage": "eval", "run_id": run_id, "version": version, "since": self.clock()}
         cfg_path = write_job_config(self.cfg, run_dir)
         res = self._run_step(["eval", "-c", str(cfg_path), "--candidate", version, "--json"], run_dir, "eval")
@@ -575,4 +596,33 @@ class JobRunner:
             finally:
                 self.current = None
             resumed.append(row["id"])
+        unjudged = self.unjudged_candidate()
+        if unjudged is not None and not self._stopping_now():
+            run_id, version = unjudged
+            self.store.add_event("eval", subject=version, reason=f"judging candidate of run {run_id}: the daemon "
+                                                                  f"stopped before its evaluation or promotion")
+            try:
+                self.judge(run_id, runs_dir(self.cfg) / run_id, version)
+            finally:
+                self.current = None
+            resumed.append(run_id)
         return resumed
+
+    def unjudged_candidate(self) -> tuple[str, str] | None:
+        """The latest run's candidate when a stop cut its evaluation or promotion short, else None.
+
+        Only while the champion is still the one it was trained from (and is to be compared with).
+        """
+        row = self.store.query_one("SELECT id, parent_version, result FROM runs WHERE kind = 'train' "
+                                   "AND status = 'succeeded' ORDER BY created_at DESC LIMIT 1")
+        if row is None or row["parent_version"] != registry.champion(self.store):
+            return None
+        version = json.loads(row["result"] or "{}").get("version")
+        if not version or version == registry.champion(self.store):
+            return None
+        decided = self.store.query_one("SELECT 1 FROM events WHERE kind = 'promote' AND subject = ?", (version,))
+        judged = self.store.query_one("SELECT ok FROM events WHERE kind = 'eval' AND subject = ? AND ok IS NOT NULL "
+                                      "ORDER BY id DESC LIMIT 1", (version,))
+        if decided is not None or (judged is not None and not judged["ok"]):
+            return None
+        return row["id"], version

@@ -97,14 +97,18 @@ def register_adapter(store: Store, state_dir: Path, src_dir: Path, *, base_model
     tmp = root / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name in ADAPTER_FILES:
-        shutil.copyfile(src_dir / name, tmp / name)
-        if sha256_file(tmp / name) != hashes[name]:
-            raise AdapterError(f"copy of {name} does not match its source hash (disk error?)")
-    (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2, ensure_ascii=False))
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(src_dir / name, tmp / name)
+            if sha256_file(tmp / name) != hashes[name]:
+                raise AdapterError(f"copy of {name} does not match its source hash (disk error?)")
+        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2, ensure_ascii=False))
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # disk full, I/O error: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / version
     if final.exists():  # a leftover of a crash between rename and insert with the same name
         shutil.rmtree(final)

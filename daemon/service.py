@@ -220,6 +220,7 @@ class Daemon:
         Path(self.cfg.paths.inbox).mkdir(parents=True, exist_ok=True)
         self.lock.acquire({"pid": os.getpid(), "url": self.url, "started_at": self.started_at})
         self.store = open_store(self.state_dir, clock=self.clock)
+        _refuse_corrupt(self.store)
         self.metrics = LoradMetrics(self.registry)
         self.metrics.build_info.info({"version": _version(), "base_model": self.cfg.model.base_model})
         self.metrics.start_time.set(self.started_at)
@@ -295,6 +296,9 @@ class Daemon:
         self.runner = JobRunner(self.cfg, self.store, on_promoted=self._on_promoted, clock=self.clock,
                                 metrics=self.metrics)
         self.runner.start()
+        if self.store.counts()["records_pending"] >= sc.min_new_records:
+            # Ingested before a stop that came before their drift check: check them now, not at the next tick.
+            self.runner.request("drift")
         self.scheduler = Scheduler(timezone_name=sc.timezone, drift_minutes=sc.drift_check_minutes,
                                    monthly_cron=sc.monthly_refresh_cron, misfire_grace_seconds=sc.misfire_grace_seconds,
                                    on_drift_check=lambda: self.runner.request("drift"),
@@ -455,6 +459,22 @@ class Daemon:
         out["job"] = self.runner.current if self.runner is not None else None
         out["inbox_pending"] = self.inbox.pending if self.inbox is not None else 0
         return out
+
+
+def _refuse_corrupt(store: Store) -> None:
+    """SQLite's quick check at startup: a damaged database is refused with a reason, never served from."""
+    import sqlite3
+
+    from daemon.store import StoreError
+
+    try:
+        problem = "; ".join(r[0] for r in store.query("PRAGMA quick_check"))
+    except sqlite3.DatabaseError as e:
+        problem = str(e)
+    if problem != "ok":
+        raise StoreError(f"state database {store.path} is corrupt ({problem[:300]}); lorad will not run on it. "
+                         f"Stop, move it aside and restore a backup (`sqlite3 lorad.db .recover` may save what "
+                         f"is readable)")
 
 
 def _unique(path: Path) -> Path:

@@ -1,0 +1,654 @@
+"""Reliability: crash trials, resource faults, fuzzing and load; writes bench/results/reliability.json.
+
+    .venv/bin/python bench/reliability.py [--trials 50] [--fuzz-examples 300] [--api-cases 200]
+                                          [--load-seconds 20] [--only crash,faults,fuzz,load] [--out PATH]
+
+Every part runs the real thing on this machine: ``lorad run`` / ``lorad serve`` processes on 127.0.0.1
+around a tiny random Llama (built from a config, saved as safetensors) and real training, drift and
+evaluation subprocesses.
+
+  crash   --trials times: drop a data file into the inbox of a running daemon (lines whose outcome is known
+          in advance: new, duplicate within the file, duplicate of an earlier file, rejected), wait for
+          the target phase of the learning cycle (ingest, drift, train, eval, promote, swap; round robin),
+          SIGKILL the daemon at a random instant inside it, restart it, wait until it is idle, and check
+          the invariants: every line accounted exactly once with the expected outcome, every file moved
+          out of the inbox, no run left unfinished (each resumed to success or failed with a reason), the
+          champion alias on a complete adapter whose sha256 matches and that the server serves, no
+          half-registered adapter folder, SQLite integrity_check and foreign_key_check clean.
+  faults  disk full (RLIMIT_FSIZE) during a checkpoint and during adapter registration, corrupted
+          checkpoint / adapter / database page, out of memory in training; each must fail cleanly with a
+          reason while the champion and the server are untouched (see tests/test_reliability_faults.py,
+          which runs the same scenarios in CI: this part runs them through pytest and counts them).
+  fuzz    hypothesis over every ingest parser and schemathesis over the HTTP API (OpenAPI document in
+          tests/test_fuzz_api.py), through pytest with larger example counts (LORAD_FUZZ_EXAMPLES).
+  load    wrk against POST /v1/chat/completions of a real ``lorad serve`` for --load-seconds while the
+          champion is swapped through /admin/promote twice a second: status codes counted by a Lua script
+          (429 = intended backpressure), latency percentiles from wrk.
+
+The machine is usually shared (2 cores, several jobs): the load average is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PHASES = ("ingest", "drift", "train", "eval", "promote", "swap")
+TOKEN = "reliability-admin-token"
+WORDS = ("the law court contract judge party shall must not be by with for what who where when how why yes no "
+         "hello world model data answer question").split()
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, token: str | None = None,
+         timeout: float = 10.0) -> tuple[int, dict | str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            code = r.status
+    except urllib.error.HTTPError as e:
+        raw, code = e.read(), e.code
+    try:
+        return code, json.loads(raw)
+    except ValueError:
+        return code, raw.decode(errors="replace")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a word-level tokenizer and a chat template."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_tokenizer, tiny_llama_config
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def daemon_config(work: Path, model_dir: Path, port: int, **over) -> dict:
+    """A config for a fast learning cycle on the tiny model: every batch drifts, trains 8 steps, is judged."""
+    regression = work / "regression.jsonl"
+    if not regression.exists():
+        rng = random.Random(99)
+        with open(regression, "w") as f:
+            for i in range(30):
+                f.write(json.dumps({"query": " ".join(rng.choice(WORDS) for _ in range(5)) + f" r{i}",
+                                    "response": " ".join(rng.choice(WORDS) for _ in range(8))}) + "\n")
+    cfg = {
+        "paths": {"state_dir": str(work / "state"), "inbox": str(work / "inbox")},
+        "model": {"base_model": str(model_dir)},
+        "data": {"max_seq_len": 128, "max_prompt_tokens": 64, "max_response_tokens": 64, "holdout_fraction": 0.2,
+                 "near_dup_threshold": 1.0},
+        # alpha 0.9 and no effect floor: (nearly) every batch counts as drift, so every trial runs a full cycle.
+        "drift": {"min_reference": 20, "min_current": 20, "reference_cap": 100, "permutations": 50, "alpha": 0.9,
+                  "effect_size_floor": 0.0, "max_tokens": 32},
+        "train": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-2, "max_steps": 8,
+                  "micro_batch_size": 4, "grad_accum_steps": 1, "checkpoint_every_steps": 2, "warmup_ratio": 0.0},
+        "eval": {"max_examples": 20, "bootstrap_samples": 100, "latency_prompts": 0, "confidence": 0.6,
+                 "regression_sets": [str(regression)]},
+        "promote": {"regression_tolerance": 0.9, "min_improvement": 0.0},
+        "serve": {"host": "127.0.0.1", "port": port, "admin_token": TOKEN, "max_new_tokens": 16,
+                  "max_prompt_tokens": 64, "drain_timeout_seconds": 2.0},
+        "schedule": {"min_new_records": 20, "cooldown_minutes": 0, "inbox_settle_seconds": 0.2},
+        "metrics": {"log_format": "json"},
+    }
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data with known outcomes
+
+
+class DataMaker:
+    """Writes inbox files whose every line's outcome (accepted / duplicate / rejected) is known in advance."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.seen: list[str] = []   # lines accepted so far (their exact JSON): re-sending one is a duplicate
+        self.n = 0
+
+    def line(self) -> str:
+        self.n += 1
+        q = " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(3, 7)))
+        a = " ".join(self.rng.choice(WORDS[:8]) for _ in range(self.rng.randint(5, 10)))
+        return json.dumps({"query": f"{q} q{self.n}", "response": a})
+
+    def write(self, path: Path, n_new: int) -> dict:
+        """Write the file atomically (temp name + rename, as a careful producer would) and return the expectation."""
+        lines, expect = [], {"accepted": 0, "duplicates": 0, "rejected": 0}
+        fresh = [self.line() for _ in range(n_new)]
+        lines += fresh
+        expect["accepted"] += n_new
+        for line in self.rng.sample(fresh, min(5, len(fresh))):       # repeated inside the file
+            lines.append(line)
+            expect["duplicates"] += 1
+        for line in self.rng.sample(self.seen, min(5, len(self.seen))):  # sent before, in an earlier file
+            lines.append(line)
+            expect["duplicates"] += 1
+        bad = ['{"query": "no response here"}', "{not json", '{"query": "", "response": "empty prompt"}']
+        lines += bad
+        expect["rejected"] += len(bad)
+        self.rng.shuffle(lines)
+        # Duplicates count from the second occurrence: the first copy of a line repeated inside the file
+        # is the accepted one, whichever position the shuffle gives it.
+        self.seen += fresh
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+        expect["records_total"] = len(lines)
+        expect["sha256"] = sha256_file(path)
+        return expect
+
+
+# ----------------------------------------------------------------------------- the daemon under test
+
+
+class DaemonUnderTest:
+    """``lorad run`` as a subprocess; its JSON log goes to a file; SIGKILL or SIGTERM it."""
+
+    def __init__(self, work: Path, config_path: Path, port: int):
+        self.work, self.config_path, self.port = work, config_path, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = work / "daemon.log"
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "-c", str(self.config_path)],
+                                     cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self) -> dict | None:
+        try:
+            code, body = http("GET", self.url + "/status", timeout=5)
+        except OSError:
+            return None
+        return body if code == 200 and isinstance(body, dict) else None
+
+    def ready(self) -> dict | None:
+        try:
+            code, body = http("GET", self.url + "/readyz", timeout=5)
+        except OSError:
+            return None
+        return body if code == 200 and isinstance(body, dict) else None
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if http("GET", self.url + "/healthz", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"daemon not healthy after {timeout} s; see {self.log_path}")
+
+    def wait_ready(self, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}; see {self.log_path}")
+            r = self.ready()
+            if r is not None:
+                return r
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon not ready after {timeout} s; see {self.log_path}")
+
+
+class StageWatcher:
+    """Polls /status every few milliseconds and remembers when each learning-cycle stage was first seen."""
+
+    def __init__(self, daemon: DaemonUnderTest, interval: float = 0.01):
+        self.daemon, self.interval = daemon, interval
+        self.stage: str | None = None
+        self.first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            s = self.daemon.status()
+            if s is None:  # a slow answer under load: keep the last stage seen
+                continue
+            stage = (s.get("job") or {}).get("stage")
+            self.stage = stage
+            if stage and stage not in self.first_seen:
+                self.first_seen[stage] = time.monotonic()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "StageWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def wait_for(self, stage: str, timeout: float) -> bool:
+        """Until ``stage`` was seen; False when the cycle went idle past it (e.g. a rejected candidate)."""
+        deadline = time.monotonic() + timeout
+        idle_polls = 0
+        while time.monotonic() < deadline:
+            if stage in self.first_seen:
+                return True
+            if not self.daemon.alive():
+                return False
+            idle_polls = idle_polls + 1 if self.stage is None else 0
+            # Idle about 3 s after a job ran, or 15 s with none at all: the cycle will not reach the stage.
+            if idle_polls > (300 if self.first_seen else 1500):
+                return False
+            time.sleep(0.01)
+        return False
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def unfinished_work(state: Path, inbox: Path) -> list[str]:
+    """What still has to happen before the daemon is idle: files in the inbox, runs not finished."""
+    out = []
+    for p in inbox.rglob("*"):
+        rel = p.relative_to(inbox)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and not p.name.endswith(".part"):
+            out.append(f"inbox file {rel}")
+    db = state / "lorad.db"
+    if db.exists():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            for r in con.execute("SELECT id, status FROM runs WHERE status IN ('queued', 'running', 'interrupted')"):
+                out.append(f"run {r[0]} {r[1]}")
+        finally:
+            con.close()
+    return out
+
+
+def wait_idle(daemon: DaemonUnderTest, state: Path, inbox: Path, timeout: float = 900) -> None:
+    """Until the inbox is empty, no run is unfinished and the job runner has been idle for two polls."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        if not daemon.alive():
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}; see {daemon.log_path}")
+        s = daemon.status()
+        busy = s is None or s.get("job") is not None or s.get("inbox_pending") or unfinished_work(state, inbox)
+        quiet = 0 if busy else quiet + 1
+        if quiet >= 3:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"daemon not idle after {timeout} s: {unfinished_work(state, inbox)}; "
+                       f"job {(daemon.status() or {}).get('job')}")
+
+
+def check_invariants(state: Path, inbox: Path, files: dict[str, dict], *, served: dict | None = None) -> list[str]:
+    """Every invariant the crash rule promises; returns the violations (empty = all hold).
+
+    Args:
+        files: name -> expectation from ``DataMaker.write`` for every file dropped so far.
+        served: the daemon's /readyz body (its ``champion``), when it runs.
+    """
+    from daemon import registry
+    from daemon.store import Store
+
+    problems: list[str] = []
+    db_path = state / "lorad.db"
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=60)
+    con.row_factory = sqlite3.Row
+    try:
+        integrity = "; ".join(r[0] for r in con.execute("PRAGMA integrity_check"))
+        if integrity != "ok":
+            problems.append(f"sqlite integrity_check: {integrity}")
+        fk = con.execute("PRAGMA foreign_key_check").fetchall()
+        if fk:
+            problems.append(f"sqlite foreign_key_check: {len(fk)} rows, first {tuple(fk[0])}")
+
+        # Every line accounted exactly once, with the outcome it must have.
+        total_accepted = 0
+        for name, exp in files.items():
+            rows = con.execute("SELECT * FROM files WHERE sha256 = ?", (exp["sha256"],)).fetchall()
+            if len(rows) != 1:
+                problems.append(f"file {name}: {len(rows)} ingest rows (expected exactly 1)")
+                continue
+            row = rows[0]
+            got = {k: row[k] for k in ("records_total", "accepted", "duplicates", "rejected")}
+            want = {k: exp[k] for k in got}
+            if row["status"] != "done" or got != want:
+                problems.append(f"file {name}: status {row['status']} counts {got}, expected done {want}")
+            stored = con.execute("SELECT COUNT(*) FROM records WHERE file_id = ?", (row["id"],)).fetchone()[0]
+            outcomes = con.execute("SELECT COUNT(*) FROM rejects WHERE file_id = ?", (row["id"],)).fetchone()[0]
+            if stored != row["accepted"] or outcomes != row["duplicates"] + row["rejected"]:
+                problems.append(f"file {name}: {stored} stored records / {outcomes} reject rows disagree with its "
+                                f"counts {got}")
+            total_accepted += exp["accepted"]
+            if (inbox / name).exists():
+                problems.append(f"file {name}: still in the inbox")
+            if not list((inbox / ".done").glob(f"{Path(name).stem}*{Path(name).suffix}")):
+                problems.append(f"file {name}: not in .done/")
+        n_records = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        if n_records != total_accepted:
+            problems.append(f"{n_records} records stored, {total_accepted} lines accepted")
+
+        # No run lost: each finished, failures with a reason; every success registered an adapter.
+        for r in con.execute("SELECT id, status, reason, result FROM runs"):
+            if r["status"] not in ("succeeded", "failed"):
+                problems.append(f"run {r['id']}: left {r['status']}")
+            elif r["status"] == "failed" and not (r["reason"] or "").strip():
+                problems.append(f"run {r['id']}: failed without a reason")
+            elif r["status"] == "succeeded":
+                version = json.loads(r["result"] or "{}").get("version")
+                if con.execute("SELECT 1 FROM adapters WHERE version = ? AND run_id = ?",
+                               (version, r["id"])).fetchone() is None:
+                    problems.append(f"run {r['id']}: succeeded but its adapter {version} is not registered")
+                # Its candidate was judged: an evaluation decision, and a promotion outcome when the gate passed.
+                judged = con.execute("SELECT ok FROM events WHERE kind = 'eval' AND subject = ? AND ok IS NOT NULL "
+                                     "ORDER BY id DESC LIMIT 1", (version,)).fetchone()
+                promoted = con.execute("SELECT 1 FROM events WHERE kind = 'promote' AND subject = ?",
+                                       (version,)).fetchone()
+                if judged is None and promoted is None:
+                    problems.append(f"run {r['id']}: candidate {version} was never evaluated")
+                elif judged is not None and judged["ok"] and promoted is None:
+                    problems.append(f"run {r['id']}: candidate {version} passed the gate but was never promoted")
+
+        # Champion: a complete adapter whose hashes match (and the one being served).
+        champ = con.execute("SELECT version FROM aliases WHERE name = 'champion'").fetchone()
+        champ = champ["version"] if champ else None
+        known = {r["version"] for r in con.execute("SELECT version FROM adapters")}
+    finally:
+        con.close()
+    if champ is not None:
+        store = Store(db_path, readonly=True)
+        try:
+            registry.verify_adapter(store, champ)
+            row = registry.get_adapter(store, champ)
+            if sha256_file(Path(row["path"]) / "adapter_model.safetensors") != row["sha256"]:
+                problems.append(f"champion {champ}: weights sha256 differs from the registry")
+        except registry.AdapterError as e:
+            problems.append(f"champion {champ}: {e}")
+        finally:
+            store.close()
+    if served is not None and served.get("champion") != (champ or "base"):
+        problems.append(f"server serves {served.get('champion')!r} but the champion alias is {champ!r}")
+    adapters = state / "adapters"
+    if adapters.is_dir():
+        for p in adapters.iterdir():
+            if p.name not in known:
+                problems.append(f"adapters/{p.name}: folder without a registry row")
+    return problems
+
+
+# ----------------------------------------------------------------------------- crash trials
+
+
+def safety_violations(state: Path, inbox: Path, files: dict[str, dict], served: dict | None) -> list[str]:
+    """What must hold right after any restart, whatever instant the kill hit.
+
+    A file is ingested once or not yet (never twice, never partly); stored records match the files that
+    committed; no run is 'running' without a live process; failures have reasons; the champion is a
+    complete, verified adapter and the one served; no half-registered adapter folder; SQLite is intact.
+    """
+    committed = {name: exp for name, exp in files.items() if _file_rows(state, exp["sha256"]) > 0}
+    problems = [p for p in check_invariants(state, inbox, committed, served=served)
+                if "still in the inbox" not in p and "not in .done/" not in p and "left queued" not in p
+                and "left interrupted" not in p and "left running" not in p and "never evaluated" not in p
+                and "never promoted" not in p]
+    con = sqlite3.connect(f"file:{state / 'lorad.db'}?mode=ro", uri=True, timeout=60)
+    try:
+        for run_id, pid in con.execute("SELECT id, pid FROM runs WHERE status = 'running'"):
+            if not pid or not Path(f"/proc/{pid}").exists():
+                problems.append(f"run {run_id}: 'running' but its process {pid} is gone")
+    finally:
+        con.close()
+    return problems
+
+
+def _file_rows(state: Path, sha: str) -> int:
+    con = sqlite3.connect(f"file:{state / 'lorad.db'}?mode=ro", uri=True, timeout=60)
+    try:
+        return con.execute("SELECT COUNT(*) FROM files WHERE sha256 = ?", (sha,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400, phases: tuple = PHASES,
+                 log=print) -> dict:
+    """SIGKILL a real daemon ``n`` times at random instants of its learning cycle; check invariants after each.
+
+    Trials come in chains: a data file is dropped, then the daemon is killed once in each phase of
+    ``phases`` in turn (each restart resumes the interrupted cycle, so the next phase comes next). After
+    every restart the safety invariants are checked (``safety_violations``); at the end of each chain,
+    once the daemon is idle, the complete ones (``check_invariants``: everything accounted and finished).
+
+    Returns:
+        ``{"trials": [...], "violations": [...], "phases_at_kill": {phase: count}, "chains": k}``.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir)
+    port = free_port()
+    cfg_path = work / "config.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(daemon_config(work, model_dir, port)))
+    state, inbox = work / "state", work / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    maker = DataMaker(seed)
+    files: dict[str, dict] = {}
+    daemon = DaemonUnderTest(work, cfg_path, port)
+    durations = {p: 3.0 for p in PHASES}     # learnt from earlier trials: how long each stage lasts
+    durations.update(ingest=1.0, promote=0.3, swap=0.3)
+    trials, all_violations, chains = [], [], 0
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        k = 0
+        while k < n:
+            chains += 1
+            name = f"batch-{chains:03d}.jsonl"
+            for target in phases:
+                if k >= n:
+                    break
+                with StageWatcher(daemon) as watch:
+                    if target == phases[0]:
+                        files[name] = maker.write(inbox / name, lines_per_file)
+                    kill_after, reached = _pick_kill_instant(target, watch, rng, durations)
+                    stage_at_kill = watch.stage or ("ingest" if target == "ingest" else "idle")
+                    daemon.kill()
+                    for stage, t in watch.first_seen.items():  # crude stage lengths for the next trials
+                        nxt = [u for u in watch.first_seen.values() if u > t]
+                        if nxt:
+                            durations[stage] = 0.5 * durations[stage] + 0.5 * (min(nxt) - t)
+                t0 = time.monotonic()
+                daemon.start()
+                # Checked as soon as the restarted daemon answers /healthz (its recovery at startup is done then,
+                # while the model still loads): the next kill may come before it is ready to serve.
+                daemon.wait_healthy()
+                restart_s = time.monotonic() - t0
+                violations = safety_violations(state, inbox, files, None)
+                trial = {"trial": k, "chain": chains, "target_phase": target, "phase_reached": reached,
+                         "stage_at_kill": stage_at_kill, "kill_after_s": round(kill_after, 3),
+                         "restart_s": round(restart_s, 1), "violations": violations}
+                trials.append(trial)
+                all_violations += [f"trial {k}: {v}" for v in violations]
+                log(f"crash trial {k + 1}/{n}: target {target}, killed at {stage_at_kill} +{kill_after:.2f}s, "
+                    f"ready again in {restart_s:.1f}s, violations {len(violations)}"
+                    + (f": {violations}" if violations else ""))
+                k += 1
+            t0 = time.monotonic()
+            daemon.wait_ready()
+            wait_idle(daemon, state, inbox)
+            final = check_invariants(state, inbox, files, served=daemon.ready())
+            trials[-1]["chain_end_violations"] = final
+            trials[-1]["chain_settle_s"] = round(time.monotonic() - t0, 1)
+            all_violations += [f"chain {chains} end: {v}" for v in final]
+            log(f"chain {chains} settled in {time.monotonic() - t0:.1f}s, violations {len(final)}"
+                + (f": {final}" if final else ""))
+    finally:
+        daemon.stop()
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["stage_at_kill"]] = counts.get(t["stage_at_kill"], 0) + 1
+    return {"trials": trials, "violations": all_violations, "phases_at_kill": counts, "chains": chains,
+            "files": len(files), "lines": sum(f["records_total"] for f in files.values()),
+            "lines_per_file": lines_per_file}
+
+
+def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, durations: dict) -> tuple[float, bool]:
+    """Sleep until a random instant of the target phase; returns (seconds after the phase began, reached)."""
+    if target == "ingest":
+        # The file is picked up after inbox_settle_seconds; ingest of a few hundred lines takes a fraction of a second.
+        delay = rng.uniform(0.0, 0.2 + durations["ingest"])
+        time.sleep(delay)
+        return delay, True
+    stage = {"swap": "promote"}.get(target, target)
+    reached = watch.wait_for(stage, timeout=300)
+    if not reached:
+        return 0.0, False
+    if target == "promote":
+        delay = rng.uniform(0.0, 0.05)           # the registry flip and the preload start right away
+    elif target == "swap":
+        delay = rng.uniform(0.05, 0.3)           # preload done or nearly, pointer flip, drain
+    else:
+        delay = rng.uniform(0.0, durations[stage])
+    time.sleep(delay)
+    return delay, True
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+            return res.stdout.strip() if res.returncode == 0 else None
+        except OSError:
+            return None
+    return {"commit": git("rev-parse", "HEAD"), "dirty_files": (git("status", "--porcelain", "--", "daemon",
+                                                                     "pipelines") or "").splitlines()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--lines-per-file", type=int, default=400)
+    ap.add_argument("--fuzz-examples", type=int, default=300)
+    ap.add_argument("--api-cases", type=int, default=200)
+    ap.add_argument("--load-seconds", type=int, default=20)
+    ap.add_argument("--only", default="crash,faults,fuzz,load")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")
+    args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
+    work = args.work or Path(tempfile.mkdtemp(prefix="lorad-reliability-"))
+    out: dict = {}
+    if args.out.exists():  # parts not run this time keep their last results
+        out = json.loads(args.out.read_text())
+    out.update({"benchmark": "reliability", "machine": machine_info(), "git": git_commit(),
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if "crash" in parts:
+        t0 = time.monotonic()
+        res = crash_trials(args.trials, work / "crash", seed=args.seed, lines_per_file=args.lines_per_file)
+        out["crash_trials"] = len(res["trials"])
+        out["invariant_violations"] = len(res["violations"])
+        out["crash"] = {**res, "seconds": round(time.monotonic() - t0, 1)}
+    out.setdefault("crash_trials", 0)
+    out.setdefault("invariant_violations", None)
+    out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    # The two keys the acceptance names come first.
+    ordered = {"crash_trials": out.pop("crash_trials"), "invariant_violations": out.pop("invariant_violations"), **out}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)
+    print(json.dumps({k: v for k, v in ordered.items() if not isinstance(v, (dict, list))}, indent=2))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if not ordered["invariant_violations"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
