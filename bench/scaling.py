@@ -1,0 +1,367 @@
+"""Multi-GPU scaling and large-model memory: lorad's training loop under DDP / FSDP2, in one run per host.
+
+    python -m bench.scaling gpu --out DIR [--budget-s 540]   # a CUDA host with >= 2 GPUs: every case below
+    python -m bench.scaling case NAME --json F [...]          # one case (gpu runs each in its own process(es))
+
+Cases (random weights, seeded; every case is lorad's own ``pipelines.train.train``):
+  dp7b_1      DeepSeek-LLM-7B shape (hidden 4096, 30 layers, intermediate 11008, vocab 102400) on 1 GPU,
+              lorad defaults (all-linear LoRA r16, packing to 2048, bf16 autocast, compiled layers),
+              micro-batch 4 rows x 4 micro-batches = 32k tokens per optimizer step
+  dp7b_2      the same run under torchrun on 2 GPUs, train.distributed = ddp: the same 4 micro-batches
+              per step, 2 per GPU (global batch, loss and step count unchanged)
+  qlora67b_1  DeepSeek-67B shape (hidden 8192, 95 layers, intermediate 22016, vocab 102400, 64 heads,
+              8 KV heads) as NF4 QLoRA on 1 GPU capped at 80 GB (torch's per-process memory fraction);
+              the 4-bit weights are quantized layer by layer from bf16 random tensors made on the GPU
+              (the 134 GB bf16 model never exists)
+  fsdp67b_2   the 67B shape in bf16 under FSDP2 across 2 GPUs: built on the meta device, sharded, then each
+              rank fills only its own shards (67 GB of weights per GPU)
+  fsdpq7b_2   FSDP-QLoRA smoke check: the 7B shape in NF4 with bf16 quant storage, sharded across 2 GPUs,
+              against the same model on 1 GPU (first-step loss must agree)
+Throughput counts real tokens of all GPUs per second, timed after warm-up steps (compilation and
+allocator growth excluded), on rank 0's clock; each step ends in a collective, so ranks stay in step.
+LORAD_BENCH_TINY=1 shrinks every shape to a toy one, to smoke-test the cases on a CPU (gloo).
+NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends; pipelines.distributed sets them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.train_speed import SHAPE_7B, cuda_sync, device_info, rate, records  # noqa: E402
+
+SHAPE_67B = dict(vocab_size=102400, hidden_size=8192, intermediate_size=22016, num_hidden_layers=95,
+                 num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+                 rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=100000, eos_token_id=100001,
+                 pad_token_id=100001, tie_word_embeddings=False)
+if os.environ.get("LORAD_BENCH_TINY"):
+    SHAPE_67B.update(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=1000, eos_token_id=1001,
+                     pad_token_id=1001)
+SEQ = 2048 if not os.environ.get("LORAD_BENCH_TINY") else 256
+CARD_80GB_GIB = 79.0   # usable memory of an 80 GB card (H100/A100 80GB report 79.1-79.6 GiB to torch)
+
+
+def recs(n: int, vocab: int, seed: int = 0, lo: int = 64, hi: int = 512) -> list[dict]:
+    """Seeded random records; the toy shapes get toy lengths."""
+    if os.environ.get("LORAD_BENCH_TINY"):
+        n, lo, hi = min(n, 200), max(8, lo // 8), max(16, hi // 8)
+    return records(n, vocab, seed=seed, lo=lo, hi=hi)
+
+
+class StubTokenizer:
+    pad_token_id = 0
+
+
+# ----------------------------------------------------------------------------- model builders
+
+
+def _dev(dist) -> str:
+    import torch
+
+    if dist is not None:
+        return str(dist.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_dense(shape: dict, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
+
+
+def build_meta(shape: dict, dtype):
+    """The model on the meta device: shapes only, no memory (weights come after sharding)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
+
+
+def _fresh_rotary(model, device) -> None:
+    """Rotary embeddings keep a computed buffer (inv_freq); a meta model has none, so build them anew."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config).to(device))
+
+
+def _fill(t, name: str, generator=None) -> None:
+    """Random-weight init by parameter role (norms 1, LoRA B 0, LoRA A small uniform, the rest N(0, 0.02))."""
+    if name.endswith("norm.weight"):
+        t.fill_(1.0)
+    elif "lora_B" in name:
+        t.zero_()
+    elif "lora_A" in name:
+        t.uniform_(-0.01, 0.01, generator=generator)
+    else:
+        t.normal_(0.0, 0.02, generator=generator)
+
+
+def build_qlora(shape: dict, device: str, quant_storage=None):
+    """NF4 model with random weights, quantized one linear layer at a time on ``device``.
+
+    Equivalent to loading a bf16 checkpoint with ``BitsAndBytesConfig(load_in_4bit, nf4, double quant,
+    bf16 compute)`` (what ``load_base_model(quantization="4bit")`` does), without the 134 GB file.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    storage = quant_storage or torch.uint8
+    model = build_meta(shape, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for mod_name, module in list(model.named_modules()):
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.device.type != "meta":
+                continue
+            full = f"{mod_name}.{pname}"
+            if isinstance(module, torch.nn.Linear) and "layers." in mod_name:
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=dtype,
+                                      compress_statistics=True, quant_type="nf4", quant_storage=storage,
+                                      device="meta")
+                w = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype)
+                w.normal_(0.0, 0.02, generator=gen)
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                             quant_storage=storage, module=q)._quantize(device)
+                del w
+                parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
+                setattr(parent, mod_name.rsplit(".", 1)[-1], q)
+                break
+            t = torch.empty(p.shape, device=device, dtype=p.dtype)
+            _fill(t, full, gen)
+            setattr(module, pname, torch.nn.Parameter(t, requires_grad=False))
+    _fresh_rotary(model, device)
+    model.is_loaded_in_4bit = True   # what transformers sets on a bitsandbytes load; PEFT and lorad read it
+    model.config.dtype = dtype
+    return model
+
+
+def materialize_after_sharding(engine, dist) -> None:
+    """FSDP over a meta model: allocate each rank's shards on its GPU and fill them with random values."""
+    import torch
+
+    if not any(p.device.type == "meta" for p in engine.parameters()):
+        return
+    engine.to_empty(device=dist.device)
+    gen = torch.Generator(device=dist.device).manual_seed(1000 + dist.rank)
+    with torch.no_grad():
+        for name, p in engine.named_parameters():
+            _fill(p._local_tensor if hasattr(p, "_local_tensor") else p, name, gen)
+    _fresh_rotary(engine, dist.device)
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def run_train(model, data, *, dist, steps: int, overrides: dict, seq: int = SEQ, speed: dict | None = None) -> dict:
+    from daemon.config import TrainConfig
+    from pipelines.train import train
+
+    cfg = TrainConfig(**{"checkpoint_every_steps": 10**6, "max_wall_seconds": 10**6, **overrides})
+    marks = []
+
+    def on_step(record):
+        cuda_sync()
+        marks.append((time.perf_counter(), record["tokens"], record["loss"]))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = train(data, run_dir=Path(tmp), model=model, tokenizer=StubTokenizer(), cfg=cfg, max_seq_len=seq,
+                    max_steps=steps, progress=False, on_step=on_step, dist=dist, **(speed or {}))
+    return {"marks": marks, "start": t0, "outcome": out, "cfg": cfg}
+
+
+def memory_all_ranks(dist) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    mine = [torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30]
+    if dist is None:
+        per = [mine]
+    else:
+        import torch.distributed as td
+
+        per = [None] * dist.world_size
+        td.all_gather_object(per, mine)
+    return {"peak_allocated_gib": max(p[0] for p in per), "peak_reserved_gib": max(p[1] for p in per),
+            "peak_allocated_gib_per_rank": [p[0] for p in per]}
+
+
+def case(name: str, steps: int, warmup: int) -> dict | None:
+    import torch
+
+    from pipelines import distributed
+
+    mode = {"dp7b": "ddp", "fsdp67b": "fsdp", "fsdpq7b": "fsdp"}.get(name.rsplit("_", 1)[0], "none")
+    dist = distributed.init(mode)
+    world = 1 if dist is None else dist.world_size
+    device = _dev(dist)
+    speed: dict = {}
+    t_build = time.perf_counter()
+    if name.startswith("dp7b"):
+        model = build_dense(SHAPE_7B, device)
+        data = recs(2000, SHAPE_7B["vocab_size"])
+        overrides = {"micro_batch_size": 4, "grad_accum_steps": 4}
+    elif name.startswith("qlora67b"):
+        if torch.cuda.is_available():   # prove the "80 GB card" claim on a bigger card
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, CARD_80GB_GIB / total))
+        model = build_qlora(SHAPE_67B, device)
+        data = recs(200, SHAPE_67B["vocab_size"], seed=2, lo=256, hi=1024)
+        overrides = {"micro_batch_size": 1, "grad_accum_steps": 1}
+    elif name.startswith("fsdp67b"):
+        model = build_meta(SHAPE_67B, torch.bfloat16 if device != "cpu" else torch.float32)
+        data = recs(400, SHAPE_67B["vocab_size"], seed=2, lo=256, hi=1024)
+        # 2 rows per micro-batch, one micro-batch per GPU per step; activations checkpointed (95 layers)
+        overrides = {"micro_batch_size": 2, "grad_accum_steps": 2, "gradient_checkpointing": True}
+        original = distributed.wrap
+
+        def wrap_then_materialize(*a, **k):   # random weights are made shard by shard, after sharding
+            engine = original(*a, **k)
+            materialize_after_sharding(engine, dist)
+            return engine
+
+        distributed.wrap = wrap_then_materialize
+    elif name.startswith("fsdpq7b"):
+        model = build_qlora(SHAPE_7B, device, quant_storage=torch.bfloat16 if device != "cpu" else torch.float32)
+        data = recs(200, SHAPE_7B["vocab_size"], seed=3, lo=256, hi=1024)
+        overrides = {"micro_batch_size": 1, "grad_accum_steps": 2, "lora_dropout": 0.0}
+    else:
+        raise SystemExit(f"unknown case {name}")
+    build_s = time.perf_counter() - t_build
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    r = run_train(model, data, dist=dist, steps=steps, overrides=overrides, speed=speed)
+    out = r["outcome"]
+    res = {"case": name, "world_size": world, "mode": mode, "build_seconds": build_s,
+           "settings": {**overrides, "max_seq_len": SEQ, "lora": f"r{r['cfg'].lora_r} {r['cfg'].lora_targets}",
+                        "plan": out.speed, "gradient_checkpointing": out.gradient_checkpointing},
+           "losses": [m[2] for m in r["marks"]], "steps": len(r["marks"]), "warmup_steps": warmup,
+           "warmup_seconds": r["marks"][warmup - 1][0] - r["start"] if len(r["marks"]) >= warmup else None,
+           **memory_all_ranks(dist)}
+    if len(r["marks"]) > warmup:
+        res.update(rate([(t, tok) for t, tok, _ in r["marks"]], warmup))
+        res["tokens_per_second_per_gpu"] = res["tokens_per_second"] / world
+    distributed.shutdown(dist)
+    return res if dist is None or dist.is_main else None
+
+
+# ----------------------------------------------------------------------------- the GPU run
+
+
+CASES = {   # name: (processes, steps, warm-up steps, timeout s)
+    "dp7b_1": (1, 9, 4, 170),
+    "dp7b_2": (2, 13, 4, 150),
+    "qlora67b_1": (1, 5, 2, 150),
+    "fsdp67b_2": (2, 6, 2, 140),
+    "fsdpq7b_2": (2, 3, 1, 80),
+    "fsdpq7b_1": (1, 3, 1, 60),
+}
+
+
+def run_case(name: str, out: Path, timeout: int) -> dict:
+    nproc, steps, warm, _ = CASES[name]
+    json_path = out / f"case_{name}.json"
+    cmd = ["-m", "bench.scaling", "case", name, "--json", str(json_path), "--steps", str(steps), "--warmup", str(warm)]
+    cmd = ([sys.executable, *cmd] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
+            str(nproc), *cmd])
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        tail, ok = (proc.stdout + proc.stderr)[-2500:], proc.returncode == 0 and json_path.is_file()
+    except subprocess.TimeoutExpired as e:
+        tail, ok = f"timed out after {timeout} s: {(e.stderr or b'')[-2000:]!r}", False
+    res = json.loads(json_path.read_text()) if ok else {"case": name, "error": tail}
+    res["wall_seconds"] = time.perf_counter() - t0
+    print(f"[{name}] {'ok' if ok else 'FAILED'} {res['wall_seconds']:.0f} s "
+          f"tok/s {res.get('tokens_per_second', float('nan')):.0f}" + ("" if ok else "\n" + tail), flush=True)
+    return res
+
+
+def summarize(results: dict) -> dict:
+    c = results["cases"]
+    one, two = c.get("dp7b_1", {}).get("tokens_per_second"), c.get("dp7b_2", {}).get("tokens_per_second")
+    s = {"tokens_per_second": {"1": one, "2": two}}
+    if one and two:
+        s["efficiency_2gpu"] = two / (2 * one)
+    for key, case_name in (("qlora_1gpu_80gb", "qlora67b_1"), ("fsdp_2gpu", "fsdp67b_2")):
+        r = c.get(case_name, {})
+        s.setdefault("deepseek_67b", {})[key] = {k: r.get(k) for k in (
+            "tokens_per_second", "tokens_per_second_per_gpu", "peak_allocated_gib", "peak_reserved_gib",
+            "peak_allocated_gib_per_rank", "build_seconds", "error") if r.get(k) is not None}
+    q2, q1 = c.get("fsdpq7b_2", {}), c.get("fsdpq7b_1", {})
+    if q2.get("losses") and q1.get("losses"):
+        s["fsdp_qlora_check"] = {"first_loss_2gpu_fsdp": q2["losses"][0], "first_loss_1gpu": q1["losses"][0],
+                                 "peak_allocated_gib_2gpu": q2.get("peak_allocated_gib"),
+                                 "peak_allocated_gib_1gpu": q1.get("peak_allocated_gib")}
+    return s
+
+
+def gpu_main(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    results = {"info": device_info(), "cases": {}}
+    try:
+        import torch
+
+        results["info"]["gpus"] = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        pass
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="lorad-scaling-"))   # per-case files stay out of --out (one JSON comes back)
+    for name in args.cases.split(","):
+        left = int(deadline - time.monotonic())
+        if left < 40:
+            results["cases"][name] = {"case": name, "error": "skipped: out of time budget"}
+            continue
+        results["cases"][name] = run_case(name, work, min(CASES[name][3], left))
+        results["summary"] = summarize(results)
+        (out / "scaling_raw.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["summary"], indent=1))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gpu")
+    g.add_argument("--out", required=True)
+    g.add_argument("--budget-s", type=int, default=540)
+    g.add_argument("--cases", default=",".join(CASES))
+    c = sub.add_parser("case")
+    c.add_argument("name")
+    c.add_argument("--json", required=True)
+    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args()
+    if args.cmd == "gpu":
+        gpu_main(args)
+    else:
+        res = case(args.name, args.steps, args.warmup)
+        if res is not None:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
