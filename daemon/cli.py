@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", parents=[common],
+                       help="export an adapter version merged into the base model (merged, bnb4 or onnx)")
+    p.add_argument("version", metavar="VERSION", help="adapter version, or 'champion'")
+    p.add_argument("--format", required=True, choices=("merged", "bnb4", "onnx"), dest="export_format",
+                   help="merged: safetensors in --dtype; bnb4: bitsandbytes NF4; onnx: float32 graph for onnxruntime")
+    p.add_argument("--out", metavar="DIR", help="target folder (default: <state>/exports/VERSION-FORMAT)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="weights dtype of merged (and of bnb4's unquantized parts); default float16")
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("adapters", parents=[common], help="list adapter versions with lineage")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_adapters)
@@ -349,6 +361,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{out['version']}: loss {out['loss_first']:.4f} -> {out['loss_last']:.4f}, {out['tokens']} tokens "
               f"at {out['tokens_per_second']:.0f} tokens/s\n  {out['path']}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daemon.registry import AdapterError
+    from daemon.store import DB_NAME, open_store
+    from pipelines.export import ExportError, export_version
+
+    cfg = _load(args)
+    if not (Path(cfg.paths.state_dir) / DB_NAME).exists():
+        print(f"lorad: no lorad state in {cfg.paths.state_dir}; train an adapter first (`lorad train --data FILE`)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"lorad: exporting {args.version} as {args.export_format}", file=sys.stderr)
+    with open_store(cfg.paths.state_dir, readonly=True) as store:
+        try:
+            result = export_version(store, cfg, args.version, args.export_format,
+                                    out=Path(args.out) if args.out else None, dtype=args.dtype, force=args.force)
+        except (AdapterError, ExportError) as e:
+            print(f"lorad: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(f"{result.version} -> {result.path} ({result.format}, {result.bytes_total / 2**20:.1f} MiB, "
+              f"{result.seconds:.1f} s)")
     return EXIT_OK
 
 

@@ -95,6 +95,16 @@ def _check_lora_targets(value: str) -> str | None:
     return None
 
 
+def _check_category_weights(value: list[str]) -> str | None:
+    from pipelines.data import parse_category_weights
+
+    try:
+        parse_category_weights(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -115,8 +125,9 @@ class ModelConfig:
     revision: str = _f("", "hub revision (branch, tag or commit) when base_model is a hub id; empty = default")
     dtype: str = _f("auto", "compute dtype; auto = bf16 on recent GPUs, fp16 on older, fp32 on CPU",
                     choices=("auto", "float32", "bfloat16", "float16"))
-    quantization: str = _f("none", "load the base weights quantized with bitsandbytes (QLoRA)",
-                           choices=("none", "4bit", "8bit"))
+    quantization: str = _f("auto", "load the base weights quantized with bitsandbytes (QLoRA); auto = 4bit on a GPU "
+                           "too small for the 16-bit weights, else none (the choice is logged at startup)",
+                           choices=("auto", "none", "4bit", "8bit"))
     device: str = _f("auto", "where the model runs; auto = cuda when available", choices=("auto", "cpu", "cuda"))
     trust_remote_code: bool = _f(False, "allow model code from the checkpoint (only for checkpoints you trust)")
 
@@ -137,6 +148,8 @@ class DataConfig:
                                  gt=0.0, lt=0.5)
     replay_fraction: float = _f(0.3, "share of each training snapshot drawn from older records", ge=0.0, lt=1.0)
     category_cap_ratio: float = _f(3.0, "no category may exceed this multiple of the smallest; 0 = no cap", ge=0.0)
+    min_domain_fraction: float = _f(0.0, "floor on the share of a snapshot's training text (characters) from its new "
+                                    "records; replay records are dropped until it holds; 0 = off", ge=0.0, le=1.0)
     packing: bool = _f(True, "pack several records into one sequence (no cross-record attention)")
 
 
@@ -171,9 +184,19 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm", gt=0.0)
     epochs: float = _f(1.0, "passes over the snapshot (ignored when max_steps > 0)", gt=0.0)
     max_steps: int = _f(0, "optimizer steps per run; 0 = derive from epochs", ge=0)
-    micro_batch_size: int = _f(4, "sequences per forward pass (halved automatically on OOM)", ge=1)
+    micro_batch_size: int = _f(0, "sequences per forward pass (halved automatically on OOM); 0 = auto: 4 on CPU, "
+                                  "on a GPU what its free memory holds at data.max_seq_len (1-16)", ge=0)
     grad_accum_steps: int = _f(4, "micro-batches per optimizer step", ge=1)
     gradient_checkpointing: bool = _f(False, "trade compute for memory (enabled automatically on OOM)")
+    curriculum: str = _f("none", "easy_to_hard = order training from easy to hard by the champion's loss on each "
+                         "example (scored once before the run)", choices=("none", "easy_to_hard"))
+    curriculum_stages: int = _f(4, "difficulty stages of the curriculum (loss quantiles); batches never mix stages",
+                                ge=1, le=100)
+    category_weights: list = _f([], "per-category loss weights as 'category=weight' (weighted multi-objective "
+                                "training); unlisted categories weigh 1, weight 0 leaves a category out",
+                                check=_check_category_weights)
+    continued_pretraining: str = _f("mixed", "first = train raw {text} records in a phase before the instruction "
+                                    "(chat) records; mixed = one shuffled pool", choices=("mixed", "first"))
     checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)
     seed: int = _f(1234, "random seed (data order, LoRA init, dropout)", ge=0)
@@ -206,6 +229,8 @@ class PromoteConfig:
                                   ge=1.0)
     rollback_window_seconds: int = _f(900, "how long live signals are watched after a promotion", ge=0)
     rollback_max_error_rate: float = _f(0.05, "error rate that triggers automatic rollback", gt=0.0, le=1.0)
+    rollback_min_requests: int = _f(20, "requests (or feedback votes) the new champion must get before live "
+                                        "signals can trigger a rollback", ge=1)
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,13 @@ class Daemon:
                 from pipelines.models import load_base_model as loader
             log.info("loading base model", extra={"base_model": self.cfg.model.base_model})
             m = self.cfg.model
+            if self.model_loader is None:   # "auto" dtype/quantization/micro-batch: chosen for the GPU found (or CPU)
+                from pipelines.hardware import resolve_config
+
+                resolved, plan = resolve_config(self.cfg)
+                m = resolved.model
+                log.info("hardware plan", extra=plan.to_dict())
+                self.metrics.hardware_plan.info({k: str(v) for k, v in plan.to_dict().items() if k != "reason"})
             self.model, self.tokenizer = loader(m.base_model, self.state_dir / "cache", dtype=m.dtype,
                                                 quantization=m.quantization, device=m.device,
                                                 revision=m.revision or None, trust_remote_code=m.trust_remote_code)

@@ -100,8 +100,10 @@ class LoradMetrics:
         self.rollbacks = Counter("lorad_rollbacks_total", "rollbacks by reason code", ["reason"], registry=r)
         self.adapter_info = Gauge("lorad_adapter_info", "the champion adapter (value 1; 'base' = no adapter)",
                                   ["version", "parent", "sha256"], registry=r)
-        self.gpu_memory = Gauge("lorad_gpu_memory_bytes", "GPU memory of this process by device and kind",
-                                ["device", "kind"], registry=r)
+        self.gpu_memory = Gauge("lorad_gpu_memory_bytes", "GPU memory of this process by device and kind "
+                                "(allocated, reserved; total = the card's capacity)", ["device", "kind"], registry=r)
+        self.hardware_plan = Info("lorad_hardware_plan", "device, dtype, quantization and micro-batch chosen at "
+                                  "startup for the GPU found (or CPU)", registry=r)
         # Export every labelled series at zero from the start: dashboards and alerts see 0, not "no data".
         for outcome in ("done", "rejected"):
             self.inbox_files.labels(outcome)
@@ -148,6 +150,7 @@ class LoradMetrics:
         for i in range(torch.cuda.device_count()):
             self.gpu_memory.labels(f"cuda:{i}", "allocated").set(torch.cuda.memory_allocated(i))
             self.gpu_memory.labels(f"cuda:{i}", "reserved").set(torch.cuda.memory_reserved(i))
+            self.gpu_memory.labels(f"cuda:{i}", "total").set(torch.cuda.get_device_properties(i).total_memory)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type, for /metrics."""

@@ -128,6 +128,15 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")]
     wanted = round(replay_fraction / (1.0 - replay_fraction) * len(new))
     replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
+    floor_info: dict = {}
+    if cfg.min_domain_fraction > 0 and replay:
+        chars = _n_chars(db, list(new) + list(replay))
+        kept = domain_floor([(rid, chars[rid]) for rid in replay], sum(chars[rid] for rid in new),
+                            cfg.min_domain_fraction, rng)
+        new_chars, replay_chars = sum(chars[rid] for rid in new), sum(chars[rid] for rid in kept)
+        floor_info = {"min_domain_fraction": cfg.min_domain_fraction, "replay_dropped_by_floor": len(replay) - len(kept),
+                      "domain_fraction_chars": round(new_chars / max(1, new_chars + replay_chars), 4)}
+        replay = tuple(sorted(kept))
 
     pairs = [(r, "new") for r in new] + [(r, "replay") for r in replay] + [(r, "holdout") for r in holdout]
     manifest = {
@@ -135,9 +144,44 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         "holdout_fraction": cfg.holdout_fraction,
         "max_record_id": max(r for r, _ in pairs),
         "categories": {c or "(none)": len(v) for c, v in sorted(by_category.items(), key=lambda kv: kv[0] or "")},
-        "capped": dropped, "replay_wanted": wanted, "replay_available": len(older),
+        "capped": dropped, "replay_wanted": wanted, "replay_available": len(older), **floor_info,
     }
     return Snapshot(snapshot_id(pairs), tuple(new), replay, holdout, manifest)
+
+
+def _n_chars(db: "sqlite3.Connection", ids: list[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+        chunk = ids[start:start + 900]
+        out.update(db.execute(f"SELECT id, n_chars FROM records WHERE id IN ({','.join('?' * len(chunk))})",
+                              chunk).fetchall())
+    return out
+
+
+def domain_floor(replay: Sequence[tuple[int, int]], new_chars: int, floor: float, rng: random.Random) -> list[int]:
+    """Replay record ids kept so that new (domain) records make at least ``floor`` of the training text.
+
+    The share counts characters, not records: a few long replayed documents can otherwise drown a batch
+    of short new answers even when ``replay_fraction`` holds by count. Records are kept in a seeded
+    random order while they fit in the replay budget ``new_chars * (1 - floor) / floor``; ones that do
+    not fit are skipped, so shorter ones after them may still be kept.
+
+    Args:
+        replay: (record id, characters) of the sampled replay records.
+        new_chars: characters of the snapshot's new records.
+        floor: minimum share of new-record characters, in (0, 1]; 1 keeps no replay.
+    """
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"min_domain_fraction must be in (0, 1], got {floor}")
+    budget = new_chars * (1.0 - floor) / floor
+    order = list(replay)
+    rng.shuffle(order)
+    kept, used = [], 0
+    for rid, n in order:
+        if used + n <= budget:
+            kept.append(rid)
+            used += n
+    return kept
 
 
 def plan_snapshot(store: "Store", cfg: DataConfig, *, seed: int, since: float | None = None,
@@ -206,12 +250,19 @@ def load_snapshot(store: "Store", snapshot_id: str) -> Snapshot:
 
 def snapshot_payloads(store: "Store", snapshot_id: str, roles: Sequence[str] = ("new", "replay")
                       ) -> Iterator[tuple[int, str, dict]]:
-    """(record_id, role, payload) of a snapshot's records with the given roles, by record id."""
+    """(record_id, role, payload) of a snapshot's records with the given roles, by record id.
+
+    A record's category, when it has one, is added to its payload as ``category``.
+    """
     marks = ",".join("?" * len(roles))
-    rows = store.query(f"SELECT r.id, s.role, r.payload FROM snapshot_records s JOIN records r ON r.id = s.record_id "
-                       f"WHERE s.snapshot_id = ? AND s.role IN ({marks}) ORDER BY r.id", (snapshot_id, *roles))
+    rows = store.query(f"SELECT r.id, s.role, r.payload, r.category FROM snapshot_records s JOIN records r "
+                       f"ON r.id = s.record_id WHERE s.snapshot_id = ? AND s.role IN ({marks}) ORDER BY r.id",
+                       (snapshot_id, *roles))
     for row in rows:
-        yield row[0], row[1], json.loads(row[2])
+        payload = json.loads(row[2])
+        if row[3] is not None:  # rides along into the run's data.jsonl, for train.category_weights
+            payload["category"] = row[3]
+        yield row[0], row[1], payload
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -331,3 +382,114 @@ def pack(examples: Sequence[dict], max_seq_len: int) -> list[dict]:
         packs.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                       "seq_lens": [lengths[i] for i in members], "example_ids": list(members)})
     return packs
+
+
+# ----------------------------------------------------------------------------- training options
+
+
+def parse_category_weights(items: Sequence[str]) -> dict[str, float]:
+    """``["contract=2", "chat=0.5"]`` -> {"contract": 2.0, "chat": 0.5}; raises ValueError naming the bad item."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"category weight {item!r} must look like 'category=weight' with a weight >= 0")
+        if name.strip() in out:
+            raise ValueError(f"category {name.strip()!r} is weighted twice")
+        out[name.strip()] = weight
+    return out
+
+
+def difficulty_stages(losses: Sequence[float], stages: int) -> list[int]:
+    """Stage (0 = easiest) of each example: equal-count quantiles of its loss; ties keep input order.
+
+    Non-finite losses count as the hardest.
+    """
+    import math
+
+    if stages < 1:
+        raise ValueError(f"curriculum stages must be >= 1, got {stages}")
+    n = len(losses)
+    order = sorted(range(n), key=lambda i: (not math.isfinite(losses[i]), losses[i] if math.isfinite(losses[i])
+                                            else 0.0, i))
+    out = [0] * n
+    for rank, i in enumerate(order):
+        out[i] = rank * stages // max(1, n)
+    return out
+
+
+def annotate_examples(examples: list[dict], *, category_weights: dict[str, float] | None = None,
+                      text_first: bool = False, difficulty: Sequence[float] | None = None,
+                      stages: int = 1) -> list[dict]:
+    """Mark tokenized examples with the keys the trainer reads: ``weight``, ``phase``, ``stage``.
+
+    Args:
+        examples: dicts from ``tokenize_record`` plus ``category`` and ``text`` (True for raw text records).
+        category_weights: loss weight per category; examples of other categories weigh 1.
+        text_first: raw text records form phase 0 (continued pre-training), chat records phase 1.
+        difficulty: the champion's loss on each example; with it, ``stage`` is the example's quantile
+            (``stages`` of them, computed within each phase).
+
+    Examples with weight 0 are dropped (they could not contribute). Returns new dicts.
+    """
+    weights = category_weights or {}
+    out = []
+    for i, ex in enumerate(examples):
+        ex = dict(ex)
+        w = weights.get(ex.get("category") or "", 1.0)
+        if w == 0:
+            continue
+        if w != 1.0:
+            ex["weight"] = w
+        ex["phase"] = (0 if ex.get("text") else 1) if text_first else 0
+        if difficulty is not None:
+            ex["_difficulty"] = difficulty[i]
+        out.append(ex)
+    if difficulty is not None:
+        for phase in {ex["phase"] for ex in out}:
+            members = [ex for ex in out if ex["phase"] == phase]
+            for ex, stage in zip(members, difficulty_stages([ex["_difficulty"] for ex in members], stages)):
+                ex["stage"] = stage
+        for ex in out:
+            del ex["_difficulty"]
+    return out
+
+
+def stage_schedule(groups: Sequence[Sequence[Sequence[int]]], n_micro: int, seed: int) -> list[int]:
+    """The order of ``n_micro`` micro-batches over phases and curriculum stages.
+
+    ``groups[p][s]`` lists the batch indices of stage ``s`` in phase ``p``. Phases run one after the
+    other, each taking a share of the micro-batches proportional to its batches (so a short run still
+    reaches the last phase); within a phase, each pass goes through its stages easiest first, in a
+    seeded random order inside each stage, and passes repeat until the phase's share is used.
+    """
+    sizes = [sum(len(stage) for stage in phase) for phase in groups]
+    total = sum(sizes)
+    if total == 0 or n_micro <= 0:
+        return []
+    # Largest-remainder apportionment of n_micro over the phases.
+    exact = [n_micro * size / total for size in sizes]
+    share = [int(x) for x in exact]
+    for p in sorted(range(len(groups)), key=lambda p: -(exact[p] - share[p]))[:n_micro - sum(share)]:
+        share[p] += 1
+    for p in range(len(groups)):   # a short run still reaches every phase: one micro-batch from the largest share
+        if sizes[p] and not share[p] and max(share) > 1:
+            share[share.index(max(share))] -= 1
+            share[p] += 1
+    order: list[int] = []
+    for p, phase in enumerate(groups):
+        taken, epoch = 0, 0
+        while taken < share[p] and sizes[p]:
+            rng = random.Random(seed * 1_000_003 + p * 7919 + epoch)
+            for stage in phase:
+                batch = list(stage)
+                rng.shuffle(batch)
+                take = batch[:share[p] - taken]
+                order.extend(take)
+                taken += len(take)
+            epoch += 1
+    return order

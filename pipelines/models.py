@@ -41,7 +41,7 @@ MANIFEST_NAME = "lorad-manifest.json"
 _FINGERPRINT_CHUNK = 1 << 20
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "4bit", "8bit")
+QUANTIZATIONS = ("auto", "none", "4bit", "8bit")   # auto: pipelines.hardware picks for this GPU and model
 DEVICES = ("auto", "cpu", "cuda")
 TARGET_MODES = ("all-linear", "attention")
 
@@ -378,7 +378,8 @@ def load_base_model(
         cache_dir: lorad's cache folder (GGUF conversions live there).
         dtype: "auto" (bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU),
             "float32", "bfloat16" or "float16".
-        quantization: "none", "4bit" (bitsandbytes NF4, double quant, compute in dtype) or "8bit".
+        quantization: "none", "4bit" (bitsandbytes NF4, double quant, compute in dtype), "8bit", or
+            "auto" (pipelines.hardware.choose_defaults: 4bit on a GPU the 16-bit weights do not fit).
         device: "auto" (cuda if available), "cpu" or "cuda".
         revision: hub revision for hub ids.
         trust_remote_code: allow the checkpoint's own modeling code (needed by some DeepSeek repos).
@@ -401,6 +402,11 @@ def load_base_model(
     resolved_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, resolved_device)
     source = resolve_base_model(spec, cache_dir, revision=revision)
+    if quantization == "auto":
+        from pipelines.hardware import Hardware, choose_defaults, detect_hardware, model_shape
+
+        hw = detect_hardware() if resolved_device == "cuda" else Hardware("cpu")
+        quantization = choose_defaults(hw, model_shape(source)).quantization
     from_hub = isinstance(source, str)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

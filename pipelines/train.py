@@ -36,6 +36,7 @@ daemon's job runner supervises in a subprocess; running it again on the same fol
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -102,11 +103,17 @@ def make_sequences(examples: list[dict], max_seq_len: int, packing: bool) -> lis
     from pipelines.data import pack
 
     if packing:
+        packs = pack(examples, max_seq_len)
         seqs = [{"input_ids": list(p["input_ids"]), "labels": list(p["labels"]), "position_ids": list(p["position_ids"])}
-                for p in pack(examples, max_seq_len)]
+                for p in packs]
+        members = [list(zip(p["example_ids"], p["seq_lens"])) for p in packs]
     else:
         seqs = [{"input_ids": ex["input_ids"][:max_seq_len], "labels": list(ex["labels"][:max_seq_len]),
                  "position_ids": list(range(min(len(ex["input_ids"]), max_seq_len)))} for ex in examples]
+        members = [[(i, len(seq["input_ids"]))] for i, seq in enumerate(seqs)]
+    if any(ex.get("weight", 1.0) != 1.0 for ex in examples):   # train.category_weights: per-token loss weights
+        for seq, parts in zip(seqs, members):
+            seq["weights"] = [examples[i].get("weight", 1.0) for i, n in parts for _ in range(n)]
     # The first token of every example is never a target: in a pack, it would be "predicted" from the end of
     # the previous example, a cross-example signal that packing must not create.
     for s in seqs:
@@ -120,6 +127,50 @@ def make_batches(sequences: list[dict], micro_batch_size: int) -> list[list[int]
     """Group sequence indices into micro-batches of similar length (less padding), in a fixed order."""
     order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]["input_ids"]), i))
     return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+def make_staged_batches(examples: list[dict], max_seq_len: int, packing: bool, micro_batch_size: int
+                        ) -> tuple[list[dict], list[list[int]], list[list[list[int]]] | None]:
+    """Sequences and micro-batches, kept apart by the examples' ``phase`` and curriculum ``stage``.
+
+    Returns (sequences, batches, groups): ``groups[p][s]`` lists the batches of stage s in phase p (see
+    ``pipelines.data.stage_schedule``), or None when no example carries a phase or stage, in which case
+    this is exactly ``make_sequences`` + ``make_batches``.
+    """
+    if not any(ex.get("phase") or ex.get("stage") for ex in examples):
+        sequences = make_sequences(examples, max_seq_len, packing)
+        return sequences, make_batches(sequences, micro_batch_size), None
+    keys = sorted({(ex.get("phase", 0), ex.get("stage", 0)) for ex in examples})
+    sequences: list[dict] = []
+    batches: list[list[int]] = []
+    groups: dict[int, list[list[int]]] = {}
+    for phase, stage in keys:
+        part = make_sequences([ex for ex in examples if (ex.get("phase", 0), ex.get("stage", 0)) == (phase, stage)],
+                              max_seq_len, packing)
+        first = len(batches)
+        batches.extend([[len(sequences) + i for i in b] for b in make_batches(part, micro_batch_size)])
+        sequences.extend(part)
+        groups.setdefault(phase, []).append(list(range(first, len(batches))))
+    return sequences, batches, [groups[p] for p in sorted(groups)]
+
+
+def labelled_weight(sequence: dict) -> float:
+    """The loss weight of a sequence's targets: its labelled tokens, each counted with its loss weight."""
+    weights = sequence.get("weights")
+    if weights is None:
+        return float(sum(1 for lab in sequence["labels"][1:] if lab != IGNORE))
+    return float(sum(w for lab, w in zip(sequence["labels"][1:], weights[1:]) if lab != IGNORE))
+
+
+def _collate_weights(sequences: list[dict], idx: list[int], width: int):
+    """[rows, width] float32 per-token loss weights of a micro-batch (pads weigh 0; their labels are -100)."""
+    import torch
+
+    out = torch.zeros((len(idx), width), dtype=torch.float32)
+    for j, i in enumerate(idx):
+        w = sequences[i].get("weights") or [1.0] * len(sequences[i]["input_ids"])
+        out[j, :len(w)] = torch.tensor(w, dtype=torch.float32)
+    return out
 
 
 def _collate_cpu(sequences: list[dict], idx: list[int], pad_id: int):
@@ -242,30 +293,37 @@ def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048,
     Args:
         decoder_kwargs: extra arguments for the decoder, e.g. the packed-attention segment offsets
             from ``packed_attention_kwargs``; without them, attention_mask=None + position_ids make
-            transformers build a block-diagonal (packed) causal mask.
+            transformers build a block-diagonal (packed) causal mask. Its key ``lorad_token_weights``
+            ([batch, seq] float, train.category_weights) is taken out and weighs each token's loss.
     """
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    decoder_kwargs = dict(decoder_kwargs or {})
+    weights = decoder_kwargs.pop("lorad_token_weights", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = base.get_decoder(), base.get_output_embeddings()
-    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **(decoder_kwargs or {})).last_hidden_state
+    hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, **decoder_kwargs).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE
     hidden, target = hidden[keep], target[keep]
+    if weights is not None:
+        weights = weights[:, 1:].reshape(-1)[keep].float()
 
     if torch.is_grad_enabled() and hidden.requires_grad and _fusable_head(head):
-        return _head_cross_entropy().apply(hidden, head.weight, target, chunk_tokens)
+        return _head_cross_entropy().apply(hidden, head.weight, target, chunk_tokens, weights)
 
-    def piece(h, t):
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
+    def piece(h, t, w):
+        ce = F.cross_entropy(head(h).float(), t, reduction="none")
+        return (ce * w).sum() if w is not None else ce.sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, target.numel(), chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], target[start:start + chunk_tokens]
-        total = total + (checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+        w = weights[start:start + chunk_tokens] if weights is not None else None
+        total = total + (checkpoint(piece, h, t, w, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t, w))
     return total
 
 
@@ -291,7 +349,7 @@ def _head_cross_entropy():
         """
 
         @staticmethod
-        def forward(ctx, hidden, weight, target, chunk_tokens):
+        def forward(ctx, hidden, weight, target, chunk_tokens, token_weights=None):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden)
             rows = torch.arange(min(chunk_tokens, max(1, target.numel())), device=hidden.device)
@@ -300,9 +358,15 @@ def _head_cross_entropy():
                 logits = (h @ weight.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 r = rows[:t.numel()]
-                total += (lse - logits[r, t]).sum()
+                if token_weights is None:
+                    total += (lse - logits[r, t]).sum()
+                else:   # per-token loss weights scale each token's loss and so its gradient row
+                    w = token_weights[s:s + chunk_tokens]
+                    total += (w * (lse - logits[r, t])).sum()
                 probs = logits.sub_(lse[:, None]).exp_()   # softmax, in place of the logits
                 probs[r, t] -= 1.0
+                if token_weights is not None:
+                    probs.mul_(w[:, None])
                 grad[s:s + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
             ctx.save_for_backward(grad)
             return total
@@ -310,7 +374,7 @@ def _head_cross_entropy():
         @staticmethod
         def backward(ctx, grad_total):
             (grad,) = ctx.saved_tensors
-            return (grad.float() * grad_total).to(grad.dtype), None, None, None
+            return (grad.float() * grad_total).to(grad.dtype), None, None, None, None
 
     return HeadCrossEntropy
 
@@ -694,19 +758,32 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     torch.manual_seed(cfg.seed)
 
     # -- data: fixed sequences and micro-batches; the order per epoch comes from a seeded permutation
-    sequences = make_sequences(examples, max_seq_len, packing)
-    batches = make_batches(sequences, cfg.micro_batch_size)
+    if not cfg.micro_batch_size:   # 0 = auto: what this device's memory holds for this model (pipelines/hardware.py)
+        from pipelines.hardware import micro_batch_for
+
+        cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch_for(model, max_seq_len))
+        if dist is not None:   # every rank must cut the same micro-batches: the smallest choice wins
+            cfg = dataclasses.replace(cfg, micro_batch_size=dist.agree_min(cfg.micro_batch_size))
+    # Examples marked with a phase (continued pre-training first) or a curriculum stage are batched apart.
+    sequences, batches, stage_groups = make_staged_batches(examples, max_seq_len, packing, cfg.micro_batch_size)
     accum = cfg.grad_accum_steps
     if dist is not None:   # a step's micro-batches are dealt out to the ranks (pipelines/distributed.py)
         from pipelines import distributed
 
         _, accum = distributed.plan_world(accum, dist.world_size)
     n_tokens = [len(s["input_ids"]) for s in sequences]
-    n_labels = [sum(1 for lab in s["labels"][1:] if lab != IGNORE) for s in sequences]
+    n_labels = [labelled_weight(s) for s in sequences]
+    weighted = any("weights" in s for s in sequences)
     steps_per_epoch = max(1, len(batches) // accum)
     total_steps = max_steps or cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    if stage_groups is not None:
+        from pipelines.data import stage_schedule
+
+        order = stage_schedule(stage_groups, total_steps * accum, cfg.seed)
 
     def micro_batch(k: int) -> list[int]:
+        if stage_groups is not None:   # phases in turn, curriculum stages easy -> hard within each
+            return batches[order[k]]
         epoch, i = divmod(k, len(batches))
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         return batches[int(torch.randperm(len(batches), generator=g)[i])]
@@ -756,6 +833,8 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         for s in range(0, len(idx), piece):
             ids, labels, pos, real = _collate_cpu(sequences, idx[s:s + piece], pad_id)
             extra = packed_attention_kwargs(plan, pos, device)
+            if weighted:
+                extra["lorad_token_weights"] = _collate_weights(sequences, idx[s:s + piece], ids.shape[1]).to(device)
             if cuda:   # pinned host memory lets the copies overlap the previous micro-batch's backward
                 ids, labels, pos = (t.pin_memory().to(device, non_blocking=True) for t in (ids, labels, pos))
             amp = (torch.autocast(device.type, dtype=getattr(torch, plan.autocast)) if plan.autocast
@@ -907,8 +986,69 @@ def tokenize_payloads(payloads: Iterable[dict], tokenizer: Any, max_seq_len: int
     for p in payloads:
         ex = tokenize_record(p, tokenizer, max_seq_len)
         if ex is not None and any(lab != IGNORE for lab in ex["labels"]):
+            ex["category"], ex["text"] = p.get("category"), "text" in p   # for the training options
             out.append(ex)
     return out
+
+
+def champion_losses(model: Any, examples: list[dict], parent_adapter: Path | None, run_dir: Path,
+                    chunk_tokens: int = 2048) -> tuple[list[float], Any]:
+    """Each example's mean response loss under the champion (base + parent adapter), for the curriculum.
+
+    Scored once per run and kept in ``run_dir/curriculum.json``, so a resumed run orders its data
+    exactly as before. Returns (losses, the base model without the parent adapter attached).
+    """
+    import torch
+
+    cache = run_dir / "curriculum.json"
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("lengths") == lengths:
+            return [float(x) for x in saved["losses"]], model
+    scorer = model
+    if parent_adapter is not None:
+        from peft import PeftModel
+
+        scorer = PeftModel.from_pretrained(model, str(parent_adapter))
+    device = next(model.parameters()).device
+    scorer.eval()
+    losses = []
+    with torch.no_grad():
+        for ex in examples:   # one at a time: chunked loss keeps memory flat whatever the vocabulary
+            ids = torch.tensor([ex["input_ids"]], device=device)
+            labels = torch.tensor([ex["labels"]], device=device)
+            pos = torch.arange(ids.shape[1], device=device)[None]
+            n = int((labels[0, 1:] != IGNORE).sum())
+            total = chunked_loss_sum(scorer, ids, labels, pos, chunk_tokens=chunk_tokens)
+            losses.append(float(total) / n if n else float("nan"))
+    if parent_adapter is not None:
+        model = scorer.unload()   # LoRA layers out again: attach_lora wraps the plain base
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"lengths": lengths, "losses": losses}))
+    os.replace(tmp, cache)
+    return losses, model
+
+
+def apply_training_options(examples: list[dict], cfg: Any, model: Any, parent_adapter: Path | None,
+                           run_dir: Path) -> tuple[list[dict], Any]:
+    """Mark examples for train.category_weights, train.continued_pretraining and train.curriculum."""
+    from pipelines.data import annotate_examples, parse_category_weights
+
+    t = cfg.train
+    weights = parse_category_weights(t.category_weights)
+    text_first = t.continued_pretraining == "first"
+    difficulty = None
+    if t.curriculum == "easy_to_hard":
+        difficulty, model = champion_losses(model, examples, parent_adapter, run_dir)
+    if not weights and not text_first and difficulty is None:
+        return examples, model
+    marked = annotate_examples(examples, category_weights=weights, text_first=text_first, difficulty=difficulty,
+                               stages=t.curriculum_stages)
+    if not marked:
+        raise TrainingError(f"train.category_weights {t.category_weights} leave no training example (weight 0)")
+    return marked, model
 
 
 def write_job(run_dir: Path, *, payloads: Iterable[dict], config: dict, parent_adapter: str | None,
@@ -940,6 +1080,9 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     run_dir = Path(run_dir)
     job = json.loads((run_dir / "job.json").read_text())
     cfg = build_config(job["config"])
+    from pipelines.hardware import resolve_config
+
+    cfg, _ = resolve_config(cfg)   # model.dtype/quantization "auto", train.micro_batch_size 0 -> this machine's plan
     m = cfg.model
     model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache",
                                        quantization=m.quantization, revision=m.revision or None,
@@ -949,6 +1092,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
         payloads = [json.loads(line) for line in f if line.strip()]
     examples = tokenize_payloads(payloads, tokenizer, cfg.data.max_seq_len)
     parent = Path(job["parent_adapter"]) if job.get("parent_adapter") else None
+    examples, model = apply_training_options(examples, cfg, model, parent, run_dir)
     return train(examples, run_dir=run_dir, model=model, tokenizer=tokenizer, cfg=cfg.train,
                  max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, parent_adapter=parent,
                  max_steps=job.get("max_steps"), progress=progress, on_step=on_step, should_stop=should_stop,

@@ -1,0 +1,82 @@
+"""Hardware-aware defaults: a table of machines and models -> dtype, quantization, micro-batch."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from daemon.config import build_config
+from pipelines.hardware import GiB, Hardware, ModelShape, choose_defaults, model_shape, resolve_config
+
+CPU = Hardware("cpu")
+H200 = Hardware("cuda", "NVIDIA H200", 141 * GiB, 1, bf16=True)
+A100_80 = Hardware("cuda", "NVIDIA A100-SXM4-80GB", 80 * GiB, 1, bf16=True)
+L4 = Hardware("cuda", "NVIDIA L4", 24 * GiB, 1, bf16=True)
+T4 = Hardware("cuda", "Tesla T4", 16 * GiB, 1, bf16=False)
+SMOL_135M = ModelShape(134_515_008, 576, 30)
+DEEPSEEK_7B = ModelShape(6_910_365_696, 4096, 30)
+DEEPSEEK_67B = ModelShape(67_000_000_000, 8192, 95)
+
+
+@pytest.mark.parametrize("hw, shape, seq, expected", [
+    # CPU: float32 and the old default micro-batch, whatever the model.
+    (CPU, SMOL_135M, 4096, ("float32", "none", 4)),
+    (CPU, DEEPSEEK_7B, 4096, ("float32", "none", 4)),
+    (CPU, None, 4096, ("float32", "none", 4)),
+    # A small model fits everywhere in 16 bits; the batch is capped at 16.
+    (H200, SMOL_135M, 4096, ("bfloat16", "none", 16)),
+    (T4, SMOL_135M, 4096, ("float16", "none", 4)),
+    # 7B: 16-bit on big cards (batch from the free memory), NF4 on a 24 GiB card.
+    (H200, DEEPSEEK_7B, 4096, ("bfloat16", "none", 4)),
+    (A100_80, DEEPSEEK_7B, 4096, ("bfloat16", "none", 2)),
+    (L4, DEEPSEEK_7B, 4096, ("bfloat16", "4bit", 8)),
+    (L4, DEEPSEEK_7B, 1024, ("bfloat16", "none", 1)),     # short sequences: 16-bit fits, one at a time
+    (T4, DEEPSEEK_7B, 4096, ("float16", "4bit", 4)),
+    # 67B: NF4 even on an H200.
+    (H200, DEEPSEEK_67B, 4096, ("bfloat16", "4bit", 8)),
+    # Unknown model size (a hub id): no quantization, batch by card size.
+    (H200, None, 4096, ("bfloat16", "none", 8)),
+    (L4, ModelShape(), 4096, ("bfloat16", "none", 2)),
+])
+def test_choose_defaults_table(hw, shape, seq, expected):
+    plan = choose_defaults(hw, shape, max_seq_len=seq)
+    assert (plan.dtype, plan.quantization, plan.micro_batch_size) == expected, plan.reason
+    assert plan.reason
+
+
+def test_a_model_too_big_even_in_4bit_says_what_to_do():
+    plan = choose_defaults(T4, DEEPSEEK_67B)
+    assert plan.quantization == "4bit" and plan.micro_batch_size == 1
+    assert "train.distributed fsdp" in plan.reason
+
+
+def _fake_checkpoint(folder, shapes: dict[str, list[int]], hidden: int, layers: int) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_hidden_layers": layers}))
+    header = {name: {"dtype": "F16", "shape": shape, "data_offsets": [0, 0]} for name, shape in shapes.items()}
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_model_shape_reads_headers_without_loading(tmp_path):
+    _fake_checkpoint(tmp_path / "m", {"a": [1000, 64], "b": [64], "c": [7, 8, 9]}, 64, 3)
+    assert model_shape(tmp_path / "m") == ModelShape(1000 * 64 + 64 + 7 * 8 * 9, 64, 3)
+    assert model_shape("org/not-local") == ModelShape()
+
+
+def test_resolve_config_fills_only_auto_values(tmp_path):
+    _fake_checkpoint(tmp_path / "m", {"w": [6_910_365_696 // 4096, 4096]}, 4096, 30)
+    auto = build_config({"model": {"base_model": str(tmp_path / "m")}, "paths": {"state_dir": str(tmp_path / "s")}})
+    assert (auto.model.dtype, auto.model.quantization, auto.train.micro_batch_size) == ("auto", "auto", 0)
+    cfg, plan = resolve_config(auto, hw=L4)
+    assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("bfloat16", "4bit", 8)
+    assert plan.quantization == "4bit"
+    explicit = build_config({"model": {"base_model": str(tmp_path / "m"), "dtype": "float16", "quantization": "none"},
+                             "train": {"micro_batch_size": 1}, "paths": {"state_dir": str(tmp_path / "s")}})
+    cfg, _ = resolve_config(explicit, hw=L4)
+    assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float16", "none", 1)
+    cfg, _ = resolve_config(auto, hw=CPU)
+    assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float32", "none", 4)
