@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift", parents=[common], help="test whether CURRENT data drifted from REFERENCE data")
     p.add_argument("--reference", required=True, metavar="PATH", help="data the model already knows")
     p.add_argument("--current", required=True, metavar="PATH", help="new data")
-    p.add_argument("--adapter", metavar="VERSION", help="score response loss under this adapter (default: champion)")
+    p.add_argument("--adapter", metavar="VERSION", help="score response loss under this adapter version (default: the champion; 'base' = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (same seed, same answer)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_drift)
@@ -286,7 +286,13 @@ def cmd_drift(args: argparse.Namespace) -> int:
         if not Path(p).is_file():
             print(f"lorad: no such file: {p}", file=sys.stderr)
             return EXIT_USAGE
-    report = cli_drift(args.reference, args.current, cfg, seed=args.seed, max_tokens=cfg.drift.max_tokens)
+    try:
+        version, adapter = _drift_adapter(cfg, args.adapter)
+    except LookupError as e:
+        print(f"lorad: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    report = cli_drift(args.reference, args.current, cfg, seed=args.seed, max_tokens=cfg.drift.max_tokens,
+                       adapter=adapter, adapter_version=version)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2, default=str))
     else:
@@ -298,6 +304,30 @@ def cmd_drift(args: argparse.Namespace) -> int:
             print(f"  {'*' if t['drifted'] else ' '} {t['name']:<28} p = {t['p_value']:.4g}")
         print(report.get("explanation", ""))
     return EXIT_OK
+
+
+def _drift_adapter(cfg, which: str | None):
+    """(version, folder) whose loss the drift check measures: --adapter, else the champion, else the base."""
+    from pathlib import Path
+
+    from daemon.store import DB_NAME, open_store
+
+    which = which or "champion"
+    if which in ("base", "none"):
+        return None, None
+    state = Path(cfg.paths.state_dir)
+    if not (state / DB_NAME).exists():
+        if which == "champion":
+            return None, None  # no state yet: nothing was ever promoted
+        raise LookupError(f"--adapter {which}: no lorad state at {state} (set --state)")
+    from daemon.jobs import adapter_path
+    from daemon.registry import AdapterError
+
+    with open_store(state, readonly=True) as store:
+        try:
+            return adapter_path(store, cfg, which)
+        except AdapterError as e:
+            raise LookupError(f"--adapter {which}: {e}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -416,16 +446,36 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _admin_change(args: argparse.Namespace, change: Callable[..., dict]) -> int:
+def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Callable[..., dict]) -> int:
+    """Change the champion alias. When a daemon serves this state dir, ask it (``/admin/<route>``) so the
+    engine preloads and swaps in the same step; otherwise change the registry directly."""
     import getpass
+    from pathlib import Path
 
     from daemon.registry import AdapterError
+    from daemon.service import read_lock_info
     from daemon.store import open_store
 
     cfg = _load(args)
+    actor = f"cli:{getpass.getuser()}"
+    info = read_lock_info(Path(cfg.paths.state_dir))
+    if info and info.get("url"):
+        answer = _post_admin(str(info["url"]), route, cfg.serve.admin_token, body)
+        if answer is not None:
+            status, result = answer
+            if status == 200:
+                print(json.dumps(result))
+                return EXIT_OK
+            if status != 403:  # 403: admin endpoints disabled there; fall through to the registry with a warning
+                print(f"lorad: the running daemon refused: {result.get('error', {}).get('message', result)}",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            print(f"lorad: warning: the daemon at {info['url']} has no admin token, so it keeps serving its current "
+                  "champion until it restarts; set serve.admin_token (LORAD_SERVE__ADMIN_TOKEN) for live swaps",
+                  file=sys.stderr)
     with open_store(cfg.paths.state_dir) as store:
         try:
-            result = change(store, cfg, actor=f"cli:{getpass.getuser()}")
+            result = change(store, cfg, actor=actor)
         except AdapterError as e:
             print(f"lorad: {e}", file=sys.stderr)
             return EXIT_FAILED
@@ -433,17 +483,39 @@ def _admin_change(args: argparse.Namespace, change: Callable[..., dict]) -> int:
     return EXIT_OK
 
 
+def _post_admin(url: str, route: str, token: str, body: dict) -> tuple[int, dict] | None:
+    """POST to a running daemon's admin API; None when nothing answers there (a stale lock file)."""
+    import urllib.error
+    import urllib.request
+
+    url = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]") + "/admin/" + route
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:  # a promotion preloads the adapter first
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {"error": {"message": f"HTTP {e.code}"}}
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from daemon.registry import promote
 
-    return _admin_change(args, lambda store, cfg, actor: promote(
-        store, args.version, reason=args.reason, actor=actor, base_model=cfg.model.base_model))
+    return _admin_change(args, "promote", {"version": args.version, "reason": args.reason},
+                         lambda store, cfg, actor: promote(store, args.version, reason=args.reason, actor=actor,
+                                                           base_model=cfg.model.base_model))
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from daemon.registry import rollback
 
-    return _admin_change(args, lambda store, cfg, actor: rollback(store, reason=args.reason, actor=actor))
+    return _admin_change(args, "rollback", {"reason": args.reason},
+                         lambda store, cfg, actor: rollback(store, reason=args.reason, actor=actor))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

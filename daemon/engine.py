@@ -335,12 +335,13 @@ class Engine:
         batch_invariant: fixed-shape decode, one forward per version (see the module docstring).
         metrics: a LoradMetrics (or None).
         clock: monotonic clock (tests pass a fake one).
+        live: a ``daemon.watch.LiveStats`` fed with every finished request (version, finish reason, TTFT), or None.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
                  base_model: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
                  request_timeout: float = 120.0, batch_invariant: bool = True, metrics: Any = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, live: Any = None):
         import torch
 
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0:
@@ -357,6 +358,9 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.metrics = metrics
         self.clock = clock
+        self.live = live
+        # ``listener(event, old, new)`` after promote_and_swap ("promoted") and rollback_and_swap ("rolled_back")
+        self.champion_listeners: list[Callable[[str, str | None, str | None], None]] = []
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 30)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -951,6 +955,15 @@ class Engine:
         seq.handle._finish(reason, error)
         if self.metrics is not None:
             self.metrics.serve_finished.labels(reason=reason).inc()
+        if self.live is not None:
+            self.live.record(seq.handle.label, reason, seq.handle.ttft_seconds)
+
+    def _champion_changed(self, event: str, old: str | None, new: str | None) -> None:
+        for listener in self.champion_listeners:
+            try:
+                listener(event, old, new)
+            except Exception:  # a listener (the rollback watch) must never undo a finished swap
+                log.exception("champion listener failed", extra={"event": event})
 
     def _fail_all(self, error: str) -> None:
         for seq in list(self._active):
@@ -1011,6 +1024,7 @@ def promote_and_swap(engine: Engine, store: Any, version: str, *, reason: str, a
             raise
         result = engine.activate(version)
     result.preload_seconds = preload
+    engine._champion_changed("promoted", result.old, result.new)
     return result.as_dict()
 
 
@@ -1037,6 +1051,7 @@ def rollback_and_swap(engine: Engine, store: Any, *, reason: str, actor: str = "
         except EngineError as e:
             log.warning("older champion could not be preloaded", extra={"version": older, "error": str(e)})
     result.preload_seconds = preload
+    engine._champion_changed("rolled_back", result.old, result.new)
     return result.as_dict()
 
 
@@ -1050,7 +1065,11 @@ def build_engine(daemon: Any) -> Engine:
     s = daemon.cfg.serve
     engine = Engine(daemon.model, daemon.tokenizer, store=daemon.store, state_dir=daemon.state_dir,
                     base_model=daemon.cfg.model.base_model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                    request_timeout=s.request_timeout_seconds, metrics=daemon.metrics)
+                    request_timeout=s.request_timeout_seconds, metrics=daemon.metrics,
+                    live=getattr(daemon, "live", None))
+    listener = getattr(daemon, "_champion_changed", None)
+    if listener is not None:
+        engine.champion_listeners.append(listener)
     daemon.engine = engine.start()
     engine.load_champion()
     return engine

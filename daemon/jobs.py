@@ -325,11 +325,14 @@ class JobRunner:
     """One learning job at a time, in a thread: drift -> train -> eval -> promote, each step a subprocess.
 
     ``request(trigger)`` queues a cycle (duplicates coalesce). At start it first resumes runs an
-    earlier process left interrupted. ``on_promoted(version)`` is called after a promotion so the
-    serving engine can hot-swap.
+    earlier process left interrupted. ``promote(version, reason)`` makes a version the champion; the
+    daemon passes one that preloads the adapter into the serving engine first and then flips the alias
+    (``engine.promote_and_swap``); by default only the registry alias moves. ``on_promoted(version)``
+    is called after a promotion.
     """
 
     def __init__(self, cfg: Config, store: Store, *, on_promoted: Callable[[str | None], Any] | None = None,
+                 promote: Callable[[str, str], Any] | None = None,
                  clock: Callable[[], float] = time.time, python: str = sys.executable, metrics: Any = None):
         import threading
 
@@ -339,6 +342,7 @@ class JobRunner:
         self.metrics = metrics if metrics is not None else LoradMetrics()  # a private registry when none is given
         self.store = store
         self.on_promoted = on_promoted
+        self.promote = promote
         self.clock = clock
         self.python = python
         self._cond = threading.Condition()
@@ -570,7 +574,17 @@ class JobRunner:
                                  reason="gate passed; waiting for manual promotion (promote.auto_promote = false)")
             return {"trained": True, "version": version, "promoted": False, "reason": "manual promotion required"}
         self.current = {"stage": "promote", "version": version, "since": self.clock()}
-        registry.promote(self.store, version, reason=report["reason"], base_model=self.cfg.model.base_model)
+        try:
+            if self.promote is not None:
+                self.promote(version, report["reason"])
+            else:
+                registry.promote(self.store, version, reason=report["reason"], base_model=self.cfg.model.base_model)
+        except Exception as e:  # the adapter failed to verify or load: the champion stays as it was
+            reason = f"gate passed but promotion failed: {type(e).__name__}: {e}"
+            log.error("promotion failed", extra={"version": version, "error": str(e)})
+            self.store.add_event("promote", subject=version, ok=False, reason=reason)
+            m.promotion_rejections.labels("load_failed").inc()
+            return {"trained": True, "version": version, "promoted": False, "reason": reason}
         m.promotions.labels(report.get("code", "better")).inc()
         row = registry.get_adapter(self.store, version)
         m.set_champion(version, row["parent"], row["sha256"])

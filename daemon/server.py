@@ -4,6 +4,7 @@ Routes:
   GET  /v1/models                  "lorad" (the champion), "base", and every registered adapter version
   POST /v1/completions             OpenAI completions, ``stream: true`` for server-sent events
   POST /v1/chat/completions        OpenAI chat completions (the tokenizer's chat template), streaming or not
+  POST /v1/feedback                {"model", "rating": 1 | -1}: user votes, watched after a promotion
   GET  /healthz /readyz /metrics /status
   POST /admin/promote {"version", "reason"}, /admin/rollback {"reason"}, /admin/reload
        (``Authorization: Bearer <serve.admin_token>``; an empty token disables them)
@@ -272,6 +273,38 @@ def create_app(daemon: Any):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, chat=True)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        """A user's vote on answers: ``{"model": <version|lorad|base>, "rating": 1 | -1}``.
+
+        ``model`` is the version the answer came from (the ``x-lorad-adapter`` header, or ``model`` in the
+        response body); omitted or "lorad" means the current champion. Votes feed the post-promotion watch.
+        """
+        route = "/v1/feedback"
+        t0 = time.perf_counter()
+        try:
+            engine = engine_or_503()
+            body = await json_body(request)
+            rating = body.get("rating")
+            if rating not in (1, -1) or isinstance(rating, bool):
+                raise ApiError(400, "rating must be 1 (good answer) or -1 (bad answer)", param="rating")
+            model = body.get("model")
+            if model is not None and not isinstance(model, str):
+                raise ApiError(400, "model must be a string: the version that produced the answer", param="model")
+            try:
+                version = engine.resolve(model)
+            except eng.EngineError as e:
+                raise ApiError(e.status, str(e), code=e.code, param="model") from None
+            live = getattr(daemon, "live", None)
+            if live is None:
+                raise ApiError(503, "feedback is not collected by this server", code="feedback_disabled")
+            totals = live.feedback(eng.label(version), rating == 1)
+        except ApiError as e:
+            count(route, e.status, t0)
+            return e.response()
+        count(route, 200, t0)
+        return JSONResponse({"ok": True, **totals})
 
     async def _generate(request: Request, *, chat: bool) -> Response:
         route = "/v1/chat/completions" if chat else "/v1/completions"

@@ -210,6 +210,8 @@ class Daemon:
         self.engine = None
         self._ingest_lock = threading.Lock()
         self._ingest_store: Store | None = None
+        self.live = None   # daemon.watch.LiveStats: what the server delivered, per version
+        self.watch = None  # daemon.watch.RollbackWatch: rolls a new champion back when live signals say so
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -233,6 +235,12 @@ class Daemon:
             log.warning("removed half-registered adapter folder", extra={"folder": leftover})
         self.store.add_event("daemon", subject="start", ok=True, reason="daemon started",
                              data={"pid": os.getpid(), "url": self.url, "serve_only": self.serve_only})
+        from daemon.watch import LiveStats, RollbackWatch
+
+        self.live = LiveStats()
+        self.watch = RollbackWatch(self.live, self.cfg.promote, self._auto_rollback, clock=self.clock,
+                                   min_requests=self.cfg.promote.rollback_min_requests, metrics=self.metrics,
+                                   on_event=self.store.add_event).start()
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
         if not self.serve_only:
             self._start_learning_loop()
@@ -300,7 +308,7 @@ class Daemon:
         from daemon.scheduler import Scheduler
 
         sc = self.cfg.schedule
-        self.runner = JobRunner(self.cfg, self.store, on_promoted=self._on_promoted, clock=self.clock,
+        self.runner = JobRunner(self.cfg, self.store, promote=self._promote, clock=self.clock,
                                 metrics=self.metrics)
         self.runner.start()
         if self.store.counts()["records_pending"] >= sc.min_new_records:
@@ -379,18 +387,32 @@ class Daemon:
         if self.runner is not None and status == "done":
             self.runner.request("drift")
 
-    def _on_promoted(self, version: str | None) -> None:
-        """Hot-swap a freshly promoted version; if the engine cannot load it, the alias flips back."""
-        if self.engine is None:
-            return
-        try:
-            self.engine.swap(version)
-        except Exception as e:
-            from daemon.registry import rollback
+    def _promote(self, version: str, reason: str) -> dict:
+        """Make a candidate the champion and serve it: preload first, so an adapter that fails to load
+        changes nothing (the registry keeps the old champion). Before the engine exists, only the alias moves;
+        the engine serves the registry's champion when it starts."""
+        from daemon import registry
 
-            log.error("hot-swap failed; rolling the champion alias back", extra={"version": version, "error": str(e)})
-            rollback(self.store, reason=f"hot-swap of {version} failed: {type(e).__name__}: {e}")
-            self.metrics.rollbacks.labels("swap_failed").inc()
+        base = self.cfg.model.base_model
+        if self.engine is None:
+            return registry.promote(self.store, version, reason=reason, base_model=base)
+        from daemon.engine import promote_and_swap
+
+        return promote_and_swap(self.engine, self.store, version, reason=reason, base_model=base)
+
+    def _auto_rollback(self, reason: str) -> dict:
+        from daemon.engine import rollback_and_swap
+
+        return rollback_and_swap(self.engine, self.store, reason=reason, actor="auto-rollback")
+
+    def _champion_changed(self, event: str, old: str | None, new: str | None) -> None:
+        """Engine listener: a promotion starts the post-promotion watch; a rollback ends it."""
+        if self.watch is None:
+            return
+        if event == "promoted":
+            self.watch.promoted(new, old)
+        else:
+            self.watch.cancel()
 
     def serve_forever(self) -> None:
         """Run the HTTP server in this thread until a signal asks it to stop."""
@@ -428,6 +450,8 @@ class Daemon:
             self.inbox.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown()
+        if self.watch is not None:
+            self.watch.stop()
         if self.runner is not None:
             self.runner.stop(timeout=self.cfg.serve.drain_timeout_seconds + 60)
         if self.engine is not None:
