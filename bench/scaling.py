@@ -2,6 +2,7 @@
 
     python -m bench.scaling gpu --out DIR [--budget-s 540]   # a CUDA host with >= 2 GPUs: every case below
     python -m bench.scaling case NAME --json F [...]          # one case (gpu runs each in its own process(es))
+    python -m bench.scaling merge --raw DIR/scaling_raw.json --out bench/results/scaling.json --commit SHA --kind K
 
 Cases (random weights, seeded; every case is lorad's own ``pipelines.train.train``):
   dp7b_1      DeepSeek-LLM-7B shape (hidden 4096, 30 layers, intermediate 11008, vocab 102400) on 1 GPU,
@@ -250,7 +251,7 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
         torch.cuda.reset_peak_memory_stats()
     r = run_train(model, data, dist=dist, steps=steps, overrides=overrides, speed=speed)
     out = r["outcome"]
-    res = {"case": name, "world_size": world, "mode": mode, "build_seconds": build_s,
+    res = {"case": name, "world_size": world, "mode": mode if dist is not None else "none", "build_seconds": build_s,
            "settings": {**overrides, "max_seq_len": SEQ, "lora": f"r{r['cfg'].lora_r} {r['cfg'].lora_targets}",
                         "plan": out.speed, "gradient_checkpointing": out.gradient_checkpointing},
            "losses": [m[2] for m in r["marks"]], "steps": len(r["marks"]), "warmup_steps": warmup,
@@ -342,6 +343,20 @@ def gpu_main(args) -> dict:
     return results
 
 
+def merge_main(args) -> dict:
+    """bench/results/scaling.json: the summary up front, every case's raw numbers below."""
+    raw = json.loads(Path(args.raw).read_text())
+    info = raw["info"]
+    s = summarize(raw)
+    out = {"card": info.get("card"), "card_kind": args.kind, "gpus": info.get("gpus"), "commit": args.commit,
+           "tokens_per_second": s["tokens_per_second"], "efficiency_2gpu": s.get("efficiency_2gpu"),
+           "efficiency_target": 0.85, "deepseek_67b": s.get("deepseek_67b"), "fsdp_qlora_check": s.get("fsdp_qlora_check"),
+           "software": {k: info.get(k) for k in ("torch", "transformers", "peft", "python")},
+           "notes": args.note or [], "cases": raw["cases"]}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -354,9 +369,17 @@ def main() -> None:
     c.add_argument("--json", required=True)
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--warmup", type=int, default=1)
+    m = sub.add_parser("merge")
+    m.add_argument("--raw", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--commit", required=True)
+    m.add_argument("--kind", required=True, help="the device kind the run used, e.g. nvidia-h200-x2")
+    m.add_argument("--note", action="append")
     args = ap.parse_args()
     if args.cmd == "gpu":
         gpu_main(args)
+    elif args.cmd == "merge":
+        merge_main(args)
     else:
         res = case(args.name, args.steps, args.warmup)
         if res is not None:
