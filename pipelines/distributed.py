@@ -62,20 +62,18 @@ def plan_world(grad_accum_steps: int, world_size: int) -> tuple[int, int]:
 
 def launch_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
                 extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The command that runs (or resumes) the training job in ``run_dir``.
+    """The command that runs (or resumes) the training job in ``run_dir``: always ``python -m pipelines.train``.
 
-    ``mode`` "none" is the plain one-process job. "ddp" / "fsdp" go through this module's launcher
-    (``python -m pipelines.distributed``), which runs ``torchrun_argv`` and exits like the plain job
-    does: 0 done, 75 checkpointed and stopped (resumable), 1 failed with ``error.json``.
+    ``mode`` "none" is the plain one-process job. "ddp" / "fsdp" add ``--launch``: that process
+    runs ``torchrun_argv`` (see ``launch``) and exits like the plain job does: 0 done, 75
+    checkpointed and stopped (resumable), 1 failed with ``error.json``.
     """
     if mode not in MODES:
         raise ValueError(f"train.distributed must be one of {', '.join(MODES)}; got {mode!r}")
     if num_processes < 0:
         raise ValueError(f"train.num_processes must be >= 0 (0 = one per visible GPU); got {num_processes}")
-    if mode == "none":
-        return [python, "-m", "pipelines.train", str(run_dir), *extra]
-    return [python, "-m", "pipelines.distributed", str(run_dir), "--mode", mode, "--nproc", str(num_processes),
-            *extra]
+    job = [python, "-m", "pipelines.train", str(run_dir), *extra]
+    return job if mode == "none" else [*job, "--launch", mode, "--nproc", str(num_processes)]
 
 
 def torchrun_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
@@ -410,27 +408,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.distributed RUN_DIR --mode ddp|fsdp --nproc N [pipelines.train options]``.
+def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str]) -> int:
+    """Run the job under torchrun and return the plain job's exit code (``python -m pipelines.train --launch``).
 
-    Runs torchrun and exits like ``python -m pipelines.train``: 0 done (result.json), 75 checkpointed
-    and stopped (resumable), 1 failed (error.json). torchrun itself reports any non-zero rank as a
-    failure, so a clean stop is signalled by rank 0's marker file instead of an exit code. SIGTERM
-    and SIGINT are passed to torchrun once; it forwards them to the ranks, which checkpoint and stop.
+    torchrun reports any non-zero rank as a failure, so a clean stop is signalled by rank 0's marker
+    file rather than an exit code. SIGTERM and SIGINT are passed to torchrun once; it forwards them
+    to the ranks, which checkpoint at the next step and stop.
     """
-    import argparse
     import signal
 
-    ap = argparse.ArgumentParser(prog="python -m pipelines.distributed", description=main.__doc__)
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--mode", choices=("ddp", "fsdp"), required=True)
-    ap.add_argument("--nproc", type=int, default=0, help="processes (GPUs); 0 = one per visible GPU")
-    args, extra = ap.parse_known_args(argv)
-    marker, error = args.run_dir / INTERRUPTED_MARKER, args.run_dir / "error.json"
+    from pipelines.train import EXIT_INTERRUPTED   # stdlib-only at import: this process stays free of torch
+
+    run_dir = Path(run_dir)
+    marker, error = run_dir / INTERRUPTED_MARKER, run_dir / "error.json"
     marker.unlink(missing_ok=True)
     error.unlink(missing_ok=True)   # a reason left by an earlier attempt must not describe this one
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_COLLECTIVES_ENV.items()}}
-    proc = subprocess.Popen(torchrun_argv(args.mode, args.nproc, args.run_dir, python=sys.executable, extra=extra),
+    proc = subprocess.Popen(torchrun_argv(mode, nproc, run_dir, python=sys.executable, extra=rank_args),
                             env=env, start_new_session=True, preexec_fn=_die_with_parent)
     forwarded = []
 
@@ -443,14 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
     if marker.is_file():
-        from pipelines.train import EXIT_INTERRUPTED   # stdlib-only at import: this process stays free of torch
-
         return EXIT_INTERRUPTED
     if rc != 0 and not error.is_file():
         error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} (a rank crashed or was killed); "
-                                               f"see {args.run_dir / 'train.log'}"}))
+                                               f"see {run_dir / 'train.log'}"}))
     return 0 if rc == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

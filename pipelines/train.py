@@ -1100,18 +1100,27 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.train RUN_DIR``: exit 0 with result.json, 1 with error.json (reason)."""
+    """``python -m pipelines.train RUN_DIR``: exit 0 with result.json, 1 with error.json (reason), 75 stopped."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=main.__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--launch", choices=("ddp", "fsdp"), default=None,
+                    help="start this job under torchrun, one process per GPU (pipelines.distributed.launch)")
+    ap.add_argument("--nproc", type=int, default=0, help="with --launch: processes (GPUs); 0 = every visible GPU")
     ap.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none",
-                    help="set by the torchrun launch (pipelines.distributed.launch_argv): DDP or FSDP2 across ranks")
+                    help="set by --launch on each torchrun process: DDP or FSDP2 across ranks")
     ap.add_argument("--stop-at-step", type=int, default=0, metavar="N",
                     help="checkpoint and exit 75 (resumable) once N optimizer steps are done, e.g. to move a run "
                          "to another number of GPUs")
     args = ap.parse_args(argv)
+    if args.launch:
+        from pipelines.distributed import launch
+
+        rank_args = (["--no-progress"] if args.no_progress else []) + (
+            ["--stop-at-step", str(args.stop_at_step)] if args.stop_at_step else [])
+        return launch(args.run_dir, args.launch, args.nproc, rank_args)
     import signal
     import threading
 

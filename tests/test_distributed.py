@@ -39,8 +39,9 @@ def test_plan_world_rejects_nonsense():
 def test_launch_argv_plain_and_torchrun():
     assert D.launch_argv("none", 4, "/r", python="py", extra=["--no-progress"]) == \
         ["py", "-m", "pipelines.train", "/r", "--no-progress"]
+    # the same job command plus --launch: the daemon's orphan check (cmdline names pipelines.train + the run) holds
     assert D.launch_argv("fsdp", 2, "/r", python="py", extra=["--no-progress"]) == \
-        ["py", "-m", "pipelines.distributed", "/r", "--mode", "fsdp", "--nproc", "2", "--no-progress"]
+        ["py", "-m", "pipelines.train", "/r", "--no-progress", "--launch", "fsdp", "--nproc", "2"]
     argv = D.torchrun_argv("fsdp", 2, "/r", python="py", extra=["--no-progress"])
     assert argv[:3] == ["py", "-m", "torch.distributed.run"] and "--standalone" in argv
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
@@ -53,7 +54,7 @@ def test_launch_argv_plain_and_torchrun():
 def test_train_argv_follows_the_config():
     cfg = build_config({"train": {"distributed": "ddp", "num_processes": 8}}).train
     assert D.train_argv(cfg, "/r", python="py", extra=["--no-progress"]) == \
-        ["py", "-m", "pipelines.distributed", "/r", "--mode", "ddp", "--nproc", "8", "--no-progress"]
+        ["py", "-m", "pipelines.train", "/r", "--no-progress", "--launch", "ddp", "--nproc", "8"]
     assert D.train_argv(build_config({}).train, "/r", python="py") == ["py", "-m", "pipelines.train", "/r"]
 
 
@@ -170,3 +171,50 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama_dir, mod
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- lorad train's launched path
+
+
+def _stub_python(tmp_path: Path, body: str) -> str:
+    """An executable standing in for `python`: it gets `-m pipelines.train RUN_DIR ... --launch MODE --nproc N`."""
+    script = tmp_path / "python-stub"
+    script.write_text(f"#!{sys.executable}\nimport json, sys\nfrom pathlib import Path\n"
+                      f"argv = sys.argv[1:]\nrun_dir = Path(argv[2])\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_run_launched_replays_progress_and_reads_the_result(tmp_path):
+    from pipelines.train import TrainOutcome
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    body = ("assert argv[:2] == ['-m', 'pipelines.train'] and argv[argv.index('--launch') + 1] == 'fsdp'\n"
+            "with open(run_dir / 'metrics.jsonl', 'a') as f:\n"
+            "    for s in (1, 2): f.write(json.dumps({'step': s, 'total_steps': 2, 'loss': 1.0 / s}) + '\\n')\n"
+            "(run_dir / 'result.json').write_text(json.dumps({'adapter_dir': str(run_dir / 'adapter'), "
+            "'status': 'completed', 'steps': 2, 'total_steps': 2, 'loss_first': 1.0, 'loss_last': 0.5, 'tokens': 10, "
+            "'seconds': 1.0, 'tokens_per_second': 10.0, 'speed': {}}))\n")
+    cfg = build_config({"train": {"distributed": "fsdp", "num_processes": 2}}).train
+    seen = []
+    out = D.run_launched(cfg, run_dir, python=_stub_python(tmp_path, body), progress=False,
+                         on_step=seen.append, poll_seconds=0.05)
+    assert isinstance(out, TrainOutcome) and out.steps == 2 and out.loss_last == 0.5
+    assert [r["step"] for r in seen] == [1, 2]
+
+
+@pytest.mark.parametrize("code, error, expected", [
+    (75, None, "Interrupted"), (1, "CUDA out of memory on rank 1", "CUDA out of memory on rank 1"),
+    (1, None, "exited with code 1"),
+])
+def test_run_launched_maps_exit_codes(tmp_path, code, error, expected):
+    from pipelines.train import Interrupted, TrainingError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    body = (f"(run_dir / 'error.json').write_text(json.dumps({{'reason': {error!r}}}))\n" if error else "") + \
+        f"sys.exit({code})"
+    cfg = build_config({"train": {"distributed": "ddp", "num_processes": 2}}).train
+    with pytest.raises(Interrupted if code == 75 else TrainingError, match=expected if code != 75 else "stopped"):
+        D.run_launched(cfg, run_dir, python=_stub_python(tmp_path, body), progress=False, poll_seconds=0.05)
