@@ -762,8 +762,8 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         from pipelines.hardware import micro_batch_for
 
         cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch_for(model, max_seq_len))
-        if dist is not None:   # every rank must cut the same micro-batches: the smallest choice wins
-            cfg = dataclasses.replace(cfg, micro_batch_size=dist.agree_min(cfg.micro_batch_size))
+    if dist is not None:   # every rank must cut the same micro-batches (an "auto" size may differ): the smallest wins
+        cfg = dataclasses.replace(cfg, micro_batch_size=dist.agree_min(cfg.micro_batch_size))
     # Examples marked with a phase (continued pre-training first) or a curriculum stage are batched apart.
     sequences, batches, stage_groups = make_staged_batches(examples, max_seq_len, packing, cfg.micro_batch_size)
     accum = cfg.grad_accum_steps
