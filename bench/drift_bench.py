@@ -61,7 +61,8 @@ from monitors.features import Features, featurize, resolve_compute_dtype  # noqa
 
 
 def _site_dirs() -> list[Path]:
-    return [Path(p) for p in site.getsitepackages()]
+    # site-packages, and any other sys.path entry (PYTHONPATH installs, e.g. pip --target on the GPU machine)
+    return list(dict.fromkeys([Path(p) for p in site.getsitepackages()] + [Path(p) for p in sys.path if p]))
 
 
 def load_lawbench() -> list[dict]:
@@ -343,8 +344,10 @@ def timing_only(args, out: Path) -> int:
                                           replace=False)]
     model, tok, result["model"] = load_model(args.cache_dir)
     n_time = result["windows"]["timing_records_per_side"]
-    budgets = [int(b) for b in result["runs"]]
+    wanted = {int(b) for b in args.max_tokens.split(",") if b.strip()}
+    budgets = [int(b) for b in result["runs"] if int(b) in wanted]
     rerun = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(), "git": git_commit(),
+             "lawbench_records_available": len(law_all),
              "baseline_subset": baseline(law, model, tok, args.cache_dir, budgets[0], args.batch_size,
                                          100 if not result["quick"] else 20), "timing": {}}
     for budget in budgets:
