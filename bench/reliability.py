@@ -583,6 +583,102 @@ def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, dur
     return delay, True
 
 
+# ----------------------------------------------------------------------------- load
+
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model": "lorad", "messages": [{"role": "user", "content": "what is the law of the court"}], "max_tokens": 8}'
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) n2xx = 0; n429 = 0; nother = 0; other_code = 0 end
+function response(status, headers, body)
+  if status >= 200 and status < 300 then n2xx = n2xx + 1
+  elseif status == 429 then n429 = n429 + 1
+  else nother = nother + 1; other_code = status end
+end
+function done(summary, latency, requests)
+  local a, b, c, code = 0, 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + t:get("n2xx"); b = b + t:get("n429"); c = c + t:get("nother")
+    if t:get("other_code") ~= 0 then code = t:get("other_code") end
+  end
+  local e = summary.errors
+  io.write(string.format('LORAD_WRK {"requests": %d, "duration_us": %d, "status_2xx": %d, "status_429": %d, ' ..
+    '"status_other": %d, "other_code": %d, "socket_errors": {"connect": %d, "read": %d, "write": %d, ' ..
+    '"timeout": %d}, "latency_ms": {"mean": %.2f, "p50": %.2f, "p90": %.2f, "p99": %.2f, "max": %.2f}}\n',
+    summary.requests, summary.duration, a, b, c, code, e.connect, e.read, e.write, e.timeout,
+    latency.mean / 1000, latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+
+def load_test(work: Path, seconds: int = 20, connections: int = 8, swap_interval: float = 0.5,
+              log=print) -> dict:
+    """wrk against a real ``lorad serve`` while the champion is promoted back and forth through /admin."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_fuzz_api import TOKEN as API_TOKEN, start_serve
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed: `make system-deps` (Debian package wrk) installs it")
+    work.mkdir(parents=True, exist_ok=True)
+    # A queue longer than the connections: every request is admitted, so any non-2xx is unintended.
+    proc, url, world = start_serve(work, max_queue=2 * connections, n_adapters=3)
+    script = work / "chat.lua"
+    script.write_text(WRK_SCRIPT)
+    swaps = {"ok": 0, "failed": 0, "errors": []}
+    stop = threading.Event()
+
+    def swapper() -> None:
+        versions = world["versions"]
+        i = 0
+        while not stop.is_set():
+            i += 1
+            code, body = http("POST", url + "/admin/promote", {"version": versions[i % len(versions)],
+                                                               "reason": "load test"}, token=API_TOKEN, timeout=60)
+            if code == 200:
+                swaps["ok"] += 1
+            else:
+                swaps["failed"] += 1
+                swaps["errors"].append(f"{code}: {str(body)[:200]}")
+            stop.wait(swap_interval)
+
+    t = threading.Thread(target=swapper, daemon=True)
+    try:
+        t.start()
+        res = subprocess.run([wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "--latency",
+                              "-s", str(script), url + "/v1/chat/completions"],
+                             capture_output=True, text=True, timeout=seconds + 120)
+        stop.set()
+        t.join(90)
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("LORAD_WRK ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no result: {res.stdout[-2000:]} {res.stderr[-2000:]}")
+        out = json.loads(line[len("LORAD_WRK "):])
+        alive = proc.poll() is None
+        code, _ = http("GET", url + "/healthz")
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+    unintended = out["status_other"] + sum(out["socket_errors"].values())
+    result = {"tool": "wrk " + (subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split()[:2] or
+                                ["?"])[-1], "endpoint": "POST /v1/chat/completions", "seconds": seconds,
+              "connections": connections, "max_queue": 2 * connections, "max_tokens": 8,
+              **out, "requests_per_second": round(out["requests"] / max(1e-9, out["duration_us"] / 1e6), 2),
+              "unintended_errors": unintended, "swaps_ok": swaps["ok"], "swaps_failed": swaps["failed"],
+              "swap_errors": swaps["errors"][:5], "server_alive_after": alive and code == 200,
+              "model": "tiny random Llama (2 layers, hidden 64) with 3 LoRA adapters, CPU"}
+    log(f"load: {out['requests']} requests in {seconds}s, 2xx {out['status_2xx']}, 429 {out['status_429']}, "
+        f"unintended {unintended}, p50 {out['latency_ms']['p50']} ms, p99 {out['latency_ms']['p99']} ms, "
+        f"{swaps['ok']} swaps ({swaps['failed']} failed)")
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -635,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         out["crash_trials"] = len(res["trials"])
         out["invariant_violations"] = len(res["violations"])
         out["crash"] = {**res, "seconds": round(time.monotonic() - t0, 1)}
+    if "load" in parts:
+        out["load"] = load_test(work / "load", seconds=args.load_seconds)
     out.setdefault("crash_trials", 0)
     out.setdefault("invariant_violations", None)
     out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -417,6 +417,8 @@ def load_base_model(
     model_kwargs: dict[str, Any] = {
         **kwargs,
         "dtype": torch_dtype,
+        # Pickled weights (pytorch_model.bin) can run code when loaded: only safetensors are ever read.
+        "use_safetensors": True,
         # Place weights straight on the target device: no full CPU copy of a large model first.
         "device_map": {"": resolved_device},
     }
@@ -455,6 +457,10 @@ def _load_failure_message(spec: str, source: pathlib.Path | str, quantization: s
             f"base_model {spec!r}: loading with {quantization} bitsandbytes quantization on {device} failed ({what}); "
             "check that this bitsandbytes build supports the device, or set quantization 'none'"
         )
+    if "safetensors" in what:
+        return (f"base_model {spec!r}: {str(source)!r} has no safetensors weights ({what}); lorad never loads "
+                "pickled weights (pytorch_model.bin): convert them once where you trust the file, e.g. "
+                "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`")
     return f"base_model {spec!r}: loading {str(source)!r} failed ({what}); check the directory holds a complete causal LM checkpoint"
 
 
