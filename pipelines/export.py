@@ -232,7 +232,9 @@ def _export_onnx(model: Any, tokenizer: Any, out: Path, max_seq_len: int) -> dic
         try:
             program = torch.onnx.export(wrapper, (probe["input_ids"], probe["attention_mask"]), dynamo=True,
                                         input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                                        dynamic_shapes=shapes, optimize=True, verbose=False)
+                                        # onnxruntime applies its own graph optimizations when it loads the
+                                        # model; the exporter's optimizer pass adds minutes on a 2-core CPU.
+                                        dynamic_shapes=shapes, optimize=False, verbose=False)
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed for this {model.config.model_type} model "
                               f"({type(exc).__name__}: {str(exc)[:500]}); use format 'merged'") from exc

@@ -96,17 +96,25 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
+@pytest.fixture(scope="module")
+def merged(registered, tmp_path_factory):
+    from pipelines.export import export_version
+
+    cfg, store, version, _, _ = registered
+    out = tmp_path_factory.mktemp("exports") / "merged"
+    return export_version(store, cfg, version, "merged", out=out), out
+
+
 @pytest.mark.slow
-def test_merged_export_loads_with_plain_transformers(registered, tmp_path):
+def test_merged_export_loads_with_plain_transformers(registered, merged):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.export import MANIFEST, export_version
+    from pipelines.export import MANIFEST
 
     cfg, store, version, reference, _ = registered
-    out = tmp_path / "merged"
-    result = export_version(store, cfg, version, "merged", out=out)
+    result, out = merged
     assert result.format == "merged" and out.is_dir()
     assert not (out / "adapter_config.json").exists()
     manifest = json.loads((out / MANIFEST).read_text())
@@ -126,18 +134,17 @@ def test_merged_export_loads_with_plain_transformers(registered, tmp_path):
 
 
 @pytest.mark.slow
-def test_bnb4_export_is_smaller_and_still_close(registered, tmp_path):
+def test_bnb4_export_is_smaller_and_still_close(registered, merged, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.export import export_version
 
     cfg, store, version, reference, _ = registered
-    merged = export_version(store, cfg, version, "merged", out=tmp_path / "merged")
     result = export_version(store, cfg, version, "bnb4", out=tmp_path / "bnb4")
     assert result.details["linear4bit_layers"] == 30 * 7
     # The 135M model ties a 28M-parameter embedding to its head; bitsandbytes keeps it in 16 bits.
-    assert result.bytes_weights < 0.6 * merged.bytes_weights, (result.bytes_weights, merged.bytes_weights)
+    assert result.bytes_weights < 0.6 * merged[0].bytes_weights, (result.bytes_weights, merged[0].bytes_weights)
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb4", device_map={"": "cpu"})
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -80,3 +80,25 @@ def test_resolve_config_fills_only_auto_values(tmp_path):
     assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float16", "none", 1)
     cfg, _ = resolve_config(auto, hw=CPU)
     assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float32", "none", 4)
+
+
+def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir, caplog):
+    import logging
+
+    from daemon.service import Daemon
+    from monitors.metrics import LoradMetrics
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state"), "inbox": str(tmp_path / "inbox")},
+                        "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+    daemon = Daemon(cfg)
+    daemon.metrics = LoradMetrics()
+    (tmp_path / "state").mkdir()
+    with caplog.at_level(logging.INFO, logger="lorad.daemon"):
+        daemon._load_model()
+    plans = [r for r in caplog.records if r.getMessage() == "hardware plan"]
+    assert len(plans) == 1
+    assert (plans[0].device, plans[0].dtype, plans[0].quantization, plans[0].micro_batch_size) == \
+        ("cpu", "float32", "none", 4)
+    labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4"}
+    assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
+    assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
