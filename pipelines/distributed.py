@@ -249,11 +249,12 @@ def wrap(model: Any, dist: Dist, loss_fn: Callable, *, layers: list, autocast: s
     if not dist.sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if dist.device.type == "cuda":
-            dev = next(p.device for p in model.parameters() if p.requires_grad)
-            if dev != dist.device:
-                raise DistributedError(f"rank {dist.rank}: the model's LoRA weights are on {dev}, expected "
-                                       f"{dist.device}; load the base on this rank's GPU")
+        if dist.device.type == "cuda" and any(p.device != dist.device for p in model.parameters()):
+            model.to(dist.device)   # a loader that ignored torch.cuda.set_device: DDP needs the whole model here
+            stray = {str(p.device) for p in model.parameters()} - {str(dist.device)}
+            if stray:
+                raise DistributedError(f"rank {dist.rank}: model weights on {sorted(stray)}, expected {dist.device}; "
+                                       f"load the base on this rank's GPU")
         # Every rank built the same base and seeded LoRA init; broadcasting the (small) trainable
         # weights from rank 0 makes that a guarantee, without DDP's broadcast of the frozen base.
         import torch.distributed as td
