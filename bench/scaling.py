@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -343,6 +344,85 @@ def gpu_main(args) -> dict:
     return results
 
 
+def resume_main(args) -> dict:
+    """The production job path across GPU counts and engines, on this host's GPUs (or CPU with gloo).
+
+    One job, run four ways from ``python -m pipelines.train`` (real checkpoint directory, load_base_model,
+    hardware plan, checkpoints on disk): A) one process start to end (the reference); B) 2 processes under
+    DDP, stopped with a checkpoint after step 3; C) the same run resumed by 2 processes under FSDP, stopped
+    after step 5; D) finished by one process. B-C-D must reproduce A's losses and adapter (bf16 rounding aside).
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.train_speed import _tiny_tokenizer_dir
+    from daemon.config import build_config
+    from pipelines.train import write_job
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="lorad-resume-"))
+    gpu = torch.cuda.is_available()
+    tiny = bool(os.environ.get("LORAD_BENCH_TINY"))
+    base = work / "base"
+    torch.manual_seed(0)
+    shape = dict(vocab_size=128, hidden_size=64 if tiny else 1024, intermediate_size=128 if tiny else 2816,
+                 num_hidden_layers=2 if tiny else 8, num_attention_heads=4 if tiny else 16, num_key_value_heads=4 if tiny else 16,
+                 max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16 if gpu else torch.float32).save_pretrained(base)
+    _tiny_tokenizer_dir(base)
+    import random
+
+    rng = random.Random(5)
+    payloads = [{"text": " ".join(f"w{rng.randrange(100)}" for _ in range(rng.randint(20, 300)))} for _ in range(300)]
+    cfg = build_config({"paths": {"state_dir": str(work / "state")},
+                        "model": {"base_model": str(base), "quantization": "none",
+                                  "dtype": "bfloat16" if gpu else "float32", "device": "cuda" if gpu else "cpu"},
+                        "data": {"max_seq_len": 1024, "max_prompt_tokens": 512, "max_response_tokens": 512},
+                        "train": {"lora_dropout": 0.0, "micro_batch_size": 2, "grad_accum_steps": 4,
+                                  "checkpoint_every_steps": 1, "learning_rate": 1e-3}})
+    steps = 6
+    runs = {"A": work / "A", "B": work / "B"}
+    for r in runs.values():
+        write_job(r, payloads=payloads, config=cfg.to_dict(mask_secrets=False), parent_adapter=None, max_steps=steps)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    legs = [("A: 1 process", runs["A"], []), ("B: 2 x DDP, stop after 3", runs["B"], ["--stop-at-step", "3", "--launch", "ddp", "--nproc", "2"]),
+            ("C: 2 x FSDP, resume, stop after 5", runs["B"], ["--stop-at-step", "5", "--launch", "fsdp", "--nproc", "2"]),
+            ("D: 1 process, resume to the end", runs["B"], [])]
+    result: dict = {"shape": shape, "steps": steps, "device": "cuda" if gpu else "cpu", "legs": []}
+    for name, run_dir, extra in legs:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipelines.train", str(run_dir), "--no-progress", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.leg_timeout)
+        leg = {"leg": name, "exit": proc.returncode, "seconds": time.perf_counter() - t0}
+        if proc.returncode not in (0, 75):
+            leg["tail"] = (proc.stdout + proc.stderr)[-2500:]
+        result["legs"].append(leg)
+        print(f"[{name}] exit {proc.returncode} in {leg['seconds']:.0f} s", flush=True)
+        (out / "resume_check.json").write_text(json.dumps(result, indent=2))
+
+    def losses(run_dir):
+        p = run_dir / "metrics.jsonl"
+        return [json.loads(line)["loss"] for line in p.read_text().splitlines()] if p.is_file() else []
+
+    result["losses_A"], result["losses_BCD"] = losses(runs["A"]), losses(runs["B"])
+    a_file, b_file = (r / "adapter" / "adapter_model.safetensors" for r in (runs["A"], runs["B"]))
+    if a_file.is_file() and b_file.is_file():
+        a, b = load_file(str(a_file)), load_file(str(b_file))
+        diffs = [float((a[k].float() - b[k].float()).abs().max()) for k in a]
+        scale = max(float(a[k].float().abs().max()) for k in a)
+        result["adapter_max_abs_diff"], result["adapter_max_abs"] = max(diffs), scale
+        result["adapter_keys_equal"] = a.keys() == b.keys()
+    la, lb = result["losses_A"], result["losses_BCD"]
+    if len(la) == len(lb) == steps:
+        result["loss_max_rel_diff"] = max(abs(x - y) / abs(x) for x, y in zip(la, lb))
+    (out / "resume_check.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "shape"}, indent=1))
+    return result
+
+
 def merge_main(args) -> dict:
     """bench/results/scaling.json: the summary up front, every case's raw numbers below."""
     raw = json.loads(Path(args.raw).read_text())
@@ -369,6 +449,10 @@ def main() -> None:
     c.add_argument("--json", required=True)
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--warmup", type=int, default=1)
+    rs = sub.add_parser("resume")
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--work", default=None)
+    rs.add_argument("--leg-timeout", type=int, default=150)
     m = sub.add_parser("merge")
     m.add_argument("--raw", required=True)
     m.add_argument("--out", required=True)
@@ -378,6 +462,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "gpu":
         gpu_main(args)
+    elif args.cmd == "resume":
+        resume_main(args)
     elif args.cmd == "merge":
         merge_main(args)
     else:
