@@ -12,13 +12,18 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP) system-deps
 
-# Real components for the integration tests: Debian's prometheus (server + promtool) and, for the Grafana
+# Real components for the integration tests: Debian's prometheus (server + promtool), wrk (the reliability load
+# benchmark) and, for the Grafana
 # schema check, @grafana/schema + TypeScript from npm (pinned in tests/grafana/package-lock.json).
 system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "note: install Debian's prometheus package (sudo apt-get install prometheus) for the deploy tests"; fi; }
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+	  else echo "note: install Debian's wrk package (sudo apt-get install wrk) for bench/reliability.py's load test"; fi; }
 	@if command -v npm >/dev/null 2>&1 && [ ! -d tests/grafana/node_modules/@grafana/schema ]; then \
 	  npm ci --prefix tests/grafana --silent --no-audit --no-fund; fi
 

@@ -1,6 +1,6 @@
 """Reliability: crash trials, resource faults, fuzzing and load; writes bench/results/reliability.json.
 
-    .venv/bin/python bench/reliability.py [--trials 50] [--fuzz-examples 300] [--api-cases 200]
+    .venv/bin/python bench/reliability.py [--trials 54] [--fuzz-examples 150]
                                           [--load-seconds 20] [--only crash,faults,fuzz,load] [--out PATH]
 
 Every part runs the real thing on this machine: ``lorad run`` / ``lorad serve`` processes on 127.0.0.1
@@ -679,6 +679,60 @@ def load_test(work: Path, seconds: int = 20, connections: int = 8, swap_interval
     return result
 
 
+# ----------------------------------------------------------------------------- faults and fuzzing (through pytest)
+
+
+def run_pytest(files: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+    """Run test files with pytest; returns per-test outcomes from its JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    with tempfile.TemporaryDirectory() as d:
+        xml = Path(d) / "junit.xml"
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                              *files], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, **(env or {})})
+        tests = []
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            outcome = "passed"
+            for tag in ("failure", "error", "skipped"):
+                el = case.find(tag)
+                if el is not None:
+                    outcome = {"failure": "failed", "error": "failed"}.get(tag, tag)
+                    detail = (el.get("message") or "")[:300]
+                    break
+            else:
+                detail = ""
+            tests.append({"test": case.get("name"), "outcome": outcome, "seconds": round(float(case.get("time", 0)), 1),
+                          **({"detail": detail} if detail else {})})
+    return {"exit_code": res.returncode, "tests": tests, "tail": res.stdout[-1500:] if res.returncode else ""}
+
+
+def fault_suite(log=print) -> dict:
+    """Every resource-fault scenario of tests/test_reliability_faults.py (real faults; see that file)."""
+    out = run_pytest(["tests/test_reliability_faults.py"])
+    injected = len([t for t in out["tests"] if t["outcome"] != "skipped"])
+    survived = len([t for t in out["tests"] if t["outcome"] == "passed"])
+    log(f"faults: {survived}/{injected} injected faults survived")
+    return {"faults_injected": injected, "faults_survived": survived, **out}
+
+
+def fuzz_suite(examples: int, log=print) -> dict:
+    """Hypothesis over the ingest parsers and schemathesis over the HTTP API with ``examples`` per property."""
+    with tempfile.TemporaryDirectory() as d:
+        report = Path(d) / "fuzz.jsonl"
+        out = run_pytest(["tests/test_fuzz_ingest.py", "tests/test_fuzz_api.py"],
+                         env={"LORAD_FUZZ_EXAMPLES": str(examples), "LORAD_FUZZ_REPORT": str(report)})
+        counts = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    failures = len([t for t in out["tests"] if t["outcome"] == "failed"])
+    by_suite = {c["suite"]: c for c in counts}
+    result = {"examples_per_property": examples, "ingest_cases": by_suite.get("ingest", {}).get("cases", 0),
+              "api_cases": by_suite.get("api", {}).get("cases", 0), "failures": failures,
+              "api_rss_mb": {k: by_suite.get("api", {}).get(k) for k in ("rss_start_mb", "rss_end_mb")}, **out}
+    result["cases"] = result["ingest_cases"] + result["api_cases"]
+    log(f"fuzz: {result['ingest_cases']} ingest files, {result['api_cases']} API requests, {failures} failures")
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -708,10 +762,9 @@ def git_commit() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=54, help="crash trials (9 chains of the 6 phases)")
     ap.add_argument("--lines-per-file", type=int, default=400)
-    ap.add_argument("--fuzz-examples", type=int, default=300)
-    ap.add_argument("--api-cases", type=int, default=200)
+    ap.add_argument("--fuzz-examples", type=int, default=150, help="examples per fuzzed property / API operation")
     ap.add_argument("--load-seconds", type=int, default=20)
     ap.add_argument("--only", default="crash,faults,fuzz,load")
     ap.add_argument("--seed", type=int, default=0)
@@ -731,13 +784,28 @@ def main(argv: list[str] | None = None) -> int:
         out["crash_trials"] = len(res["trials"])
         out["invariant_violations"] = len(res["violations"])
         out["crash"] = {**res, "seconds": round(time.monotonic() - t0, 1)}
+    if "faults" in parts:
+        out["faults"] = fault_suite()
+    if "fuzz" in parts:
+        out["fuzz"] = fuzz_suite(args.fuzz_examples)
     if "load" in parts:
         out["load"] = load_test(work / "load", seconds=args.load_seconds)
     out.setdefault("crash_trials", 0)
     out.setdefault("invariant_violations", None)
     out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    # The two keys the acceptance names come first.
-    ordered = {"crash_trials": out.pop("crash_trials"), "invariant_violations": out.pop("invariant_violations"), **out}
+    # The two keys the acceptance names come first, then one line per part.
+    summary = {"crash_trials": out.pop("crash_trials"), "invariant_violations": out.pop("invariant_violations")}
+    if "faults" in out:
+        summary.update(faults_injected=out["faults"]["faults_injected"], faults_survived=out["faults"]["faults_survived"])
+    if "fuzz" in out:
+        summary.update(fuzz_cases=out["fuzz"]["cases"], fuzz_failures=out["fuzz"]["failures"])
+    if "load" in out:
+        summary.update(load_requests=out["load"]["requests"], load_status_429=out["load"]["status_429"],
+                       load_errors_unintended=out["load"]["unintended_errors"],
+                       load_latency_ms=out["load"]["latency_ms"])
+    for key in summary:
+        out.pop(key, None)
+    ordered = {**summary, **out}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")

@@ -126,6 +126,10 @@ def serve(tmp_path_factory):
     proc.rss_start = rss_mb(proc.pid)
     proc.cases = 0
     yield proc, url, world
+    if os.environ.get("LORAD_FUZZ_REPORT"):  # bench/reliability.py counts the cases
+        with open(os.environ["LORAD_FUZZ_REPORT"], "a") as f:
+            f.write(json.dumps({"suite": "api", "cases": proc.cases, "rss_start_mb": round(proc.rss_start, 1),
+                                "rss_end_mb": round(rss_mb(proc.pid), 1) if proc.poll() is None else None}) + "\n")
     if proc.poll() is None:
         proc.terminate()
         proc.wait(30)

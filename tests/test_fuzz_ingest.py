@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,8 +40,21 @@ records = st.dictionaries(st.sampled_from(FIELDS), text | scalars, max_size=6) |
     lambda m, extra: {"messages": m, **extra}, messages, st.dictionaries(st.sampled_from(FIELDS[:9]), text, max_size=2))
 
 
+CASES = {"files": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_cases():
+    """bench/reliability.py counts the fuzz cases: LORAD_FUZZ_REPORT names a JSONL file to append to."""
+    yield
+    if os.environ.get("LORAD_FUZZ_REPORT"):
+        with open(os.environ["LORAD_FUZZ_REPORT"], "a") as f:
+            f.write(json.dumps({"suite": "ingest", "cases": CASES["files"]}) + "\n")
+
+
 def check(path: Path) -> None:
     """The properties every file must satisfy, whatever it holds."""
+    CASES["files"] += 1
     try:  # the store-free parser: FileRejected is its only way to refuse
         parsed = list(iter_records(path, CFG))
     except FileRejected as e:
