@@ -227,6 +227,9 @@ class PromoteConfig:
     regression_tolerance: float = _f(0.02, "allowed relative loss increase on each regression set", ge=0.0, lt=1.0)
     max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion's",
                                   ge=1.0)
+    latency_floor_ms: float = _f(500.0, "time to first token below which a slower candidate is never refused "
+                                        "for latency (the seed's 500 ms first-token target); 0 = always compare",
+                                 ge=0.0)
     rollback_window_seconds: int = _f(900, "how long live signals are watched after a promotion", ge=0)
     rollback_max_error_rate: float = _f(0.05, "error rate that triggers automatic rollback", gt=0.0, le=1.0)
     rollback_min_requests: int = _f(20, "requests (or feedback votes) the new champion must get before live "

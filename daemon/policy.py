@@ -105,9 +105,12 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
                                    f"{cfg.regression_tolerance * 100:.0f} % tolerance", "regression")
     lat = report.get("latency") or {}
     ct, it = lat.get("candidate_ttft_s"), lat.get("incumbent_ttft_s")
-    if ct is not None and it and ct / it > cfg.max_latency_ratio:
+    # Below promote.latency_floor_ms a slowdown is not worth refusing a better model: the first adapter is
+    # always slower than the bare base (LoRA's extra matmuls), which on a GPU can be 3x at tens of ms.
+    if ct is not None and it and ct / it > cfg.max_latency_ratio and ct * 1000 > cfg.latency_floor_ms:
         return Decision(False, f"time to first token {ct * 1000:.0f} ms is {ct / it:.2f}x the incumbent's "
-                               f"{it * 1000:.0f} ms > promote.max_latency_ratio {cfg.max_latency_ratio}", "latency")
+                               f"{it * 1000:.0f} ms > promote.max_latency_ratio {cfg.max_latency_ratio} "
+                               f"(and above promote.latency_floor_ms {cfg.latency_floor_ms:g})", "latency")
     return Decision(True, f"holdout loss {cand:.4f} vs {inc:.4f} ({-gain * 100:+.1f} %, p = {_fmt_p(p)}), "
                           f"no regression beyond {cfg.regression_tolerance * 100:.0f} %", "better")
 
@@ -130,7 +133,8 @@ def should_rollback(*, seconds_since_promotion: float, requests: int, errors: in
     if rate > cfg.rollback_max_error_rate:
         return Decision(True, f"error rate {rate * 100:.1f} % over {requests} requests > "
                               f"promote.rollback_max_error_rate {cfg.rollback_max_error_rate * 100:.1f} %", "errors")
-    if ttft_p95_s is not None and baseline_ttft_p95_s and ttft_p95_s / baseline_ttft_p95_s > cfg.max_latency_ratio:
+    if (ttft_p95_s is not None and baseline_ttft_p95_s and ttft_p95_s / baseline_ttft_p95_s > cfg.max_latency_ratio
+            and ttft_p95_s * 1000 > cfg.latency_floor_ms):
         return Decision(True, f"p95 time to first token {ttft_p95_s * 1000:.0f} ms is "
                               f"{ttft_p95_s / baseline_ttft_p95_s:.2f}x the previous champion's "
                               f"> promote.max_latency_ratio {cfg.max_latency_ratio}", "latency")

@@ -50,7 +50,7 @@ def test_should_train_rejects_unknown_trigger():
         should_train(trigger="whim", drift=None, pending=1, last_run_at=None, now=NOW, job_running=False, cfg=SCHED)
 
 
-PROMOTE = PromoteConfig(min_improvement=0.0, regression_tolerance=0.02, max_latency_ratio=1.25)
+PROMOTE = PromoteConfig(min_improvement=0.0, regression_tolerance=0.02, max_latency_ratio=1.25, latency_floor_ms=0)
 
 
 def report(cand=1.8, inc=2.0, p=0.001, n=50, regression=None, latency=None):
@@ -82,6 +82,19 @@ def test_should_promote(rep, ok, code, needle):
     assert needle in d.reason
 
 
+def test_latency_floor_lets_fast_enough_candidates_through():
+    # GPU, the first adapter against the bare base: 3.6x slower, but far below 500 ms -> not refused
+    gpu = report(latency={"candidate_ttft_s": 0.150, "incumbent_ttft_s": 0.042})
+    assert should_promote(gpu, PromoteConfig(latency_floor_ms=500), confidence=0.95).ok
+    d = should_promote(gpu, PromoteConfig(latency_floor_ms=100), confidence=0.95)
+    assert not d.ok and d.code == "latency" and "3.57x" in d.reason and "latency_floor_ms 100" in d.reason
+    slow = report(latency={"candidate_ttft_s": 0.9, "incumbent_ttft_s": 0.6})
+    assert should_promote(slow, PromoteConfig(latency_floor_ms=500), confidence=0.95).code == "latency"
+    live = dict(seconds_since_promotion=10, requests=100, errors=0, baseline_ttft_p95_s=0.04)
+    assert not should_rollback(ttft_p95_s=0.15, cfg=PromoteConfig(latency_floor_ms=500), **live).ok
+    assert should_rollback(ttft_p95_s=0.15, cfg=PromoteConfig(latency_floor_ms=0), **live).code == "latency"
+
+
 def test_min_improvement_is_a_floor():
     cfg = PromoteConfig(min_improvement=0.15)
     assert not should_promote(report(cand=1.8, inc=2.0), cfg, confidence=0.95)
@@ -100,7 +113,8 @@ def test_min_improvement_is_a_floor():
 ])
 def test_should_rollback(kw, ok, code):
     kw = {"ttft_p95_s": None, "baseline_ttft_p95_s": None, **kw}
-    d = should_rollback(cfg=PromoteConfig(rollback_window_seconds=900, rollback_max_error_rate=0.05), **kw)
+    d = should_rollback(cfg=PromoteConfig(rollback_window_seconds=900, rollback_max_error_rate=0.05,
+                                          latency_floor_ms=0), **kw)
     assert (d.ok, d.code) == (ok, code), d.reason
 
 

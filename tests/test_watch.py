@@ -74,7 +74,7 @@ def test_healthy_champion_is_kept_when_the_window_closes():
 
 
 def test_latency_against_the_previous_champions_baseline():
-    stats, clock, watch, rolled, _ = make_watch(max_latency_ratio=1.5)
+    stats, clock, watch, rolled, _ = make_watch(max_latency_ratio=1.5, latency_floor_ms=0)
     for _ in range(40):
         stats.record("v1", "stop", 0.10)
     watch.promoted("v2", "v1")
@@ -88,7 +88,7 @@ def test_latency_against_the_previous_champions_baseline():
 
 
 def test_no_latency_verdict_from_a_baseline_of_a_few_samples():
-    stats, clock, watch, rolled, _ = make_watch(max_latency_ratio=1.5)
+    stats, clock, watch, rolled, _ = make_watch(max_latency_ratio=1.5, latency_floor_ms=0)
     for _ in range(3):  # fewer than min_requests: a p95 of three requests is noise
         stats.record("v1", "stop", 0.01)
     watch.promoted("v2", "v1")
