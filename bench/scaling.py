@@ -368,7 +368,8 @@ def resume_main(args) -> dict:
     base = work / "base"
     torch.manual_seed(0)
     shape = dict(vocab_size=128, hidden_size=64 if tiny else 1024, intermediate_size=128 if tiny else 2816,
-                 num_hidden_layers=2 if tiny else 8, num_attention_heads=4 if tiny else 16, num_key_value_heads=4 if tiny else 16,
+                 num_hidden_layers=2 if tiny else 8, num_attention_heads=4 if tiny else 16,
+                 num_key_value_heads=4 if tiny else 16,
                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16 if gpu else torch.float32).save_pretrained(base)
     _tiny_tokenizer_dir(base)
@@ -388,7 +389,8 @@ def resume_main(args) -> dict:
         write_job(r, payloads=payloads, config=cfg.to_dict(mask_secrets=False), parent_adapter=None, max_steps=steps)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
-    legs = [("A: 1 process", runs["A"], []), ("B: 2 x DDP, stop after 3", runs["B"], ["--stop-at-step", "3", "--launch", "ddp", "--nproc", "2"]),
+    legs = [("A: 1 process", runs["A"], []),
+            ("B: 2 x DDP, stop after 3", runs["B"], ["--stop-at-step", "3", "--launch", "ddp", "--nproc", "2"]),
             ("C: 2 x FSDP, resume, stop after 5", runs["B"], ["--stop-at-step", "5", "--launch", "fsdp", "--nproc", "2"]),
             ("D: 1 process, resume to the end", runs["B"], [])]
     result: dict = {"shape": shape, "steps": steps, "device": "cuda" if gpu else "cpu", "legs": []}
@@ -430,7 +432,8 @@ def merge_main(args) -> dict:
     s = summarize(raw)
     out = {"card": info.get("card"), "card_kind": args.kind, "gpus": info.get("gpus"), "commit": args.commit,
            "tokens_per_second": s["tokens_per_second"], "efficiency_2gpu": s.get("efficiency_2gpu"),
-           "efficiency_target": 0.85, "deepseek_67b": s.get("deepseek_67b"), "fsdp_qlora_check": s.get("fsdp_qlora_check"),
+           "efficiency_target": 0.85, "deepseek_67b": s.get("deepseek_67b"),
+           "fsdp_qlora_check": s.get("fsdp_qlora_check"),
            "software": {k: info.get(k) for k in ("torch", "transformers", "peft", "python")},
            "notes": args.note or [], "cases": raw["cases"]}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

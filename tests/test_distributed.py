@@ -72,7 +72,8 @@ def test_config_lists_every_distributed_problem():
     assert "train.num_processes: must be >= 0" in text
     with pytest.raises(ConfigError, match="cannot shard 8-bit"):
         build_config({"train": {"distributed": "fsdp"}, "model": {"quantization": "8bit"}})
-    assert build_config({"train": {"distributed": "fsdp"}, "model": {"quantization": "4bit"}}).train.distributed == "fsdp"
+    ok = build_config({"train": {"distributed": "fsdp"}, "model": {"quantization": "4bit"}})
+    assert ok.train.distributed == "fsdp"
 
 
 def test_init_without_torchrun_is_one_process_and_refuses_a_mismatch():
@@ -122,7 +123,8 @@ def _job(tmp_path: Path, name: str, model_dir: Path, steps: int, distributed: st
     from pipelines.train import write_job
 
     cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
-                        "model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32", "quantization": "none"},
+                        "model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32",
+                                  "quantization": "none"},
                         "data": {"max_seq_len": 128, "max_prompt_tokens": 64, "max_response_tokens": 64},
                         "train": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3,
                                   "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 1,
@@ -146,7 +148,7 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama_dir, mode):
-    """2 ranks train 3 steps and checkpoint (--stop-at-step); 1 process finishes the run: same as 1 process throughout."""
+    """2 ranks train 3 steps and checkpoint (--stop-at-step); 1 process finishes: same as 1 process throughout."""
     import torch
     from safetensors.torch import load_file
 
