@@ -103,7 +103,7 @@ PROFILES = {
         name="gpu", months=GPU_MONTHS, records_per_task=500, holdout_cap=0, regression_cap=0, score_batch=32,
         config={
             "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048},
-            "train": {"learning_rate": 5e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
+            "train": {"learning_rate": 3e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
             "eval": {"latency_prompts": 0},
             "schedule": {"drift_check_minutes": 10080},
         },
