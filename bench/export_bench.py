@@ -2,7 +2,7 @@
 
     python -m bench.export_bench [--out bench/results/export.json] [--train N] [--holdout N] [--steps N]
 
-One adapter is trained on LawBench consultation records (3-8 咨询) with lorad's trainer, registered
+One adapter is trained on LawBench statute-recitation records (1-1 法条背诵) with lorad's trainer, registered
 in a scratch state folder, and exported in every format through ``export_version`` (what
 ``lorad export`` runs). Each export is then loaded the way a user would (plain transformers for
 merged and bnb4, onnxruntime for ONNX) and scored on held-out records of the same task, against the
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASK = "3-8咨询.jsonl"
+TASK = "1-1法条背诵.jsonl"
 MAX_TOKENS = 384
 PROMPTS = ["我在网上买的东西有质量问题，商家不给退货怎么办？", "What makes a contract valid?",
            "公司拖欠工资三个月了，我应该怎么维权？", "邻居装修把我家的墙弄裂了，可以要求赔偿吗？",
@@ -93,9 +93,9 @@ def greedy_torch(model, tokenizer, prompt_ids: list[int], n: int) -> list[int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "export.json")
-    ap.add_argument("--train", type=int, default=96, help="training records")
-    ap.add_argument("--holdout", type=int, default=64, help="held-out records scored per format")
-    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of the adapter")
+    ap.add_argument("--train", type=int, default=48, help="training records")
+    ap.add_argument("--holdout", type=int, default=40, help="held-out records scored per format")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps of the adapter")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens compared per prompt (ONNX parity)")
     args = ap.parse_args()
 
@@ -135,7 +135,8 @@ def main() -> int:
     result["data"] = {"train_records": len(train_ex), "holdout_records": len(holdout), "max_tokens": MAX_TOKENS}
 
     # -- the adapter: lorad's trainer, then the registry (as the daemon would)
-    tcfg = TrainConfig(lora_r=16, lora_alpha=32, learning_rate=3e-4, micro_batch_size=4, grad_accum_steps=2,
+    # A high learning rate: a few steps on a 2-core CPU must still move the model measurably.
+    tcfg = TrainConfig(lora_r=16, lora_alpha=32, learning_rate=1e-3, micro_batch_size=4, grad_accum_steps=1,
                        warmup_ratio=0.1, checkpoint_every_steps=10_000)
     t0 = time.perf_counter()
     outcome = T.train(train_ex, run_dir=work / "run", model=model, tokenizer=tokenizer, cfg=tcfg, max_seq_len=512,

@@ -1025,7 +1025,7 @@ def champion_losses(model: Any, examples: list[dict], parent_adapter: Path | Non
     if parent_adapter is not None:
         model = scorer.unload()   # LoRA layers out again: attach_lora wraps the plain base
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".tmp-{os.getpid()}")   # one per process: every distributed rank scores and writes
     tmp.write_text(json.dumps({"lengths": lengths, "losses": losses}))
     os.replace(tmp, cache)
     return losses, model
