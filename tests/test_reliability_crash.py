@@ -63,3 +63,30 @@ def test_the_invariant_checker_catches_violations(tmp_path):
     for needle in ("2 ingest rows", "run r1: left running", f"champion {v}", "sha256",
                    "server serves 'base'"):
         assert needle in problems, (needle, problems)
+
+
+def test_a_run_whose_training_process_is_a_zombie_is_recovered(tmp_path):
+    """Found by the crash benchmark: a killed daemon's training child was exiting (a zombie, empty cmdline)
+    when the new daemon started, so recover_runs took it for another program's live process and left the
+    run 'running' for ever."""
+    import subprocess
+    import time
+
+    from daemon.service import recover_runs
+    from daemon.store import open_store
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # never waited for: a zombie once it exits
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    store = open_store(tmp_path)
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO runs (id, kind, status, pid, created_at) VALUES ('r-z', 'train', 'running', ?, 0)",
+                   (child.pid,))
+    try:
+        assert recover_runs(store) == ["r-z"]
+        assert store.query_one("SELECT status FROM runs WHERE id = 'r-z'")["status"] == "interrupted"
+    finally:
+        child.wait()
+        store.close()
