@@ -23,7 +23,8 @@ def load_bench():
     return module
 
 
-@pytest.mark.slow   # ~10 training/drift/eval subprocesses: about a minute on 2 idle cores
+@pytest.mark.slow   # 10 drift/train/eval subprocesses: 6.4 min on the shared 2-core dev machine, where each
+#                     subprocess's imports (torch, peft -> bitsandbytes) alone took 15-80 s
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_the_stream_runs_through_the_daemon_and_every_arm(tmp_path, tiny_llama_dir):
