@@ -195,11 +195,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reachable(url: str) -> str:
+    """A daemon's URL as a client on this host reaches it (a wildcard bind address is not connectable)."""
+    return url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+
+
 def _live_status(info: dict) -> dict | None:
     """Ask the running daemon for its status (it knows the schedule and the live job); None if it does not answer."""
     import urllib.request
 
-    url = str(info["url"]).replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+    url = _reachable(str(info["url"]))
     try:
         with urllib.request.urlopen(url + "/status", timeout=3) as r:
             return json.loads(r.read())
@@ -488,7 +493,7 @@ def _post_admin(url: str, route: str, token: str, body: dict) -> tuple[int, dict
     import urllib.error
     import urllib.request
 
-    url = url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]") + "/admin/" + route
+    url = _reachable(url) + "/admin/" + route
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
