@@ -211,7 +211,7 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
 
     from pipelines import distributed
 
-    mode = {"dp7b": "ddp", "fsdp67b": "fsdp", "fsdpq7b": "fsdp"}.get(name.rsplit("_", 1)[0], "none")
+    mode = {"dp7b": "ddp", "fsdp7b": "fsdp", "fsdp67b": "fsdp", "fsdpq7b": "fsdp"}.get(name.rsplit("_", 1)[0], "none")
     dist = distributed.init(mode)
     world = 1 if dist is None else dist.world_size
     device = _dev(dist)
@@ -220,7 +220,8 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
     if name.startswith("dp7b"):
         model = build_dense(SHAPE_7B, device)
         data = recs(2000, SHAPE_7B["vocab_size"])
-        overrides = {"micro_batch_size": 4, "grad_accum_steps": 4}
+        # 4 micro-batches per step on 1 and 2 GPUs; 8 on 4 GPUs, so each GPU still runs 2 per step
+        overrides = {"micro_batch_size": 4, "grad_accum_steps": 8 if world >= 4 else 4}
     elif name.startswith("qlora67b"):
         if torch.cuda.is_available():   # prove the "80 GB card" claim on a bigger card
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -228,11 +229,16 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
         model = build_qlora(SHAPE_67B, device)
         data = recs(200, SHAPE_67B["vocab_size"], seed=2, lo=256, hi=1024)
         overrides = {"micro_batch_size": 1, "grad_accum_steps": 1}
-    elif name.startswith("fsdp67b"):
-        model = build_meta(SHAPE_67B, torch.bfloat16 if device != "cpu" else torch.float32)
-        data = recs(400, SHAPE_67B["vocab_size"], seed=2, lo=256, hi=1024)
-        # 2 rows per micro-batch, one micro-batch per GPU per step; activations checkpointed (95 layers)
-        overrides = {"micro_batch_size": 2, "grad_accum_steps": 2, "gradient_checkpointing": True}
+    elif name.startswith(("fsdp67b", "fsdp7b")):
+        if name.startswith("fsdp67b"):
+            model = build_meta(SHAPE_67B, torch.bfloat16 if device != "cpu" else torch.float32)
+            data = recs(400, SHAPE_67B["vocab_size"], seed=2, lo=256, hi=1024)
+            # 2 rows per micro-batch, one micro-batch per GPU per step; activations checkpointed (95 layers)
+            overrides = {"micro_batch_size": 2, "grad_accum_steps": world, "gradient_checkpointing": True}
+        else:   # the 7B shape sharded: same work per GPU as dp7b (2 micro-batches of 4 rows per step)
+            model = build_meta(SHAPE_7B, torch.bfloat16 if device != "cpu" else torch.float32)
+            data = recs(2000, SHAPE_7B["vocab_size"])
+            overrides = {"micro_batch_size": 4, "grad_accum_steps": 2 * world}
         original = distributed.wrap
 
         def wrap_then_materialize(*a, **k):   # random weights are made shard by shard, after sharding
@@ -275,6 +281,10 @@ CASES = {   # name: (processes, steps, warm-up steps, timeout s)
     "fsdp67b_2": (2, 6, 2, 140),
     "fsdpq7b_2": (2, 3, 1, 80),
     "fsdpq7b_1": (1, 3, 1, 60),
+    # 4-GPU kind (nvidia-h200-x4): run with --cases dp7b_1,dp7b_2,dp7b_4,fsdp7b_4,fsdp67b_4
+    "dp7b_4": (4, 13, 4, 170),
+    "fsdp7b_4": (4, 13, 4, 170),
+    "fsdp67b_4": (4, 6, 2, 150),
 }
 
 
@@ -303,10 +313,21 @@ def summarize(results: dict) -> dict:
     c = results["cases"]
     one, two = c.get("dp7b_1", {}).get("tokens_per_second"), c.get("dp7b_2", {}).get("tokens_per_second")
     s = {"tokens_per_second": {"1": one, "2": two}}
+    four = c.get("dp7b_4", {}).get("tokens_per_second")
+    if four:
+        s["tokens_per_second"]["4"] = four
     if one and two:
         s["efficiency_2gpu"] = two / (2 * one)
-    for key, case_name in (("qlora_1gpu_80gb", "qlora67b_1"), ("fsdp_2gpu", "fsdp67b_2")):
+    if one and four:
+        s["efficiency_4gpu"] = four / (4 * one)
+    f4 = c.get("fsdp7b_4", {}).get("tokens_per_second")
+    if one and f4:
+        s["fsdp_7b_4gpu"] = {"tokens_per_second": f4, "efficiency_vs_1gpu": f4 / (4 * one),
+                             "peak_allocated_gib": c["fsdp7b_4"].get("peak_allocated_gib")}
+    for key, case_name in (("qlora_1gpu_80gb", "qlora67b_1"), ("fsdp_2gpu", "fsdp67b_2"), ("fsdp_4gpu", "fsdp67b_4")):
         r = c.get(case_name, {})
+        if not r:
+            continue
         s.setdefault("deepseek_67b", {})[key] = {k: r.get(k) for k in (
             "tokens_per_second", "tokens_per_second_per_gpu", "peak_allocated_gib", "peak_reserved_gib",
             "peak_allocated_gib_per_rank", "build_seconds", "error") if r.get(k) is not None}
