@@ -219,7 +219,7 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
     t_build = time.perf_counter()
     if name.startswith("dp7b"):
         model = build_dense(SHAPE_7B, device)
-        data = recs(2000, SHAPE_7B["vocab_size"])
+        data = recs(4000, SHAPE_7B["vocab_size"])   # > 13 steps of 64k tokens: no epoch end in the timed window
         # 4 micro-batches per step on 1 and 2 GPUs; 8 on 4 GPUs, so each GPU still runs 2 per step
         overrides = {"micro_batch_size": 4, "grad_accum_steps": 8 if world >= 4 else 4}
     elif name.startswith("qlora67b"):
@@ -237,7 +237,7 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
             overrides = {"micro_batch_size": 2, "grad_accum_steps": world, "gradient_checkpointing": True}
         else:   # the 7B shape sharded: same work per GPU as dp7b (2 micro-batches of 4 rows per step)
             model = build_meta(SHAPE_7B, torch.bfloat16 if device != "cpu" else torch.float32)
-            data = recs(2000, SHAPE_7B["vocab_size"])
+            data = recs(4000, SHAPE_7B["vocab_size"])   # > 13 steps of 64k tokens: no epoch end in the timed window
             overrides = {"micro_batch_size": 4, "grad_accum_steps": 2 * world}
         original = distributed.wrap
 
@@ -262,11 +262,15 @@ def case(name: str, steps: int, warmup: int) -> dict | None:
            "settings": {**overrides, "max_seq_len": SEQ, "lora": f"r{r['cfg'].lora_r} {r['cfg'].lora_targets}",
                         "plan": out.speed, "gradient_checkpointing": out.gradient_checkpointing},
            "losses": [m[2] for m in r["marks"]], "steps": len(r["marks"]), "warmup_steps": warmup,
+           "step_seconds": [b[0] - a[0] for a, b in zip([(r["start"],)] + r["marks"], r["marks"])],
            "warmup_seconds": r["marks"][warmup - 1][0] - r["start"] if len(r["marks"]) >= warmup else None,
            **memory_all_ranks(dist)}
     if len(r["marks"]) > warmup:
         res.update(rate([(t, tok) for t, tok, _ in r["marks"]], warmup))
         res["tokens_per_second_per_gpu"] = res["tokens_per_second"] / world
+        timed = r["marks"][warmup - 1:]
+        per_step = sorted((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(timed, timed[1:]))
+        res["median_step_tokens_per_second"] = per_step[len(per_step) // 2]   # steady state, outlier steps aside
     distributed.shutdown(dist)
     return res if dist is None or dist.is_main else None
 
@@ -302,6 +306,8 @@ def run_case(name: str, out: Path, timeout: int) -> dict:
         tail, ok = (proc.stdout + proc.stderr)[-2500:], proc.returncode == 0 and json_path.is_file()
     except subprocess.TimeoutExpired as e:
         tail, ok = f"timed out after {timeout} s: {(e.stderr or b'')[-2000:]!r}", False
+    if os.environ.get("LORAD_SCALING_LOGDIR") and "proc" in locals():   # each case's whole output, for diagnosis
+        Path(os.environ["LORAD_SCALING_LOGDIR"], f"{name}.log").write_text(proc.stdout + proc.stderr)
     res = json.loads(json_path.read_text()) if ok else {"case": name, "error": tail}
     res["wall_seconds"] = time.perf_counter() - t0
     print(f"[{name}] {'ok' if ok else 'FAILED'} {res['wall_seconds']:.0f} s "

@@ -595,7 +595,10 @@ def _speed_setup(model: Any, plan: SpeedPlan):
             m.cast_input_dtype_enabled = False
     if plan.compile_layers:
         for layer in _decoder_layers(model):
-            layer.compile()
+            # dynamic=True: packed micro-batches change their token count, example count (cu_seqlens) and
+            # longest example every step; compiled for static shapes first, each layer recompiled 4-6 times
+            # in the first steps, and under DDP every rank's recompile stalled all ranks (bench/scaling.py)
+            layer.compile(dynamic=True)
     try:
         yield
     finally:
