@@ -332,6 +332,7 @@ def phase_swaps(server: Server, engine, versions: list[str], prompts: list[list[
         "preload_when_loading": summary(preloads), "preload_loads": len(preloads),
         "ttft_under_load": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
         "prompt_tokens": len(prompts[0]), "max_tokens": args.swap_max_tokens,
+        "_mismatched": [(r["model"], r["prompt"], r["text"]) for r in mismatched],
     }
 
 
@@ -477,6 +478,17 @@ def main() -> int:
         engine.swap(versions[0])
         result["swaps"] = phase_swaps(server, engine, versions, swap_prompts, refs, args) | {"load_avg": load()}
         s = result["swaps"]
+        # Diagnosis of mismatches: decode every reference again, alone, after the swaps. If a version's
+        # solo answer changed, the difference comes from how it was (re)loaded, not from batching.
+        mism = s.pop("_mismatched")
+        refs_after = {k: reference_text(engine, tokenizer, k[0], swap_prompts[k[1]], args.swap_max_tokens)
+                      for k in refs}
+        changed = sorted(f"{m}/{p}" for (m, p) in refs if refs[(m, p)] != refs_after[(m, p)])
+        s["references_after_swaps"] = {
+            "changed": changed, "changed_count": len(changed), "of": len(refs),
+            "mismatched_equal_to_reference_after": sum(t == refs_after[(m, p)] for m, p, t in mism),
+            "mismatched_first_diff_char": [next((i for i, (a, b) in enumerate(zip(t, refs[(m, p)])) if a != b),
+                                                min(len(t), len(refs[(m, p)]))) for m, p, t in mism][:40]}
         print(f"  requests {s['requests']}, failed {s['failed_requests']}, mismatched "
               f"{s['responses_not_equal_to_their_version_reference']}, mixed {s['responses_with_mixed_versions']}, "
               f"flip p99 {s['swap_pointer_flip'].get('p99_ms')} ms, preload p50 "
