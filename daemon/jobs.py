@@ -84,6 +84,17 @@ def mark_running(store: Store, run_id: str, pid: int, clock: Callable[[], float]
                    (pid, clock(), run_id))
 
 
+def publish_step(metrics: Any, step: dict) -> None:
+    """Set the training gauges from one metrics.jsonl record of the training subprocess."""
+    metrics.training_step.set(step["step"])
+    metrics.training_total_steps.set(step["total_steps"])
+    metrics.training_loss.set(step["loss"])
+    metrics.training_tokens_per_second.set(step["tokens_per_second"])
+    for kind in ("allocated", "reserved"):   # present when the run trains on a GPU
+        if f"gpu_peak_{kind}_bytes" in step:
+            metrics.training_gpu_peak.labels(kind).set(step[f"gpu_peak_{kind}_bytes"])
+
+
 def record_progress(store: Store, run_id: str, step: int, total_steps: int) -> None:
     with store.transaction() as tx:
         tx.execute("UPDATE runs SET step = ?, total_steps = ? WHERE id = ?", (step, total_steps, run_id))
@@ -524,10 +535,7 @@ class JobRunner:
             if step is not None and step != last:
                 last = step
                 record_progress(self.store, run_id, step["step"], step["total_steps"])
-                m.training_step.set(step["step"])
-                m.training_total_steps.set(step["total_steps"])
-                m.training_loss.set(step["loss"])
-                m.training_tokens_per_second.set(step["tokens_per_second"])
+                publish_step(m, step)
         with self._cond:
             self._proc = None
         m.training_running.set(0)

@@ -86,6 +86,9 @@ class LoradMetrics:
         self.training_tokens_per_second = Gauge("lorad_training_tokens_per_second", "throughput of the running run",
                                                 registry=r)
         self.training_loss = Gauge("lorad_training_loss", "last step loss of the running (or last) run", registry=r)
+        self.training_gpu_peak = Gauge("lorad_training_gpu_peak_bytes", "peak GPU memory of the running (or last) "
+                                       "training process, by kind (allocated, reserved); rank 0 under DDP/FSDP",
+                                       ["kind"], registry=r)
         self.training_step = Gauge("lorad_training_step", "optimizer step of the running run", registry=r)
         self.training_total_steps = Gauge("lorad_training_total_steps", "optimizer steps the running run will take",
                                           registry=r)
@@ -130,6 +133,7 @@ class LoradMetrics:
         self.training_loss.set(float("nan"))
         for kind in ("allocated", "reserved"):
             self.gpu_memory.labels("none", kind)
+            self.training_gpu_peak.labels(kind)
         from prometheus_client import PlatformCollector, ProcessCollector
 
         ProcessCollector(registry=r)

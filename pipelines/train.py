@@ -939,6 +939,9 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
             record = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": tokens_before + tokens_now,
                       "tokens_per_second": tokens_now / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed}
+            if device.type == "cuda":   # this process's peak so far (rank 0's under DDP/FSDP: ranks are alike)
+                record["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+                record["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
             history.append(round(loss, 6))
             if main:
                 with open(metrics_path, "a") as f:

@@ -102,3 +102,23 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
     labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4"}
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
+
+
+def test_training_gpu_peak_reaches_the_metrics_from_the_run_records():
+    """The job runner turns a training step record (metrics.jsonl) into gauges; GPU peaks only when present."""
+    from prometheus_client import generate_latest
+
+    from daemon.jobs import publish_step
+    from monitors.metrics import LoradMetrics
+
+    m = LoradMetrics()
+    publish_step(m, {"step": 3, "total_steps": 10, "loss": 1.5, "tokens_per_second": 900.0})   # a CPU run
+    text = generate_latest(m.registry).decode()
+    assert 'lorad_training_gpu_peak_bytes{kind="allocated"} 0.0' in text
+    assert "lorad_training_step 3.0" in text
+    publish_step(m, {"step": 4, "total_steps": 10, "loss": 1.4, "tokens_per_second": 950.0,
+                     "gpu_peak_allocated_bytes": 7 * 2**30, "gpu_peak_reserved_bytes": 8 * 2**30})
+    value = m.registry.get_sample_value
+    assert value("lorad_training_gpu_peak_bytes", {"kind": "allocated"}) == 7 * 2**30
+    assert value("lorad_training_gpu_peak_bytes", {"kind": "reserved"}) == 8 * 2**30
+    assert value("lorad_training_step") == 4
