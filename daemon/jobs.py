@@ -171,7 +171,10 @@ def last_step(run_dir: Path) -> dict | None:
 
 
 def read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """Parse data files into normalised payloads; returns (payloads, problems)."""
+    """Parse data files into normalised payloads; returns (payloads, problems).
+
+    A record's ``category`` rides along in its payload, as in a snapshot's (train.category_weights).
+    """
     from pipelines.ingest import FileRejected, iter_records
 
     payloads, problems = [], []
@@ -179,7 +182,10 @@ def read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
         try:
             for item in iter_records(path):
                 if item.record is not None:
-                    payloads.append(item.record.payload)
+                    payload = item.record.payload
+                    if item.record.category is not None:
+                        payload = {**payload, "category": item.record.category}
+                    payloads.append(payload)
                 else:
                     problems.append(f"{path}:{item.line}: {item.error}")
         except FileRejected as e:

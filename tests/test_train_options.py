@@ -268,3 +268,15 @@ def test_champion_scoring_leaves_a_clean_base_for_the_warm_start(tiny_llama_dir,
     b = T.train(examples, run_dir=tmp_path / "b", model=_model(tiny_llama_dir), tokenizer=tiny_tokenizer, cfg=FAST,
                 max_seq_len=64, max_steps=2, progress=False, parent_adapter=Path(parent.adapter_dir))
     assert a.history == pytest.approx(b.history, rel=1e-5)
+
+
+def test_data_files_given_to_lorad_train_carry_their_categories(tmp_path):
+    """`lorad train --data FILE` reads files through read_payloads: category must reach the payload too."""
+    from daemon.jobs import read_payloads
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"input": "q1", "output": "a1", "category": "statutes"}\n{"input": "q2", "output": "a2"}\n'
+                 '{"input": "q3", "output": ""}\n', encoding="utf-8")
+    payloads, problems = read_payloads([str(f)])
+    assert [p.get("category") for p in payloads] == ["statutes", None]
+    assert len(problems) == 1 and ":3:" in problems[0]
