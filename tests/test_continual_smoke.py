@@ -69,6 +69,98 @@ def test_the_stream_runs_through_the_daemon_and_every_arm(tmp_path, tiny_llama_d
     holdout = {row[0] for row in db.execute("SELECT payload FROM records WHERE split = 'holdout'")}
     assert leaked == 0 and holdout
     for arm in ("naive", "retrain"):
-        trained = {json.dumps(json.loads(x), ensure_ascii=False, separators=(",", ":"))
-                   for x in (work / arm / "month02" / "data.jsonl").read_text().splitlines()}
+        rows = [json.loads(x) for x in (work / arm / "month02" / "data.jsonl").read_text().splitlines()]
+        assert all(r.get("category") for r in rows), "baseline records keep their task as category"
+        trained = {json.dumps({k: v for k, v in r.items() if k != "category"}, ensure_ascii=False,
+                              separators=(",", ":")) for r in rows}
         assert not trained & {json.dumps(json.loads(h), ensure_ascii=False, separators=(",", ":")) for h in holdout}
+
+
+# ----------------------------------------------------------------------------- ablation options (fast, no model)
+
+
+def test_set_overrides_are_yaml_and_checked_by_lorads_config_builder(tmp_path):
+    from daemon.config import ConfigError
+
+    continual = load_bench()
+    sets = continual.parse_sets(["train.curriculum=easy_to_hard", "data.min_domain_fraction=0.8",
+                                 "train.category_weights=[1-1法条背诵=2, 2-4问题主题识别=0.5]"])
+    assert sets == {"train": {"curriculum": "easy_to_hard", "category_weights": ["1-1法条背诵=2", "2-4问题主题识别=0.5"]},
+                    "data": {"min_domain_fraction": 0.8}}
+    cfg = continual.build_run_config(continual.PROFILES["smoke"], tmp_path, "m", [], sets)
+    assert cfg.train.curriculum == "easy_to_hard" and cfg.data.min_domain_fraction == 0.8
+    assert cfg.train.lora_r == 4, "the profile's own values stay"
+    for bad in ("curriculum=easy_to_hard", "train.curriculum", "paths.state_dir=/x"):
+        with pytest.raises(ValueError, match="--set"):
+            continual.parse_sets([bad])
+    with pytest.raises(ConfigError, match="train.curriculm: unknown key"):
+        continual.build_run_config(continual.PROFILES["smoke"], tmp_path, "m", [],
+                                   continual.parse_sets(["train.curriculm=easy_to_hard"]))
+    assert continual.main(["--profile", "smoke", "--set", "train.curriculum=true"]) == 2
+
+
+def test_goals_that_need_a_missing_arm_report_no_value():
+    continual = load_bench()
+    arm = {"domain_loss": 2.0, "regression_loss_mean": 3.0, "forgetting": 0.1, "tokens_cumulative": 100}
+    months = [{"arms": {"base": {**arm, "domain_loss": 4.0, "forgetting": 0.0, "tokens_cumulative": 0},
+                        "lorad": arm}}]
+    goals = continual.goals(months)
+    assert set(goals) == set(continual.TARGETS)
+    assert goals["domain_loss_reduction_vs_base"]["value"] == pytest.approx(0.5)
+    for name in ("forgetting_ratio_vs_naive", "token_ratio_vs_retrain", "domain_loss_gap_vs_retrain"):
+        assert goals[name]["value"] is None and goals[name]["met"] is False
+        assert "not run" in goals[name]["how"]
+    assert "naive" in goals["forgetting_ratio_vs_naive"]["how"]
+
+
+def test_text_records_come_from_the_train_split_only(tmp_path):
+    from pipelines.ingest import Normaliser, _Invalid, stable_split
+
+    continual = load_bench()
+    profile = continual.PROFILES["cpu"]
+    cfg = continual.build_run_config(profile, tmp_path, "m", [])
+    group, tasks = profile.months[0]   # statutes: the answers are statute texts
+    plain = continual.month_file(tasks, 60, 7, tmp_path / "plain.jsonl", group=group, data_cfg=cfg.data)
+    info = continual.month_file(tasks, 60, 7, tmp_path / "text.jsonl", group=group, text_records=5,
+                                text_chars=300, data_cfg=cfg.data)
+    assert plain["text_records"] == 0 and 0 < info["text_records"] <= 5
+    rows = [json.loads(x) for x in (tmp_path / "text.jsonl").read_text().splitlines()]
+    assert rows[:info["records"]] == [json.loads(x) for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    assert all(r["category"] in tasks for r in rows[:info["records"]])
+    texts = rows[info["records"]:]
+    assert len(texts) == info["text_records"]
+    normalise = Normaliser(cfg.data)
+    held = []
+    for r in rows[:info["records"]]:
+        try:
+            record = normalise(r)
+        except _Invalid:   # ingest would reject it (too long for the cpu profile): in no split
+            continue
+        if stable_split(record.content_hash, cfg.data.holdout_fraction) == "holdout":
+            held.append(record.payload["messages"])
+    assert held, "the sample has holdout records to keep out"
+    for t in texts:
+        assert t["category"] == f"text/{group}" and len(t["text"]) <= 300
+        assert stable_split(normalise(t).content_hash, cfg.data.holdout_fraction) == "train"
+        for messages in held:   # no holdout question or statute text leaks into the raw text
+            assert messages[-2]["content"] not in t["text"]
+            if len(messages[-1]["content"]) >= continual.DISTINCT_ANSWER_CHARS:
+                assert messages[-1]["content"] not in t["text"]
+
+
+def test_ablation_weights_favour_the_newest_group_and_differences_are_run_minus_control():
+    spec = importlib.util.spec_from_file_location("bench_continual_ablation", ROOT / "bench" / "continual_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    months = (("a", ("a1", "a2")), ("b", ("b1",)), ("c", ("c1",)))
+    assert ablation.newest_first_weights(months) == ["a1=1", "a2=1", "b1=1.5", "c1=2"]
+    runs = ablation.variants(months, 3)
+    assert runs["control"]["sets"] == [] and runs["no_text_records"]["text_records"] == 0
+    assert all(v["text_records"] == 3 for n, v in runs.items() if n != "no_text_records")
+    control = {"months_done": 3, "domain_loss": 2.0, "regression_loss_mean": 3.0, "forgetting": None,
+               "tokens_cumulative": 100, "promotions": 2}
+    run = {**control, "domain_loss": 1.5, "tokens_cumulative": 80, "promotions": 3}
+    diff = ablation.differences(run, control)
+    assert diff["domain_loss"] == -0.5 and diff["domain_loss_relative"] == -0.25 and diff["tokens_cumulative"] == -20
+    assert diff["forgetting"] is None and diff["promotions"] == 1
+    assert ablation.differences({**run, "months_done": 2}, control) is None, "an unfinished run is not compared"
