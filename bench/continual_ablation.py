@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "--cache; default its own)")
     ap.add_argument("--base-model", default=None, help="model.base_model; default the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--work-root", type=Path, default=None,
-                    help="parent of the runs' work folders (kept); default <out stem>_work, removed after each "
-                         "run that finished")
+                    help="parent of the runs' work folders (state, adapters: kept); default a temporary folder "
+                         "where a run's folder is removed when it finished well and kept when it failed")
     ap.add_argument("--parallel", type=int, default=3, help="runs at once")
     ap.add_argument("--gpus", default="", help="comma list of GPU ids, given to the runs round robin as "
                                                "CUDA_VISIBLE_DEVICES (default: the environment's)")
@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     runs_dir = args.out.with_name(f"{args.out.stem}_runs")
     keep_work = args.work_root is not None
-    args.work_root = args.work_root or args.out.with_name(f"{args.out.stem}_work")
+    if args.work_root is None:   # not under --out: that folder is fetched back from the GPU machine
+        import tempfile
+
+        args.work_root = Path(tempfile.mkdtemp(prefix="lorad-ablation-"))
 
     # Every run's config through lorad's own builder before anything starts: a bad --set fails here.
     from daemon.config import ConfigError
@@ -295,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"][name].update(status="interrupted", returncode=proc.returncode)
         write_json(args.out, result)
     result["complete"] = all(r["status"] == "done" for r in result["runs"].values())
+    result["work_root"] = str(args.work_root)
     write_json(args.out, result)
+    if not keep_work:
+        try:
+            args.work_root.rmdir()   # empty once every run finished well
+        except OSError:
+            print(f"kept the failed runs' work folders under {args.work_root}")
     for name, r in result["runs"].items():
         s, d = r.get("summary") or {}, r.get("vs_control") or {}
         line = f"{name:22s} {r['status']:10s}"
