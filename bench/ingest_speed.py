@@ -1,6 +1,6 @@
 """Ingest throughput and memory on real LawBench lines; writes bench/results/ingest_speed.json.
 
-    .venv/bin/python bench/ingest_speed.py [--records 100000] [--small 20000] [--repeats 3]
+    .venv/bin/python bench/ingest_speed.py [--records 100000] [--small 20000] [--repeats 3] [--before REV|FILE]
 
 What it measures, all in one run on one CPU core (the process is pinned where the OS allows):
   baseline      json.loads + sha256 per line: the floor any JSONL ingest pays
@@ -10,6 +10,9 @@ What it measures, all in one run on one CPU core (the process is pinned where th
                 every copy of a line is a near-duplicate of the first (the worst case for the index)
   peak RSS      of a fresh process ingesting a small file and a 10x larger one (exact dedup, and
                 with near-dup, whose in-memory index grows with the records stored)
+  before        (--before) the exact-dedup ingest of an older pipelines/ingest.py (a git revision, or
+                a copy of the file where there is no git history), timed in the same runs, interleaved
+                with the current code, so a speed-up is measured on one machine in one sitting
 Lines are real LawBench records replicated with a counter appended to the query so every one is
 unique. Token limits are raised so that every valid record is stored (the slow path), not rejected.
 """
@@ -72,14 +75,14 @@ def baseline(path: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path) -> dict:
+def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path, ingest=ingest_file) -> dict:
     """Ingest into a fresh store; wall time includes the commit (WAL write and checkpoint)."""
     db = workdir / f"bench-{time.monotonic_ns()}.db"
     store = Store(db)
     totals = {"records_total": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
     t = time.perf_counter()
     for p in paths:
-        r = ingest_file(p, store, cfg)
+        r = ingest(p, store, cfg)
         for k in totals:
             totals[k] += getattr(r, k)
     seconds = time.perf_counter() - t
@@ -87,6 +90,30 @@ def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path) -> dic
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     return {**totals, "seconds": round(seconds, 3), "records_per_s": round(totals["records_total"] / seconds)}
+
+
+def load_before(spec: str, workdir: Path) -> tuple[object, dict]:
+    """The ``ingest_file`` of an older pipelines/ingest.py: ``spec`` is a file, or a git revision of this repo."""
+    path = Path(spec)
+    if path.is_file():
+        source, where = path.read_bytes(), {"file": str(path)}
+    else:
+        try:
+            source = subprocess.run(["git", "show", f"{spec}:pipelines/ingest.py"], cwd=ROOT, check=True,
+                                    capture_output=True).stdout
+            commit = subprocess.run(["git", "rev-parse", spec], cwd=ROOT, check=True, capture_output=True,
+                                    text=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit(f"--before {spec!r}: not a file, and git cannot show pipelines/ingest.py at that revision "
+                     f"({getattr(e, 'stderr', b'') or e}); pass a copy of the old file instead")
+        where = {"git_revision": spec, "commit": commit}
+    copy = workdir / "ingest_before.py"
+    copy.write_bytes(source)
+    module_spec = importlib.util.spec_from_file_location("ingest_before", copy)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["ingest_before"] = module  # dataclasses look their module up while the class is built
+    module_spec.loader.exec_module(module)
+    return module.ingest_file, {**where, "sha256": hashlib.sha256(source).hexdigest()}
 
 
 def _vm_hwm_kib() -> int:
@@ -148,6 +175,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000, help="records in the throughput file")
     ap.add_argument("--small", type=int, default=20_000, help="records in the small RSS file (the large is 10x)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    ap.add_argument("--before", metavar="REV|FILE",
+                    help="also time an older pipelines/ingest.py (git revision or file), interleaved")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest_speed.json"))
     ap.add_argument("--rss-child", metavar="FILE", help=argparse.SUPPRESS)
     ap.add_argument("--near", action="store_true", help=argparse.SUPPRESS)
@@ -166,10 +195,13 @@ def main() -> None:
         print(f"throughput file: {args.records} records, {size / 1e6:.1f} MB", file=sys.stderr)
         exact_cfg = DataConfig(near_dup_threshold=1.0, **BIG_LIMITS)
         near_cfg = DataConfig(near_dup_threshold=0.9, **BIG_LIMITS)
-        base_runs, exact_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        before_ingest, before_source = load_before(args.before, workdir) if args.before else (None, None)
+        base_runs, exact_runs, before_runs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
             base_runs.append(round(baseline(big)))
             exact_runs.append(timed_ingest([big], exact_cfg, workdir))
+            if before_ingest is not None:
+                before_runs.append(timed_ingest([big], exact_cfg, workdir, before_ingest))
         real = lawbench_files()
         near_real = [timed_ingest(real, near_cfg, workdir) for _ in range(args.repeats)]
         exact_real = [timed_ingest(real, exact_cfg, workdir) for _ in range(args.repeats)]
@@ -182,7 +214,16 @@ def main() -> None:
                for mode, near in (("exact", False), ("near_dup", True))}
 
         med = lambda runs: statistics.median(r["records_per_s"] for r in runs)  # noqa: E731
+        best = lambda runs: max(r["records_per_s"] for r in runs)  # noqa: E731
         load_end = round(os.getloadavg()[0], 2)
+        extra = {}
+        if before_runs:
+            extra["before_change"] = {
+                "ingest_py": before_source,
+                "exact_dedup": {"records_per_s": med(before_runs), "runs": before_runs},
+                "speedup_median": round(med(exact_runs) / med(before_runs), 3),
+                "speedup_best": round(best(exact_runs) / best(before_runs), 3),
+                "note": "the same file, config and store setup; runs interleaved with exact_dedup's"}
         result = {
             "benchmark": "ingest_speed",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -202,10 +243,19 @@ def main() -> None:
                                  "note": "the real files as shipped: near-duplicates are rare"}},
             "near_dup_0.9_replicated": {**near_big, "note": "every copy of a LawBench line is a near-duplicate of "
                                                              "its first copy: worst case for candidate checks"},
+            "near_dup_cost": {
+                "exact_us_per_record": round(1e6 / med(exact_real), 1),
+                "near_dup_us_per_record": round(1e6 / med(near_real), 1),
+                "extra_us_per_record": round(1e6 / med(near_real) - 1e6 / med(exact_real), 1),
+                "replicated_worst_case_us_per_record": round(1e6 / near_big["records_per_s"], 1),
+                "note": "on the 17 LawBench files: what data.near_dup_threshold < 1 adds to each record, "
+                        "on top of the exact-dedup path"},
+            **extra,
             "peak_rss": rss,
             "notes": ["wall time includes the file's sha256 pass and the one-transaction commit (WAL write and "
                       "checkpoint into lorad.db)",
-                      "peak RSS with exact dedup should not grow with the file; with near-dup the in-memory index "
+                      "peak RSS with exact dedup should not grow with the file (it includes SQLite's page cache, "
+                      "raised to a fixed 32 MiB cap while a file is ingested); with near-dup the in-memory index "
                       "holds one 128 x uint32 signature per stored record, so it grows with the store"],
         }
         out = Path(args.out)
@@ -213,6 +263,7 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         summary = {"baseline": result["baseline_json_loads_sha256"]["records_per_s"],
                    "exact_dedup": result["exact_dedup"]["records_per_s"],
+                   "exact_dedup_before": med(before_runs) if before_runs else None,
                    "near_dup_lawbench": result["lawbench_17_files"]["near_dup_0.9"]["records_per_s"],
                    "peak_rss_mib": {m: {k: v["peak_rss_mib"] for k, v in d.items()} for m, d in rss.items()}}
         print(json.dumps(summary), file=sys.stderr)
