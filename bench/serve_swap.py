@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -336,7 +337,8 @@ def phase_swaps(server: Server, engine, versions: list[str], prompts: list[list[
     }
 
 
-def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], args: argparse.Namespace,
+                     out: dict | None = None, on_point: Any = None) -> dict:
     import httpx
 
     from pipelines.models import load_base_model
@@ -344,8 +346,9 @@ def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], ar
     configs = {"one_at_a_time": {"max_batch_size": 1},
                "batched_invariant": {"max_batch_size": 8},
                "batched_fast": {"max_batch_size": 8, "batch_invariant": False}}
-    out = {"prompt_tokens": len(prompts[0]), "max_tokens": args.tp_max_tokens,
-           "requests_per_point": "max(1, %d // clients) per client" % args.tp_requests, "results": {}}
+    out = out if out is not None else {}
+    out.update({"prompt_tokens": len(prompts[0]), "max_tokens": args.tp_max_tokens,
+                "requests_per_point": "max(1, %d // clients) per client" % args.tp_requests, "results": {}})
     # Configurations alternate within each client count, so a neighbour's load drifts over all of them alike.
     for clients in args.tp_clients:
         for name, kw in configs.items():
@@ -378,6 +381,8 @@ def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], ar
                     "latency": summary([r["seconds"] for r in reqs]), "load_avg": load()}
                 print(f"  {name:18s} clients={clients:3d}: {len(reqs) / elapsed:6.2f} req/s "
                       f"{tokens / elapsed:7.1f} tok/s", flush=True)
+                if on_point is not None:
+                    on_point()
             finally:
                 server.stop()
                 engine.stop(timeout=30)
@@ -386,6 +391,14 @@ def phase_throughput(tokenizer, store, state: Path, prompts: list[list[int]], ar
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def save(result: dict, out: Path) -> None:
+    """Write the result JSON atomically (also after each phase: a run stopped later keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, out)
 
 
 def main() -> int:
@@ -406,11 +419,13 @@ def main() -> int:
     ap.add_argument("--adapter-scale", type=float, default=0.1,
                     help="std of the random lora_B weights (0.1: versions answer differently, still fluently)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--tp-requests", type=int, default=None,
+                    help="requests per throughput point, spread over the clients (at least one each; default 16)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_swap.json")
     args = ap.parse_args()
     args.swaps = args.swaps or (20 if args.quick else 100)
     args.tp_clients = [1, 8, 32]
-    args.tp_requests = 4 if args.quick else 16  # per point, spread over the clients (at least one each)
+    args.tp_requests = args.tp_requests or (4 if args.quick else 16)  # per point, spread over the clients
     args.tp_max_tokens = 32
     if args.cache is None:
         prepared = Path("/tmp/lorad-s1/cache")
@@ -458,6 +473,7 @@ def main() -> int:
         print("ttft", flush=True)
         result["ttft"] = phase_ttft(server, long_prompts, 5 if args.quick else 10) | {"load_avg": load()}
         print(f"  p50 {result['ttft']['ttft'].get('p50_ms')} ms", flush=True)
+        save(result, args.out)
         if args.device == "cpu" and args.dtype == "float32":
             # The same measurement with bfloat16 weights (model.dtype: bfloat16), which CPUs with AMX or
             # AVX512-BF16 run about twice as fast: what the target needs on a busy machine.
@@ -493,22 +509,23 @@ def main() -> int:
               f"{s['responses_not_equal_to_their_version_reference']}, mixed {s['responses_with_mixed_versions']}, "
               f"flip p99 {s['swap_pointer_flip'].get('p99_ms')} ms, preload p50 "
               f"{s['preload_when_loading'].get('p50_ms')} ms", flush=True)
+        save(result, args.out)
         server.stop()
         engine.stop(timeout=30)
 
         if not args.skip_throughput:
             print("throughput", flush=True)
             del model, engine
-            result["throughput"] = phase_throughput(tokenizer, store, state, short_prompts, args)
+            result["throughput"] = {}
+            phase_throughput(tokenizer, store, state, short_prompts, args, out=result["throughput"],
+                             on_point=lambda: save(result, args.out))
         result["load_avg_end"] = load()
         result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    result["complete"] = True
+    save(result, args.out)
     print(f"wrote {args.out}")
     return 0
 
