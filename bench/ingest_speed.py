@@ -1,6 +1,6 @@
 """Ingest throughput and memory on real LawBench lines; writes bench/results/ingest_speed.json.
 
-    .venv/bin/python bench/ingest_speed.py [--records 100000] [--small 20000] [--repeats 3] [--before REV|FILE]
+    .venv/bin/python bench/ingest_speed.py [--records 100000] [--small 20000] [--repeats 3] [--before REV|DIR]
 
 What it measures, all in one run on one CPU core (the process is pinned where the OS allows):
   baseline      json.loads + sha256 per line: the floor any JSONL ingest pays
@@ -10,9 +10,10 @@ What it measures, all in one run on one CPU core (the process is pinned where th
                 every copy of a line is a near-duplicate of the first (the worst case for the index)
   peak RSS      of a fresh process ingesting a small file and a 10x larger one (exact dedup, and
                 with near-dup, whose in-memory index grows with the records stored)
-  before        (--before) the exact-dedup ingest of an older pipelines/ingest.py (a git revision, or
-                a copy of the file where there is no git history), timed in the same runs, interleaved
-                with the current code, so a speed-up is measured on one machine in one sitting
+  before        (--before) the exact-dedup ingest of older code (pipelines/ingest.py and the
+                daemon/store.py that creates the store; a git revision, or a folder with copies of both
+                where there is no git history), timed in the same runs, interleaved with the current
+                code, so a speed-up is measured on one machine in one sitting
 Lines are real LawBench records replicated with a counter appended to the query so every one is
 unique. Token limits are raised so that every valid record is stored (the slow path), not rejected.
 """
@@ -75,10 +76,11 @@ def baseline(path: Path) -> float:
     return n / (time.perf_counter() - t)
 
 
-def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path, ingest=ingest_file) -> dict:
+def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path, ingest=ingest_file,
+                 store_cls: type = Store) -> dict:
     """Ingest into a fresh store; wall time includes the commit (WAL write and checkpoint)."""
     db = workdir / f"bench-{time.monotonic_ns()}.db"
-    store = Store(db)
+    store = store_cls(db)
     totals = {"records_total": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
     t = time.perf_counter()
     for p in paths:
@@ -92,28 +94,43 @@ def timed_ingest(paths: list[Path | str], cfg: DataConfig, workdir: Path, ingest
     return {**totals, "seconds": round(seconds, 3), "records_per_s": round(totals["records_total"] / seconds)}
 
 
-def load_before(spec: str, workdir: Path) -> tuple[object, dict]:
-    """The ``ingest_file`` of an older pipelines/ingest.py: ``spec`` is a file, or a git revision of this repo."""
-    path = Path(spec)
-    if path.is_file():
-        source, where = path.read_bytes(), {"file": str(path)}
+BEFORE_FILES = ("pipelines/ingest.py", "daemon/store.py")  # the code whose speed --before compares
+
+
+def load_before(spec: str, workdir: Path) -> tuple[object, type, dict]:
+    """``ingest_file`` and ``Store`` of older code: ``spec`` is a git revision of this repo, or a folder
+    holding copies of BEFORE_FILES (where there is no git history, e.g. a copied working tree)."""
+    folder = Path(spec)
+    sources, where = {}, {}
+    if folder.is_dir():
+        missing = [f for f in BEFORE_FILES if not (folder / f).is_file()]
+        if missing:
+            sys.exit(f"--before {spec!r}: the folder lacks {', '.join(missing)}")
+        sources = {f: (folder / f).read_bytes() for f in BEFORE_FILES}
+        where = {"folder": str(folder)}
     else:
         try:
-            source = subprocess.run(["git", "show", f"{spec}:pipelines/ingest.py"], cwd=ROOT, check=True,
-                                    capture_output=True).stdout
+            for f in BEFORE_FILES:
+                sources[f] = subprocess.run(["git", "show", f"{spec}:{f}"], cwd=ROOT, check=True,
+                                            capture_output=True).stdout
             commit = subprocess.run(["git", "rev-parse", spec], cwd=ROOT, check=True, capture_output=True,
                                     text=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError) as e:
-            sys.exit(f"--before {spec!r}: not a file, and git cannot show pipelines/ingest.py at that revision "
-                     f"({getattr(e, 'stderr', b'') or e}); pass a copy of the old file instead")
+            sys.exit(f"--before {spec!r}: not a folder, and git cannot show {', '.join(BEFORE_FILES)} at that "
+                     f"revision ({getattr(e, 'stderr', b'') or e}); pass a folder with copies of them instead")
         where = {"git_revision": spec, "commit": commit}
-    copy = workdir / "ingest_before.py"
-    copy.write_bytes(source)
-    module_spec = importlib.util.spec_from_file_location("ingest_before", copy)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules["ingest_before"] = module  # dataclasses look their module up while the class is built
-    module_spec.loader.exec_module(module)
-    return module.ingest_file, {**where, "sha256": hashlib.sha256(source).hexdigest()}
+    modules = {}
+    for f, source in sources.items():
+        name = Path(f).stem + "_before"
+        copy = workdir / f"{name}.py"
+        copy.write_bytes(source)
+        module_spec = importlib.util.spec_from_file_location(name, copy)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        module_spec.loader.exec_module(module)
+        modules[f] = module
+    digests = {f: hashlib.sha256(source).hexdigest() for f, source in sources.items()}
+    return modules["pipelines/ingest.py"].ingest_file, modules["daemon/store.py"].Store, {**where, "sha256": digests}
 
 
 def _vm_hwm_kib() -> int:
@@ -156,7 +173,7 @@ def git_commit() -> dict:
             return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
-    status = git("status", "--porcelain", "--", "pipelines/ingest.py", "bench/ingest_speed.py")
+    status = git("status", "--porcelain", "--", *BEFORE_FILES, "bench/ingest_speed.py")
     return {"commit": git("rev-parse", "HEAD"), "ingest_code_uncommitted": bool(status) if status is not None else None}
 
 
@@ -175,8 +192,9 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000, help="records in the throughput file")
     ap.add_argument("--small", type=int, default=20_000, help="records in the small RSS file (the large is 10x)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    ap.add_argument("--before", metavar="REV|FILE",
-                    help="also time an older pipelines/ingest.py (git revision or file), interleaved")
+    ap.add_argument("--before", metavar="REV|DIR",
+                    help="also time older pipelines/ingest.py + daemon/store.py (git revision, or a folder "
+                         "holding both), interleaved")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest_speed.json"))
     ap.add_argument("--rss-child", metavar="FILE", help=argparse.SUPPRESS)
     ap.add_argument("--near", action="store_true", help=argparse.SUPPRESS)
@@ -195,13 +213,14 @@ def main() -> None:
         print(f"throughput file: {args.records} records, {size / 1e6:.1f} MB", file=sys.stderr)
         exact_cfg = DataConfig(near_dup_threshold=1.0, **BIG_LIMITS)
         near_cfg = DataConfig(near_dup_threshold=0.9, **BIG_LIMITS)
-        before_ingest, before_source = load_before(args.before, workdir) if args.before else (None, None)
+        before_ingest, before_store, before_source = (load_before(args.before, workdir) if args.before
+                                                      else (None, None, None))
         base_runs, exact_runs, before_runs = [], [], []
         for _ in range(args.repeats):  # interleaved, so all see the same machine load
             base_runs.append(round(baseline(big)))
             exact_runs.append(timed_ingest([big], exact_cfg, workdir))
             if before_ingest is not None:
-                before_runs.append(timed_ingest([big], exact_cfg, workdir, before_ingest))
+                before_runs.append(timed_ingest([big], exact_cfg, workdir, before_ingest, before_store))
         real = lawbench_files()
         near_real = [timed_ingest(real, near_cfg, workdir) for _ in range(args.repeats)]
         exact_real = [timed_ingest(real, exact_cfg, workdir) for _ in range(args.repeats)]
@@ -219,11 +238,12 @@ def main() -> None:
         extra = {}
         if before_runs:
             extra["before_change"] = {
-                "ingest_py": before_source,
+                "code": before_source,
                 "exact_dedup": {"records_per_s": med(before_runs), "runs": before_runs},
                 "speedup_median": round(med(exact_runs) / med(before_runs), 3),
                 "speedup_best": round(best(exact_runs) / best(before_runs), 3),
-                "note": "the same file, config and store setup; runs interleaved with exact_dedup's"}
+                "note": "the same file and config, the old code's own store setup; runs interleaved with "
+                        "exact_dedup's"}
         result = {
             "benchmark": "ingest_speed",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -255,7 +275,7 @@ def main() -> None:
             "notes": ["wall time includes the file's sha256 pass and the one-transaction commit (WAL write and "
                       "checkpoint into lorad.db)",
                       "peak RSS with exact dedup should not grow with the file (it includes SQLite's page cache, "
-                      "raised to a fixed 32 MiB cap while a file is ingested); with near-dup the in-memory index "
+                      "raised to a fixed 16 MiB cap while a file is ingested); with near-dup the in-memory index "
                       "holds one 128 x uint32 signature per stored record, so it grows with the store"],
         }
         out = Path(args.out)

@@ -107,3 +107,28 @@ def test_the_page_cache_is_restored_after_an_ingest(tmp_path):
         before = store.query_one("PRAGMA cache_size")[0]
         assert ing.ingest_file(path, store, DataConfig()).accepted == 1
         assert store.query_one("PRAGMA cache_size")[0] == before
+
+
+def test_a_state_folder_from_before_still_deduplicates(tmp_path):
+    """A database created with 4 KiB pages (every store before PAGE_SIZE) keeps its pages and its dedup."""
+    import sqlite3
+
+    from daemon.store import PAGE_SIZE, Store
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj, _ in PINNED), encoding="utf-8")
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute("PRAGMA page_size = 4096")
+    con.execute("PRAGMA journal_mode = WAL")
+    con.close()
+    with Store(old) as store:
+        first = ing.ingest_file(path, store, DataConfig())
+    with Store(old) as store:
+        assert store.query_one("PRAGMA page_size")[0] == 4096
+        again = ing.ingest_file(path, store, DataConfig())
+        hashes = [r[0] for r in store.query("SELECT content_hash FROM records ORDER BY id")]
+    assert (first.accepted, again.accepted, again.duplicates) == (len(PINNED), 0, len(PINNED))
+    assert hashes == [h for _, h in PINNED]
+    with Store(tmp_path / "new.db") as store:
+        assert store.query_one("PRAGMA page_size")[0] == PAGE_SIZE
