@@ -251,8 +251,8 @@ class Normaliser:
         self.clean = Cleaner(cfg.strip_patterns)
         self.count_tokens = count_tokens or estimate_tokens
         # System prompts repeat on every record of a task: raw value -> (cleaned, its JSON message with the
-        # trailing comma as text and UTF-8, its token count). Counts are cached only for the built-in estimate (a pure
-        # function); a caller's counter is called exactly as before.
+        # trailing comma as text and as UTF-8, its token count). Counts are cached only for the built-in
+        # estimate (a pure function); a caller's counter is called exactly as before.
         self._systems: dict[str, tuple[str, str, bytes, int | None]] = {}
         self._pure_counter = self.count_tokens is estimate_tokens
 
