@@ -24,8 +24,13 @@ random weights; records of 64-512 tokens, seeded):
   parity_hf, parity_lorad   LawBench records, same LoRA targets, lr and schedule, one pass each
                (equal tokens), held-out loss; --model-dir holds config + tokenizer, with or without
                weights (without: a seeded random model of that shape)
-CPU cases (135M SmolLM2 default, fp32 for both since fp16 is not usable on CPU):
-  cpu_seed, cpu_lorad (lorad defaults: all-linear), cpu_lorad_qv (the seed's q_proj,v_proj LoRA).
+CPU cases (135M SmolLM2 default, fp32 weights; the seed recipe's fp16 is not usable on CPU, so it runs fp32):
+  cpu_seed        the seed recipe (HF Trainer + PEFT q/v, batch 2 x accumulation 8, padded), fp32: the baseline
+  cpu_seed_bf16   the same with HF's bf16=True (autocast): what its user gets on a CPU with bf16 units
+  cpu_lorad       lorad's defaults (all-linear LoRA, the CPU speed plan: bf16 autocast where the CPU has AMX)
+  cpu_lorad_qv    the same with the seed's q_proj,v_proj LoRA; cpu_lorad_fp32: lorad's defaults, no autocast
+  Measure on 2 quiet pinned cores: taskset -c 0,1 python -m bench.train_speed cpu --out DIR --model-dir M
+  --rounds 3 [--parity]; then `cpu-update --cpu DIR/cpu.json --note ...` writes only the CPU keys.
 LORAD_BENCH_TINY=1 shrinks the 7B shape to a toy one, to smoke-test the GPU cases on a CPU.
 """
 
@@ -355,15 +360,18 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        if kind == "cpu_seed":
+        if kind in ("cpu_seed", "cpu_seed_bf16"):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             n_params = sum(p.numel() for p in model.parameters())
             data = records(600, model.config.vocab_size)
-            settings = dict(targets=["q_proj", "v_proj"], batch=2, accum=8)
+            # cpu_seed_bf16: not the seed recipe (fp16, which a CPU cannot use, so fp32 stands in for it) but what
+            # its user gets with HF's bf16=True (autocast) on a CPU with bf16 units: the fair yardstick for
+            # lorad's bf16 plan on such a CPU.
+            settings = dict(targets=["q_proj", "v_proj"], batch=2, accum=8, bf16=kind == "cpu_seed_bf16")
             r = hf_trainer_run(model, data, steps=steps, out_dir=tmp, cpu=True, **settings)
-            settings["dtype"] = "float32"
+            settings["dtype"] = "float32 weights, bf16 autocast" if settings["bf16"] else "float32"
         else:
             from pipelines.models import load_base_model
 
@@ -374,9 +382,14 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
             overrides = {"micro_batch_size": 1, "grad_accum_steps": 2}
             if kind == "cpu_lorad_qv":   # the seed recipe's LoRA (q_proj, v_proj): isolates the loop from the LoRA choice
                 overrides["lora_targets"] = "q_proj,v_proj"
-            r = lorad_run(model, tok, data, cfg_overrides=overrides, steps=steps, max_seq_len=2048, out_dir=tmp)
+            # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without AMX runs)
+            speed = {"autocast": False} if kind == "cpu_lorad_fp32" else {}
+            r = lorad_run(model, tok, data, cfg_overrides=overrides, steps=steps, max_seq_len=2048, out_dir=tmp,
+                          **speed)
+            plan = r["outcome"].speed
             settings = {"lora_targets": "all-linear", **overrides, "max_seq_len": 2048, "packing": True,
-                        "dtype": "float32", "plan": r["outcome"].speed}
+                        "dtype": "float32 weights" + (", bf16 autocast" if plan.get("autocast") else ""),
+                        "plan": plan}
     return {"case": kind, "settings": settings, "n_params": n_params, "threads": torch.get_num_threads(),
             **rate(r["marks"], warmup)}
 
@@ -580,11 +593,11 @@ def cpu_main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {"info": device_info(), "cases": {}, "rounds": []}
     extra = ["--steps", str(args.steps), "--warmup", "1", "--model-dir", args.model_dir]
-    names = ("cpu_seed", "cpu_lorad", "cpu_lorad_qv")
+    names = tuple(args.cases.split(","))
     for r in range(args.rounds):   # alternate the cases, since the 2 cores are shared with other work
         for name in names:
             res = run_case(name, str(out / f"case_{name}_{r}.json"), extra, 3600)
-            results["rounds"].append(res)
+            results["rounds"].append({**res, "round": r})
     for name in names:
         runs = [x for x in results["rounds"] if x.get("case") == name and "tokens_per_second" in x]
         if runs:
@@ -597,6 +610,8 @@ def cpu_main(args) -> dict:
             results["cases"][name] = run_case(name, str(out / f"case_{name}.json"), pe, 3600)
     (out / "cpu.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v.get("tokens_per_second", v.get("heldout_loss")) for k, v in results["cases"].items()}))
+    summary = cpu_summary([str(out / "cpu.json")])
+    print(json.dumps({k: v for k, v in summary.items() if k != "cpu_cases"}, indent=1))
     return results
 
 
@@ -670,6 +685,63 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def cpu_summary(paths: list[str]) -> dict:
+    """The CPU keys of the results file from ``cpu`` runs: speed-ups per round (same-run baselines), then means.
+
+    cpu_speedup_vs_hf is the headline: lorad's defaults (all-linear LoRA, the CPU speed plan) against the
+    seed recipe (HF Trainer + PEFT q/v, fp32 on CPU); the others isolate the LoRA choice (same targets),
+    bf16 (lorad without autocast) and HF's own bf16 autocast.
+    """
+    pairs = {"cpu_speedup_vs_hf": ("cpu_lorad", "cpu_seed"),
+             "cpu_speedup_vs_hf_same_lora_targets": ("cpu_lorad_qv", "cpu_seed"),
+             "cpu_speedup_vs_hf_lorad_fp32": ("cpu_lorad_fp32", "cpu_seed"),
+             "cpu_speedup_vs_hf_bf16": ("cpu_lorad", "cpu_seed_bf16"),
+             "cpu_speedup_vs_hf_bf16_same_lora_targets": ("cpu_lorad_qv", "cpu_seed_bf16")}
+    cases, rounds = {}, []
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        for name, case in (run.get("cases") or {run.get("case"): run}).items():
+            cases[name] = case
+        by_round: dict[int, dict] = {}
+        for i, case in enumerate(run.get("rounds", [])):   # older runs: rounds of (seed, lorad, lorad_qv), no key
+            by_round.setdefault(case.get("round", i // 3), {})[case.get("case")] = case
+        for got in by_round.values():
+            ratio = {}
+            for key, (num, den) in pairs.items():
+                for metric in ("tokens_per_second", "tokens_per_cpu_second"):
+                    if metric in got.get(num, {}) and metric in got.get(den, {}):
+                        ratio[f"{num}/{den}/{metric}"] = got[num][metric] / got[den][metric]
+            rounds.append(ratio)
+    out = {key: _mean([r.get(f"{num}/{den}/tokens_per_second") for r in rounds]) for key, (num, den) in pairs.items()}
+    ph, pl = cases.get("parity_hf", {}), cases.get("parity_lorad", {})
+    if "heldout_loss" in ph and "heldout_loss" in pl:
+        out["cpu_quality_parity"] = {
+            "metric": "held-out token-mean cross-entropy after one pass over the same LawBench records (equal tokens)",
+            "hf_trainer": ph["heldout_loss"], "lorad": pl["heldout_loss"],
+            "relative_difference": (pl["heldout_loss"] - ph["heldout_loss"]) / ph["heldout_loss"],
+            "lorad_plan": pl.get("settings", {}).get("plan")}
+    return {**out, "cpu_speedup_per_round": rounds, "cpu_cases": cases}
+
+
+def cpu_update_main(args) -> None:
+    """Replace only the CPU part of an existing results file (the GPU figures stay as measured)."""
+    path = Path(args.results)
+    doc = json.loads(path.read_text())
+    cpu = cpu_summary(args.cpu)
+    for key in [k for k in doc if k.startswith("cpu_")]:
+        doc.pop(key)
+    doc.update(cpu)
+    doc["cpu_info"] = {**json.loads(Path(args.cpu[0]).read_text()).get("info", {}), "note": args.note}
+    doc["tokens_per_second"] = {**{k: v for k, v in doc.get("tokens_per_second", {}).items() if not k.startswith("cpu")},
+                                **{k: round(v["tokens_per_second"], 1) for k, v in cpu["cpu_cases"].items()
+                                   if "tokens_per_second" in v}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    print(json.dumps({k: v for k, v in cpu.items() if k.startswith("cpu_speedup_vs") or k == "cpu_quality_parity"},
+                     indent=1))
+
+
 def merge_main(args) -> None:
     """Combine the device runs (each with its baselines measured in the same run) into one results file."""
     gpu_cases, runs = {}, []
@@ -682,22 +754,8 @@ def merge_main(args) -> None:
     info = runs[0]["info"] if runs else {}
     wrapped = {"info": info, "cases": gpu_cases}
     summarize_gpu(wrapped)
-    cpu_cases, cpu_rounds = {}, []
-    for path in args.cpu:
-        run = json.loads(Path(path).read_text())
-        for name, case in (run.get("cases") or {run.get("case"): run}).items():
-            cpu_cases[name] = case
-        by_round: dict[int, dict] = {}
-        for i, case in enumerate(run.get("rounds", [])):   # cases ran in rounds of (seed, lorad, lorad_qv)
-            by_round.setdefault(i // 3, {})[case.get("case")] = case
-        for cases in by_round.values():
-            seed = cases.get("cpu_seed", {})
-            ratio = {}
-            for name in ("cpu_lorad", "cpu_lorad_qv"):
-                for metric in ("tokens_per_second", "tokens_per_cpu_second"):
-                    if metric in cases.get(name, {}) and metric in seed:
-                        ratio[f"{name}/{metric}"] = cases[name][metric] / seed[metric]
-            cpu_rounds.append(ratio)
+    cpu = cpu_summary(args.cpu)
+    cpu_cases = cpu.pop("cpu_cases")
     g, c = gpu_cases, cpu_cases
     ph, pl = g.get("parity_hf") or c.get("parity_hf") or {}, g.get("parity_lorad") or c.get("parity_lorad") or {}
     tps = {k: round(v["tokens_per_second"], 1) for k, v in {**g, **c}.items() if "tokens_per_second" in v}
@@ -712,9 +770,7 @@ def merge_main(args) -> None:
         "qlora": {k: {x: g[k].get(x) for x in ("peak_allocated_gib", "peak_reserved_gib", "allocated_after_load_gib",
                                                 "tokens_per_second", "settings")}
                   for k in ("qlora_stock", "qlora_lorad", "qlora_lorad_noamp") if k in g},
-        "cpu_speedup_vs_hf": _mean([r.get("cpu_lorad/tokens_per_second") for r in cpu_rounds]),
-        "cpu_speedup_vs_hf_same_lora_targets": _mean([r.get("cpu_lorad_qv/tokens_per_second") for r in cpu_rounds]),
-        "cpu_speedup_per_round": cpu_rounds,
+        **cpu,
         "quality_parity": {
             "metric": "held-out token-mean cross-entropy after one pass over the same LawBench records (equal tokens)",
             "hf_trainer": ph.get("heldout_loss"), "lorad": pl.get("heldout_loss"),
@@ -769,11 +825,16 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--model-dir", required=True)
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--rounds", type=int, default=1)
+    c.add_argument("--cases", default="cpu_seed,cpu_seed_bf16,cpu_lorad,cpu_lorad_qv,cpu_lorad_fp32")
     c.add_argument("--parity", action="store_true")
     c.add_argument("--n-train", type=int, default=160)
     c.add_argument("--n-holdout", type=int, default=40)
     c.add_argument("--max-seq-len", type=int, default=1024)
     c.add_argument("--lr", type=float, default=1e-3)
+    cu = sub.add_parser("cpu-update", help="replace only the CPU part of a results file with cpu runs")
+    cu.add_argument("--cpu", nargs="+", required=True, help="cpu.json of each run")
+    cu.add_argument("--results", default=str(ROOT / "bench/results/train_speed.json"))
+    cu.add_argument("--note", default="", help="where and how the CPU runs were measured")
     ch = sub.add_parser("check")
     ch.add_argument("--out", default="")
     m = sub.add_parser("merge")
@@ -794,7 +855,8 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--max-seq-len", type=int, default=1024)
     k.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
-    {"gpu": gpu_main, "cpu": cpu_main, "merge": merge_main, "case": case_main, "check": check_main}[args.cmd](args)
+    {"gpu": gpu_main, "cpu": cpu_main, "merge": merge_main, "case": case_main, "check": check_main,
+     "cpu-update": cpu_update_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

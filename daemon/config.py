@@ -123,7 +123,8 @@ class ModelConfig:
     base_model: str = _f("embedded:SmolLM2-135M-Instruct",
                          "local HF model directory, .gguf file, hub id, or the embedded default")
     revision: str = _f("", "hub revision (branch, tag or commit) when base_model is a hub id; empty = default")
-    dtype: str = _f("auto", "compute dtype; auto = bf16 on recent GPUs, fp16 on older, fp32 on CPU",
+    dtype: str = _f("auto", "compute dtype; auto = bf16 on recent GPUs, fp16 on older, fp32 on CPU (training "
+                            "matmuls in bf16 autocast where the CPU has AMX)",
                     choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = _f("auto", "load the base weights quantized with bitsandbytes (QLoRA); auto = 4bit on a GPU "
                            "too small for the 16-bit weights, else none (the choice is logged at startup)",

@@ -44,7 +44,7 @@ class Hardware:
     name: str = "cpu"
     gpu_memory_bytes: int | None = None
     gpu_count: int = 0
-    bf16: bool = False
+    bf16: bool = False         # GPU: bf16 supported; CPU: bf16 matrix units (AMX), see cpu_bf16_matmul
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class HardwarePlan:
     quantization: str
     micro_batch_size: int
     reason: str
+    train_compute: str = ""    # the dtype training matmuls run in (bf16 autocast over fp32/bf16 weights, or dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,15 +81,20 @@ def _pow2_floor(x: float) -> int:
 def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_len: int = 4096) -> HardwarePlan:
     """Pick dtype, quantization and micro-batch size for training/serving on ``hw``.
 
-    CPU: float32 (half-precision matmuls are slow or missing on CPUs), no quantization, micro-batch 4.
+    CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization,
+    micro-batch 4; training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: about 10x
+    its fp32 matmul rate, measured in bench/train_speed.py), else fp32.
     CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
     the 16-bit weights plus one sequence's activations do not fit the usable memory; the micro-batch
     is the largest power of two (1..16) whose activations fit what the weights leave free.
     """
     shape = shape or ModelShape()
     if hw.device != "cuda" or not hw.gpu_memory_bytes:
+        compute = "bfloat16" if hw.bf16 else "float32"
         return HardwarePlan("cpu", "float32", "none", CPU_MICRO_BATCH,
-                            "no CUDA GPU: float32, no quantization, micro-batch 4")
+                            "no CUDA GPU: float32, no quantization, micro-batch 4; training matmuls in "
+                            + ("bf16 autocast (the CPU has AMX bf16 units)" if hw.bf16 else "float32 (no AMX)"),
+                            train_compute=compute)
     dtype = "bfloat16" if hw.bf16 else "float16"
     usable = hw.gpu_memory_bytes * USABLE_FRACTION - RESERVE_BYTES
     mem = f"{hw.gpu_memory_bytes / GiB:.0f} GiB {hw.name}"
@@ -97,7 +103,7 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
         mb = 8 if hw.gpu_memory_bytes >= 70 * GiB else 4 if hw.gpu_memory_bytes >= 32 * GiB else \
             2 if hw.gpu_memory_bytes >= 16 * GiB else 1
         return HardwarePlan("cuda", dtype, "none", mb, f"{mem}, model size unknown: {dtype}, no quantization, "
-                                                       f"micro-batch {mb} by card size")
+                                                       f"micro-batch {mb} by card size", train_compute=dtype)
     per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
     full_seq = ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
     weights16 = 2 * shape.params
@@ -113,10 +119,27 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
     mb = max(1, min(MAX_MICRO_BATCH, _pow2_floor(headroom / per_seq))) if headroom > per_seq else 1
     if headroom < per_seq:
         why += "; even one sequence may not fit: lower data.max_seq_len or use train.distributed fsdp"
-    return HardwarePlan("cuda", dtype, quantization, mb, f"{mem}: {why}; micro-batch {mb} at {max_seq_len} tokens")
+    return HardwarePlan("cuda", dtype, quantization, mb, f"{mem}: {why}; micro-batch {mb} at {max_seq_len} tokens",
+                        train_compute=dtype)
 
 
 # ----------------------------------------------------------------------------- gathering the inputs
+
+
+def cpu_bf16_matmul() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (Intel AMX) and torch's oneDNN uses it.
+
+    Only AMX counts: there a bf16 matmul runs about 10x the fp32 rate (bench/train_speed.py measures it
+    in its "cpu" mode), which pays for autocast's casts many times over. CPUs with only AVX512-BF16
+    dot products (some AMD Zen 4, Cooper Lake) gain far less; they keep fp32 until measured.
+    """
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and amx is not None and amx())
+    except RuntimeError:   # a torch build without the cpuinfo query
+        return False
 
 
 def detect_hardware(device: str = "auto") -> Hardware:
@@ -124,7 +147,7 @@ def detect_hardware(device: str = "auto") -> Hardware:
     import torch
 
     if device == "cpu" or not torch.cuda.is_available():
-        return Hardware("cpu")
+        return Hardware("cpu", bf16=cpu_bf16_matmul())
     props = torch.cuda.get_device_properties(0)
     return Hardware("cuda", name=props.name, gpu_memory_bytes=int(props.total_memory),
                     gpu_count=torch.cuda.device_count(), bf16=bool(torch.cuda.is_bf16_supported()))

@@ -313,7 +313,8 @@ def chunked_loss_sum(model: Any, ids, labels, pos, *, chunk_tokens: int = 2048,
         weights = weights[:, 1:].reshape(-1)[keep].float()
 
     if torch.is_grad_enabled() and hidden.requires_grad and _fusable_head(head):
-        return _head_cross_entropy().apply(hidden, head.weight, target, chunk_tokens, weights)
+        weight = getattr(head, "lorad_compute_weight", head.weight)   # the run's bf16 copy (CPU autocast)
+        return _head_cross_entropy().apply(hidden, weight, target, chunk_tokens, weights)
 
     def piece(h, t, w):
         ce = F.cross_entropy(head(h).float(), t, reduction="none")
@@ -352,22 +353,35 @@ def _head_cross_entropy():
         def forward(ctx, hidden, weight, target, chunk_tokens, token_weights=None):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden)
-            rows = torch.arange(min(chunk_tokens, max(1, target.numel())), device=hidden.device)
-            for s in range(0, target.numel(), chunk_tokens):
+            n = target.numel()
+            c = min(chunk_tokens, max(1, n))
+            rows = torch.arange(c, device=hidden.device)
+            # Two [chunk x vocab] work buffers reused by every chunk: on CPU a fresh tensor this size costs a
+            # page fault per 4 KiB, which here took as long as the arithmetic on it.
+            logits = torch.empty((c, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+            logits32 = logits if weight.dtype == torch.float32 else torch.empty(logits.shape, dtype=torch.float32,
+                                                                                 device=hidden.device)
+            logp = torch.empty(logits.shape, dtype=torch.float32, device=hidden.device)
+            for s in range(0, n, chunk_tokens):
                 h, t = hidden[s:s + chunk_tokens].to(weight.dtype), target[s:s + chunk_tokens]
-                logits = (h @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                r = rows[:t.numel()]
+                m, r = t.numel(), rows[:t.numel()]
+                torch.mm(h, weight.t(), out=logits[:m])
+                if logits32 is not logits:
+                    logits32[:m].copy_(logits[:m])
+                torch.log_softmax(logits32[:m], dim=-1, out=logp[:m])
+                picked = logp[r, t]
                 if token_weights is None:
-                    total += (lse - logits[r, t]).sum()
+                    total -= picked.sum()
                 else:   # per-token loss weights scale each token's loss and so its gradient row
                     w = token_weights[s:s + chunk_tokens]
-                    total += (w * (lse - logits[r, t])).sum()
-                probs = logits.sub_(lse[:, None]).exp_()   # softmax, in place of the logits
+                    total -= (w * picked).sum()
+                probs = logp[:m].exp_()   # softmax, in place of the log-probabilities
                 probs[r, t] -= 1.0
                 if token_weights is not None:
                     probs.mul_(w[:, None])
-                grad[s:s + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                if probs.dtype != weight.dtype:
+                    probs = logits[:m].copy_(probs)   # the head's dtype, as autograd would compute the gradient
+                grad[s:s + chunk_tokens] = (probs @ weight).to(grad.dtype)
             ctx.save_for_backward(grad)
             return total
 
@@ -394,7 +408,8 @@ class SpeedPlan:
     attention: str            # "flash-varlen" (CUDA), "per-example" (padded SDPA over the packed examples),
     #                           "mask" (transformers' block mask over whole rows: the reference)
     compile_layers: bool      # torch.compile each decoder layer
-    autocast: str | None      # "bfloat16" on CUDA with a bf16 base, else None (weights' own dtype)
+    autocast: str | None      # "bfloat16" on CUDA with a bf16 base and on CPUs with bf16 matrix units, else None
+    lora_kernel: str = "peft"  # "fused": one autograd node per LoRA linear (CPU); "peft": PEFT's own forward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -421,15 +436,17 @@ def _varlen_attn():
 
 
 def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_layers: str | bool = "auto",
-               autocast: str | bool = "auto", max_seq_len: int = 0) -> SpeedPlan:
+               autocast: str | bool = "auto", max_seq_len: int = 0, lora_kernel: str = "auto") -> SpeedPlan:
     """Choose the fast path for this model on this device; "auto" everywhere is the production default.
 
     Args:
         attention: "auto" (packed attention where exact, varlen flash on CUDA), "mask" (transformers'
             block mask, the reference), "per-example" or "flash-varlen" (forced).
         compile_layers: "auto" (CUDA, unquantized, varlen flash), True or False.
-        autocast: "auto" (bf16 on CUDA when the base is bf16), True or False.
+        autocast: "auto" (bf16 on CUDA when the base is bf16; on a CPU with bf16 matrix units, AMX, when
+            the base is fp32 or bf16: ``pipelines.hardware.cpu_bf16_matmul``), True or False.
         max_seq_len: the run's sequence length (a sliding window shorter than it disables packed attention).
+        lora_kernel: "auto" (fused on CPU for an unquantized base), "fused" or "peft".
     """
     import torch
 
@@ -457,15 +474,28 @@ def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_laye
         raise ValueError(f"attention 'flash-varlen' needs CUDA and torch.nn.attention.varlen (torch "
                          f"{torch.__version__} on {device}); use 'per-example' or 'auto'")
     if autocast == "auto":
-        autocast = cuda and dtype == torch.bfloat16
+        if cuda:
+            autocast = dtype == torch.bfloat16
+        else:
+            from pipelines.hardware import cpu_bf16_matmul
+
+            autocast = dtype in (torch.float32, torch.bfloat16) and not is_quantized(model) and cpu_bf16_matmul()
     if compile_layers == "auto":
         compile_layers = cuda and attention == "flash-varlen" and not is_quantized(model)
+    if lora_kernel == "auto":
+        lora_kernel = "fused" if not cuda and not is_quantized(model) else "peft"
+    elif lora_kernel not in ("fused", "peft"):
+        raise ValueError(f"lora_kernel must be auto, fused or peft, got {lora_kernel!r}")
     return SpeedPlan(attention=attention, compile_layers=bool(compile_layers),
-                     autocast="bfloat16" if autocast else None)
+                     autocast="bfloat16" if autocast else None, lora_kernel=lora_kernel)
 
 
-def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any) -> dict:
-    """Decoder keyword arguments that tell ``_packed_attention`` where each packed example starts."""
+def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any, loop: bool | None = None) -> dict:
+    """Decoder keyword arguments that tell ``_packed_attention`` where each packed example starts.
+
+    ``loop`` (per-example attention): one SDPA call per example instead of padded batches of them;
+    None = on CPU.
+    """
     import torch
 
     if plan.attention == "mask":
@@ -474,7 +504,13 @@ def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any) -> dict:
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     kwargs = {"lorad_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
               "lorad_max_seqlen": longest}
-    if plan.attention == "per-example":
+    if plan.attention == "per-example" and (torch.device(device).type == "cpu" if loop is None else loop):
+        # On CPU the attention kernels' time follows the padded work, not the number of calls (measured:
+        # examples of 64-512 tokens, one call each on views of q/k/v, took half the time of one padded
+        # call, and no gather/scatter of q, k, v and the output is needed).
+        width = pos_cpu.shape[-1]
+        kwargs["lorad_segments"] = tuple((a // width, a % width, b - a) for a, b in zip(bounds, bounds[1:]))
+    elif plan.attention == "per-example":
         groups, inverse = _segment_groups(bounds)
         kwargs["lorad_groups"] = tuple(g.to(device) for g in groups)
         kwargs["lorad_inverse"] = inverse.to(device) if inverse is not None else None
@@ -484,11 +520,10 @@ def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any) -> dict:
 def _segment_groups(bounds: list[int]):
     """Packed examples as padded [examples x longest] index batches, one SDPA call each.
 
-    One call for all examples is fastest while padding stays moderate (on CPU each attention
-    backward call has a large fixed cost); past 4x padding, examples are grouped by length
-    (within 2x of each group's longest). Pads index one past the end (a zero row). Returns the
-    index batches and the permutation that puts the concatenated outputs back in stream order
-    (None when they already are).
+    One call for all examples is fastest on a GPU while padding stays moderate; past 4x padding,
+    examples are grouped by length (within 2x of each group's longest). Pads index one past the
+    end (a zero row). Returns the index batches and the permutation that puts the concatenated
+    outputs back in stream order (None when they already are).
     """
     import torch
 
@@ -537,6 +572,16 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     b, h, length, d = query.shape
     hk, dv = key.shape[1], value.shape[-1]
     scale = scaling if scaling is not None else d ** -0.5
+    segments = kwargs.get("lorad_segments")
+    if segments is not None:   # one causal call per example, on views of its rows of q, k, v
+        p = dropout if module.training else 0.0
+        rows: list[list] = [[] for _ in range(b)]
+        for row, a, n in segments:
+            rows[row].append(F.scaled_dot_product_attention(
+                query[row:row + 1, :, a:a + n], key[row:row + 1, :, a:a + n], value[row:row + 1, :, a:a + n],
+                is_causal=True, scale=scale, dropout_p=p, enable_gqa=hk != h))
+        rows = [torch.cat(r, dim=2) if len(r) > 1 else r[0] for r in rows]
+        return (torch.cat(rows) if b > 1 else rows[0]).transpose(1, 2), None
     q = query.transpose(1, 2).reshape(b * length, h, d)
     k = key.transpose(1, 2).reshape(b * length, hk, d)
     v = value.transpose(1, 2).reshape(b * length, hk, dv)
@@ -575,9 +620,138 @@ def _decoder_layers(model: Any) -> list:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
+# ----------------------------------------------------------------------------- fused LoRA linear (CPU)
+
+DROPOUT_LEVELS = 1 << 16   # dropout draws 16-bit uniform integers: four per 64-bit draw of the seeded generator
+
+
+def dropout_mask(shape: tuple, p: float, dtype: Any, device: Any = "cpu"):
+    """A Bernoulli dropout mask from torch's seeded generator, as bits to AND with a ``dtype`` tensor's bits.
+
+    Returns (keep, scale): ``keep`` is an integer tensor as wide as ``dtype`` holding all ones where a value
+    is kept and 0 where it is dropped, so ``(x.view(int) & keep).view(dtype)`` applies it; kept values are
+    then scaled by ``scale`` = 1 / (1 - p'). torch's dropout spends a float draw and several boolean passes
+    per element (the largest single cost of an all-linear LoRA step on CPU, bench/train_speed.py); here 16
+    random bits per element, four per 64-bit draw, and integer passes cost about half. So p is rounded to
+    a multiple of 2^-16 (p' = 0.05 -> 0.0500031), and the dropout stays unbiased for p'.
+    """
+    import torch
+
+    n = math.prod(shape)
+    level = min(DROPOUT_LEVELS - 1, max(1, round(p * DROPOUT_LEVELS)))
+    threshold = level - DROPOUT_LEVELS // 2   # uniform int16 below it: dropped (probability level / 2^16)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    # min(b, t) - t is 0 where b >= t and negative where b < t (no overflow: t <= 0); its sign bit spread by an
+    # arithmetic shift is -1 (all ones) where dropped; inverted, all ones where kept.
+    keep = bits.view(torch.int16)[:n].view(shape).clamp_max_(threshold).sub_(threshold)
+    keep = keep.bitwise_right_shift_(15).bitwise_not_()
+    width = torch.empty((), dtype=dtype).element_size()
+    if width != 2:
+        keep = keep.to({4: torch.int32, 8: torch.int64}[width])   # sign extension keeps all ones all ones
+    return keep, DROPOUT_LEVELS / (DROPOUT_LEVELS - level)
+
+
+def _masked(x, keep):
+    """x with the values ``keep`` drops set to zero (``keep`` from ``dropout_mask``)."""
+    return (x.view(keep.dtype) & keep).view(x.dtype)
+
+
+@functools.cache
+def _lora_linear():
+    import torch
+
+    class LoraLinear(torch.autograd.Function):
+        """y = x W^T (+ bias) + s * dropout(x) A^T B^T, W frozen, A and B trained: one autograd node.
+
+        PEFT's forward is eight autograd nodes per layer (dropout, two LoRA matmuls, scale, add, each
+        with its own full-size temporary); here the scale s and the dropout scale are folded into the
+        [r x in] / [out x r] factors, the LoRA product is added inside the base matmul's output
+        (addmm), and backward computes only what A, B and x need. Everything runs in ``weight``'s
+        dtype (the bf16 compute copy under autocast on CPU, as autocast would cast); gradients come
+        back in the dtypes of x, A and B.
+        """
+
+        @staticmethod
+        def forward(ctx, x, lora_a, lora_b, weight, bias, scaling, drop_p):
+            dtype = weight.dtype
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+            keep, keep_scale = dropout_mask(x2.shape, drop_p, dtype, x2.device) if drop_p > 0 else (None, 1.0)
+            xd = _masked(x2, keep) if keep is not None else x2
+            a = (lora_a * keep_scale).to(dtype) if keep_scale != 1.0 else lora_a.to(dtype)
+            b = (lora_b * scaling).to(dtype)
+            u = xd @ a.t()
+            y.addmm_(u, b.t())
+            ctx.save_for_backward(xd, u, a, b, weight, keep)
+            ctx.scales = (scaling, keep_scale)
+            ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            xd, u, a, b, weight, keep = ctx.saved_tensors
+            scaling, keep_scale = ctx.scales
+            x_dtype, a_dtype, b_dtype = ctx.dtypes
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
+            grad_u = g @ b
+            grad_x = grad_a = grad_b = None
+            if ctx.needs_input_grad[1]:
+                grad_a = (grad_u.t() @ xd).to(a_dtype) * keep_scale
+            if ctx.needs_input_grad[2]:
+                grad_b = (g.t() @ u).to(b_dtype) * scaling
+            if ctx.needs_input_grad[0]:
+                gx = grad_u @ a
+                if keep is not None:
+                    gx.view(keep.dtype).bitwise_and_(keep)
+                grad_x = gx.addmm_(g, weight).view(*grad_y.shape[:-1], weight.shape[1]).to(x_dtype)
+            return grad_x, grad_a, grad_b, None, None, None, None
+
+    return LoraLinear
+
+
+def _fusable_lora(module: Any) -> bool:
+    """A plain PEFT LoRA linear (one active adapter, no DoRA / variant / bias, frozen nn.Linear base)."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    if type(module) is not Linear or module.merged or module.disable_adapters or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    base = module.get_base_layer()
+    return (name in module.lora_A and not module.use_dora.get(name) and name not in getattr(module, "lora_variant", {})
+            and not module.lora_bias.get(name, False) and not getattr(module, "fan_in_fan_out", False)
+            and type(base) is torch.nn.Linear and not base.weight.requires_grad
+            and type(module.lora_dropout[name]) in (torch.nn.Dropout, torch.nn.Identity))
+
+
+def _fused_lora_forward(module: Any, x, *args, **kwargs):
+    """LoRA linear through ``_lora_linear``; anything unusual at call time takes PEFT's own forward."""
+    import torch
+
+    if args or kwargs or module.merged or module.disable_adapters or len(module.active_adapters) != 1:
+        return type(module).forward(module, x, *args, **kwargs)
+    name = module.active_adapters[0]
+    dropout = module.lora_dropout[name]
+    p = dropout.p if module.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    base = module.get_base_layer()
+    weight = getattr(base, "lorad_compute_weight", base.weight)
+    return _lora_linear().apply(x, module.lora_A[name].weight, module.lora_B[name].weight, weight, base.bias,
+                                module.scaling[name], p)
+
+
+def _frozen_linear_forward(module: Any, x):
+    """A frozen nn.Linear computed with its bf16 compute copy (cast once per run, not once per call)."""
+    import torch.nn.functional as F
+
+    weight = module.lorad_compute_weight
+    bias = module.bias.to(weight.dtype) if module.bias is not None else None
+    return F.linear(x.to(weight.dtype), weight, bias)
+
+
 @contextlib.contextmanager
 def _speed_setup(model: Any, plan: SpeedPlan):
     """Apply the plan to a LoRA-wrapped model for the duration of a run; undo it afterwards."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -593,6 +767,21 @@ def _speed_setup(model: Any, plan: SpeedPlan):
         # touches); under autocast the matmuls run in bf16 anyway, so that copy is pure cost.
         for m in lora_layers:
             m.cast_input_dtype_enabled = False
+    fused = [m for m in lora_layers if plan.lora_kernel == "fused" and _fusable_lora(m)]
+    compute_copies = []
+    cpu = next(model.parameters()).device.type == "cpu"
+    if plan.autocast and cpu:
+        # CPU autocast casts a frozen weight to bf16 at every call (its cast cache keeps only weights that
+        # require grad): keep one bf16 copy per frozen linear for the run instead.
+        dtype = getattr(torch, plan.autocast)
+        for m in model.modules():   # (not FSDP's sharded DTensor weights: its mixed-precision policy casts those)
+            if (type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype != dtype
+                    and not hasattr(m.weight, "full_tensor")):
+                m.lorad_compute_weight = m.weight.detach().to(dtype)
+                compute_copies.append(m)
+                m.forward = functools.partial(_frozen_linear_forward, m)
+    for m in fused:
+        m.forward = functools.partial(_fused_lora_forward, m)
     if plan.compile_layers:
         for layer in _decoder_layers(model):
             # dynamic=True: packed micro-batches change their token count, example count (cu_seqlens) and
@@ -605,6 +794,9 @@ def _speed_setup(model: Any, plan: SpeedPlan):
         _uncompile(model)
         for m in lora_layers:
             m.cast_input_dtype_enabled = True
+        for m in fused + compute_copies:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("lorad_compute_weight", None)
         if plan.attention != "mask" and previous_attention is not None:
             base.set_attn_implementation(previous_attention)
 
@@ -737,14 +929,15 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, sharded: bool = Fals
 def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cfg: TrainConfig,
           max_seq_len: int, packing: bool = True, parent_adapter: Path | None = None,
           max_steps: int | None = None, progress: bool = True, clock: Callable[[], float] = time.monotonic,
-          on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 2048,
+          on_step: Callable[[dict], None] | None = None, chunk_tokens: int = 0,
           should_stop: Callable[[], bool] | None = None, attention: str = "auto",
-          compile_layers: str | bool = "auto", autocast: str | bool = "auto", dist: Any = None) -> TrainOutcome:
+          compile_layers: str | bool = "auto", autocast: str | bool = "auto", lora_kernel: str = "auto",
+          dist: Any = None) -> TrainOutcome:
     """Train a LoRA adapter on tokenized ``examples`` and write it to ``run_dir/adapter``.
 
     Resumes from ``run_dir/checkpoints`` when present (same data and config assumed; the job
-    spec in run_dir guarantees that in the daemon). ``attention``, ``compile_layers`` and
-    ``autocast`` override the per-device speed plan (see ``plan_speed``); "auto" is the default.
+    spec in run_dir guarantees that in the daemon). ``attention``, ``compile_layers``, ``autocast`` and
+    ``lora_kernel`` override the per-device speed plan (see ``plan_speed``); "auto" is the default.
     ``dist`` (a ``pipelines.distributed.Dist``, one per torchrun process) trains under DDP or FSDP2:
     each rank computes its share of every step's micro-batches, rank 0 alone writes files, and
     ``on_step`` runs on every rank with the global record.
@@ -800,8 +993,10 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     sharded = dist is not None and dist.sharded
     if sharded and compile_layers == "auto":
         compile_layers = False   # FSDP's per-layer hooks and compiled layers are not combined here (not measured)
+    if sharded:
+        lora_kernel = "peft"     # FSDP2 shards the LoRA weights into DTensors, which the fused kernel does not take
     plan = plan_speed(model, device, attention=attention, compile_layers=compile_layers, autocast=autocast,
-                      max_seq_len=max_seq_len)
+                      max_seq_len=max_seq_len, lora_kernel=lora_kernel)
     # The module whose forward is the loss: DDP / FSDP2 around the LoRA model when distributed.
     engine = (None if dist is None else
               distributed.wrap(model, dist, chunked_loss_sum, layers=_decoder_layers(model), autocast=plan.autocast))
@@ -824,6 +1019,9 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
                                 f"on another number of GPUs needs train.grad_accum_steps to be a multiple of both")
 
     cuda = device.type == "cuda"
+    # Tokens per LM-head + cross-entropy chunk: on CPU 512 (smaller [chunk x vocab] work buffers) measured
+    # faster than 2048, the GPU's choice.
+    chunk_tokens = chunk_tokens or (2048 if cuda else 512)
 
     def run_micro(idx: list[int], denom: float, last: bool = True):
         """Forward + backward of one micro-batch, in `splits` pieces; returns (loss sum on device, real tokens).
@@ -1088,6 +1286,9 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     cfg = build_config(job["config"])
     from pipelines.hardware import resolve_config
 
+    # An explicit float32 (or float16) model.dtype means matmuls in that dtype; "auto" lets the speed plan use
+    # bf16 autocast over fp32 weights on a CPU with AMX (hardware plan's train_compute), as it does on GPUs.
+    autocast = "auto" if cfg.model.dtype in ("auto", "bfloat16") else False
     cfg, _ = resolve_config(cfg)   # model.dtype/quantization "auto", train.micro_batch_size 0 -> this machine's plan
     m = cfg.model
     model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache",
@@ -1102,7 +1303,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     return train(examples, run_dir=run_dir, model=model, tokenizer=tokenizer, cfg=cfg.train,
                  max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, parent_adapter=parent,
                  max_steps=job.get("max_steps"), progress=progress, on_step=on_step, should_stop=should_stop,
-                 dist=dist)
+                 autocast=autocast, dist=dist)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,9 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
     assert len(plans) == 1
     assert (plans[0].device, plans[0].dtype, plans[0].quantization, plans[0].micro_batch_size) == \
         ("cpu", "float32", "none", 4)
-    labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4"}
+    assert plans[0].train_compute in ("bfloat16", "float32")   # bf16 autocast where the CPU has AMX
+    labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4",
+              "train_compute": plans[0].train_compute}
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
 
