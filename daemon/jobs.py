@@ -231,7 +231,8 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
     report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
                       regression=regression, max_examples=cfg.eval.max_examples,
                       bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,
-                      max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed)
+                      max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
+                      regression_base=cfg.promote.regression_reference == "base")
     decision = should_promote(report, cfg.promote, confidence=cfg.eval.confidence)
     summary = {k: v for k, v in report.items() if k != "per_example"}
     with store.transaction() as tx:

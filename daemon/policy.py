@@ -77,7 +77,8 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
         report: an EvalReport dict with
             ``holdout = {"candidate_loss", "incumbent_loss", "p_value", "n"}`` where ``p_value`` is the
             paired test's probability of seeing this improvement if the candidate were not better;
-            ``regression = {set_name: {"candidate_loss", "incumbent_loss", "n"}}``;
+            ``regression = {set_name: {"candidate_loss", "incumbent_loss", "n"[, "base_loss"]}}``, compared
+            with ``base_loss`` when ``promote.regression_reference`` is "base" and the report has it;
             ``latency = {"candidate_ttft_s", "incumbent_ttft_s"}`` (optional).
         confidence: eval.confidence; the holdout p-value must be <= 1 - confidence.
     """
@@ -97,11 +98,15 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
     if p > 1 - confidence:
         return Decision(False, f"holdout loss {cand:.4f} vs {inc:.4f} ({-gain * 100:+.1f} %) is not significant: "
                                f"p = {_fmt_p(p)} > {1 - confidence:.3g} (n = {n})", "not_significant")
+    reference = getattr(cfg, "regression_reference", "incumbent")
     for name, r in sorted((report.get("regression") or {}).items()):
-        c, i = r["candidate_loss"], r["incumbent_loss"]
+        # promote.regression_reference: the base model's loss when the report has it, else the incumbent's
+        use_base = reference == "base" and r.get("base_loss") is not None
+        c, i = r["candidate_loss"], (r["base_loss"] if use_base else r["incumbent_loss"])
         change = (c - i) / i if i > 0 else 0.0
         if not _finite(c) or change > cfg.regression_tolerance:
-            return Decision(False, f"regression set {name} loss {change * 100:+.1f} % > "
+            return Decision(False, f"regression set {name} loss {change * 100:+.1f} % vs the "
+                                   f"{'base model' if use_base else 'incumbent'} > "
                                    f"{cfg.regression_tolerance * 100:.0f} % tolerance", "regression")
     lat = report.get("latency") or {}
     ct, it = lat.get("candidate_ttft_s"), lat.get("incumbent_ttft_s")

@@ -163,12 +163,13 @@ def _sample(payloads: list[dict], k: int, seed: int) -> list[dict]:
 
 def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | None, holdout: list[dict],
              regression: dict[str, list[dict]], max_examples: int = 200, bootstrap_samples: int = 1000,
-             latency_prompts: int = 8, max_seq_len: int = 1024, seed: int = 0) -> dict:
+             latency_prompts: int = 8, max_seq_len: int = 1024, seed: int = 0, regression_base: bool = False) -> dict:
     """Score candidate and incumbent (None = the base model) on the holdout and every regression set.
 
     Returns:
         An EvalReport dict: ``holdout`` {candidate_loss, incumbent_loss, p_value, n, ci...},
-        ``regression`` {name: {candidate_loss, incumbent_loss, n}}, ``latency`` {candidate_ttft_s, incumbent_ttft_s},
+        ``regression`` {name: {candidate_loss, incumbent_loss, n, base_loss}} (``base_loss``: the base model's,
+        with ``regression_base`` or when the incumbent is the base), ``latency`` {candidate_ttft_s, incumbent_ttft_s},
         and ``per_example`` losses for the holdout.
     """
     from peft import PeftModel
@@ -194,7 +195,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
     pad = tokenizer.pad_token_id or 0
 
     def score(which: str, examples: list[dict]) -> list[float]:
-        if which == "candidate" or incumbent is not None:
+        if which == "candidate" or (which == "incumbent" and incumbent is not None):
             peft_model.set_adapter(which)
             return example_losses(peft_model, examples, pad_id=pad)
         with peft_model.disable_adapter():
@@ -215,6 +216,10 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         if examples:
             c, i = score("candidate", examples), score("incumbent", examples)
             report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i), "n": len(examples)}
+            if incumbent is None:
+                report["regression"][name]["base_loss"] = _mean(i)
+            elif regression_base:
+                report["regression"][name]["base_loss"] = _mean(score("base", examples))
     prompts = []
     for ex in holdout_ex[:latency_prompts]:
         first_label = next((k for k, lab in enumerate(ex["labels"]) if lab != IGNORE), len(ex["labels"]))

@@ -67,7 +67,7 @@ def report(cand=1.8, inc=2.0, p=0.001, n=50, regression=None, latency=None):
     (report(p=0.2), False, "not_significant", "p = 0.2 > 0.05"),
     (report(cand=float("nan")), False, "invalid", "nan"),
     (report(regression={"chatterbot-zh": {"candidate_loss": 2.082, "incumbent_loss": 2.0, "n": 40}}),
-     False, "regression", "regression set chatterbot-zh loss +4.1 % > 2 % tolerance"),
+     False, "regression", "regression set chatterbot-zh loss +4.1 % vs the incumbent > 2 % tolerance"),
     (report(regression={"chatterbot-zh": {"candidate_loss": 2.03, "incumbent_loss": 2.0, "n": 40}}),
      True, "better", ""),
     (report(regression={"a": {"candidate_loss": 1.0, "incumbent_loss": 1.0, "n": 9},
@@ -80,6 +80,24 @@ def test_should_promote(rep, ok, code, needle):
     d = should_promote(rep, PROMOTE, confidence=0.95)
     assert (d.ok, d.code) == (ok, code), d.reason
     assert needle in d.reason
+
+
+def test_regression_reference_base_does_not_ratchet_on_the_champion():
+    """The continual benchmark's month 2: the champion improved general chat 22 % over the base; a candidate
+    5.5 % worse than the champion but 18 % better than the base is promoted under "base", refused under
+    "incumbent"; a candidate worse than the base is refused under both."""
+    rep = report(regression={"chatterbot-en": {"candidate_loss": 2.90, "incumbent_loss": 2.75, "base_loss": 3.515,
+                                               "n": 40}})
+    assert should_promote(rep, PromoteConfig(regression_reference="base"), confidence=0.95).ok
+    d = should_promote(rep, PromoteConfig(regression_reference="incumbent"), confidence=0.95)
+    assert (d.ok, d.code) == (False, "regression") and "+5.5 % vs the incumbent" in d.reason
+    worse = report(regression={"chatterbot-en": {"candidate_loss": 3.60, "incumbent_loss": 2.75, "base_loss": 3.515,
+                                                 "n": 40}})
+    d = should_promote(worse, PromoteConfig(regression_reference="base"), confidence=0.95)
+    assert (d.ok, d.code) == (False, "regression") and "+2.4 % vs the base model" in d.reason
+    # a report without base_loss (an older one) falls back to the incumbent
+    old = report(regression={"chatterbot-en": {"candidate_loss": 2.90, "incumbent_loss": 2.75, "n": 40}})
+    assert not should_promote(old, PromoteConfig(regression_reference="base"), confidence=0.95).ok
 
 
 def test_latency_floor_lets_fast_enough_candidates_through():
