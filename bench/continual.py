@@ -139,6 +139,7 @@ PROFILES = {
             "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048},
             "train": {"learning_rate": 3e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
             "eval": {"latency_prompts": 0},
+            "promote": {"regression_reference": "base"},   # the regression sets are general chat (chatterbot)
             "schedule": {"drift_check_minutes": 10080},
         },
         note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),
@@ -154,6 +155,7 @@ PROFILES = {
             "train": {"learning_rate": 1e-3, "micro_batch_size": 1, "grad_accum_steps": 1, "epochs": 1.0,
                       "checkpoint_every_steps": 1000},
             "eval": {"max_examples": 16, "bootstrap_samples": 500, "latency_prompts": 0},
+            "promote": {"regression_reference": "base"},
             "schedule": {"min_new_records": 8, "drift_check_minutes": 10080},
         },
         note="reduced run for 2 CPU cores shared with 4 other jobs (load average ~9): 3 months of one short task "
@@ -172,7 +174,7 @@ PROFILES = {
             "train": {"lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "micro_batch_size": 4,
                       "grad_accum_steps": 1, "checkpoint_every_steps": 1000},
             "eval": {"max_examples": 16, "bootstrap_samples": 100, "latency_prompts": 0},
-            "promote": {"regression_tolerance": 0.5},
+            "promote": {"regression_tolerance": 0.5, "regression_reference": "base"},
             "schedule": {"min_new_records": 10, "drift_check_minutes": 10080},
         },
         note="CI smoke: two tiny months through every stage; the numbers mean nothing"),

@@ -226,11 +226,12 @@ class PromoteConfig:
     auto_promote: bool = _f(True, "promote automatically when the gate passes (else wait for `lorad promote`)")
     min_improvement: float = _f(0.0, "required relative loss reduction on the new-data holdout", ge=0.0, lt=1.0)
     regression_tolerance: float = _f(0.02, "allowed relative loss increase on each regression set", ge=0.0, lt=1.0)
-    regression_reference: str = _f("base", "what each regression set's candidate loss is compared with: base = the "
-                                   "base model (never worse at general chat than the model lorad started from), "
-                                   "incumbent = the serving champion (stricter; ratchets once an adapter happens to "
-                                   "improve general chat, and then refuses later domains)",
-                                   choices=("base", "incumbent"))
+    regression_reference: str = _f("incumbent", "what each regression set's candidate loss is compared with: "
+                                   "incumbent = the serving champion (right for sets that hold earlier domains; "
+                                   "with general-chat sets it ratchets once an adapter happens to improve chat), "
+                                   "base = the base model (right for general-ability sets such as the built-in "
+                                   "chatterbot ones: never worse than the model lorad started from)",
+                                   choices=("incumbent", "base"))
     max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion's",
                                   ge=1.0)
     latency_floor_ms: float = _f(500.0, "time to first token below which a slower candidate is never refused "
