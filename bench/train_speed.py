@@ -555,8 +555,8 @@ def gpu_main(args) -> dict:
             continue
         extra = ["--steps", str(steps), "--warmup", str(warm), "--ckpt-dir", args.ckpt_dir]
         if name.startswith("parity"):
-            extra = ["--model-dir", args.model_dir, "--n-train", str(args.n_train), "--n-holdout",
-                     str(args.n_holdout), "--lr", str(args.lr)]
+            extra = ["--model-dir", str(Path(args.model_dir).resolve()), "--n-train", str(args.n_train),
+                     "--n-holdout", str(args.n_holdout), "--lr", str(args.lr)]
         results["cases"][name] = run_case(name, str(out / f"case_{name}.json"), extra, min(timeout, left))
         (out / "gpu.json").write_text(json.dumps(results, indent=2))
     summarize_gpu(results)
@@ -592,7 +592,8 @@ def cpu_main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"info": device_info(), "cases": {}, "rounds": []}
-    extra = ["--steps", str(args.steps), "--warmup", "1", "--model-dir", args.model_dir]
+    # Absolute: each case runs in its own process with the repository as its working directory.
+    extra = ["--steps", str(args.steps), "--warmup", "1", "--model-dir", str(Path(args.model_dir).resolve())]
     names = tuple(args.cases.split(","))
     for r in range(args.rounds):   # alternate the cases, since the 2 cores are shared with other work
         for name in names:
@@ -604,8 +605,8 @@ def cpu_main(args) -> dict:
             best = sorted(runs, key=lambda x: x["tokens_per_second"])[len(runs) // 2]
             results["cases"][name] = {**best, "all_tokens_per_second": [x["tokens_per_second"] for x in runs]}
     if args.parity:
-        pe = ["--model-dir", args.model_dir, "--n-train", str(args.n_train), "--n-holdout", str(args.n_holdout),
-              "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr)]
+        pe = ["--model-dir", str(Path(args.model_dir).resolve()), "--n-train", str(args.n_train),
+              "--n-holdout", str(args.n_holdout), "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr)]
         for name in ("parity_hf", "parity_lorad"):
             results["cases"][name] = run_case(name, str(out / f"case_{name}.json"), pe, 3600)
     (out / "cpu.json").write_text(json.dumps(results, indent=2))
@@ -732,9 +733,9 @@ def cpu_update_main(args) -> None:
         doc.pop(key)
     doc.update(cpu)
     doc["cpu_info"] = {**json.loads(Path(args.cpu[0]).read_text()).get("info", {}), "note": args.note}
-    doc["tokens_per_second"] = {**{k: v for k, v in doc.get("tokens_per_second", {}).items() if not k.startswith("cpu")},
-                                **{k: round(v["tokens_per_second"], 1) for k, v in cpu["cpu_cases"].items()
-                                   if "tokens_per_second" in v}}
+    kept = {k: v for k, v in doc.get("tokens_per_second", {}).items() if not k.startswith("cpu")}
+    doc["tokens_per_second"] = {**kept, **{k: round(v["tokens_per_second"], 1) for k, v in cpu["cpu_cases"].items()
+                                           if "tokens_per_second" in v}}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
