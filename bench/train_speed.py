@@ -384,12 +384,15 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
                 overrides["lora_targets"] = "q_proj,v_proj"
             # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without AMX runs)
             speed = {"autocast": False} if kind == "cpu_lorad_fp32" else {}
+            from pipelines.train import keep_freed_memory
+
+            kept = keep_freed_memory()   # what lorad's training process (python -m pipelines.train) does on CPU
             r = lorad_run(model, tok, data, cfg_overrides=overrides, steps=steps, max_seq_len=2048, out_dir=tmp,
                           **speed)
             plan = r["outcome"].speed
             settings = {"lora_targets": "all-linear", **overrides, "max_seq_len": 2048, "packing": True,
                         "dtype": "float32 weights" + (", bf16 autocast" if plan.get("autocast") else ""),
-                        "plan": plan}
+                        "plan": plan, "allocator_keeps_freed_memory": kept}
     return {"case": kind, "settings": settings, "n_params": n_params, "threads": torch.get_num_threads(),
             **rate(r["marks"], warmup)}
 

@@ -1274,9 +1274,37 @@ def write_job(run_dir: Path, *, payloads: Iterable[dict], config: dict, parent_a
     return run_dir / "job.json"
 
 
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the process heap and keep freed memory there (glibc malloc; Linux).
+
+    A CPU training step allocates and frees the same large activations each step. glibc maps each
+    allocation above its threshold fresh from the kernel and unmaps it when freed, so every step pays a
+    page fault per 4 KiB again (measured: ~240k faults and ~7 % of a step of the 135M model). With mmap
+    and trimming off the pages stay in the process and are reused. For a process that exists to train
+    on CPU (its memory then stays at its peak); returns whether glibc accepted the settings.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4   # glibc's mallopt parameter numbers (malloc.h)
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None, dist: Any = None) -> TrainOutcome:
-    """Run (or resume) the job frozen in ``run_dir/job.json`` (``dist``: this process's torchrun rank)."""
+            should_stop: Callable[[], bool] | None = None, dist: Any = None,
+            own_process: bool = False) -> TrainOutcome:
+    """Run (or resume) the job frozen in ``run_dir/job.json`` (``dist``: this process's torchrun rank).
+
+    ``own_process``: this process exists for the job (``python -m pipelines.train``): on CPU its allocator
+    then keeps freed memory for reuse (``keep_freed_memory``).
+    """
     from daemon.config import build_config
     from pipelines.distributed import load_kwargs
     from pipelines.models import load_base_model
@@ -1295,6 +1323,8 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
                                        quantization=m.quantization, revision=m.revision or None,
                                        trust_remote_code=m.trust_remote_code, for_training=True,
                                        **load_kwargs(dist, device=m.device, dtype=m.dtype, quantization=m.quantization))
+    if own_process and next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()   # after loading: the weights' one-off buffers still go back to the system
     with open(run_dir / job["data"], encoding="utf-8") as f:
         payloads = [json.loads(line) for line in f if line.strip()]
     examples = tokenize_payloads(payloads, tokenizer, cfg.data.max_seq_len)
@@ -1349,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
         dist = distributed.init(args.distributed)
         main_rank = dist is None or dist.is_main
         outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=should_stop, on_step=on_step,
-                          dist=dist)
+                          dist=dist, own_process=True)
     except Interrupted as e:
         if dist is None:
             print(f"lorad train: {e}", file=sys.stderr)
