@@ -303,11 +303,13 @@ def run_case(name: str, out: Path, timeout: int) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
-        tail, ok = (proc.stdout + proc.stderr)[-2500:], proc.returncode == 0 and json_path.is_file()
+        output, ok = proc.stdout + proc.stderr, proc.returncode == 0 and json_path.is_file()
+        tail = output[-2500:]
     except subprocess.TimeoutExpired as e:
         tail, ok = f"timed out after {timeout} s: {(e.stderr or b'')[-2000:]!r}", False
-    if os.environ.get("LORAD_SCALING_LOGDIR") and "proc" in locals():   # each case's whole output, for diagnosis
-        Path(os.environ["LORAD_SCALING_LOGDIR"], f"{name}.log").write_text(proc.stdout + proc.stderr)
+        output = tail
+    if os.environ.get("LORAD_SCALING_LOGDIR"):   # each case's whole output, for diagnosis
+        Path(os.environ["LORAD_SCALING_LOGDIR"], f"{name}.log").write_text(output)
     res = json.loads(json_path.read_text()) if ok else {"case": name, "error": tail}
     res["wall_seconds"] = time.perf_counter() - t0
     print(f"[{name}] {'ok' if ok else 'FAILED'} {res['wall_seconds']:.0f} s "

@@ -98,10 +98,9 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
     if p > 1 - confidence:
         return Decision(False, f"holdout loss {cand:.4f} vs {inc:.4f} ({-gain * 100:+.1f} %) is not significant: "
                                f"p = {_fmt_p(p)} > {1 - confidence:.3g} (n = {n})", "not_significant")
-    reference = getattr(cfg, "regression_reference", "incumbent")
     for name, r in sorted((report.get("regression") or {}).items()):
         # promote.regression_reference: the base model's loss when the report has it, else the incumbent's
-        use_base = reference == "base" and r.get("base_loss") is not None
+        use_base = cfg.regression_reference == "base" and r.get("base_loss") is not None
         c, i = r["candidate_loss"], (r["base_loss"] if use_base else r["incumbent_loss"])
         change = (c - i) / i if i > 0 else 0.0
         if not _finite(c) or change > cfg.regression_tolerance:
