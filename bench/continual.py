@@ -562,7 +562,9 @@ def git_commit() -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "HEAD") or os.environ.get("LORAD_BENCH_COMMIT")
+    if os.environ.get("LORAD_BENCH_COMMIT"):   # a clean export without .git (bench/device/start.sh)
+        return {"commit": os.environ["LORAD_BENCH_COMMIT"], "dirty": False}
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
@@ -940,6 +942,61 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- merging split runs
+
+
+def merge(parts: list[dict], names: list[str]) -> dict:
+    """One result from runs of the same stream that each ran some of the arms (``--arms``), e.g. one
+    process per GPU. The parts must agree on the profile, the stream, the config (paths aside) and, month
+    by month, on the records each accepted: every arm then saw the same train and holdout records. Months
+    that not every part finished are left out. Raises ValueError when the parts do not fit together."""
+    if len(parts) < 2:
+        raise ValueError("merge needs at least two result files")
+    first = parts[0]
+
+    def comparable_config(r: dict) -> dict:
+        return {k: v for k, v in r["config"].items() if k != "paths"}
+
+    for name, r in zip(names[1:], parts[1:]):
+        for key, value in (("profile", r["profile"]), ("stream", r["stream"]), ("sizes", r["sizes"]),
+                           ("overrides", r["overrides"]), ("config", comparable_config(r))):
+            if value != (first[key] if key != "config" else comparable_config(first)):
+                raise ValueError(f"{name}: its {key} differs from {names[0]}'s: not the same benchmark")
+    arms_by_part = [set(r["arms"]) for r in parts]
+    for i, a in enumerate(arms_by_part):
+        for j in range(i):
+            if a & arms_by_part[j]:
+                raise ValueError(f"{names[i]} and {names[j]} both ran {sorted(a & arms_by_part[j])}")
+    n = min(len(r["months"]) for r in parts)
+    months = []
+    for k in range(n):
+        ms = [r["months"][k] for r in parts]
+        for name, m in zip(names[1:], ms[1:]):
+            if m["records"] != ms[0]["records"]:
+                raise ValueError(f"{name}: month {k + 1} accepted {m['records']}, {names[0]} {ms[0]['records']}")
+        merged = {key: ms[0][key] for key in ("month", "date", "group", "tasks", "records")}
+        merged["arms"] = {a: m["arms"][a] for a in ARMS for m in ms if a in m["arms"]}
+        merged["lorad"] = next((m["lorad"] for m in ms if m["lorad"] is not None), None)
+        merged["baselines"] = {k: v for m in ms for k, v in m["baselines"].items()}
+        merged["scoring_seconds"] = sum(m["scoring_seconds"] for m in ms)
+        months.append(merged)
+    result = {key: first[key] for key in ("benchmark", "profile", "note", "base_model", "overrides", "stream",
+                                           "sizes", "config", "method")}
+    result.update({
+        "complete": all(r["complete"] for r in parts) and n == len(first["stream"]),
+        "git": first["git"], "machine": first["machine"], "environment": first["environment"],
+        "started_at": min(r["started_at"] for r in parts),
+        "arms": [a for a in ARMS if any(a in s for s in arms_by_part)],
+        "parts": [{"file": name, "arms": r["arms"], "months": len(r["months"]), "complete": r["complete"],
+                   "git": r["git"], "machine": r["machine"], "environment": r["environment"],
+                   "total_wall_seconds": r.get("total_wall_seconds")} for name, r in zip(names, parts)],
+        "months": months,
+    })
+    if months:
+        result["goals"] = goals(months)
+    return result
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -965,7 +1022,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-records", type=int, default=0, metavar="N",
                     help="add up to N raw {text} records a month, chunks of the month's own train-split records "
                          "(for train.continued_pretraining); default 0 = the plain LawBench stream")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULT",
+                    help="no run: merge result JSONs of the same stream that each ran some arms (one process per "
+                         "GPU) into --out, with the goals and the plot of the merged arms")
     args = ap.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out")
+        try:
+            result = merge([json.loads(p.read_text(encoding="utf-8")) for p in args.merge],
+                           [str(p) for p in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bench/continual.py: cannot merge: {e}", file=sys.stderr)
+            return 2
+        write_json(args.out, result)
+        if result["months"]:
+            plot(result, args.out.with_suffix(".png"))
+        for name, g in result.get("goals", {}).items():
+            print(f"{name:34s} {'n/a' if g['value'] is None else format(g['value'], '.4f'):>10s}  "
+                  f"{'met' if g['met'] else 'NOT met'}")
+        print(f"wrote {args.out}")
+        return 0
 
     from daemon.config import ConfigError
     from pipelines.models import EMBEDDED_DEFAULT

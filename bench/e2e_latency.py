@@ -35,6 +35,8 @@ def free_port() -> int:
 
 
 def commit() -> str:
+    if os.environ.get("LORAD_BENCH_COMMIT"):   # a copy without .git (bench/device/start.sh sets it)
+        return os.environ["LORAD_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

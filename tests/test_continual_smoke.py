@@ -113,6 +113,51 @@ def test_goals_that_need_a_missing_arm_report_no_value():
     assert "naive" in goals["forgetting_ratio_vs_naive"]["how"]
 
 
+def split(result: dict, arms: tuple[str, ...], months: int) -> dict:
+    import copy
+
+    part = copy.deepcopy(result)
+    part["arms"] = [a for a in result["arms"] if a in arms]
+    part["months"] = part["months"][:months]
+    for m in part["months"]:
+        m["arms"] = {a: v for a, v in m["arms"].items() if a in arms}
+        m["baselines"] = {a: v for a, v in m["baselines"].items() if a in arms}
+        if "lorad" not in arms:
+            m["lorad"] = None
+    return part
+
+
+def test_merging_runs_that_each_ran_some_arms_gives_the_whole_runs_goals(tmp_path):
+    continual = load_bench()
+    whole = json.loads((ROOT / "bench" / "results" / "continual_gpu.json").read_text(encoding="utf-8"))
+    a, b = split(whole, ("base", "lorad"), 2), split(whole, ("naive", "retrain"), 1)
+    merged = continual.merge([a, b], ["a.json", "b.json"])
+    assert len(merged["months"]) == 1 and merged["complete"] is False   # b finished one month only
+    assert merged["goals"] == continual.goals(whole["months"][:1])
+    merged = continual.merge([a, split(whole, ("naive", "retrain"), 2)], ["a.json", "b.json"])
+    assert merged["goals"] == continual.goals(whole["months"][:2])
+    assert merged["months"][1]["lorad"] == whole["months"][1]["lorad"]
+    assert [p["arms"] for p in merged["parts"]] == [["base", "lorad"], ["naive", "retrain"]]
+
+    other = split(whole, ("naive", "retrain"), 2)
+    other["config"]["train"]["learning_rate"] = 1.0
+    with pytest.raises(ValueError, match="config differs"):
+        continual.merge([a, other], ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="both ran"):
+        continual.merge([a, split(whole, ("base", "naive"), 2)], ["a.json", "b.json"])
+    other = split(whole, ("naive", "retrain"), 2)
+    other["months"][1]["records"]["holdout"] += 1
+    with pytest.raises(ValueError, match="month 2 accepted"):
+        continual.merge([a, other], ["a.json", "b.json"])
+
+    for name, part in (("a.json", a), ("b.json", split(whole, ("naive", "retrain"), 2))):
+        (tmp_path / name).write_text(json.dumps(part), encoding="utf-8")
+    out = tmp_path / "merged.json"
+    assert continual.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["goals"] == continual.goals(whole["months"][:2])
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
 def test_text_records_come_from_the_train_split_only(tmp_path):
     from pipelines.ingest import Normaliser, _Invalid, stable_split
 
