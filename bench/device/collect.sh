@@ -1,6 +1,6 @@
 # A later call: wait until N jobs are done or S seconds pass, then bring /root/res back as one tarball
 # (JSONs that the benches rewrite as they go come back even when their jobs are still running).
-#   bash bench/device/collect.sh N S      (from the carried copy's root; no carry needed)
+#   bash /root/tree/bench/device/collect.sh N S      (no carry needed)
 want=${1:-1}; end=$(( $(date +%s) + ${2:-300} ))
 while [ "$(date +%s)" -lt "$end" ]; do
   n=$(ls /root/res/*.done 2>/dev/null | wc -l); [ "$n" -ge "$want" ] && break; sleep 5

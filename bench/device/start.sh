@@ -1,8 +1,10 @@
-# Source in the first real call, from the repository root of the carried copy: enter the clean export,
-# set the machine up (setup.sh) and resolve the default model once into .cache/lorad-test.
+# Source in the first real call, from the repository root of the carried copy: copy the clean export to
+# /root/tree and work there, set the machine up (setup.sh) and resolve the default model once into
+# .cache/lorad-test. The copy must leave the carried folder: the next call re-syncs the working copy and
+# removes the ignored paths it does not carry, under the feet of the jobs still running from them.
 #   R=$(pwd); . .devw/gb/tree/bench/device/start.sh $R/.devw
 DEVW=${1:?usage: . start.sh ABSOLUTE_DEVW_DIR}
-cd "$DEVW/gb/tree" || return 1
+rm -rf /root/tree && cp -r "$DEVW/gb/tree" /root/tree && cd /root/tree || return 1
 . bench/device/setup.sh "$DEVW" || return 1
 export LORAD_BENCH_COMMIT=$(cat COMMIT) TOKENIZERS_PARALLELISM=false
 echo "tree commit $LORAD_BENCH_COMMIT"
