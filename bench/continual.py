@@ -954,8 +954,10 @@ def merge(parts: list[dict], names: list[str]) -> dict:
         raise ValueError("merge needs at least two result files")
     first = parts[0]
 
-    def comparable_config(r: dict) -> dict:
-        return {k: v for k, v in r["config"].items() if k != "paths"}
+    def comparable_config(r: dict) -> dict:   # each run has its own work folder: compare file names only
+        c = {k: v for k, v in r["config"].items() if k != "paths"}
+        c["eval"] = {**c["eval"], "regression_sets": [Path(f).name for f in c["eval"]["regression_sets"]]}
+        return c
 
     for name, r in zip(names[1:], parts[1:]):
         for key, value in (("profile", r["profile"]), ("stream", r["stream"]), ("sizes", r["sizes"]),

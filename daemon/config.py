@@ -185,10 +185,12 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm", gt=0.0)
     epochs: float = _f(1.0, "passes over the snapshot (ignored when max_steps > 0)", gt=0.0)
     max_steps: int = _f(0, "optimizer steps per run; 0 = derive from epochs", ge=0)
-    micro_batch_size: int = _f(0, "sequences per forward pass (halved automatically on OOM); 0 = auto: 4 on CPU, "
-                                  "on a GPU what its free memory holds at data.max_seq_len (1-16)", ge=0)
+    micro_batch_size: int = _f(0, "sequences per forward pass (halved automatically on a GPU OOM); 0 = auto: "
+                                  "what the free memory holds at data.max_seq_len, 1-4 on CPU (with gradient "
+                                  "checkpointing when not even one fits), 1-16 on a GPU", ge=0)
     grad_accum_steps: int = _f(4, "micro-batches per optimizer step", ge=1)
-    gradient_checkpointing: bool = _f(False, "trade compute for memory (enabled automatically on OOM)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory (turned on by a GPU OOM, or by the CPU "
+                                             "plan when one sequence does not fit)")
     curriculum: str = _f("none", "easy_to_hard = order training from easy to hard by the champion's loss on each "
                          "example (scored once before the run)", choices=("none", "easy_to_hard"))
     curriculum_stages: int = _f(4, "difficulty stages of the curriculum (loss quantiles); batches never mix stages",

@@ -17,6 +17,14 @@ too large costs a retry, not a run:
     and with gradient checkpointing (always on for a quantized base) ~2 x seq_len x hidden per
     layer plus one layer's full activations;
   - 10 % of the card and 2 GiB (CUDA context, LoRA weights + AdamW state, logits chunks) stay free.
+On a CPU there is no such retry: the kernel's OOM killer ends the training process without an exception.
+So the CPU micro-batch comes from the memory the machine has available (/proc/meminfo, a cgroup limit):
+  - float32 weights (4 bytes per parameter) plus their bf16 copies under autocast (2 more);
+  - one packed sequence keeps ~112 x seq_len x hidden bytes per layer (measured: SmolLM2-135M, 4096-token
+    sequences, bf16 autocast over float32 weights: peak RSS 8.8 GB at micro-batch 1, 15.9 GB at 2, i.e.
+    ~100-106 bytes; float32 and autocast intermediates both stay alive for the backward pass);
+    with gradient checkpointing ~8 x seq_len x hidden per layer (the float32 layer inputs) plus one layer;
+  - 20 % of the memory and 2 GiB (the daemon serving beside it, the interpreter, logits chunks) stay free.
 """
 
 from __future__ import annotations
@@ -32,8 +40,11 @@ CPU_MICRO_BATCH = 4        # the measured CPU default (bench/train_speed.py); la
 MAX_MICRO_BATCH = 16       # beyond this, gradient accumulation does the same work with fewer padding tokens
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
 CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER = 2
+CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 112
+CPU_CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER = 8
 RESERVE_BYTES = 2 * GiB
 USABLE_FRACTION = 0.9
+CPU_USABLE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Hardware:
     gpu_memory_bytes: int | None = None
     gpu_count: int = 0
     bf16: bool = False         # GPU: bf16 supported; CPU: bf16 matrix units (AMX), see cpu_bf16_matmul
+    memory_bytes: int | None = None   # CPU: memory available to this process (None = unknown)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class HardwarePlan:
     micro_batch_size: int
     reason: str
     train_compute: str = ""    # the dtype training matmuls run in (bf16 autocast over fp32/bf16 weights, or dtype)
+    gradient_checkpointing: bool = False   # needed for one sequence to fit (CPU; a GPU turns it on at an OOM)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,20 +94,18 @@ def _pow2_floor(x: float) -> int:
 def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_len: int = 4096) -> HardwarePlan:
     """Pick dtype, quantization and micro-batch size for training/serving on ``hw``.
 
-    CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization,
-    micro-batch 4; training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: about 10x
-    its fp32 matmul rate, measured in bench/train_speed.py), else fp32.
+    CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization;
+    training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: about 10x its fp32 matmul
+    rate, measured in bench/train_speed.py), else fp32; micro-batch 4 (larger gains nothing on a few
+    cores) or fewer, as many sequences as the available memory holds; gradient checkpointing when even
+    one does not fit (``cpu_defaults``).
     CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
     the 16-bit weights plus one sequence's activations do not fit the usable memory; the micro-batch
     is the largest power of two (1..16) whose activations fit what the weights leave free.
     """
     shape = shape or ModelShape()
     if hw.device != "cuda" or not hw.gpu_memory_bytes:
-        compute = "bfloat16" if hw.bf16 else "float32"
-        return HardwarePlan("cpu", "float32", "none", CPU_MICRO_BATCH,
-                            "no CUDA GPU: float32, no quantization, micro-batch 4; training matmuls in "
-                            + ("bf16 autocast (the CPU has AMX bf16 units)" if hw.bf16 else "float32 (no AMX)"),
-                            train_compute=compute)
+        return cpu_defaults(hw, shape, max_seq_len)
     dtype = "bfloat16" if hw.bf16 else "float16"
     usable = hw.gpu_memory_bytes * USABLE_FRACTION - RESERVE_BYTES
     mem = f"{hw.gpu_memory_bytes / GiB:.0f} GiB {hw.name}"
@@ -123,7 +134,56 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
                         train_compute=dtype)
 
 
+def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwarePlan:
+    """The CPU plan: float32 weights, bf16 autocast with AMX, and the micro-batch the memory holds."""
+    compute = "bfloat16" if hw.bf16 else "float32"
+    matmuls = "bf16 autocast (the CPU has AMX bf16 units)" if hw.bf16 else "float32 (no AMX)"
+    head = f"no CUDA GPU: float32, no quantization, training matmuls in {matmuls}"
+    if not hw.memory_bytes or not shape.params:
+        return HardwarePlan("cpu", "float32", "none", CPU_MICRO_BATCH,
+                            f"{head}; micro-batch {CPU_MICRO_BATCH} (memory or model size unknown)",
+                            train_compute=compute)
+    per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
+    per_seq = CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
+    weights = shape.params * (6 if hw.bf16 else 4)
+    headroom = hw.memory_bytes * CPU_USABLE_FRACTION - RESERVE_BYTES - weights
+    mem = f"{hw.memory_bytes / GiB:.1f} GiB available"
+    if headroom >= per_seq:
+        mb = min(CPU_MICRO_BATCH, _pow2_floor(headroom / per_seq))
+        return HardwarePlan("cpu", "float32", "none", mb,
+                            f"{head}; micro-batch {mb} ({mem}; ~{per_seq / GiB:.1f} GiB per {max_seq_len}-token "
+                            f"sequence)", train_compute=compute)
+    layer = per_seq // max(1, shape.num_layers or 32)
+    checkpointed = CPU_CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer + layer
+    why = (f"{head}; micro-batch 1 with gradient checkpointing ({mem}; one {max_seq_len}-token sequence needs "
+           f"~{per_seq / GiB:.1f} GiB without it")
+    if headroom < checkpointed:
+        why += f", ~{checkpointed / GiB:.1f} GiB with it: may not fit, lower data.max_seq_len"
+    return HardwarePlan("cpu", "float32", "none", 1, why + ")", train_compute=compute, gradient_checkpointing=True)
+
+
 # ----------------------------------------------------------------------------- gathering the inputs
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still use: MemAvailable, or less under a cgroup (container) limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:   # cgroup v2: the limit minus what the group already uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            left = max(0, int(limit) - used)
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def cpu_bf16_matmul() -> bool:
@@ -147,7 +207,7 @@ def detect_hardware(device: str = "auto") -> Hardware:
     import torch
 
     if device == "cpu" or not torch.cuda.is_available():
-        return Hardware("cpu", bf16=cpu_bf16_matmul())
+        return Hardware("cpu", bf16=cpu_bf16_matmul(), memory_bytes=available_memory_bytes())
     props = torch.cuda.get_device_properties(0)
     return Hardware("cuda", name=props.name, gpu_memory_bytes=int(props.total_memory),
                     gpu_count=torch.cuda.device_count(), bf16=bool(torch.cuda.is_bf16_supported()))
@@ -207,14 +267,15 @@ def resolve_config(cfg: Any, hw: Hardware | None = None, shape: ModelShape | Non
     model = dataclasses.replace(
         m, dtype=plan.dtype if m.dtype == "auto" else m.dtype,
         quantization=plan.quantization if m.quantization == "auto" else m.quantization)
-    train = dataclasses.replace(cfg.train, micro_batch_size=cfg.train.micro_batch_size or plan.micro_batch_size)
+    train = dataclasses.replace(cfg.train, micro_batch_size=cfg.train.micro_batch_size or plan.micro_batch_size,
+                                gradient_checkpointing=cfg.train.gradient_checkpointing or plan.gradient_checkpointing)
     return dataclasses.replace(cfg, model=model, train=train), plan
 
 
 def micro_batch_for(model: Any, max_seq_len: int) -> int:
     """The plan's micro-batch size for an already loaded model on the device it sits on."""
     device = next(model.parameters()).device
-    hw = detect_hardware("cuda") if device.type == "cuda" else Hardware("cpu")
+    hw = detect_hardware("cuda" if device.type == "cuda" else "cpu")
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     # bitsandbytes packs two 4-bit weights per stored element.

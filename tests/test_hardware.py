@@ -11,6 +11,8 @@ from daemon.config import build_config
 from pipelines.hardware import GiB, Hardware, ModelShape, choose_defaults, model_shape, resolve_config
 
 CPU = Hardware("cpu")
+CPU_24G = Hardware("cpu", bf16=True, memory_bytes=23 * GiB)
+CPU_128G = Hardware("cpu", bf16=True, memory_bytes=120 * GiB)
 H200 = Hardware("cuda", "NVIDIA H200", 141 * GiB, 1, bf16=True)
 A100_80 = Hardware("cuda", "NVIDIA A100-SXM4-80GB", 80 * GiB, 1, bf16=True)
 L4 = Hardware("cuda", "NVIDIA L4", 24 * GiB, 1, bf16=True)
@@ -21,10 +23,15 @@ DEEPSEEK_67B = ModelShape(67_000_000_000, 8192, 95)
 
 
 @pytest.mark.parametrize("hw, shape, seq, expected", [
-    # CPU: float32 and the old default micro-batch, whatever the model.
+    # CPU with unknown memory: float32 and the old default micro-batch, whatever the model.
     (CPU, SMOL_135M, 4096, ("float32", "none", 4)),
     (CPU, DEEPSEEK_7B, 4096, ("float32", "none", 4)),
     (CPU, None, 4096, ("float32", "none", 4)),
+    # CPU with known memory: what it holds (the 24 GiB dev machine ran out of memory at 4 x 4096 tokens).
+    (CPU_24G, SMOL_135M, 4096, ("float32", "none", 2)),
+    (CPU_24G, SMOL_135M, 1024, ("float32", "none", 4)),
+    (CPU_128G, SMOL_135M, 4096, ("float32", "none", 4)),
+    (CPU_24G, DEEPSEEK_7B, 4096, ("float32", "none", 1)),    # + gradient checkpointing (next test)
     # A small model fits everywhere in 16 bits; the batch is capped at 16.
     (H200, SMOL_135M, 4096, ("bfloat16", "none", 16)),
     (T4, SMOL_135M, 4096, ("float16", "none", 4)),
@@ -44,6 +51,27 @@ def test_choose_defaults_table(hw, shape, seq, expected):
     plan = choose_defaults(hw, shape, max_seq_len=seq)
     assert (plan.dtype, plan.quantization, plan.micro_batch_size) == expected, plan.reason
     assert plan.reason
+
+
+def test_a_cpu_turns_on_gradient_checkpointing_when_one_sequence_does_not_fit(tmp_path):
+    assert not choose_defaults(CPU_24G, SMOL_135M, max_seq_len=4096).gradient_checkpointing
+    plan = choose_defaults(CPU_24G, DEEPSEEK_7B, max_seq_len=4096)
+    assert plan.gradient_checkpointing and plan.micro_batch_size == 1
+    assert "gradient checkpointing" in plan.reason and "GiB available" in plan.reason
+    tight = choose_defaults(Hardware("cpu", memory_bytes=48 * GiB), DEEPSEEK_67B, max_seq_len=4096)
+    assert tight.gradient_checkpointing and "lower data.max_seq_len" in tight.reason
+    _fake_checkpoint(tmp_path / "m", {"w": [6_910_365_696 // 4096, 4096]}, 4096, 30)
+    auto = build_config({"model": {"base_model": str(tmp_path / "m")}, "paths": {"state_dir": str(tmp_path / "s")}})
+    cfg, _ = resolve_config(auto, hw=CPU_24G)
+    assert (cfg.train.micro_batch_size, cfg.train.gradient_checkpointing) == (1, True)
+
+
+def test_available_memory_is_read_from_the_machine():
+    from pipelines.hardware import available_memory_bytes, detect_hardware
+
+    avail = available_memory_bytes()
+    assert avail is not None and 0 < avail < 1 << 50   # Linux: /proc/meminfo
+    assert detect_hardware("cpu").memory_bytes is not None
 
 
 def test_a_model_too_big_even_in_4bit_says_what_to_do():
@@ -101,7 +129,7 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
         ("cpu", "float32", "none", 4)
     assert plans[0].train_compute in ("bfloat16", "float32")   # bf16 autocast where the CPU has AMX
     labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4",
-              "train_compute": plans[0].train_compute}
+              "train_compute": plans[0].train_compute, "gradient_checkpointing": "False"}
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
 
