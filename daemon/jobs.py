@@ -468,7 +468,8 @@ class JobRunner:
             res = self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
                                   "--current", str(folder / "current.jsonl"), "--json"], folder, "drift")
             if res.returncode != 0:
-                raise JobError(f"drift check failed (exit {res.returncode}); see {folder / 'drift.log'}")
+                raise JobError(f"drift check failed (exit {res.returncode}{_last_line(folder / 'drift.log')}); "
+                               f"see {folder / 'drift.log'}")
             report = json.loads(res.stdout)
             report["reference_source"] = source
         self.last_drift = report
@@ -581,7 +582,8 @@ class JobRunner:
         cfg_path = write_job_config(self.cfg, run_dir)
         res = self._run_step(["eval", "-c", str(cfg_path), "--candidate", version, "--json"], run_dir, "eval")
         if res.returncode != 0:
-            reason = f"evaluation failed (exit {res.returncode}); see {run_dir / 'eval.log'}"
+            reason = (f"evaluation failed (exit {res.returncode}{_last_line(run_dir / 'eval.log')}); "
+                      f"see {run_dir / 'eval.log'}")
             self.store.add_event("eval", subject=version, ok=False, reason=reason)
             return {"trained": True, "version": version, "promoted": False, "reason": reason}
         report = json.loads(res.stdout)

@@ -121,6 +121,15 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
     for rid, category in new_rows:
         by_category.setdefault(category, []).append(rid)
     new, dropped = _capped(by_category, cap_ratio, rng)
+    reused = 0
+    if not holdout:
+        # Every holdout record of these categories already judged an earlier snapshot: the case for train
+        # records that a category cap (or an earlier failed run) left pending. Their categories' holdout
+        # is still never trained on, so it judges this candidate; without it the evaluation had nothing.
+        categories = set(by_category)
+        holdout = tuple(rid for rid, category in db.execute(
+            "SELECT id, category FROM records WHERE split = 'holdout' ORDER BY id") if category in categories)
+        reused = len(holdout)
 
     older = [rid for (rid,) in db.execute(
         "SELECT r.id FROM records r WHERE r.split = 'train' AND EXISTS "
@@ -145,6 +154,7 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         "max_record_id": max(r for r, _ in pairs),
         "categories": {c or "(none)": len(v) for c, v in sorted(by_category.items(), key=lambda kv: kv[0] or "")},
         "capped": dropped, "replay_wanted": wanted, "replay_available": len(older), **floor_info,
+        **({"holdout_reused": reused} if reused else {}),
     }
     return Snapshot(snapshot_id(pairs), tuple(new), replay, holdout, manifest)
 

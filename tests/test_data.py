@@ -125,6 +125,17 @@ def test_category_cap_keeps_no_category_above_ratio_times_the_smallest(tmp_path)
     assert store.counts()["records_pending"] == sum(per_cat.values()) - sum(kept.values())
 
 
+def test_records_a_cap_left_pending_are_judged_on_their_categories_holdout(tmp_path):
+    store = Store(tmp_path / "s.db")
+    add_records(store, tmp_path, "cats.jsonl", 0, categories={"a": 200, "b": 20})
+    first = build_snapshot(store, CFG, seed=3, category_cap_ratio=3.0)
+    assert first.manifest["capped"] and first.holdout and "holdout_reused" not in first.manifest
+    second = build_snapshot(store, CFG, seed=3, category_cap_ratio=3.0)   # the surplus of "a", no fresh holdout
+    a_holdout = ids(store, "SELECT id FROM records WHERE split = 'holdout' AND category = 'a'")
+    assert set(second.holdout) == a_holdout and second.manifest["holdout_reused"] == len(a_holdout) > 0
+    assert not set(second.new) & ids(store, "SELECT id FROM records WHERE split = 'holdout'")
+
+
 def test_since_limits_new_records_to_recent_ingests(tmp_path):
     clock = Clock(100.0)
     store = Store(tmp_path / "s.db", clock=clock)
