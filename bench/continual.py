@@ -93,6 +93,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 ARMS = ("base", "naive", "retrain", "lorad")
 REGRESSION_SETS = ("chatterbot-en", "chatterbot-zh")
@@ -551,18 +552,7 @@ def machine_info() -> dict:
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    if os.environ.get("LORAD_BENCH_COMMIT"):   # a clean export without .git (bench/device/start.sh)
-        return {"commit": os.environ["LORAD_BENCH_COMMIT"], "dirty": False}
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    return {"commit": _common.commit(), "dirty": _common.dirty()}
 
 
 # Keys the benchmark sets itself (where the stream goes, which model, the gate's regression half).

@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import site
-import subprocess
 import sys
 import time
 import zlib
@@ -51,6 +50,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench import _common  # noqa: E402
 
 from daemon.config import DriftConfig  # noqa: E402
 from monitors.drift import detect_drift  # noqa: E402
@@ -116,30 +116,15 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _common.cpu_name()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
             "scipy": scipy.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None,
+    commit = _common.commit()
+    return {"commit": commit, "dirty": _common.dirty(),
             "note": None if commit else "no commit yet (or not a git checkout)"}
 
 

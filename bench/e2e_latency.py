@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 
 def free_port() -> int:
@@ -35,13 +36,7 @@ def free_port() -> int:
 
 
 def commit() -> str:
-    if os.environ.get("LORAD_BENCH_COMMIT"):   # a copy without .git (bench/device/start.sh sets it)
-        return os.environ["LORAD_BENCH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return _common.commit() or "unknown"
 
 
 def events(state: Path) -> list[dict]:

@@ -72,7 +72,10 @@ def main() -> int:
         proc.terminate()
         proc.wait(60)
     share = (c1 - c0) / (t1 - t0)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sys.path.insert(0, str(ROOT))
+    from bench import _common
+
+    git = _common.commit()
     result = {"benchmark": "idle_cpu", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average_1m": [load0[0], load1[0]]},

@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 from daemon.config import DataConfig  # noqa: E402
 from daemon.store import Store  # noqa: E402
@@ -168,13 +169,8 @@ def peak_rss(path: Path, near: bool) -> dict:
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    status = git("status", "--porcelain", "--", *BEFORE_FILES, "bench/ingest_speed.py")
-    return {"commit": git("rev-parse", "HEAD"), "ingest_code_uncommitted": bool(status) if status is not None else None}
+    return {"commit": _common.commit(),
+            "ingest_code_uncommitted": _common.dirty(*BEFORE_FILES, "bench/ingest_speed.py")}
 
 
 def machine() -> dict:

@@ -52,6 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 PHASES = ("ingest", "drift", "train", "eval", "promote", "swap")
 TOKEN = "reliability-admin-token"
@@ -737,27 +738,13 @@ def fuzz_suite(examples: int, log=print) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _common.cpu_name()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-            return res.stdout.strip() if res.returncode == 0 else None
-        except OSError:
-            return None
-    return {"commit": git("rev-parse", "HEAD"), "dirty_files": (git("status", "--porcelain", "--", "daemon",
-                                                                     "pipelines") or "").splitlines()}
+    return {"commit": _common.commit(), "dirty_files": _common.changed_files("daemon", "pipelines") or []}
 
 
 def main(argv: list[str] | None = None) -> int:

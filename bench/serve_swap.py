@@ -36,7 +36,6 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 BASE_MODEL = "embedded:SmolLM2-135M-Instruct"
 TOKEN = "bench-admin-token"
@@ -85,14 +85,7 @@ def machine_info(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _common.cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
@@ -101,16 +94,8 @@ def machine_info(args: argparse.Namespace) -> dict:
 
 
 def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--", "daemon/engine.py", "daemon/server.py", "bench/serve_swap.py")
-    return {"commit": commit, "serving_code_dirty": bool(status) if status is not None else None}
+    return {"commit": _common.commit(),
+            "serving_code_dirty": _common.dirty("daemon/engine.py", "daemon/server.py", "bench/serve_swap.py")}
 
 
 def load() -> list[float]:
@@ -460,10 +445,13 @@ def main() -> int:
         swap_prompts = prompts(tokenizer, 4, args.swap_prompt_tokens)
         print(f"references: {len(versions) + 1} versions x {len(swap_prompts)} prompts", flush=True)
         t0 = time.perf_counter()
-        refs = {}
-        for m in ["base", *versions]:
-            for p, prompt in enumerate(swap_prompts):
-                refs[(m, p)] = reference_text(engine, tokenizer, m, prompt, args.swap_max_tokens)
+
+        def decode_references() -> dict[tuple[str, int], str]:
+            """Every (version, prompt index) decoded alone, greedy."""
+            return {(m, p): reference_text(engine, tokenizer, m, prompt, args.swap_max_tokens)
+                    for m in ["base", *versions] for p, prompt in enumerate(swap_prompts)}
+
+        refs = decode_references()
         distinct = sum(len({refs[(m, p)] for m in ["base", *versions]}) for p in range(len(swap_prompts)))
         result["references"] = {"seconds": round(time.perf_counter() - t0, 1), "versions": ["base", *versions],
                                 "prompt_tokens": args.swap_prompt_tokens, "max_tokens": args.swap_max_tokens,
@@ -494,11 +482,11 @@ def main() -> int:
         engine.swap(versions[0])
         result["swaps"] = phase_swaps(server, engine, versions, swap_prompts, refs, args) | {"load_avg": load()}
         s = result["swaps"]
-        # Diagnosis of mismatches: decode every reference again, alone, after the swaps. If a version's
-        # solo answer changed, the difference comes from how it was (re)loaded, not from batching.
+        # Diagnosis of mismatches: decode every reference again, alone, after the swaps. A solo answer that
+        # changed by itself means the kernels are not reproducible call to call (bf16 on CUDA, measured:
+        # serve_swap_gpu.json), so a batched answer that differs is no evidence of a mixed-up version.
         mism = s.pop("_mismatched")
-        refs_after = {k: reference_text(engine, tokenizer, k[0], swap_prompts[k[1]], args.swap_max_tokens)
-                      for k in refs}
+        refs_after = decode_references()
         changed = sorted(f"{m}/{p}" for (m, p) in refs if refs[(m, p)] != refs_after[(m, p)])
         s["references_after_swaps"] = {
             "changed": changed, "changed_count": len(changed), "of": len(refs),

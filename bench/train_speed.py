@@ -48,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 
 SHAPE_7B = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -519,11 +520,7 @@ def device_info() -> dict:
 
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0]}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 -- the device copy may carry no .git
-        info["commit"] = os.environ.get("LORAD_COMMIT", "unknown")
+    info["commit"] = _common.commit() or os.environ.get("LORAD_COMMIT", "unknown")
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30

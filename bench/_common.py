@@ -1,0 +1,54 @@
+"""What every benchmark records about where it ran: the commit and the CPU.
+
+On the device tool's machine the benchmarks run from a clean ``git archive`` export without ``.git``
+(bench/device/start.sh); there ``LORAD_BENCH_COMMIT`` names the exported commit and the tree is clean.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(*args: str) -> str | None:
+    """``git ARGS`` in the repository: its stripped stdout, or None (no git, not a checkout, an error)."""
+    try:
+        res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def commit() -> str | None:
+    """The commit measured: LORAD_BENCH_COMMIT (a clean export) or HEAD."""
+    return os.environ.get("LORAD_BENCH_COMMIT") or git("rev-parse", "HEAD")
+
+
+def changed_files(*paths: str) -> list[str] | None:
+    """Uncommitted changes to tracked files (under ``paths``, or all): the lines of ``git status
+    --porcelain``; [] for a clean export (LORAD_BENCH_COMMIT), None when git cannot tell."""
+    if os.environ.get("LORAD_BENCH_COMMIT"):
+        return []
+    status = git("status", "--porcelain", "--untracked-files=no", *(["--", *paths] if paths else []))
+    return None if status is None else status.splitlines()
+
+
+def dirty(*paths: str) -> bool | None:
+    """Whether tracked files (under ``paths``, or all) differ from the commit; None when unknown."""
+    files = changed_files(*paths)
+    return None if files is None else bool(files)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
