@@ -234,8 +234,9 @@ class PromoteConfig:
                                    "base = the base model (right for general-ability sets such as the built-in "
                                    "chatterbot ones: never worse than the model lorad started from)",
                                    choices=("incumbent", "base"))
-    max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion's",
-                                  ge=1.0)
+    max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion "
+                                        "adapter's (the first adapter is not compared with the bare base: any "
+                                        "adapter adds its LoRA matmuls)", ge=1.0)
     latency_floor_ms: float = _f(500.0, "time to first token below which a slower candidate is never refused "
                                         "for latency (the seed's 500 ms first-token target); 0 = always compare",
                                  ge=0.0)

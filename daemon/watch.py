@@ -22,7 +22,6 @@ from daemon.policy import Decision, should_rollback
 
 log = logging.getLogger("lorad.watch")
 
-BASE_LABEL = "base"  # the engine's label for requests served by the bare base model
 FAILED_REASONS = frozenset({"error", "timeout"})  # finish reasons that count as a failed request
 TTFT_SAMPLES = 1024  # recent time-to-first-token samples kept per version
 
@@ -165,9 +164,10 @@ class RollbackWatch:
         if version is None or self.cfg.rollback_window_seconds <= 0:
             self.cancel()
             return
-        # The latency baseline is the previous champion's recent p95, but only from enough samples: a p95 of
-        # three requests is noise, and a noisy baseline would roll back healthy champions.
-        before = self.stats.snapshot(previous if previous is not None else BASE_LABEL)["ttft"]
+        # The latency baseline is the previous champion adapter's recent p95, but only from enough samples: a
+        # p95 of three requests is noise, and a noisy baseline would roll back healthy champions. The bare
+        # base is no latency baseline (as in policy.should_promote): every adapter adds its LoRA matmuls.
+        before = self.stats.snapshot(previous)["ttft"] if previous is not None else []
         baseline = p95(before) if len(before) >= self.min_requests else None
         with self._cond:
             self._watched = _Watched(version, previous, self.clock(), self.stats.snapshot(version), baseline)

@@ -100,6 +100,18 @@ def test_regression_reference_base_does_not_ratchet_on_the_champion():
     assert not should_promote(old, PromoteConfig(regression_reference="base"), confidence=0.95).ok
 
 
+def test_the_first_adapter_is_not_refused_for_being_slower_than_the_bare_base():
+    # Measured on 2 CPU cores (e2e_latency_cpu): 723 ms vs the bare base's 566 ms for 400-token prompts.
+    first = report(latency={"candidate_ttft_s": 0.723, "incumbent_ttft_s": 0.566, "incumbent": "base"})
+    d = should_promote(first, PromoteConfig(latency_floor_ms=500), confidence=0.95)
+    assert d.ok and "first adapter" in d.reason and "723 ms" in d.reason
+    later = report(latency={"candidate_ttft_s": 0.723, "incumbent_ttft_s": 0.566, "incumbent": "adapter"})
+    d = should_promote(later, PromoteConfig(latency_floor_ms=500), confidence=0.95)
+    assert not d.ok and d.code == "latency"
+    quick = report(latency={"candidate_ttft_s": 0.60, "incumbent_ttft_s": 0.566, "incumbent": "base"})
+    assert "first adapter" not in should_promote(quick, PromoteConfig(latency_floor_ms=500), confidence=0.95).reason
+
+
 def test_latency_floor_lets_fast_enough_candidates_through():
     # GPU, the first adapter against the bare base: 3.6x slower, but far below 500 ms -> not refused
     gpu = report(latency={"candidate_ttft_s": 0.150, "incumbent_ttft_s": 0.042})
