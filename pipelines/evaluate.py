@@ -66,18 +66,41 @@ def load_regression_set(name: str) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 
-def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad_id: int = 0) -> list[float]:
-    """Mean next-token loss over the labelled (response) tokens of each example, in input order."""
+def _length_batches(lengths: list[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most ``batch_size`` rows and (when > 0) at most
+    ``batch_tokens`` padded tokens (rows x the longest): many short examples share one forward pass."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and \
+                (batch_tokens <= 0 or (len(batches[-1]) + 1) * lengths[i] <= batch_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad_id: int = 0,
+                   batch_tokens: int = 0, autocast: str | None = None) -> list[float]:
+    """Mean next-token loss over the labelled (response) tokens of each example, in input order.
+
+    Args:
+        batch_tokens: with > 0, batches hold up to ``batch_size`` examples but at most this many padded
+            tokens, so short examples go many to a pass (a CPU's matmuls run far better on them).
+        autocast: "bfloat16" runs the forward passes under CPU/GPU autocast (the loss itself in float32).
+    """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     losses = [math.nan] * len(examples)
     model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+    cast = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast
+            else contextlib.nullcontext())
+    with torch.inference_mode(), cast:
+        for idx in _length_batches([len(e["input_ids"]) for e in examples], batch_size, batch_tokens):
             width = max(len(examples[i]["input_ids"]) for i in idx)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
@@ -176,6 +199,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         with ``regression_base`` or when the incumbent is the base), ``latency`` {candidate_ttft_s, incumbent_ttft_s},
         and ``per_example`` losses for the holdout.
     """
+    import torch
     from peft import PeftModel
 
     from pipelines.data import tokenize_record
@@ -198,12 +222,24 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         peft_model.load_adapter(str(incumbent), adapter_name="incumbent")
     pad = tokenizer.pad_token_id or 0
 
+    # On a CPU: short examples many to a forward pass, and bf16 autocast where the CPU has AMX (as training
+    # does; both sides alike, so the paired comparison is unchanged: on the default model the mean losses
+    # moved by 0.03-0.1 %, the scoring took 2x less time; the first-token latency stays in float32).
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    kw = {"pad_id": pad}
+    if on_cpu:
+        from pipelines.hardware import cpu_bf16_matmul
+
+        kw.update(batch_size=64, batch_tokens=8192,
+                  autocast="bfloat16" if next(model.parameters()).dtype == torch.float32 and cpu_bf16_matmul()
+                  else None)
+
     def score(which: str, examples: list[dict]) -> list[float]:
         if which == "candidate" or (which == "incumbent" and incumbent is not None):
             peft_model.set_adapter(which)
-            return example_losses(peft_model, examples, pad_id=pad)
+            return example_losses(peft_model, examples, **kw)
         with peft_model.disable_adapter():
-            return example_losses(peft_model, examples, pad_id=pad)
+            return example_losses(peft_model, examples, **kw)
 
     t0 = time.perf_counter()
     cand_h, inc_h = score("candidate", holdout_ex), score("incumbent", holdout_ex)

@@ -37,6 +37,10 @@ from typing import Any
 
 GiB = 1 << 30
 CPU_MICRO_BATCH = 4        # the measured CPU default (bench/train_speed.py); larger batches gain nothing on 2 cores
+# ... and no more than this many tokens per micro-batch: on 2 cores, 1 x 4096 tokens trained ~1.15x faster than
+# 2 x 4096 (SmolLM2-135M, bf16 autocast, 2 interleaved pairs: 336/404 vs 305/326 tok/s), and 4 x 1024 is the
+# measured default above.
+CPU_MICRO_BATCH_TOKENS = 4096
 MAX_MICRO_BATCH = 16       # beyond this, gradient accumulation does the same work with fewer padding tokens
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
 CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER = 2
@@ -97,8 +101,8 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
     CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization;
     training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: about 10x its fp32 matmul
     rate, measured in bench/train_speed.py), else fp32; micro-batch 4 (larger gains nothing on a few
-    cores) or fewer, as many sequences as the available memory holds; gradient checkpointing when even
-    one does not fit (``cpu_defaults``).
+    cores) or fewer: at most 4096 tokens, and as many sequences as the available memory holds; gradient
+    checkpointing when even one does not fit (``cpu_defaults``).
     CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
     the 16-bit weights plus one sequence's activations do not fit the usable memory; the micro-batch
     is the largest power of two (1..16) whose activations fit what the weights leave free.
@@ -139,17 +143,18 @@ def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwareP
     compute = "bfloat16" if hw.bf16 else "float32"
     matmuls = "bf16 autocast (the CPU has AMX bf16 units)" if hw.bf16 else "float32 (no AMX)"
     head = f"no CUDA GPU: float32, no quantization, training matmuls in {matmuls}"
+    cap = max(1, min(CPU_MICRO_BATCH, CPU_MICRO_BATCH_TOKENS // max_seq_len))
     if not hw.memory_bytes or not shape.params:
-        return HardwarePlan("cpu", "float32", "none", CPU_MICRO_BATCH,
-                            f"{head}; micro-batch {CPU_MICRO_BATCH} (memory or model size unknown)",
-                            train_compute=compute)
+        return HardwarePlan("cpu", "float32", "none", cap,
+                            f"{head}; micro-batch {cap} ({CPU_MICRO_BATCH_TOKENS} tokens at most; memory or model "
+                            f"size unknown)", train_compute=compute)
     per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
     per_seq = CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
     weights = shape.params * (6 if hw.bf16 else 4)
     headroom = hw.memory_bytes * CPU_USABLE_FRACTION - RESERVE_BYTES - weights
     mem = f"{hw.memory_bytes / GiB:.1f} GiB available"
     if headroom >= per_seq:
-        mb = min(CPU_MICRO_BATCH, _pow2_floor(headroom / per_seq))
+        mb = min(cap, _pow2_floor(headroom / per_seq))
         return HardwarePlan("cpu", "float32", "none", mb,
                             f"{head}; micro-batch {mb} ({mem}; ~{per_seq / GiB:.1f} GiB per {max_seq_len}-token "
                             f"sequence)", train_compute=compute)

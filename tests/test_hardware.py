@@ -13,6 +13,7 @@ from pipelines.hardware import GiB, Hardware, ModelShape, choose_defaults, model
 CPU = Hardware("cpu")
 CPU_24G = Hardware("cpu", bf16=True, memory_bytes=23 * GiB)
 CPU_128G = Hardware("cpu", bf16=True, memory_bytes=120 * GiB)
+CPU_8G = Hardware("cpu", bf16=True, memory_bytes=8 * GiB)
 H200 = Hardware("cuda", "NVIDIA H200", 141 * GiB, 1, bf16=True)
 A100_80 = Hardware("cuda", "NVIDIA A100-SXM4-80GB", 80 * GiB, 1, bf16=True)
 L4 = Hardware("cuda", "NVIDIA L4", 24 * GiB, 1, bf16=True)
@@ -23,14 +24,16 @@ DEEPSEEK_67B = ModelShape(67_000_000_000, 8192, 95)
 
 
 @pytest.mark.parametrize("hw, shape, seq, expected", [
-    # CPU with unknown memory: float32 and the old default micro-batch, whatever the model.
-    (CPU, SMOL_135M, 4096, ("float32", "none", 4)),
-    (CPU, DEEPSEEK_7B, 4096, ("float32", "none", 4)),
-    (CPU, None, 4096, ("float32", "none", 4)),
-    # CPU with known memory: what it holds (the 24 GiB dev machine ran out of memory at 4 x 4096 tokens).
-    (CPU_24G, SMOL_135M, 4096, ("float32", "none", 2)),
+    # CPU with unknown memory: float32, micro-batch 4 of up to 1024 tokens (4096 tokens a micro-batch).
+    (CPU, SMOL_135M, 1024, ("float32", "none", 4)),
+    (CPU, SMOL_135M, 4096, ("float32", "none", 1)),
+    (CPU, DEEPSEEK_7B, 2048, ("float32", "none", 2)),
+    (CPU, None, 512, ("float32", "none", 4)),
+    # CPU with known memory: also what it holds (the 24 GiB dev machine ran out of memory at 4 x 4096 tokens).
+    (CPU_24G, SMOL_135M, 4096, ("float32", "none", 1)),
     (CPU_24G, SMOL_135M, 1024, ("float32", "none", 4)),
-    (CPU_128G, SMOL_135M, 4096, ("float32", "none", 4)),
+    (CPU_8G, SMOL_135M, 1024, ("float32", "none", 1)),
+    (CPU_128G, SMOL_135M, 1024, ("float32", "none", 4)),
     (CPU_24G, DEEPSEEK_7B, 4096, ("float32", "none", 1)),    # + gradient checkpointing (next test)
     # A small model fits everywhere in 16 bits; the batch is capped at 16.
     (H200, SMOL_135M, 4096, ("bfloat16", "none", 16)),
@@ -55,6 +58,7 @@ def test_choose_defaults_table(hw, shape, seq, expected):
 
 def test_a_cpu_turns_on_gradient_checkpointing_when_one_sequence_does_not_fit(tmp_path):
     assert not choose_defaults(CPU_24G, SMOL_135M, max_seq_len=4096).gradient_checkpointing
+    assert choose_defaults(Hardware("cpu", memory_bytes=6 * GiB), SMOL_135M, max_seq_len=4096).gradient_checkpointing
     plan = choose_defaults(CPU_24G, DEEPSEEK_7B, max_seq_len=4096)
     assert plan.gradient_checkpointing and plan.micro_batch_size == 1
     assert "gradient checkpointing" in plan.reason and "GiB available" in plan.reason
@@ -107,7 +111,7 @@ def test_resolve_config_fills_only_auto_values(tmp_path):
     cfg, _ = resolve_config(explicit, hw=L4)
     assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float16", "none", 1)
     cfg, _ = resolve_config(auto, hw=CPU)
-    assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float32", "none", 4)
+    assert (cfg.model.dtype, cfg.model.quantization, cfg.train.micro_batch_size) == ("float32", "none", 1)   # 4096-token sequences
 
 
 def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir, caplog):
@@ -126,9 +130,9 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
     plans = [r for r in caplog.records if r.getMessage() == "hardware plan"]
     assert len(plans) == 1
     assert (plans[0].device, plans[0].dtype, plans[0].quantization, plans[0].micro_batch_size) == \
-        ("cpu", "float32", "none", 4)
+        ("cpu", "float32", "none", 1)   # data.max_seq_len 4096: one sequence a micro-batch on a CPU
     assert plans[0].train_compute in ("bfloat16", "float32")   # bf16 autocast where the CPU has AMX
-    labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "4",
+    labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "1",
               "train_compute": plans[0].train_compute, "gradient_checkpointing": "False"}
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point

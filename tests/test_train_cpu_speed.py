@@ -172,7 +172,7 @@ def test_cpu_plan_uses_bf16_only_with_amx_and_the_fused_kernel(monkeypatch, amx)
     assert T.plan_speed(model, "cpu", autocast=False, lora_kernel="peft") == plan("peft")
     with pytest.raises(ValueError, match="lora_kernel"):
         T.plan_speed(model, "cpu", lora_kernel="fast")
-    hw_plan = choose_defaults(Hardware("cpu", bf16=amx))
+    hw_plan = choose_defaults(Hardware("cpu", bf16=amx), max_seq_len=1024)
     assert (hw_plan.dtype, hw_plan.train_compute) == ("float32", "bfloat16" if amx else "float32")
     assert ("AMX" in hw_plan.reason) and hw_plan.micro_batch_size == 4
 
