@@ -931,24 +931,43 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- merging split runs
 
 
+# Settings only the daemon (the lorad arm) reads, per config section (() = the whole section): base, naive
+# and retrain runs made with other values still merge with a lorad run (e.g. one retrain for several
+# replay fractions).
+LORAD_ONLY_SETTINGS = {"data": ("replay_fraction", "min_domain_fraction", "category_cap_ratio"),
+                       "drift": (), "eval": (), "promote": (), "schedule": ()}
+
+
 def merge(parts: list[dict], names: list[str]) -> dict:
     """One result from runs of the same stream that each ran some of the arms (``--arms``), e.g. one
-    process per GPU. The parts must agree on the profile, the stream, the config (paths aside) and, month
-    by month, on the records each accepted: every arm then saw the same train and holdout records. Months
-    that not every part finished are left out. Raises ValueError when the parts do not fit together."""
+    process per GPU. The parts must agree on the profile, the stream, the config (paths aside, and the
+    daemon-only ``LORAD_ONLY_SETTINGS`` between a lorad part and a baseline part) and, month by month, on
+    the records each accepted: every arm then saw the same train and holdout records. The lorad part's
+    config is the merged result's. Months that not every part finished are left out. Raises ValueError
+    when the parts do not fit together."""
     if len(parts) < 2:
         raise ValueError("merge needs at least two result files")
+    order = sorted(range(len(parts)), key=lambda i: "lorad" not in parts[i]["arms"])   # the daemon's config leads
+    parts, names = [parts[i] for i in order], [names[i] for i in order]
     first = parts[0]
 
-    def comparable_config(r: dict) -> dict:   # each run has its own work folder: compare file names only
-        c = {k: v for k, v in r["config"].items() if k != "paths"}
-        c["eval"] = {**c["eval"], "regression_sets": [Path(f).name for f in c["eval"]["regression_sets"]]}
+    def comparable(r: dict, key: str, daemon_settings: bool) -> Any:
+        if key not in ("config", "overrides"):
+            return r[key]
+        c = {k: dict(v) for k, v in r[key].items() if k != "paths"}
+        if key == "config":   # each run has its own work folder: compare the gate files' names only
+            c["eval"]["regression_sets"] = [Path(f).name for f in c["eval"]["regression_sets"]]
+        if not daemon_settings:   # a part without the lorad arm: the daemon's own settings do not matter
+            for section, keys in LORAD_ONLY_SETTINGS.items():
+                if section in c:
+                    c[section] = {k: v for k, v in c[section].items() if keys and k not in keys}
+            c = {k: v for k, v in c.items() if v}
         return c
 
     for name, r in zip(names[1:], parts[1:]):
-        for key, value in (("profile", r["profile"]), ("stream", r["stream"]), ("sizes", r["sizes"]),
-                           ("overrides", r["overrides"]), ("config", comparable_config(r))):
-            if value != (first[key] if key != "config" else comparable_config(first)):
+        both_daemon = "lorad" in r["arms"] and "lorad" in first["arms"]
+        for key in ("profile", "stream", "sizes", "overrides", "config"):
+            if comparable(r, key, both_daemon) != comparable(first, key, both_daemon):
                 raise ValueError(f"{name}: its {key} differs from {names[0]}'s: not the same benchmark")
     arms_by_part = [set(r["arms"]) for r in parts]
     for i, a in enumerate(arms_by_part):

@@ -143,6 +143,15 @@ def test_merging_runs_that_each_ran_some_arms_gives_the_whole_runs_goals(tmp_pat
     other["config"]["train"]["learning_rate"] = 1.0
     with pytest.raises(ValueError, match="config differs"):
         continual.merge([a, other], ["a.json", "b.json"])
+    # A daemon-only setting (the replay share) may differ between the lorad part and a baselines part ...
+    replay = split(whole, ("base", "lorad"), 2)
+    replay["config"]["data"]["replay_fraction"] = 0.4
+    replay["overrides"] = {"data": {"replay_fraction": 0.4}}
+    merged = continual.merge([split(whole, ("naive", "retrain"), 2), replay], ["b.json", "a.json"])
+    assert merged["config"]["data"]["replay_fraction"] == 0.4 and merged["parts"][0]["file"] == "a.json"
+    # ... but not between two parts that both hold the daemon's settings.
+    with pytest.raises(ValueError, match="config differs|overrides differs"):
+        continual.merge([replay, split(whole, ("lorad",), 2)], ["a.json", "c.json"])
     with pytest.raises(ValueError, match="both ran"):
         continual.merge([a, split(whole, ("base", "naive"), 2)], ["a.json", "b.json"])
     other = split(whole, ("naive", "retrain"), 2)
