@@ -97,9 +97,8 @@ def ready(port: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(3 * 3600)
-@pytest.mark.skipif(os.environ.get("LORAD_E2E") != "1",
-                    reason="takes 10-40 min of 2 CPU cores, more than the CI budget; run with LORAD_E2E=1 "
-                           "(passed 2026-11-28 in 36 min at load ~9)")
+@pytest.mark.skipif(os.environ.get("LORAD_E2E") == "0",
+                    reason="LORAD_E2E=0: skipped on request (about 3 min on 2 quiet cores, 36 min at load ~9)")
 def test_inbox_to_new_champion_then_kill_9_and_resume(state_with_real_model, tmp_path):
     from test_service import free_port
 
