@@ -61,7 +61,8 @@ daemon's snapshots and in the baselines' jobs alike.
 
 --merge A.json B.json ... --out X.json: no run; one result from runs of the same stream that each ran some
 arms (``--arms``), e.g. one process per GPU. The parts must agree on the profile, stream, config (work
-folders aside) and each month's accepted records; goals and the plot are computed for the merged arms.
+folders aside; a baselines part may differ from the lorad part in daemon-only settings, ``merge``) and each
+month's accepted records; goals and the plot are computed for the merged arms.
 
 GPU run on the lent device: bench/device/ (README.md there) prepares a clean export and the wheels and data
 the bare machine lacks; ``bench/device/continual_x4.sh`` is the 4-GPU script that made the committed run
@@ -1007,6 +1008,12 @@ def merge(parts: list[dict], names: list[str]) -> dict:
 # ----------------------------------------------------------------------------- command line
 
 
+def print_goals(goals: dict) -> None:
+    for name, g in goals.items():
+        value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
+        print(f"{name:34s} {value:>10s}  target {g['target']:8s}  {'met' if g['met'] else 'NOT met'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -1045,9 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, result)
         if result["months"]:
             plot(result, args.out.with_suffix(".png"))
-        for name, g in result.get("goals", {}).items():
-            print(f"{name:34s} {'n/a' if g['value'] is None else format(g['value'], '.4f'):>10s}  "
-                  f"{'met' if g['met'] else 'NOT met'}")
+        print_goals(result.get("goals", {}))
         print(f"wrote {args.out}")
         return 0
 
@@ -1075,9 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    for name, g in result["goals"].items():
-        value = "n/a" if g["value"] is None else f"{g['value']:.4f}"
-        print(f"{name:34s} {value:>10s}  target {g['target']:8s}  {'met' if g['met'] else 'NOT met'}")
+    print_goals(result["goals"])
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -152,22 +152,21 @@ def time_to_first_token(model: Any, tokenizer: Any, prompts: list[list[int]], *,
     if not prompts:
         return None
     device = next(model.parameters()).device
-    times = []
-    with torch.inference_mode():
-        x = torch.tensor([prompts[0]], device=device)   # one untimed call: whichever side is timed first
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,   # pays no warm-up
+
+    def first_token(ids: list[int]) -> float:
+        x = torch.tensor([ids], device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        first_token(prompts[0])   # untimed: whichever side is timed first pays no warm-up
+        times = [first_token(ids) for ids in prompts for _ in range(repeats)]
     times.sort()
     return times[len(times) // 2]
 
