@@ -612,10 +612,22 @@ def build_run_config(profile: Profile, work: Path, base_model: str, gate_files: 
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Strict JSON: a value that could not be measured (NaN, e.g. the loss of an arm whose every run
+    failed) is written as null rather than losing the whole result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False, default=_jsonable))
+    tmp.write_text(json.dumps(_nan_to_null(obj), indent=1, ensure_ascii=False, allow_nan=False, default=_jsonable))
     os.replace(tmp, path)
+
+
+def _nan_to_null(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _nan_to_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_null(v) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:
@@ -935,7 +947,7 @@ def plot(result: dict, path: Path) -> None:
 # Settings only the daemon (the lorad arm) reads, per config section (() = the whole section): base, naive
 # and retrain runs made with other values still merge with a lorad run (e.g. one retrain for several
 # replay fractions).
-LORAD_ONLY_SETTINGS = {"data": ("replay_fraction", "min_domain_fraction", "category_cap_ratio"),
+LORAD_ONLY_SETTINGS = {"data": ("replay_fraction", "replay_unit", "min_domain_fraction", "category_cap_ratio"),
                        "drift": (), "eval": (), "promote": (), "schedule": ()}
 
 

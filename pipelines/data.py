@@ -4,7 +4,8 @@ A snapshot is the frozen set of records one training run sees, written once and 
 changed, with one role per record:
   new      train-split records that were not yet in any snapshot as 'new'
   replay   a seeded sample of older train records (those already learned), so the adapter
-           does not forget them; replay / (new + replay) = replay_fraction
+           does not forget them; replay / (new + replay) = replay_fraction, counted in records
+           or (data.replay_unit = chars) in characters of text
   holdout  holdout-split records not yet in any snapshot as 'holdout': the new-data evaluation
            set (never trained on; the split is a stable hash, so a record never moves)
 Its id is the sha256 of the sorted (record_id, role) pairs: the same set always gets the same
@@ -131,12 +132,22 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
             "SELECT id, category FROM records WHERE split = 'holdout' ORDER BY id") if category in categories)
         reused = len(holdout)
 
-    older = [rid for (rid,) in db.execute(
-        "SELECT r.id FROM records r WHERE r.split = 'train' AND EXISTS "
+    older_chars = dict(db.execute(
+        "SELECT r.id, r.n_chars FROM records r WHERE r.split = 'train' AND EXISTS "
         "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
-        f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")]
-    wanted = round(replay_fraction / (1.0 - replay_fraction) * len(new))
-    replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
+        f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id").fetchall())
+    older = sorted(older_chars)
+    replay_info: dict = {}
+    if cfg.replay_unit == "chars":
+        new_chars = sum(_n_chars(db, list(new)).values())
+        budget = round(replay_fraction / (1.0 - replay_fraction) * new_chars)
+        replay = tuple(sorted(fill_budget([(rid, older_chars[rid]) for rid in older], budget, rng)))
+        wanted = len(replay)
+        replay_info = {"replay_unit": "chars", "replay_chars_wanted": budget,
+                       "replay_chars": sum(older_chars[rid] for rid in replay), "new_chars": new_chars}
+    else:
+        wanted = round(replay_fraction / (1.0 - replay_fraction) * len(new))
+        replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
     floor_info: dict = {}
     if cfg.min_domain_fraction > 0 and replay:
         chars = _n_chars(db, list(new) + list(replay))
@@ -153,7 +164,7 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         "holdout_fraction": cfg.holdout_fraction,
         "max_record_id": max(r for r, _ in pairs),
         "categories": {c or "(none)": len(v) for c, v in sorted(by_category.items(), key=lambda kv: kv[0] or "")},
-        "capped": dropped, "replay_wanted": wanted, "replay_available": len(older), **floor_info,
+        "capped": dropped, "replay_wanted": wanted, "replay_available": len(older), **replay_info, **floor_info,
         **({"holdout_reused": reused} if reused else {}),
     }
     return Snapshot(snapshot_id(pairs), tuple(new), replay, holdout, manifest)
@@ -183,8 +194,13 @@ def domain_floor(replay: Sequence[tuple[int, int]], new_chars: int, floor: float
     """
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"min_domain_fraction must be in (0, 1], got {floor}")
-    budget = new_chars * (1.0 - floor) / floor
-    order = list(replay)
+    return fill_budget(replay, new_chars * (1.0 - floor) / floor, rng)
+
+
+def fill_budget(items: Sequence[tuple[int, int]], budget: float, rng: random.Random) -> list[int]:
+    """Ids of (id, size) items taken in a seeded random order while they fit in ``budget`` (total size);
+    an item that does not fit is skipped, so smaller ones after it may still be taken."""
+    order = list(items)
     rng.shuffle(order)
     kept, used = [], 0
     for rid, n in order:

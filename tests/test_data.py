@@ -108,6 +108,32 @@ def test_replay_is_capped_by_what_exists_and_can_be_turned_off(tmp_path):
     assert plan_snapshot(store, CFG, seed=1, replay_fraction=0.0).replay == ()
 
 
+def test_replay_share_in_chars_gives_long_new_documents_their_share_of_replayed_text(tmp_path):
+    store = Store(tmp_path / "s.db")
+    add_records(store, tmp_path, "old.jsonl", 600)          # short answers, learned first
+    build_snapshot(store, CFG, seed=1)
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"input": f"consult {i}", "output": f"{i} " + "long advice " * 10}) + "\n"
+                            for i in range(100)))
+    assert ingest_file(long, store, CFG).accepted == 100
+    chars = dict(store.query("SELECT id, n_chars FROM records"))
+
+    def text_share(snap) -> float:
+        replayed = sum(chars[r] for r in snap.replay)
+        return replayed / (replayed + sum(chars[r] for r in snap.new))
+
+    by_records = plan_snapshot(store, CFG, seed=5)
+    assert abs(len(by_records.replay) / (len(by_records.new) + len(by_records.replay)) - 0.3) < 0.01
+    assert text_share(by_records) < 0.1         # 30 % of the records, but short: little replayed text
+    by_chars = plan_snapshot(store, DataConfig(**{**CFG.__dict__, "replay_unit": "chars"}), seed=5)
+    assert by_chars == plan_snapshot(store, DataConfig(**{**CFG.__dict__, "replay_unit": "chars"}), seed=5)
+    assert 0.29 < text_share(by_chars) <= 0.3
+    assert len(by_chars.replay) > 5 * len(by_records.replay) and set(by_chars.replay) <= set(chars)
+    m = by_chars.manifest
+    assert m["replay_unit"] == "chars" and m["replay_chars"] <= m["replay_chars_wanted"]
+    assert m["new_chars"] == sum(chars[r] for r in by_chars.new)
+
+
 def test_category_cap_keeps_no_category_above_ratio_times_the_smallest(tmp_path):
     store = Store(tmp_path / "s.db")
     add_records(store, tmp_path, "cats.jsonl", 0, categories={"a": 200, "b": 40, "c": 15})
