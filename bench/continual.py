@@ -965,11 +965,11 @@ def merge(parts: list[dict], names: list[str]) -> dict:
     first = parts[0]
 
     def comparable(r: dict, key: str, daemon_settings: bool) -> Any:
-        if key not in ("config", "overrides"):
+        if key != "config":
             return r[key]
         c = {k: dict(v) for k, v in r[key].items() if k != "paths"}
-        if key == "config":   # each run has its own work folder: compare the gate files' names only
-            c["eval"]["regression_sets"] = [Path(f).name for f in c["eval"]["regression_sets"]]
+        # each run has its own work folder: compare the gate files' names only
+        c["eval"]["regression_sets"] = [Path(f).name for f in c["eval"]["regression_sets"]]
         if not daemon_settings:   # a part without the lorad arm: the daemon's own settings do not matter
             for section, keys in LORAD_ONLY_SETTINGS.items():
                 if section in c:
@@ -979,7 +979,8 @@ def merge(parts: list[dict], names: list[str]) -> dict:
 
     for name, r in zip(names[1:], parts[1:]):
         both_daemon = "lorad" in r["arms"] and "lorad" in first["arms"]
-        for key in ("profile", "stream", "sizes", "overrides", "config"):
+        # The resolved config, not the --set overrides that led to it: "train.seed=1234" spelled out is the default.
+        for key in ("profile", "stream", "sizes", "config"):
             if comparable(r, key, both_daemon) != comparable(first, key, both_daemon):
                 raise ValueError(f"{name}: its {key} differs from {names[0]}'s: not the same benchmark")
     arms_by_part = [set(r["arms"]) for r in parts]

@@ -147,10 +147,11 @@ class DataConfig:
                                    gt=0.0, le=1.0)
     holdout_fraction: float = _f(0.1, "share of records kept out of training for evaluation (stable hash split)",
                                  gt=0.0, lt=0.5)
-    replay_fraction: float = _f(0.3, "share of each training snapshot drawn from older records", ge=0.0, lt=1.0)
-    replay_unit: str = _f("records", "what replay_fraction counts: records, or chars (the share of the training text, "
-                          "so a batch of long new documents still gets its share of replayed text)",
-                          choices=("records", "chars"))
+    replay_fraction: float = _f(0.35, "share of each training snapshot drawn from older records (see replay_unit)",
+                                ge=0.0, lt=1.0)
+    replay_unit: str = _f("chars", "what replay_fraction counts: chars (the share of the training text, so a batch "
+                          "of long new documents still gets its share of replayed text) or records",
+                          choices=("chars", "records"))
     category_cap_ratio: float = _f(3.0, "no category may exceed this multiple of the smallest; 0 = no cap", ge=0.0)
     min_domain_fraction: float = _f(0.0, "floor on the share of a snapshot's training text (characters) from its new "
                                     "records; replay records are dropped until it holds; 0 = off", ge=0.0, le=1.0)

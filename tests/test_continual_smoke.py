@@ -149,6 +149,10 @@ def test_merging_runs_that_each_ran_some_arms_gives_the_whole_runs_goals(tmp_pat
     replay["overrides"] = {"data": {"replay_fraction": 0.4}}
     merged = continual.merge([split(whole, ("naive", "retrain"), 2), replay], ["b.json", "a.json"])
     assert merged["config"]["data"]["replay_fraction"] == 0.4 and merged["parts"][0]["file"] == "a.json"
+    # Overrides that spell out a default give the same config: they merge.
+    spelled = split(whole, ("naive", "retrain"), 2)
+    spelled["overrides"] = {"train": {"seed": whole["config"]["train"]["seed"]}}
+    assert continual.merge([a, spelled], ["a.json", "b.json"])["goals"] == continual.goals(whole["months"][:2])
     # ... but not between two parts that both hold the daemon's settings.
     with pytest.raises(ValueError, match="config differs|overrides differs"):
         continual.merge([replay, split(whole, ("lorad",), 2)], ["a.json", "c.json"])

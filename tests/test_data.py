@@ -16,7 +16,8 @@ from pipelines.data import (IGNORE_INDEX, NothingToSnapshot, build_snapshot, loa
                             snapshot_id, snapshot_payloads, tokenize_record, write_snapshot)
 from pipelines.ingest import ingest_file
 
-CFG = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2, replay_fraction=0.3, category_cap_ratio=0.0)
+CFG = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2, replay_fraction=0.3, replay_unit="records",
+                 category_cap_ratio=0.0)
 
 
 class Clock:

@@ -104,7 +104,8 @@ def _ingest(store: Store, path: Path, rows: list[dict]) -> None:
 
 
 def test_snapshot_respects_the_domain_floor_and_payloads_carry_categories(tmp_path):
-    cfg = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.1, replay_fraction=0.5, category_cap_ratio=0.0)
+    cfg = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.1, replay_fraction=0.5, replay_unit="records",
+                     category_cap_ratio=0.0)
     store = Store(tmp_path / "s.db")
     # Old data: long and short documents. New data: short answers in category "contract".
     _ingest(store, tmp_path / "old.jsonl", [{"text": f"document {i} " + "lorem ipsum " * (200 if i % 2 else 2)}
