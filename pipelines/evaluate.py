@@ -198,7 +198,6 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         with ``regression_base`` or when the incumbent is the base), ``latency`` {candidate_ttft_s, incumbent_ttft_s},
         and ``per_example`` losses for the holdout.
     """
-    import torch
     from peft import PeftModel
 
     from pipelines.data import tokenize_record
@@ -227,11 +226,9 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
     on_cpu = next(model.parameters()).device.type == "cpu"
     kw = {"pad_id": pad}
     if on_cpu:
-        from pipelines.hardware import cpu_bf16_matmul
+        from pipelines.hardware import cpu_autocast
 
-        kw.update(batch_size=64, batch_tokens=8192,
-                  autocast="bfloat16" if next(model.parameters()).dtype == torch.float32 and cpu_bf16_matmul()
-                  else None)
+        kw.update(batch_size=64, batch_tokens=8192, autocast=cpu_autocast(model))
 
     def score(which: str, examples: list[dict]) -> list[float]:
         if which == "candidate" or (which == "incumbent" and incumbent is not None):

@@ -207,6 +207,22 @@ def cpu_bf16_matmul() -> bool:
         return False
 
 
+def is_quantized(model: Any) -> bool:
+    """True for a bitsandbytes 4/8-bit base model (QLoRA)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def cpu_autocast(model: Any) -> str | None:
+    """"bfloat16" when a model on the CPU should run its matmuls in bf16 autocast: unquantized fp32 or bf16
+    weights on a CPU with AMX (``cpu_bf16_matmul``); else None. Training and evaluation both ask here."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if is_quantized(model) or dtype not in (torch.float32, torch.bfloat16) or not cpu_bf16_matmul():
+        return None
+    return "bfloat16"
+
+
 def detect_hardware(device: str = "auto") -> Hardware:
     """The first CUDA GPU torch sees (unless ``device`` is "cpu"), or the CPU."""
     import torch

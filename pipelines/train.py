@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from daemon.config import TrainConfig
+from pipelines.hardware import is_quantized
 
 ADAPTER_DIRNAME = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -221,11 +222,6 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def is_quantized(model: Any) -> bool:
-    """True for a bitsandbytes 4/8-bit base model (QLoRA)."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
 def _prepare_kbit(model: Any) -> None:
@@ -477,9 +473,9 @@ def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_laye
         if cuda:
             autocast = dtype == torch.bfloat16
         else:
-            from pipelines.hardware import cpu_bf16_matmul
+            from pipelines.hardware import cpu_autocast
 
-            autocast = dtype in (torch.float32, torch.bfloat16) and not is_quantized(model) and cpu_bf16_matmul()
+            autocast = cpu_autocast(model) is not None
     if compile_layers == "auto":
         compile_layers = cuda and attention == "flash-varlen" and not is_quantized(model)
     if lora_kernel == "auto":

@@ -156,3 +156,20 @@ def test_training_gpu_peak_reaches_the_metrics_from_the_run_records():
     assert value("lorad_training_gpu_peak_bytes", {"kind": "allocated"}) == 7 * 2**30
     assert value("lorad_training_gpu_peak_bytes", {"kind": "reserved"}) == 8 * 2**30
     assert value("lorad_training_step") == 4
+
+
+def test_cpu_autocast_is_bf16_only_for_unquantized_fp32_or_bf16_weights_on_amx(monkeypatch):
+    import torch
+
+    from pipelines import hardware
+
+    model = torch.nn.Linear(4, 4)
+    for amx in (True, False):
+        monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda amx=amx: amx)
+        assert hardware.cpu_autocast(model) == ("bfloat16" if amx else None)
+        assert hardware.cpu_autocast(model.to(torch.bfloat16)) == ("bfloat16" if amx else None)
+        assert hardware.cpu_autocast(model.to(torch.float16)) is None
+        model = model.to(torch.float32)
+    monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda: True)
+    model.is_loaded_in_4bit = True   # what transformers sets on a bitsandbytes-quantized model
+    assert hardware.is_quantized(model) and hardware.cpu_autocast(model) is None
