@@ -152,7 +152,7 @@ class DataConfig:
     replay_unit: str = _f("chars", "what replay_fraction counts: chars (the share of the training text, so a batch "
                           "of long new documents still gets its share of replayed text) or records",
                           choices=("chars", "records"))
-    category_cap_ratio: float = _f(3.0, "no category may exceed this multiple of the smallest; 0 = no cap", ge=0.0)
+    category_cap_ratio: float = _f(3.0, "no category may exceed this multiple of the median category's count; 0 = no cap", ge=0.0)
     min_domain_fraction: float = _f(0.0, "floor on the share of a snapshot's training text (characters) from its new "
                                     "records; replay records are dropped until it holds; 0 = off", ge=0.0, le=1.0)
     packing: bool = _f(True, "pack several records into one sequence (no cross-record attention)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import statistics
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -79,11 +80,14 @@ def snapshot_id(pairs: Sequence[tuple[int, str]]) -> str:
 
 def _capped(ids_by_category: dict[str | None, list[int]], ratio: float, rng: random.Random
             ) -> tuple[list[int], dict[str, int]]:
-    """Keep at most ratio x (the smallest category's count) records per category (seeded sample)."""
+    """Keep at most ratio x (the median category's count) records per category (seeded sample).
+
+    The median, not the smallest: one small category (a few dozen raw text records beside a few hundred
+    per task) would otherwise cap every other category near its own size and leave most of a batch pending.
+    """
     kept: list[int] = []
     dropped: dict[str, int] = {}
-    smallest = min(len(v) for v in ids_by_category.values())
-    cap = max(1, int(ratio * smallest)) if ratio > 0 else None
+    cap = max(1, int(ratio * statistics.median(len(v) for v in ids_by_category.values()))) if ratio > 0 else None
     for category in sorted(ids_by_category, key=lambda c: (c is not None, c or "")):
         ids = ids_by_category[category]
         if cap is not None and len(ids) > cap:

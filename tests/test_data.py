@@ -135,18 +135,19 @@ def test_replay_share_in_chars_gives_long_new_documents_their_share_of_replayed_
     assert m["new_chars"] == sum(chars[r] for r in by_chars.new)
 
 
-def test_category_cap_keeps_no_category_above_ratio_times_the_smallest(tmp_path):
+def test_category_cap_keeps_no_category_above_ratio_times_the_median(tmp_path):
     store = Store(tmp_path / "s.db")
     add_records(store, tmp_path, "cats.jsonl", 0, categories={"a": 200, "b": 40, "c": 15})
     per_cat = {row[0]: row[1] for row in store.query(
         "SELECT category, COUNT(*) FROM records WHERE split = 'train' GROUP BY category")}
-    cap = int(3.0 * min(per_cat.values()))
+    cap = int(3.0 * sorted(per_cat.values())[1])
+    assert cap < per_cat["a"]
     snap = build_snapshot(store, CFG, seed=3, category_cap_ratio=3.0)
     kept = {row[0]: row[1] for row in store.query(
         "SELECT r.category, COUNT(*) FROM snapshot_records s JOIN records r ON r.id = s.record_id "
         "WHERE s.snapshot_id = ? AND s.role = 'new' GROUP BY r.category", (snap.id,))}
     assert kept == {c: min(n, cap) for c, n in per_cat.items()}
-    assert max(kept.values()) <= 3 * min(kept.values())
+    assert kept["b"] == per_cat["b"] and kept["c"] == per_cat["c"]   # the small ones cap nothing
     assert snap.manifest["capped"] == {c: n - cap for c, n in per_cat.items() if n > cap}
     # The surplus stays pending for a later snapshot.
     assert store.counts()["records_pending"] == sum(per_cat.values()) - sum(kept.values())
@@ -154,7 +155,7 @@ def test_category_cap_keeps_no_category_above_ratio_times_the_smallest(tmp_path)
 
 def test_records_a_cap_left_pending_are_judged_on_their_categories_holdout(tmp_path):
     store = Store(tmp_path / "s.db")
-    add_records(store, tmp_path, "cats.jsonl", 0, categories={"a": 200, "b": 20})
+    add_records(store, tmp_path, "cats.jsonl", 0, categories={"a": 200, "b": 20, "c": 20})
     first = build_snapshot(store, CFG, seed=3, category_cap_ratio=3.0)
     assert first.manifest["capped"] and first.holdout and "holdout_reused" not in first.manifest
     second = build_snapshot(store, CFG, seed=3, category_cap_ratio=3.0)   # the surplus of "a", no fresh holdout
