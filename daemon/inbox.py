@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import threading
+import warnings
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ log = logging.getLogger("lorad.inbox")
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp")
 DONE, REJECTED = ".done", ".rejected"
+REPORTS = ".reports"   # under DONE: the per-file reject reports
 
 
 def is_candidate(root: Path, path: Path) -> bool:
@@ -160,7 +162,11 @@ class InboxWatcher:
                     return
                 watcher.offer(getattr(event, "dest_path", "") or event.src_path)
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        # lorad's own folders exist before the watch starts: watchdog 7 registers a folder created together with
+        # its parent (mkdir -p) twice and warns "Callback with id ... already exists" (benign: the same callback).
+        (self.root / DONE / REPORTS).mkdir(parents=True, exist_ok=True)
+        (self.root / REJECTED).mkdir(exist_ok=True)
+        warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
         self._thread = threading.Thread(target=self._settle_loop, name="inbox-settle", daemon=True)
         self._thread.start()
         self._observer = Observer()

@@ -349,7 +349,7 @@ class Daemon:
         """Ingest one complete inbox file, then move it to .done/ (or .rejected/) with its report."""
         import shutil
 
-        from daemon.inbox import DONE, REJECTED
+        from daemon.inbox import DONE, REJECTED, REPORTS
         from daemon.registry import sha256_file
         from pipelines.ingest import ingest_file
 
@@ -363,7 +363,7 @@ class Daemon:
             done = self.store.query_one("SELECT status FROM files WHERE path = ? AND sha256 = ? AND source = 'inbox' "
                                         "ORDER BY id DESC LIMIT 1", (str(path), sha))
             if done is None:
-                staging = inbox / DONE / ".reports"
+                staging = inbox / DONE / REPORTS
                 staging.mkdir(parents=True, exist_ok=True)
                 report = staging / f"{rel.as_posix().replace('/', '__')}.rejects.jsonl"
                 # Ingest has its own connection: its one long transaction per file must not hold the lock that

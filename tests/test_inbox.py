@@ -111,3 +111,20 @@ def test_idle_watcher_sleeps(tmp_path):
     finally:
         w.stop()
     assert used < 0.05, f"idle watcher used {used:.3f} s of CPU in 1 s"
+
+
+def test_live_watcher_makes_its_own_folders_and_nested_folders_raise_no_watchdog_warning(tmp_path):
+    import warnings
+
+    w = InboxWatcher(tmp_path / "inbox", lambda p: None, settle_seconds=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w.start()
+        try:
+            assert (tmp_path / "inbox" / ".done" / ".reports").is_dir() and (tmp_path / "inbox" / ".rejected").is_dir()
+            for i in range(4):   # a folder dropped with a subfolder: watchdog 7 registers the inner one twice
+                (tmp_path / "inbox" / f"drop{i}" / "inner").mkdir(parents=True)
+                time.sleep(0.2)
+        finally:
+            w.stop()
+    assert not [c for c in caught if "already exists" in str(c.message)]
