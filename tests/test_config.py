@@ -147,3 +147,11 @@ def test_readme_config_reference_matches_the_dataclasses():
     section = readme[readme.index(start) + len(start):readme.index(end)]
     assert section.strip() == render_markdown().strip(), \
         "regenerate README's reference with: lorad config show --markdown"
+
+
+def test_job_logs_carry_no_bitsandbytes_hub_kernel_warning():
+    # bitsandbytes warns at import on AVX512-BF16 CPUs that it could not fetch a hub kernel; lorad's jobs import
+    # the pipelines package first, which quiets that logger (elsewhere the warning never appears).
+    code = "import pipelines.train, peft"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "gemm_4bit_forward" not in out.stderr
