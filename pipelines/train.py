@@ -1324,6 +1324,14 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     with open(run_dir / job["data"], encoding="utf-8") as f:
         payloads = [json.loads(line) for line in f if line.strip()]
     examples = tokenize_payloads(payloads, tokenizer, cfg.data.max_seq_len)
+    if len(examples) < len(payloads):
+        skipped = len(payloads) - len(examples)
+        why = (f"{skipped} of {len(payloads)} records have no answer tokens within data.max_seq_len "
+               f"({cfg.data.max_seq_len} tokens: the prompt fills it, or the answer is empty)")
+        if not examples:
+            raise TrainingError(f"no training examples: {why}; raise data.max_seq_len or lower "
+                                f"data.max_prompt_tokens")
+        print(f"lorad train: skipped {why}", file=sys.stderr, flush=True)
     parent = Path(job["parent_adapter"]) if job.get("parent_adapter") else None
     examples, model = apply_training_options(examples, cfg, model, parent, run_dir)
     return train(examples, run_dir=run_dir, model=model, tokenizer=tokenizer, cfg=cfg.train,

@@ -213,3 +213,23 @@ def test_kill_9_then_resume_gives_the_same_adapter(tmp_path, slower_llama_dir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert resumed.history == pytest.approx(reference.history, rel=1e-4)
+
+
+def test_records_whose_prompt_fills_the_sequence_are_reported_not_silently_dropped(tmp_path, tiny_llama_dir,
+                                                                                   capsys):
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")}, "model": {"base_model": str(tiny_llama_dir)},
+                        "data": {"max_seq_len": 24, "max_prompt_tokens": 512, "max_response_tokens": 24},
+                        "train": {"lora_r": 4, "lora_alpha": 8, "micro_batch_size": 2, "grad_accum_steps": 1}})
+    long_prompt = {"messages": [{"role": "user", "content": " ".join(WORDS * 8)},
+                                {"role": "assistant", "content": "yes"}]}
+    run_dir = tmp_path / "all-long"
+    T.write_job(run_dir, payloads=[long_prompt] * 6, config=cfg.to_dict(mask_secrets=False), parent_adapter=None,
+                max_steps=1)
+    with pytest.raises(T.TrainingError, match=r"6 of 6 records have no answer tokens within data.max_seq_len \(24"):
+        T.run_job(run_dir, progress=False)
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}
+    run_dir = tmp_path / "some-long"
+    T.write_job(run_dir, payloads=[long_prompt] * 2 + [short] * 4, config=cfg.to_dict(mask_secrets=False),
+                parent_adapter=None, max_steps=1)
+    assert T.run_job(run_dir, progress=False).steps == 1
+    assert "skipped 2 of 6 records have no answer tokens" in capsys.readouterr().err
