@@ -20,6 +20,7 @@ monitors.drift, which uses ``Features``) stays cheap.
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -570,6 +571,54 @@ def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], li
     return records, rejected
 
 
+DRIFT_CACHE = "drift-features"   # under <state>/cache: reference-window features, a few newest kept
+DRIFT_CACHE_KEEP = 4
+
+
+def _reference_cache_path(folder: Path, records: list[dict], model: Any, dtype: str, adapter: str | Path | None,
+                          max_tokens: int) -> Path:
+    """The cache file of these records' features under this model (+ adapter), dtype and token budget."""
+    import hashlib
+
+    h = hashlib.sha256()
+    identity = {"version": FEATURES_VERSION, "max_tokens": int(max_tokens), "dtype": str(dtype),
+                "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
+                "params": sum(p.numel() for p in model.parameters())}
+    if adapter is not None:   # adapter folders are immutable once written; their weights' size and time say which
+        weights = Path(adapter) / "adapter_model.safetensors"
+        st = weights.stat() if weights.exists() else None
+        identity["adapter"] = [str(Path(adapter).resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0]
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return folder / f"{h.hexdigest()[:32]}.npz"
+
+
+def _load_cached(path: Path) -> "Features | None":
+    try:
+        features = Features.load(path)
+    except Exception:   # none yet, or unreadable (cut short, corrupt): computed again
+        return None
+    try:
+        os.utime(path)   # newest first when old entries are dropped
+    except OSError:
+        pass
+    return features
+
+
+def _store_cached(path: Path, features: "Features") -> None:
+    """Best effort: a full disk or a read-only state only costs the next check its speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+        entries = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[DRIFT_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *, seed: int = 0,
               loader: Any = None, batch_size: int = 8, max_tokens: int = 256,
               adapter: str | Path | None = None, adapter_version: str | None = None) -> dict:
@@ -617,7 +666,16 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
         model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
         model.eval()
     t_load = time.perf_counter()
-    ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+    # The reference window is the same for every check until the champion changes (its training data, or the
+    # regression sets for the bare base): its features are kept in the state's cache, keyed by everything
+    # they depend on, so a check featurizes only the new records.
+    cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
+                                  adapter, max_tokens)
+    ref_f = _load_cached(cache)
+    reference_cached = ref_f is not None
+    if ref_f is None:
+        ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+        _store_cached(cache, ref_f)
     cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
     t_feat = time.perf_counter()
     report = detect_drift(ref_f, cur_f, cfg.drift, rng=np.random.default_rng(seed)).to_dict()
@@ -626,6 +684,7 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
     report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
                           "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
     report["scored_by"] = (adapter_version or str(adapter)) if adapter is not None else "base"
+    report["reference_features"] = "cached" if reference_cached else "computed"
     report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
                          "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
     return report

@@ -226,6 +226,30 @@ def test_cli_drift_reads_files_and_returns_the_report(tiny, tmp_path):
     assert small["status"] == "insufficient_data" and small["drift"] is False
 
 
+def test_cli_drift_keeps_the_reference_windows_features_between_checks(tiny, tmp_path):
+    model, tok = tiny
+    loader = lambda spec, cache_dir, **kw: (model, tok)  # noqa: E731
+    legal = [{"query": f"what is the law about contracts {w}", "response": f"a tenant must pay rent {w}"}
+             for w in WORDS[:30]]
+    chat = [{"prompt": f"hello how are you {w}", "completion": f"fine thanks {w} !"} for w in WORDS[:30]]
+    ref, cur = _write_jsonl(tmp_path / "ref.jsonl", legal), _write_jsonl(tmp_path / "cur.jsonl", chat)
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
+                        "drift": {"min_reference": 10, "min_current": 10, "permutations": 100}})
+    first = cli_drift(ref, cur, cfg, loader=loader)
+    again = cli_drift(ref, cur, cfg, loader=loader)
+    assert first["reference_features"] == "computed" and again["reference_features"] == "cached"
+    assert [t["statistic"] for t in again["tests"]] == [t["statistic"] for t in first["tests"]]
+    cached = list((tmp_path / "state" / "cache" / "drift-features").glob("*.npz"))
+    assert len(cached) == 1
+    # Other reference records or another token budget are another entry; a damaged entry is computed again.
+    other = cli_drift(_write_jsonl(tmp_path / "ref2.jsonl", legal[:20] + chat[:10]), cur, cfg, loader=loader)
+    assert other["reference_features"] == "computed"
+    assert cli_drift(ref, cur, cfg, loader=loader, max_tokens=16)["reference_features"] == "computed"
+    cached[0].write_bytes(b"not an npz")
+    assert cli_drift(ref, cur, cfg, loader=loader)["reference_features"] == "computed"
+    assert cli_drift(ref, cur, cfg, loader=loader)["reference_features"] == "cached"
+
+
 def test_read_records_keeps_valid_records_and_names_rejected_lines(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"query": "q", "response": "r", "category": "civil"}\n{not json}\n{"text": "fine"}\n',
