@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("drift", parents=[common], help="test whether CURRENT data drifted from REFERENCE data")
     p.add_argument("--reference", required=True, metavar="PATH", help="data the model already knows")
-    p.add_argument("--current", required=True, metavar="PATH", help="new data")
+    p.add_argument("--current", metavar="PATH", help="new data (required unless --warm)")
+    p.add_argument("--warm", action="store_true",
+                   help="only compute and cache the reference's features, so the next check is quick")
     p.add_argument("--adapter", metavar="VERSION", help="score response loss under this adapter version (default: the champion; 'base' = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test (same seed, same answer)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -287,8 +289,12 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from monitors.features import cli_drift
 
     cfg = _load(args)
-    for p in (args.reference, args.current):
-        if not Path(p).is_file():
+    if args.current is None and not args.warm:
+        print("lorad: drift needs --current PATH (or --warm to cache the reference's features only)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for p in (args.reference, None if args.warm else args.current):
+        if p is not None and not Path(p).is_file():
             print(f"lorad: no such file: {p}", file=sys.stderr)
             return EXIT_USAGE
     try:
@@ -296,10 +302,13 @@ def cmd_drift(args: argparse.Namespace) -> int:
     except LookupError as e:
         print(f"lorad: {e}", file=sys.stderr)
         return EXIT_FAILED
-    report = cli_drift(args.reference, args.current, cfg, seed=args.seed, max_tokens=cfg.drift.max_tokens,
-                       adapter=adapter, adapter_version=version)
+    report = cli_drift(args.reference, None if args.warm else args.current, cfg, seed=args.seed,
+                       max_tokens=cfg.drift.max_tokens, adapter=adapter, adapter_version=version)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2, default=str))
+    elif args.warm:
+        print(f"reference features {report['reference_features']}: {report['n_reference']} records, "
+              f"scored by {report['scored_by']}")
     else:
         verdict = "DRIFT" if report["drift"] else ("insufficient data" if report.get("status") ==
                                                       "insufficient_data" else "no drift")

@@ -344,10 +344,15 @@ def _die_with_parent() -> None:
         pass  # not Linux: recover_runs still stops orphans at the next start
 
 
+WARM = "warm"   # the trigger that caches the drift reference window's features while idle
+
+
 class JobRunner:
     """One learning job at a time, in a thread: drift -> train -> eval -> promote, each step a subprocess.
 
-    ``request(trigger)`` queues a cycle (duplicates coalesce). At start it first resumes runs an
+    ``request(trigger)`` queues a cycle (duplicates coalesce); ``request(WARM)`` instead computes the
+    drift reference window's features ahead of the next check (the daemon asks at start, and the
+    runner itself after each promotion), so a check featurizes only the new records. At start it first resumes runs an
     earlier process left interrupted. ``promote(version, reason)`` makes a version the champion; the
     daemon passes one that preloads the adapter into the serving engine first and then flips the alias
     (``engine.promote_and_swap``); by default only the registry alias moves. ``on_promoted(version)``
@@ -428,6 +433,9 @@ class JobRunner:
                 if self._stopping:
                     return
                 trigger = self._queue.pop(0)
+            if trigger == WARM:
+                self.warm_drift_reference()
+                continue
             try:
                 self.cycle(trigger)
             except Exception as e:  # a failed cycle is recorded and survived; the daemon keeps serving
@@ -453,6 +461,39 @@ class JobRunner:
     def _stopping_now(self) -> bool:
         with self._cond:
             return self._stopping
+
+    def warm_drift_reference(self) -> dict | None:
+        """Cache the features of the reference window the next drift check will use (subprocess).
+
+        Best effort: a failure is logged and the next check computes them itself. Returns the step's
+        report ({"status": "warmed", "reference_features": "computed" | "cached", ...}) or None.
+        """
+        folder = runs_dir(self.cfg) / "drift-warm"
+        self.current = {"stage": "drift_warm", "trigger": WARM, "since": self.clock()}
+        try:
+            source, reference = reference_payloads(self.store, self.cfg)
+            if len(reference) < self.cfg.drift.min_reference:
+                return None
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "drift.log").unlink(missing_ok=True)   # one folder, rewritten each time
+            write_jsonl(folder / "reference.jsonl", reference)
+            cfg_path = write_job_config(self.cfg, folder)
+            res = self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
+                                  "--warm", "--json"], folder, "drift")
+            if res.returncode != 0:
+                log.warning("drift reference warm-up failed", extra={
+                    "error": f"exit {res.returncode}{_last_line(folder / 'drift.log')}"})
+                return None
+            report = json.loads(res.stdout)
+            log.info("drift reference features ready", extra={
+                "reference_source": source, "n_reference": report.get("n_reference"),
+                "reference_features": report.get("reference_features")})
+            return report
+        except Exception as e:   # never fatal: the check computes what is missing
+            log.warning("drift reference warm-up failed", extra={"error": f"{type(e).__name__}: {e}"})
+            return None
+        finally:
+            self.current = None
 
     def drift_check(self, folder: Path) -> dict | None:
         """Featurize + test pending records against the reference window (subprocess)."""
@@ -615,6 +656,7 @@ class JobRunner:
         m.set_champion(version, row["parent"], row["sha256"])
         if self.on_promoted is not None:
             self.on_promoted(version)
+        self.request(WARM)   # the new champion's training data is the next drift check's reference
         return {"trained": True, "version": version, "promoted": True, "reason": report["reason"]}
 
     def resume_interrupted(self) -> list[str]:

@@ -309,7 +309,7 @@ class Daemon:
 
     def _start_learning_loop(self) -> None:
         from daemon.inbox import InboxWatcher
-        from daemon.jobs import JobRunner
+        from daemon.jobs import WARM, JobRunner
         from daemon.scheduler import Scheduler
 
         sc = self.cfg.schedule
@@ -319,6 +319,8 @@ class Daemon:
         if self.store.counts()["records_pending"] >= sc.min_new_records:
             # Ingested before a stop that came before their drift check: check them now, not at the next tick.
             self.runner.request("drift")
+        else:   # idle: have the drift reference's features ready for the first check
+            self.runner.request(WARM)
         self.scheduler = Scheduler(timezone_name=sc.timezone, drift_minutes=sc.drift_check_minutes,
                                    monthly_cron=sc.monthly_refresh_cron, misfire_grace_seconds=sc.misfire_grace_seconds,
                                    on_drift_check=lambda: self.runner.request("drift"),

@@ -619,7 +619,7 @@ def _store_cached(path: Path, features: "Features") -> None:
         pass
 
 
-def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *, seed: int = 0,
+def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: Any, *, seed: int = 0,
               loader: Any = None, batch_size: int = 8, max_tokens: int = 256,
               adapter: str | Path | None = None, adapter_version: str | None = None) -> dict:
     """``lorad drift --reference PATH --current PATH``: featurize both files, test, report.
@@ -627,6 +627,9 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
     With ``adapter`` (the champion's adapter folder, verified by the caller) both windows are
     featurized by base + adapter in one pass: the loss feature is then the champion's own view of
     novelty, and both windows still come from the same model, so the test stays fair.
+
+    The reference window's features are cached in ``<state>/cache/drift-features``; with
+    ``current_path`` None (``lorad drift --warm``) only that is done, so the next check is quick.
 
     Args:
         reference_path / current_path: data files (JSONL in any record shape ingest accepts).
@@ -637,7 +640,8 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
 
     Returns:
         DriftReport.to_dict(), plus "rejected" (lines ingest would reject, left out), "scored_by"
-        (the version whose loss was measured, or "base") and "timings" (seconds per step).
+        (the version whose loss was measured, or "base"), "reference_features" (cached or computed)
+        and "timings" (seconds per step); for a warm-up, {"status": "warmed", ...}.
     """
     import time
 
@@ -646,8 +650,43 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
     t0 = time.perf_counter()
     data_cfg = getattr(cfg, "data", None)
     (reference, ref_rejected), (current, cur_rejected) = (read_records(reference_path, data_cfg),
+                                                          ([], []) if current_path is None else
                                                           read_records(current_path, data_cfg))
     t_read = time.perf_counter()
+    model, tokenizer, dtype = _drift_model(cfg, loader, adapter)
+    t_load = time.perf_counter()
+    # The reference window is the same for every check until the champion changes (its training data, or the
+    # regression sets for the bare base): its features are kept in the state's cache, keyed by everything
+    # they depend on, so a check featurizes only the new records.
+    cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
+                                  adapter, max_tokens)
+    ref_f = _load_cached(cache)
+    reference_cached = ref_f is not None
+    if ref_f is None:
+        ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+        _store_cached(cache, ref_f)
+    scored_by = (adapter_version or str(adapter)) if adapter is not None else "base"
+    if current_path is None:   # warm-up only: the reference window's features are in the cache now
+        return {"status": "warmed", "n_reference": len(reference), "scored_by": scored_by,
+                "reference_features": "cached" if reference_cached else "computed",
+                "timings": {"read_s": t_read - t0, "load_model_s": t_load - t_read,
+                            "featurize_s": time.perf_counter() - t_load}}
+    cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+    t_feat = time.perf_counter()
+    report = detect_drift(ref_f, cur_f, cfg.drift, rng=np.random.default_rng(seed)).to_dict()
+    t_test = time.perf_counter()
+    # Lines ingest would reject are left out of both windows, and said so.
+    report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
+                          "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
+    report["scored_by"] = scored_by
+    report["reference_features"] = "cached" if reference_cached else "computed"
+    report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
+                         "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
+    return report
+
+
+def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any, Any, str]:
+    """The model drift features are computed with (base, + adapter), its tokenizer, and the dtype it runs in."""
     if loader is None:
         from pipelines.models import load_base_model as loader
     dtype = cfg.model.dtype
@@ -665,26 +704,4 @@ def cli_drift(reference_path: str | Path, current_path: str | Path, cfg: Any, *,
 
         model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
         model.eval()
-    t_load = time.perf_counter()
-    # The reference window is the same for every check until the champion changes (its training data, or the
-    # regression sets for the bare base): its features are kept in the state's cache, keyed by everything
-    # they depend on, so a check featurizes only the new records.
-    cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
-                                  adapter, max_tokens)
-    ref_f = _load_cached(cache)
-    reference_cached = ref_f is not None
-    if ref_f is None:
-        ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
-        _store_cached(cache, ref_f)
-    cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
-    t_feat = time.perf_counter()
-    report = detect_drift(ref_f, cur_f, cfg.drift, rng=np.random.default_rng(seed)).to_dict()
-    t_test = time.perf_counter()
-    # Lines ingest would reject are left out of both windows, and said so.
-    report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
-                          "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
-    report["scored_by"] = (adapter_version or str(adapter)) if adapter is not None else "base"
-    report["reference_features"] = "cached" if reference_cached else "computed"
-    report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
-                         "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
-    return report
+    return model, tokenizer, dtype

@@ -137,3 +137,22 @@ def test_interrupted_run_is_resumed_by_the_next_runner(tmp_path, tiny_llama_dir)
     row = store.query_one("SELECT status, result FROM runs WHERE id = ?", (run_id,))
     assert row["status"] == "succeeded"
     assert registry.champion(store) == json.loads(row["result"])["version"]
+
+
+@pytest.mark.integration
+def test_the_warm_up_leaves_the_next_drift_check_only_the_new_records_to_featurize(tmp_path, tiny_llama_dir):
+    cfg = config(tmp_path, tiny_llama_dir)
+    store = open_store(cfg.paths.state_dir)
+    ingest_file(write_data(tmp_path / "a.jsonl", 60, 1), store, cfg.data)
+    runner = JobRunner(cfg, store)
+    warmed = runner.warm_drift_reference()
+    assert warmed["status"] == "warmed" and warmed["reference_features"] == "computed", warmed
+    assert warmed["scored_by"] == "base" and cfg.drift.min_reference <= warmed["n_reference"] <= cfg.drift.reference_cap
+    folder = tmp_path / "check"
+    folder.mkdir()
+    report = runner.drift_check(folder)
+    assert report["reference_features"] == "cached" and report["n_current"] >= cfg.drift.min_current, report
+    assert runner.current is None
+    # After a promotion the runner queues the next warm-up itself (the new champion's data is the reference).
+    out = runner.cycle("drift")
+    assert out["promoted"] is True and runner._queue == ["warm"]
