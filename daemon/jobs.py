@@ -462,6 +462,13 @@ class JobRunner:
         with self._cond:
             return self._stopping
 
+    def _run_drift(self, folder: Path, reference: list[dict], args: list[str]) -> subprocess.CompletedProcess:
+        """``lorad drift --reference <folder>/reference.jsonl ARGS --json`` with this runner's config."""
+        write_jsonl(folder / "reference.jsonl", reference)
+        cfg_path = write_job_config(self.cfg, folder)
+        return self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
+                               *args, "--json"], folder, "drift")
+
     def warm_drift_reference(self) -> dict | None:
         """Cache the features of the reference window the next drift check will use (subprocess).
 
@@ -476,10 +483,7 @@ class JobRunner:
                 return None
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "drift.log").unlink(missing_ok=True)   # one folder, rewritten each time
-            write_jsonl(folder / "reference.jsonl", reference)
-            cfg_path = write_job_config(self.cfg, folder)
-            res = self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
-                                  "--warm", "--json"], folder, "drift")
+            res = self._run_drift(folder, reference, ["--warm"])
             if res.returncode != 0:
                 log.warning("drift reference warm-up failed", extra={
                     "error": f"exit {res.returncode}{_last_line(folder / 'drift.log')}"})
@@ -503,11 +507,8 @@ class JobRunner:
                       "explanation": f"{len(current)} new records < drift.min_current {self.cfg.drift.min_current}"}
         else:
             source, reference = reference_payloads(self.store, self.cfg)
-            write_jsonl(folder / "reference.jsonl", reference)
             write_jsonl(folder / "current.jsonl", current)
-            cfg_path = write_job_config(self.cfg, folder)
-            res = self._run_step(["drift", "-c", str(cfg_path), "--reference", str(folder / "reference.jsonl"),
-                                  "--current", str(folder / "current.jsonl"), "--json"], folder, "drift")
+            res = self._run_drift(folder, reference, ["--current", str(folder / "current.jsonl")])
             if res.returncode != 0:
                 raise JobError(f"drift check failed (exit {res.returncode}{_last_line(folder / 'drift.log')}); "
                                f"see {folder / 'drift.log'}")
