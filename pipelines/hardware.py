@@ -119,16 +119,14 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
             2 if hw.gpu_memory_bytes >= 16 * GiB else 1
         return HardwarePlan("cuda", dtype, "none", mb, f"{mem}, model size unknown: {dtype}, no quantization, "
                                                        f"micro-batch {mb} by card size", train_compute=dtype)
-    per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
-    full_seq = ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
+    full_seq, checkpointed = _sequence_bytes(shape, max_seq_len, ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
+                                             CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER)
     weights16 = 2 * shape.params
     if weights16 + full_seq <= usable:
         quantization, weights, per_seq = "none", weights16, full_seq
         why = f"16-bit weights ({weights16 / GiB:.1f} GiB) fit"
     else:
-        quantization, weights = "4bit", int(0.56 * shape.params)
-        layer = full_seq // max(1, shape.num_layers or 32)
-        per_seq = CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer + layer
+        quantization, weights, per_seq = "4bit", int(0.56 * shape.params), checkpointed
         why = f"16-bit weights ({weights16 / GiB:.1f} GiB) + one sequence do not fit, so NF4 ({weights / GiB:.1f} GiB)"
     headroom = usable - weights
     mb = max(1, min(MAX_MICRO_BATCH, _pow2_floor(headroom / per_seq))) if headroom > per_seq else 1
@@ -136,6 +134,15 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
         why += "; even one sequence may not fit: lower data.max_seq_len or use train.distributed fsdp"
     return HardwarePlan("cuda", dtype, quantization, mb, f"{mem}: {why}; micro-batch {mb} at {max_seq_len} tokens",
                         train_compute=dtype)
+
+
+def _sequence_bytes(shape: ModelShape, max_seq_len: int, full_per: int, checkpointed_per: int) -> tuple[int, int]:
+    """Activation bytes of one ``max_seq_len`` sequence in training: without gradient checkpointing, and with it
+    (the kept layer inputs plus one layer's full activations, recomputed in the backward pass)."""
+    layers = shape.num_layers or 32
+    per_token_layer = (shape.hidden_size or 4096) * layers
+    full = full_per * max_seq_len * per_token_layer
+    return full, checkpointed_per * max_seq_len * per_token_layer + full // max(1, layers)
 
 
 def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwarePlan:
@@ -148,8 +155,8 @@ def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwareP
         return HardwarePlan("cpu", "float32", "none", cap,
                             f"{head}; micro-batch {cap} ({CPU_MICRO_BATCH_TOKENS} tokens at most; memory or model "
                             f"size unknown)", train_compute=compute)
-    per_token_layer = (shape.hidden_size or 4096) * (shape.num_layers or 32)
-    per_seq = CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer
+    per_seq, checkpointed = _sequence_bytes(shape, max_seq_len, CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
+                                            CPU_CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER)
     weights = shape.params * (6 if hw.bf16 else 4)
     headroom = hw.memory_bytes * CPU_USABLE_FRACTION - RESERVE_BYTES - weights
     mem = f"{hw.memory_bytes / GiB:.1f} GiB available"
@@ -158,8 +165,6 @@ def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwareP
         return HardwarePlan("cpu", "float32", "none", mb,
                             f"{head}; micro-batch {mb} ({mem}; ~{per_seq / GiB:.1f} GiB per {max_seq_len}-token "
                             f"sequence)", train_compute=compute)
-    layer = per_seq // max(1, shape.num_layers or 32)
-    checkpointed = CPU_CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER * max_seq_len * per_token_layer + layer
     why = (f"{head}; micro-batch 1 with gradient checkpointing ({mem}; one {max_seq_len}-token sequence needs "
            f"~{per_seq / GiB:.1f} GiB without it")
     if headroom < checkpointed:
