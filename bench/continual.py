@@ -623,7 +623,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 def _nan_to_null(x: Any) -> Any:
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        return _finite(x)
     if isinstance(x, dict):
         return {k: _nan_to_null(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -661,14 +661,14 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
     cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
                                   adapter, max_tokens)
     ref_f = _load_cached(cache)
-    reference_cached = ref_f is not None
+    reference_features = "cached" if ref_f is not None else "computed"
     if ref_f is None:
         ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
         _store_cached(cache, ref_f)
     scored_by = (adapter_version or str(adapter)) if adapter is not None else "base"
     if current_path is None:   # warm-up only: the reference window's features are in the cache now
         return {"status": "warmed", "n_reference": len(reference), "scored_by": scored_by,
-                "reference_features": "cached" if reference_cached else "computed",
+                "reference_features": reference_features,
                 "timings": {"read_s": t_read - t0, "load_model_s": t_load - t_read,
                             "featurize_s": time.perf_counter() - t_load}}
     cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
@@ -679,7 +679,7 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
     report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
                           "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
     report["scored_by"] = scored_by
-    report["reference_features"] = "cached" if reference_cached else "computed"
+    report["reference_features"] = reference_features
     report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
                          "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
     return report

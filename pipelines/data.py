@@ -141,9 +141,11 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
         f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id").fetchall())
     older = sorted(older_chars)
+    # Text sizes are read once: the new records' here, the older (replay) records' with their ids above.
+    counts_chars = cfg.replay_unit == "chars" or cfg.min_domain_fraction > 0
+    new_chars = sum(_n_chars(db, list(new)).values()) if counts_chars else 0
     replay_info: dict = {}
     if cfg.replay_unit == "chars":
-        new_chars = sum(_n_chars(db, list(new)).values())
         budget = round(replay_fraction / (1.0 - replay_fraction) * new_chars)
         replay = tuple(sorted(fill_budget([(rid, older_chars[rid]) for rid in older], budget, rng)))
         wanted = len(replay)
@@ -154,10 +156,8 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
     floor_info: dict = {}
     if cfg.min_domain_fraction > 0 and replay:
-        chars = _n_chars(db, list(new) + list(replay))
-        kept = domain_floor([(rid, chars[rid]) for rid in replay], sum(chars[rid] for rid in new),
-                            cfg.min_domain_fraction, rng)
-        new_chars, replay_chars = sum(chars[rid] for rid in new), sum(chars[rid] for rid in kept)
+        kept = domain_floor([(rid, older_chars[rid]) for rid in replay], new_chars, cfg.min_domain_fraction, rng)
+        replay_chars = sum(older_chars[rid] for rid in kept)
         floor_info = {"min_domain_fraction": cfg.min_domain_fraction, "replay_dropped_by_floor": len(replay) - len(kept),
                       "domain_fraction_chars": round(new_chars / max(1, new_chars + replay_chars), 4)}
         replay = tuple(sorted(kept))
