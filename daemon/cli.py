@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = csub.add_parser("show", parents=[common], help="print the effective configuration as YAML")
     q.add_argument("--defaults", action="store_true", help="print the commented defaults (the example file)")
     q.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    q.add_argument("--markdown", action="store_true", help="print the reference tables (as in README.md)")
+    q.add_argument("--markdown", action="store_true", help="print the reference tables (as in docs/configuration.md)")
     q.set_defaults(func=cmd_config_show)
     q = csub.add_parser("check", parents=[common], help="validate a config; exit 2 listing every problem")
     q.set_defaults(func=cmd_config_check)

@@ -139,14 +139,14 @@ def test_config_module_imports_no_heavy_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def test_readme_config_reference_matches_the_dataclasses():
+def test_docs_config_reference_matches_the_dataclasses():
     from daemon.config import render_markdown
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    section = readme[readme.index(start) + len(start):readme.index(end)]
+    section = doc[doc.index(start) + len(start):doc.index(end)]
     assert section.strip() == render_markdown().strip(), \
-        "regenerate README's reference with: lorad config show --markdown"
+        "regenerate docs/configuration.md's reference with: make docs"
 
 
 def test_job_logs_carry_no_bitsandbytes_hub_kernel_warning():
