@@ -1,25 +1,12 @@
 """Authenticated operations: POST /admin/promote, /admin/rollback, /admin/reload."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at definition time.
-import hmac
 import time
 from typing import Any, Callable
 
+from daemon.server.auth import require_admin
 from daemon.server.context import ServerContext
 from daemon.server.protocol import ApiError
-
-
-def require_admin(serve: Any, request: Any) -> None:
-    """401/403 unless the request carries ``Authorization: Bearer <serve.admin_token>``."""
-    token = serve.admin_token
-    if not token:
-        raise ApiError(403, "admin endpoints are disabled: set serve.admin_token (or the "
-                            "LORAD_SERVE__ADMIN_TOKEN environment variable) and restart lorad",
-                       code="admin_disabled")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(401, "missing or wrong admin token: send 'Authorization: Bearer <serve.admin_token>'",
-                       code="invalid_admin_token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def routes(ctx: ServerContext) -> Any:

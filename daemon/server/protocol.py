@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 512  # per stop string: bounds the matcher's tables and what the server holds back
 # Parameters lorad does not implement: refusing them beats silently returning something else.
 UNSUPPORTED = {
     "logprobs": lambda v: v not in (None, False, 0),
@@ -26,8 +27,9 @@ class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+             404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
+             409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             499: "client_closed_request", 503: "server_error", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
                  headers: dict | None = None):
@@ -42,6 +44,27 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 # -- request parsing -------------------------------------------------------------------------------
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body as a JSON object whose strings are all valid Unicode, or a 400 that says why.
+
+    Lone surrogates ("\\ud800") parse in Python but break the tokenizer and every later encoder; nesting
+    beyond Python's recursion limit breaks the parser itself.
+    """
+    try:
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds a string that is not valid Unicode (a lone surrogate such as "
+                            "\\ud800); send UTF-8 text") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
 
 
 def prompt_ids(tokenizer: Any, body: dict, *, chat: bool, max_prompt_tokens: int) -> list[int]:
@@ -126,8 +149,16 @@ def sampling(body: dict, *, chat: bool, max_new_tokens: int):
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"each stop string may have at most {MAX_STOP_CHARS} characters, got "
+                            f"{max(len(s) for s in stops)}", param="stop")
     if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
         raise ApiError(400, "stream must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                              (bool, type(None)))):
+        raise ApiError(400, "stream_options must be an object such as {\"include_usage\": true}",
+                       param="stream_options")
     params = SamplingParams(max_tokens=max_tokens,
                             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), seed=seed)
