@@ -358,7 +358,8 @@ class Attacks:
         while (self.inbox / "known.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         with self.db() as db:
-            stored = db.execute("SELECT COUNT(*) FROM records WHERE payload LIKE ?", (f"%{self.marker}%",)).fetchone()[0]
+            stored = db.execute("SELECT COUNT(*) FROM records WHERE payload LIKE ?",
+                                (f"%{self.marker}%",)).fetchone()[0]
         self.records_missing = n - stored
         return stored == n, f"{stored}/{n} known records stored"
 

@@ -1,11 +1,11 @@
 """Live signals per served version, and the post-promotion watch that rolls a bad champion back.
 
 ``LiveStats`` is fed by the engine (every finished request: its version, finish reason and time to
-first token) and by the API (user feedback votes, one per distinct authenticated voter). ``RollbackWatch`` starts when a version is
-promoted: for ``promote.rollback_window_seconds`` it asks the pure ``policy.should_rollback`` about
-the new champion's errors, latency and feedback since the promotion, and flips the champion back
-(registry alias and engine, in one step) the moment the answer is yes. Outside a window its thread
-sleeps on a condition: no polling while nothing is watched.
+first token) and by the API (user feedback votes, one per distinct authenticated voter).
+``RollbackWatch`` starts when a version is promoted: for ``promote.rollback_window_seconds`` it asks
+the pure ``policy.should_rollback`` about the new champion's server errors, latency and feedback since
+the promotion, and flips the champion back (registry alias and engine, in one step) the moment the
+answer is yes. Outside a window its thread sleeps on a condition: no polling while nothing is watched.
 """
 
 from __future__ import annotations

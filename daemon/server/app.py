@@ -59,8 +59,8 @@ def uvicorn_config(app: Any, serve: Any, **kwargs: Any) -> Any:
         log.warning("serving on a non-loopback address without API keys: anyone who reaches the port may use the "
                     "API; set serve.api_keys (LORAD_SERVE__API_KEYS) or keep serve.host 127.0.0.1 behind a proxy",
                     extra={"host": serve.host})
-    return uvicorn.Config(app, host=serve.host, port=serve.port, http=_head_deadline_protocol(serve.header_timeout_seconds),
-                          **kwargs)
+    return uvicorn.Config(app, host=serve.host, port=serve.port,
+                          http=_head_deadline_protocol(serve.header_timeout_seconds), **kwargs)
 
 
 def _head_deadline_protocol(seconds: float) -> type:
