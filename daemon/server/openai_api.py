@@ -39,7 +39,7 @@ def routes(ctx: ServerContext) -> Any:
         created = int(getattr(daemon, "started_at", time.time()))
         data = [{"id": "lorad", "object": "model", "created": created, "owned_by": "lorad", "root": champion},
                 {"id": eng.BASE_LABEL, "object": "model", "created": created, "owned_by": "lorad",
-                 "root": daemon.cfg.model.base_model}]
+                 "root": _public_name(daemon.cfg.model.base_model)}]
         if daemon.store is not None:
             for row in registry.list_adapters(daemon.store):
                 data.append({"id": row["version"], "object": "model", "created": int(row["created_at"]),
@@ -55,6 +55,13 @@ def routes(ctx: ServerContext) -> Any:
         return await generate(ctx, request, chat=True)
 
     return router
+
+
+def _public_name(base_model: str) -> str:
+    """A hub id as it is; a local folder by its last name only (a path tells callers about the host)."""
+    from pathlib import Path
+
+    return Path(base_model).name if base_model.startswith(("/", ".", "~")) else base_model
 
 
 async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:

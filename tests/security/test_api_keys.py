@@ -38,8 +38,11 @@ def test_the_api_needs_a_key_when_keys_are_set(keyed):
         assert http.get("/healthz").status_code == 200, "probes need no key"
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).completions.create(**prompt)
-    ok = OpenAI(base_url=keyed.url + "/v1", api_key=API_KEY, max_retries=0).completions.create(**prompt)
+    oai = OpenAI(base_url=keyed.url + "/v1", api_key=API_KEY, max_retries=0)
+    ok = oai.completions.create(**prompt)
     assert ok.choices[0].finish_reason in ("stop", "length")
+    base = [m for m in oai.models.list().data if m.id == "base"][0]
+    assert base.root == keyed.world["model_dir"].name, "the base model's folder, not its path on the host"
 
 
 def test_status_without_the_admin_token_shows_no_paths_pids_or_contents(keyed):
