@@ -485,6 +485,13 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error without the quoted line PyYAML adds: that line may hold a token or an API key."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
 def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """Load defaults < YAML file < LORAD_* environment < explicit overrides, validating everything.
@@ -508,7 +515,7 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError([f"invalid YAML: {e}"], source)
+            raise ConfigError([f"invalid YAML: {_yaml_problem(e)}"], source)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
         data = loaded or {}

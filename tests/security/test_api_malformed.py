@@ -71,8 +71,14 @@ def test_a_client_that_hangs_up_mid_body_is_one_log_line(api, caplog):
     assert httpx.get(api.url + "/healthz", timeout=30).status_code == 200
 
 
-def test_config_errors_never_print_secrets():
-    from daemon.config import ConfigError, build_config
+def test_config_errors_never_print_secrets(tmp_path):
+    from daemon.config import ConfigError, build_config, load_config
+
+    broken = tmp_path / "lorad.yaml"
+    broken.write_text('serve:\n  admin_token: "tok-in-a-broken-line\n  port: 1\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(broken, environ={})
+    assert "invalid YAML" in str(e.value) and "line" in str(e.value) and "tok-in-a-broken-line" not in str(e.value)
 
     with pytest.raises(ConfigError) as e:
         build_config({"serve": {"admin_token": 987654321987, "feedback_token": ["s3cr3t-relay"],
