@@ -55,12 +55,21 @@ def uvicorn_config(app: Any, serve: Any, **kwargs: Any) -> Any:
     the API is reachable from other hosts without API keys."""
     import uvicorn
 
-    if serve.host not in ("127.0.0.1", "::1", "localhost") and not serve.api_keys:
+    if not _loopback(serve.host) and not serve.api_keys:
         log.warning("serving on a non-loopback address without API keys: anyone who reaches the port may use the "
                     "API; set serve.api_keys (LORAD_SERVE__API_KEYS) or keep serve.host 127.0.0.1 behind a proxy",
                     extra={"host": serve.host})
     return uvicorn.Config(app, host=serve.host, port=serve.port,
                           http=_head_deadline_protocol(serve.header_timeout_seconds), **kwargs)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _head_deadline_protocol(seconds: float) -> type:

@@ -65,8 +65,11 @@ def test_a_warning_when_the_port_is_exposed_without_keys(caplog):
         assert any("without API keys" in r.getMessage() for r in caplog.records)
         caplog.clear()
         uvicorn_config(object(), SimpleNamespace(**{**vars(serve), "api_keys": [API_KEY]}))
-        uvicorn_config(object(), SimpleNamespace(**{**vars(serve), "host": "127.0.0.1"}))
+        for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+            uvicorn_config(object(), SimpleNamespace(**{**vars(serve), "host": loopback}))
         assert not caplog.records
+        uvicorn_config(object(), SimpleNamespace(**{**vars(serve), "host": "::"}))
+        assert caplog.records
 
 
 def test_keys_can_come_from_the_environment_and_are_never_shown():
