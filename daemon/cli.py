@@ -180,9 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     state = Path(cfg.paths.state_dir)
     info = read_lock_info(state)
-    snap = _live_status(info) if info and info.get("url") else None
-    if snap is not None:
-        print(json.dumps(snap, indent=2, ensure_ascii=False, default=str) if args.json else _format_status(snap))
+    live = _live_status(info, cfg.serve.admin_token) if info and info.get("url") else None
+    if live is not None and not live.get("redacted"):
+        print(json.dumps(live, indent=2, ensure_ascii=False, default=str) if args.json else _format_status(live))
         return EXIT_OK
     store = open_store(state, readonly=True) if (state / DB_NAME).exists() else None
     try:
@@ -190,6 +190,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.close()
+    if live is not None:  # without the admin token the daemon tells only its public part: add its live view
+        snap.update({k: live[k] for k in ("job", "inbox_pending", "engine") if k in live})
     if args.json:
         print(json.dumps(snap, indent=2, ensure_ascii=False, default=str))
     else:
@@ -202,13 +204,17 @@ def _reachable(url: str) -> str:
     return url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
 
 
-def _live_status(info: dict) -> dict | None:
-    """Ask the running daemon for its status (it knows the schedule and the live job); None if it does not answer."""
+def _live_status(info: dict, admin_token: str = "") -> dict | None:
+    """Ask the running daemon for its status (it knows the schedule and the live job); None if it does not answer.
+
+    With the admin token the whole document, else only its public part (marked ``redacted``).
+    """
     import urllib.request
 
     url = _reachable(str(info["url"]))
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
     try:
-        with urllib.request.urlopen(url + "/status", timeout=3) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "/status", headers=headers), timeout=3) as r:
             return json.loads(r.read())
     except (OSError, ValueError):
         return None

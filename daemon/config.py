@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "LORAD_"
-SECRET_FIELDS = {("serve", "admin_token")}
+SECRET_FIELDS = {("serve", "admin_token"), ("serve", "api_keys"), ("serve", "feedback_token")}
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,11 @@ def _f(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _check_keys(value: list[str]) -> str | None:
+    short = sum(1 for k in value if len(k) < 16)
+    return f"{short} of the keys are shorter than 16 characters; use long random keys" if short else None
 
 
 def _check_regex(value: list[str]) -> str | None:
@@ -246,8 +251,10 @@ class PromoteConfig:
                                  ge=0.0)
     rollback_window_seconds: int = _f(900, "how long live signals are watched after a promotion", ge=0)
     rollback_max_error_rate: float = _f(0.05, "error rate that triggers automatic rollback", gt=0.0, le=1.0)
-    rollback_min_requests: int = _f(20, "requests (or feedback votes) the new champion must get before live "
-                                        "signals can trigger a rollback", ge=1)
+    rollback_min_requests: int = _f(20, "requests the new champion must serve before its error rate and latency "
+                                        "can trigger a rollback", ge=1)
+    rollback_min_voters: int = _f(10, "distinct authenticated voters (API keys, or users named by the feedback "
+                                      "token's relay) needed before feedback can trigger a rollback", ge=1)
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,16 @@ class ServeConfig:
 
     host: str = _f("127.0.0.1", "bind address (keep 127.0.0.1 unless a proxy guards the port)")
     port: int = _f(8000, "HTTP port of the API, /metrics and /admin", ge=1, le=65535)
-    admin_token: str = _f("", "bearer token for /admin/*; empty = admin endpoints disabled (set via LORAD_SERVE__ADMIN_TOKEN)")
+    admin_token: str = _f("", "bearer token for /admin/* and the full /status; empty = admin endpoints disabled "
+                              "(set via LORAD_SERVE__ADMIN_TOKEN)")
+    api_keys: list = _f([], "bearer keys accepted on /v1/* (as vLLM's --api-key); empty = the API is open to anyone "
+                            "who reaches the port (set via LORAD_SERVE__API_KEYS=key1,key2)", check=_check_keys)
+    feedback_token: str = _f("", "bearer token of a trusted front end that posts its users' votes to /v1/feedback "
+                                 "with a 'user' field; without it and without api_keys, feedback is refused")
+    feedback_per_minute: int = _f(10, "votes one voter may send per minute; more get 429", ge=1)
+    header_timeout_seconds: float = _f(10.0, "a connection that has not sent a complete request head by then is "
+                                             "closed", gt=0.0)
+    body_timeout_seconds: float = _f(30.0, "a request whose body has not fully arrived by then gets 408", gt=0.0)
     max_prompt_tokens: int = _f(2048, "longer prompts are refused with 400", ge=1)
     max_new_tokens: int = _f(512, "upper bound on max_tokens a request may ask for", ge=1)
     max_body_bytes: int = _f(1_000_000, "larger request bodies are refused with 413", ge=1024)
@@ -314,8 +330,9 @@ class Config:
         out = dataclasses.asdict(self)
         if mask_secrets:
             for section, name in SECRET_FIELDS:
-                if out[section][name]:
-                    out[section][name] = "***"
+                value = out[section][name]
+                if value:
+                    out[section][name] = ["***"] * len(value) if isinstance(value, list) else "***"
         return out
 
 
@@ -353,8 +370,10 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
 
 def _check_field(key: str, f: dataclasses.Field, value: Any, tp: Any) -> tuple[Any, list[str]]:
     value, err = _coerce(value, tp)
-    if err:
-        return value, [f"{key}: {err}, got {value!r}"]
+    secret = tuple(key.split(".", 1)) in SECRET_FIELDS
+    if err:  # a secret's value never reaches a message: config errors end up in logs and CI output
+        shown = f"a value of type {type(value).__name__} (hidden: it is a secret)" if secret else repr(value)
+        return value, [f"{key}: {err}, got {shown}"]
     m = f.metadata
     problems = []
     if m.get("choices") and value not in m["choices"]:
@@ -385,10 +404,18 @@ def _cross_checks(cfg: Config) -> list[str]:
     return problems
 
 
-def _parse_env_value(raw: str) -> Any:
-    """Environment values are YAML scalars/lists: '8' -> 8, 'true' -> True, '[a, b]' -> ['a', 'b']."""
+def _parse_env_value(raw: str, tp: Any = None) -> Any:
+    """Environment values are YAML scalars/lists: '8' -> 8, 'true' -> True, '[a, b]' -> ['a', 'b'].
+
+    A string field keeps the raw text (a numeric token stays a string), and a list field also takes
+    comma-separated text ('key1,key2'), so keys need no YAML quoting.
+    """
     import yaml
 
+    if tp is str:
+        return raw
+    if tp is list and not raw.lstrip().startswith("["):
+        return [part.strip() for part in raw.split(",") if part.strip()]
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -406,7 +433,7 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict, list[str]]:
         if section not in SECTIONS:
             problems.append(f"environment {name}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
             continue
-        out.setdefault(section, {})[key] = _parse_env_value(raw)
+        out.setdefault(section, {})[key] = _parse_env_value(raw, typing.get_type_hints(SECTIONS[section]).get(key))
     return out, problems
 
 
@@ -458,6 +485,13 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error without the quoted line PyYAML adds: that line may hold a token or an API key."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
 def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """Load defaults < YAML file < LORAD_* environment < explicit overrides, validating everything.
@@ -481,7 +515,7 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError([f"invalid YAML: {e}"], source)
+            raise ConfigError([f"invalid YAML: {_yaml_problem(e)}"], source)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
         data = loaded or {}

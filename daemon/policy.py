@@ -131,28 +131,34 @@ def should_rollback(*, seconds_since_promotion: float, requests: int, errors: in
                     min_requests: int = 20, negative_feedback: int = 0, positive_feedback: int = 0) -> Decision:
     """Watch live signals after a promotion; flip back when they say the new champion hurts.
 
+    Only what the server caused may count: a client can send malformed requests, ask for answers longer
+    than the timeout, hang up, or vote from many connections, and none of that may roll a champion back.
+
     Args:
-        requests/errors: served by the new champion since promotion (errors = 5xx and generation failures).
+        requests/errors: served by the new champion since promotion; ``errors`` are server-caused failures
+            only (generation errors), never 4xx answers, client hang-ups or timeouts.
         ttft_p95_s / baseline_ttft_p95_s: time to first token, new champion vs before the promotion.
-        negative_feedback/positive_feedback: user feedback counts received through the API.
+        negative_feedback/positive_feedback: distinct authenticated voters whose latest vote is negative /
+            positive; they count from ``cfg.rollback_min_voters`` voters on.
     """
     if seconds_since_promotion > cfg.rollback_window_seconds:
         return Decision(False, "outside the post-promotion watch window", "window_over")
+    voters = negative_feedback + positive_feedback
+    if voters >= cfg.rollback_min_voters and negative_feedback / voters > 0.5:
+        return Decision(True, f"{negative_feedback} of {voters} distinct voters negative "
+                              f"(>= promote.rollback_min_voters {cfg.rollback_min_voters})", "feedback")
     if requests < min_requests:
         return Decision(False, f"only {requests} requests since promotion (< {min_requests}); watching", "too_few")
     rate = errors / requests
     if rate > cfg.rollback_max_error_rate:
-        return Decision(True, f"error rate {rate * 100:.1f} % over {requests} requests > "
+        return Decision(True, f"server error rate {rate * 100:.1f} % over {requests} requests > "
                               f"promote.rollback_max_error_rate {cfg.rollback_max_error_rate * 100:.1f} %", "errors")
     if (ttft_p95_s is not None and baseline_ttft_p95_s and ttft_p95_s / baseline_ttft_p95_s > cfg.max_latency_ratio
             and ttft_p95_s * 1000 > cfg.latency_floor_ms):
         return Decision(True, f"p95 time to first token {ttft_p95_s * 1000:.0f} ms is "
                               f"{ttft_p95_s / baseline_ttft_p95_s:.2f}x the previous champion's "
                               f"> promote.max_latency_ratio {cfg.max_latency_ratio}", "latency")
-    votes = negative_feedback + positive_feedback
-    if votes >= min_requests and negative_feedback / votes > 0.5:
-        return Decision(True, f"{negative_feedback} of {votes} feedback votes negative", "feedback")
-    return Decision(False, f"healthy: {rate * 100:.1f} % errors over {requests} requests", "healthy")
+    return Decision(False, f"healthy: {rate * 100:.1f} % server errors over {requests} requests", "healthy")
 
 
 def _finite(x: Any) -> bool:

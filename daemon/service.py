@@ -425,11 +425,11 @@ class Daemon:
         """Run the HTTP server in this thread until a signal asks it to stop."""
         import uvicorn
 
-        from daemon.server import create_app
+        from daemon.server import create_app, uvicorn_config
 
         s = self.cfg.serve
-        config = uvicorn.Config(create_app(self), host=s.host, port=s.port, log_config=None,
-                                timeout_graceful_shutdown=s.drain_timeout_seconds, access_log=False)
+        config = uvicorn_config(create_app(self), s, log_config=None, timeout_graceful_shutdown=s.drain_timeout_seconds,
+                                access_log=False)
         self._server = uvicorn.Server(config)
         # uvicorn drains on the first SIGTERM/SIGINT, forces on the second, and afterwards re-raises the
         # signal to the handler that was installed before it. Installing a recorder here turns that re-raise

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -315,11 +316,37 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+PRIVATE_UMASK = 0o077  # everything lorad writes: owner only (records, adapters, reports hold the users' data)
+
+
 def ensure_state_dir(state_dir: str | os.PathLike) -> Path:
-    """Create the state folder readable by its owner only (it holds data, adapters and tokens)."""
+    """Create the state folder, or make an existing one private: folders 0700, files 0600, whatever their
+    modes were before (a copied or restored folder keeps 0755/0644), and set the process umask so that
+    every file lorad writes from now on is private too. Symbolic links are left alone, never followed.
+    """
     path = Path(state_dir)
+    os.umask(PRIVATE_UMASK)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private(path, 0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            _make_private(Path(root) / name, 0o700)
+        for name in files:
+            _make_private(Path(root) / name, 0o600)
     return path
+
+
+def _make_private(path: Path, mode: int) -> None:
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o077 == 0:
+            return
+        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+    except FileNotFoundError:  # removed meanwhile (a job's temporary file)
+        pass
+    except PermissionError as e:
+        raise PermissionError(f"cannot make {path} private ({e.strerror}): lorad's state must belong to the user "
+                              f"that runs lorad; fix it with `chown -R $(id -un) {path.parent}`") from None
 
 
 def open_store(state_dir: str | os.PathLike, **kwargs: Any) -> Store:

@@ -1,11 +1,11 @@
 """Live signals per served version, and the post-promotion watch that rolls a bad champion back.
 
 ``LiveStats`` is fed by the engine (every finished request: its version, finish reason and time to
-first token) and by the API (user feedback votes). ``RollbackWatch`` starts when a version is
-promoted: for ``promote.rollback_window_seconds`` it asks the pure ``policy.should_rollback`` about
-the new champion's errors, latency and feedback since the promotion, and flips the champion back
-(registry alias and engine, in one step) the moment the answer is yes. Outside a window its thread
-sleeps on a condition: no polling while nothing is watched.
+first token) and by the API (user feedback votes, one per distinct authenticated voter).
+``RollbackWatch`` starts when a version is promoted: for ``promote.rollback_window_seconds`` it asks
+the pure ``policy.should_rollback`` about the new champion's server errors, latency and feedback since
+the promotion, and flips the champion back (registry alias and engine, in one step) the moment the
+answer is yes. Outside a window its thread sleeps on a condition: no polling while nothing is watched.
 """
 
 from __future__ import annotations
@@ -22,16 +22,19 @@ from daemon.policy import Decision, should_rollback
 
 log = logging.getLogger("lorad.watch")
 
-FAILED_REASONS = frozenset({"error", "timeout"})  # finish reasons that count as a failed request
+# Finish reasons the server caused. A timeout is not one: clients choose max_tokens and the load, so
+# anyone could time requests out; a slow champion is caught by the latency rule against the previous one.
+SERVER_FAILURES = frozenset({"error"})
 TTFT_SAMPLES = 1024  # recent time-to-first-token samples kept per version
+MAX_VOTERS = 10_000  # latest vote per voter kept per version; the oldest voters are forgotten beyond this
 
 
 @dataclass
 class _Counters:
     requests: int = 0
     errors: int = 0
-    positive: int = 0
-    negative: int = 0
+    timeouts: int = 0
+    votes: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # voter -> (positive, seq)
     ttft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TTFT_SAMPLES))
     ttft_seen: int = 0  # samples ever appended (the deque forgets old ones)
 
@@ -43,6 +46,7 @@ class LiveStats:
         self._lock = threading.Lock()
         self._by_version: dict[str, _Counters] = collections.defaultdict(_Counters)
         self._listeners: list[Callable[[str], None]] = []
+        self._vote_seq = 0
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """``listener(version)`` is called (from the recording thread) after every recorded signal."""
@@ -55,29 +59,42 @@ class LiveStats:
         with self._lock:
             c = self._by_version[version]
             c.requests += 1
-            c.errors += finish_reason in FAILED_REASONS
+            c.errors += finish_reason in SERVER_FAILURES
+            c.timeouts += finish_reason == "timeout"
             if ttft_seconds is not None:
                 c.ttft.append(ttft_seconds)
                 c.ttft_seen += 1
         self._notify(version)
 
-    def feedback(self, version: str, positive: bool) -> dict:
-        """One user vote on a version's answers; returns the version's totals."""
+    def feedback(self, version: str, positive: bool, voter: str) -> dict:
+        """One vote on a version's answers; a voter's later vote replaces its earlier one.
+
+        Args:
+            voter: a stable id of who votes (a hash of the API key, or a user named by the trusted relay),
+                so that one client voting many times is still one voter.
+        Returns:
+            the version's totals: distinct voters whose latest vote is positive / negative.
+        """
         with self._lock:
             c = self._by_version[version]
-            if positive:
-                c.positive += 1
-            else:
-                c.negative += 1
-            totals = {"version": version, "positive": c.positive, "negative": c.negative}
+            self._vote_seq += 1
+            c.votes.pop(voter, None)
+            c.votes[voter] = (positive, self._vote_seq)
+            while len(c.votes) > MAX_VOTERS:
+                c.votes.popitem(last=False)
+            positives = sum(1 for p, _ in c.votes.values() if p)
+            totals = {"version": version, "positive": positives, "negative": len(c.votes) - positives}
         self._notify(version)
         return totals
 
-    def snapshot(self, version: str) -> dict:
-        """Plain totals for one version: requests, errors, feedback votes, TTFT samples seen so far."""
+    def snapshot(self, version: str, votes_after: int = 0) -> dict:
+        """Plain totals for one version: requests, errors, TTFT samples seen so far, and the distinct voters
+        whose latest vote came after vote number ``votes_after`` (``vote_seq`` of an earlier snapshot)."""
         with self._lock:
             c = self._by_version.get(version) or _Counters()
-            return {"requests": c.requests, "errors": c.errors, "positive": c.positive, "negative": c.negative,
+            recent = [p for p, seq in c.votes.values() if seq > votes_after]
+            return {"requests": c.requests, "errors": c.errors, "timeouts": c.timeouts,
+                    "positive": sum(recent), "negative": len(recent) - sum(recent), "vote_seq": self._vote_seq,
                     "ttft_seen": c.ttft_seen, "ttft": list(c.ttft)}
 
     def _notify(self, version: str) -> None:
@@ -96,11 +113,15 @@ def p95(samples: list[float]) -> float | None:
 
 
 def since(start: dict, now: dict) -> dict:
-    """Signals recorded between two snapshots of one version (TTFT: the samples that arrived after ``start``)."""
+    """Signals recorded between two snapshots of one version (TTFT: the samples that arrived after ``start``).
+
+    Votes are not differences: ``now`` must be taken with ``votes_after=start["vote_seq"]``, so it already
+    counts only the voters who voted since ``start``.
+    """
     new_ttft = now["ttft_seen"] - start["ttft_seen"]
     return {"requests": now["requests"] - start["requests"], "errors": now["errors"] - start["errors"],
-            "positive": now["positive"] - start["positive"], "negative": now["negative"] - start["negative"],
-            "ttft": now["ttft"][-new_ttft:] if new_ttft > 0 else []}
+            "timeouts": now["timeouts"] - start["timeouts"], "positive": now["positive"],
+            "negative": now["negative"], "ttft": now["ttft"][-new_ttft:] if new_ttft > 0 else []}
 
 
 @dataclass
@@ -193,7 +214,7 @@ class RollbackWatch:
             w = self._watched
         if w is None:
             return None
-        live = since(w.start, self.stats.snapshot(w.version))
+        live = since(w.start, self.stats.snapshot(w.version, votes_after=w.start["vote_seq"]))
         decision = should_rollback(seconds_since_promotion=self.clock() - w.started, requests=live["requests"],
                                    errors=live["errors"], ttft_p95_s=p95(live["ttft"]),
                                    baseline_ttft_p95_s=w.baseline_ttft_p95, cfg=self.cfg,

@@ -38,7 +38,7 @@ _sampling = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "logprobs": {"type": "boolean"}, "presence_penalty": {"type": "number"},
 }
-_errors = {str(code): _error for code in (400, 401, 403, 404, 409, 413, 429, 503)}
+_errors = {str(code): _error for code in (400, 401, 403, 404, 408, 409, 413, 429, 499, 503)}
 
 
 def _post(body: dict, summary: str) -> dict:
@@ -61,6 +61,8 @@ OPENAPI = {
                                  {"type": "array", "items": _text}]},
             "echo": {"type": "boolean"}, "best_of": {"type": "integer"}, "suffix": {"type": "string"},
             **_sampling}}, "completion"),
+        "/v1/feedback": _post({"type": "object", "required": ["rating"], "properties": {
+            "rating": {"type": "integer"}, "model": {"type": "string"}, "user": _text}}, "feedback vote"),
         "/admin/promote": _post({"type": "object", "properties": {"version": {"type": "string"}, "reason": _text}},
                                 "promote a version"),
         "/admin/rollback": _post({"type": "object", "properties": {"reason": _text}}, "roll back"),
@@ -99,11 +101,13 @@ def start_serve(root: Path, *, max_body: int = MAX_BODY, max_queue: int = 16, to
         "paths": {"state_dir": str(world["state"]), "inbox": str(root / "inbox")},
         "model": {"base_model": str(world["model_dir"])},
         "serve": {"port": port, "max_new_tokens": 8, "max_prompt_tokens": 64, "max_body_bytes": max_body,
-                  "max_queue": max_queue, "max_batch_size": 4, "request_timeout_seconds": 30},
+                  "max_queue": max_queue, "max_batch_size": 4, "request_timeout_seconds": 30,
+                  "feedback_per_minute": 1_000_000},
         "metrics": {"log_format": "json"}}))
     log = open(root / "serve.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "-c", str(cfg)], cwd=ROOT,
-                            stdout=log, stderr=log, env={**os.environ, "LORAD_SERVE__ADMIN_TOKEN": token})
+                            stdout=log, stderr=log, env={**os.environ, "LORAD_SERVE__ADMIN_TOKEN": token,
+                                                         "LORAD_SERVE__FEEDBACK_TOKEN": token})
     log.close()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -141,7 +145,8 @@ def serve(tmp_path_factory):
           suppress_health_check=list(HealthCheck))
 def test_no_request_makes_the_server_fail(case, serve):
     proc, url, _ = serve
-    headers = {"Authorization": f"Bearer {TOKEN}"} if case.path.startswith("/admin") else None
+    # The admin token opens /admin/*; as the feedback token it lets votes through to their validation.
+    headers = {"Authorization": f"Bearer {TOKEN}"} if case.path.startswith(("/admin", "/v1/feedback")) else None
     response = case.call(base_url=url, headers=headers, timeout=60)
     proc.cases += 1
     assert response.status_code < 500 or (case.path == "/readyz" and response.status_code == 503), \

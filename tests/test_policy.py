@@ -140,6 +140,12 @@ def test_min_improvement_is_a_floor():
      True, "latency"),
     (dict(seconds_since_promotion=10, requests=100, errors=0, negative_feedback=30, positive_feedback=10),
      True, "feedback"),
+    # fewer distinct voters than promote.rollback_min_voters (10) decide nothing, however negative
+    (dict(seconds_since_promotion=10, requests=100, errors=0, negative_feedback=9, positive_feedback=0),
+     False, "healthy"),
+    # ten distinct voters suffice, even before min_requests requests were served
+    (dict(seconds_since_promotion=10, requests=3, errors=0, negative_feedback=10, positive_feedback=0),
+     True, "feedback"),
 ])
 def test_should_rollback(kw, ok, code):
     kw = {"ttft_p95_s": None, "baseline_ttft_p95_s": None, **kw}

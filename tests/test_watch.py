@@ -16,6 +16,8 @@ import pytest
 from daemon.config import PromoteConfig
 from daemon.watch import LiveStats, RollbackWatch, p95, since
 
+RELAY_TOKEN = "relay-token-of-the-chat-front-end"
+
 
 class FakeClock:
     def __init__(self, t: float = 1000.0):
@@ -37,12 +39,19 @@ def test_live_stats_count_requests_errors_feedback_and_ignore_cancelled():
     s = LiveStats()
     for reason in ("stop", "length", "error", "timeout", "cancelled"):
         s.record("v1", reason, 0.1)
-    s.feedback("v1", positive=False)
+    s.feedback("v1", positive=False, voter="alice")
+    s.feedback("v1", positive=False, voter="alice")  # one voter, however often
     snap = s.snapshot("v1")
-    assert (snap["requests"], snap["errors"], snap["negative"], snap["positive"]) == (4, 2, 1, 0)
+    assert (snap["requests"], snap["errors"], snap["timeouts"], snap["negative"], snap["positive"]) == (4, 1, 1, 1, 0)
     assert s.snapshot("unknown")["requests"] == 0
-    later = dict(snap, requests=9, errors=2, ttft_seen=snap["ttft_seen"] + 2, ttft=snap["ttft"] + [0.5, 0.7])
-    assert since(snap, later) == {"requests": 5, "errors": 0, "positive": 0, "negative": 0, "ttft": [0.5, 0.7]}
+    s.feedback("v1", positive=True, voter="alice")  # a later vote replaces the earlier one
+    s.feedback("v1", positive=False, voter="bob")
+    assert (s.snapshot("v1")["positive"], s.snapshot("v1")["negative"]) == (1, 1)
+    assert s.snapshot("v1", votes_after=snap["vote_seq"])["negative"] == 1, "only votes cast after the start count"
+    later = dict(snap, requests=9, errors=1, ttft_seen=snap["ttft_seen"] + 2, ttft=snap["ttft"] + [0.5, 0.7],
+                 positive=0, negative=0)
+    assert since(snap, later) == {"requests": 5, "errors": 0, "timeouts": 0, "positive": 0, "negative": 0,
+                                  "ttft": [0.5, 0.7]}
     assert p95([]) is None and p95([3.0, 1.0, 2.0]) == 3.0
 
 
@@ -101,16 +110,16 @@ def test_negative_feedback_rolls_back_and_a_manual_change_cancels_the_watch():
     stats, clock, watch, rolled, _ = make_watch()
     watch.promoted("v2", "v1")
     watch.cancel()
-    for _ in range(12):
-        stats.feedback("v2", positive=False)
+    for i in range(12):
+        stats.feedback("v2", positive=False, voter=f"user{i}")
         stats.record("v2", "stop", 0.1)
     assert watch.check() is None and not rolled
     watch.promoted("v3", "v2")
-    for _ in range(12):
+    for i in range(12):
         stats.record("v3", "stop", 0.1)
-        stats.feedback("v3", positive=False)
+        stats.feedback("v3", positive=False, voter=f"user{i}")
     d = watch.check()
-    assert d.ok and d.code == "feedback" and "12 of 12 feedback votes negative" in rolled[0]
+    assert d.ok and d.code == "feedback" and "12 of 12 distinct voters negative" in rolled[0]
 
 
 def test_the_watch_thread_acts_on_signals_without_polling():
@@ -159,8 +168,10 @@ def test_daemon_rolls_back_a_champion_users_dislike(tmp_path):
     port = free_port()
     cfg = build_config({"paths": {"state_dir": str(world["state"]), "inbox": str(tmp_path / "inbox")},
                         "model": {"base_model": str(world["model_dir"])},
-                        "serve": {"port": port, "admin_token": TOKEN, "max_new_tokens": 16},
-                        "promote": {"rollback_min_requests": 5, "rollback_window_seconds": 600}})
+                        "serve": {"port": port, "admin_token": TOKEN, "max_new_tokens": 16,
+                                  "feedback_token": RELAY_TOKEN},
+                        "promote": {"rollback_min_requests": 5, "rollback_min_voters": 5,
+                                    "rollback_window_seconds": 600}})
     d = Daemon(cfg)
     d.serve_only = True
     d.startup()
@@ -192,12 +203,16 @@ def test_daemon_rolls_back_a_champion_users_dislike(tmp_path):
             assert d.watch.watching == v2, "a promotion starts the post-promotion watch"
             assert answer()[0] == v2 and answer()[1] != served_v1[1], "the adapters must differ to prove the flip"
 
-            bad = http.post("/v1/feedback", json={"rating": 5})
+            relay = {"Authorization": f"Bearer {RELAY_TOKEN}"}
+            bad = http.post("/v1/feedback", json={"rating": 5, "user": "u"}, headers=relay)
             assert bad.status_code == 400 and "rating" in bad.json()["error"]["message"]
-            assert http.post("/v1/feedback", json={"model": "nope", "rating": -1}).status_code == 404
-            for _ in range(5):
+            nope = http.post("/v1/feedback", json={"model": "nope", "rating": -1, "user": "u"}, headers=relay)
+            assert nope.status_code == 404
+            assert http.post("/v1/feedback", json={"rating": -1}).status_code == 401, "anonymous votes are refused"
+            for i in range(5):
                 version, _text = answer()
-                assert http.post("/v1/feedback", json={"model": version, "rating": -1}).status_code == 200
+                vote = {"model": version, "rating": -1, "user": f"user{i}"}
+                assert http.post("/v1/feedback", json=vote, headers=relay).status_code == 200
 
             deadline = time.monotonic() + 30
             while registry.champion(d.store) != v1 and time.monotonic() < deadline:

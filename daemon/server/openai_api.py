@@ -1,0 +1,196 @@
+"""OpenAI-compatible inference: /v1/models, /v1/completions and /v1/chat/completions (streaming or not)."""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at definition time.
+import logging
+import time
+from typing import Any
+
+from daemon.server.auth import require_api_key
+from daemon.server.context import ServerContext
+from daemon.server.protocol import ApiError, Shape, finish_error, prompt_ids, sampling, sse, usage_of
+from daemon.server.text import Detokenizer
+
+log = logging.getLogger("lorad.server")
+
+DISCONNECT_POLL_SECONDS = 0.25  # a hung-up client's row is freed within this plus one engine step
+
+
+def routes(ctx: ServerContext) -> Any:
+    """GET /v1/models, POST /v1/completions and /v1/chat/completions."""
+    from fastapi import APIRouter, Request, Response
+    from fastapi.responses import JSONResponse
+
+    from daemon import engine as eng
+
+    daemon = ctx.daemon
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    def models(request: Request) -> Response:
+        from daemon import registry
+
+        try:
+            require_api_key(ctx.serve, request)
+        except ApiError as e:
+            ctx.count("/v1/models", e.status)
+            return e.response()
+        engine = getattr(daemon, "engine", None)
+        champion = eng.label(engine.champion) if engine is not None else None
+        created = int(getattr(daemon, "started_at", time.time()))
+        data = [{"id": "lorad", "object": "model", "created": created, "owned_by": "lorad", "root": champion},
+                {"id": eng.BASE_LABEL, "object": "model", "created": created, "owned_by": "lorad",
+                 "root": _public_name(daemon.cfg.model.base_model)}]
+        if daemon.store is not None:
+            for row in registry.list_adapters(daemon.store):
+                data.append({"id": row["version"], "object": "model", "created": int(row["created_at"]),
+                             "owned_by": "lorad", "parent": row["parent"], "champion": row["champion"]})
+        return JSONResponse({"object": "list", "data": data})
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(ctx, request, chat=False)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(ctx, request, chat=True)
+
+    return router
+
+
+def _public_name(base_model: str) -> str:
+    """A hub id as it is; a local folder by its last name only (a path tells callers about the host)."""
+    from pathlib import Path
+
+    return Path(base_model).name if base_model.startswith(("/", ".", "~")) else base_model
+
+
+async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:
+    """Authenticate, parse, tokenize (in the request pool) and submit: (engine, handle, stops, body).
+
+    Raises:
+        ApiError: whatever is wrong with the request, or the engine's refusal (429, 404, 503).
+    """
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    from daemon import engine as eng
+
+    serve = ctx.serve
+    require_api_key(serve, request)
+    engine = ctx.engine_or_503()
+    body = await ctx.json_body(request)
+    params, stops = sampling(body, chat=chat, max_new_tokens=serve.max_new_tokens)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "model must be a string", param="model")
+    ids = await ctx.cpu(prompt_ids, engine.tokenizer, body, chat=chat, max_prompt_tokens=serve.max_prompt_tokens)
+    try:
+        # Not the request pool: submit may block for seconds loading a pinned adapter.
+        handle = await run_in_threadpool(engine.submit, ids, model=model, params=params,
+                                         loop=asyncio.get_running_loop())
+    except eng.EngineError as e:
+        headers = {"Retry-After": "1"} if isinstance(e, eng.QueueFull) else None
+        raise ApiError(e.status, str(e), code=e.code, param="model" if e.status == 404 else None,
+                       headers=headers) from None
+    return engine, handle, stops, body
+
+
+async def generate(ctx: ServerContext, request: Any, *, chat: bool) -> Any:
+    """One completion request: validate, submit to the engine pinned to a version, answer or stream."""
+    import asyncio
+
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    t0 = time.perf_counter()
+    try:
+        engine, handle, stops, body = await _admit(ctx, request, chat=chat)
+    except ApiError as e:
+        ctx.count(route, e.status, t0)
+        return e.response()
+    stream = body.get("stream") is True
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+    request_id = ("chatcmpl-" if chat else "cmpl-") + handle.id
+    headers = {"x-lorad-adapter": handle.label, "x-request-id": request_id}
+    log.debug("request admitted", extra={"id": request_id, "model": handle.label,
+                                         "prompt_tokens": len(handle.prompt_ids), "stream": stream})
+    shape = Shape(chat=chat, id=request_id, model=handle.label, created=int(time.time()))
+    if stream:
+        return StreamingResponse(_stream(ctx, handle, engine, stops, shape, include_usage, route, t0),
+                                 media_type="text/event-stream", headers=headers)
+    detok = Detokenizer(engine.tokenizer, stops)
+    hangup = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    try:
+        async for event in handle.aevents():
+            if event[0] == "token":
+                detok.push(event[1])
+                if detok.stopped:
+                    handle.cancel()
+                    break
+    finally:
+        hangup.cancel()
+        if not handle.done:
+            handle.cancel()
+    if hangup.done() and not hangup.cancelled() and hangup.exception() is None and hangup.result():
+        ctx.count(route, 499, t0)  # nobody reads the answer
+        return ApiError(499, "the client closed the connection", code="client_disconnected").response()
+    error = finish_error(handle, detok)
+    if error is not None:
+        ctx.count(route, error.status, t0)
+        return error.response()
+    detok.flush()
+    reason = "stop" if detok.stopped else handle.finish_reason
+    ctx.count(route, 200, t0)
+    return JSONResponse(shape.full(detok.text, reason, usage_of(handle)), headers=headers)
+
+
+async def _cancel_on_disconnect(request: Any, handle: Any) -> bool:
+    """Cancel ``handle`` as soon as the client hangs up (the engine frees its row at its next step).
+
+    Returns True when it did; a streaming response notices the hang-up itself when a write fails.
+    """
+    import asyncio
+
+    while not handle.done:
+        if await request.is_disconnected():
+            handle.cancel()
+            log.info("client disconnected: request cancelled", extra={"id": handle.id})
+            return True
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    return False
+
+
+async def _stream(ctx: ServerContext, handle: Any, engine: Any, stops: list, shape: Shape, include_usage: bool,
+                  route: str, t0: float):
+    detok = Detokenizer(engine.tokenizer, stops)
+    code = 200
+    try:
+        if shape.chat:
+            yield sse(shape.chunk({"role": "assistant", "content": ""}, None))
+        async for event in handle.aevents():
+            if event[0] == "token":
+                text = detok.push(event[1])
+                if text:
+                    yield sse(shape.chunk(text, None))
+                if detok.stopped:
+                    handle.cancel()
+                    break
+        error = finish_error(handle, detok)
+        if error is not None:  # headers are gone: the error travels as an event, as OpenAI does
+            code = error.status
+            yield sse({"error": {"message": error.message, "type": ApiError.TYPES.get(error.status),
+                                 "param": None, "code": error.code}})
+            return
+        tail = detok.flush()
+        if tail:
+            yield sse(shape.chunk(tail, None))
+        reason = "stop" if detok.stopped else handle.finish_reason
+        yield sse(shape.chunk("" if not shape.chat else None, reason, usage=usage_of(handle)))
+        if include_usage:
+            yield sse(shape.usage_chunk(usage_of(handle)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not handle.done:
+            handle.cancel()  # the client went away, or a stop string matched
+        ctx.count(route, code, t0)
