@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError, build_config
-from pipelines import distributed as D
+from pipelines.train import distributed as D
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 lorad does not implement data parallelism itself. ``torchrun`` (``python -m torch.distributed.run``)
 starts one process per GPU; each runs the ordinary ``python -m pipelines.train RUN_DIR`` job and
 this module wraps its model in ``torch.nn.parallel.DistributedDataParallel`` or
-``torch.distributed.fsdp.fully_shard``. The training loop in ``pipelines/train.py`` stays one
+``torch.distributed.fsdp.fully_shard``. The training loop in ``pipelines/train/loop.py`` stays one
 loop; with ``dist`` set it only changes which micro-batches a rank computes, scales the loss so
 the engine's gradient average equals the single-process gradient, and lets rank 0 alone write.
 
@@ -31,18 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.train.protocol import (EXIT_INTERRUPTED, INTERRUPTED_MARKER, DistributedError, Interrupted,
+                                      TrainingError, TrainOutcome)
+
 MODES = ("none", "ddp", "fsdp")
 # NVLink multicast (NVLS / symmetric-memory multicast) stays off unless the operator turns it on:
 # LoRA's gradient all-reduce is small, and on shared hosts a multicast fault can take every GPU of
 # the host down. Setting the variable yourself wins (setdefault).
 SAFE_COLLECTIVES_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-INTERRUPTED_MARKER = "interrupted.json"   # rank 0 writes it when a torchrun run checkpointed and stopped
-
-
-class DistributedError(RuntimeError):
-    """The distributed setup is inconsistent; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- pure decisions
@@ -352,11 +348,9 @@ def run_launched(train_cfg: Any, run_dir: Path, *, python: str = sys.executable,
         TrainingError: the job failed (its error.json reason, or the exit code and log tail).
         Interrupted: the job checkpointed and stopped (exit 75).
     """
-    from pipelines.train import EXIT_INTERRUPTED, Interrupted, TrainingError, TrainOutcome
-
     run_dir = Path(run_dir)
     argv = train_argv(train_cfg, run_dir, python=python, extra=[] if progress else ["--no-progress"])
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]   # the repository root: pipelines/train/distributed.py
     seen = 0
     with open(run_dir / "train.log", "ab") as log:
         proc = subprocess.Popen(argv, cwd=str(root), stdout=log, stderr=None if progress else log)
@@ -417,8 +411,6 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str]) -> int:
     to the ranks, which checkpoint at the next step and stop.
     """
     import signal
-
-    from pipelines.train import EXIT_INTERRUPTED   # stdlib-only at import: this process stays free of torch
 
     run_dir = Path(run_dir)
     marker, error = run_dir / INTERRUPTED_MARKER, run_dir / "error.json"
