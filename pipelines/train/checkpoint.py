@@ -121,3 +121,10 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, sharded: bool = Fals
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     return state
+
+
+def save_adapter(adapter_dir: Path, model: Any, state_dict: dict | None = None) -> None:
+    """The trained adapter as a standard PEFT folder, written atomically; ``state_dict``: FSDP's gathered weights."""
+    _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True,
+                                                               **({"state_dict": state_dict} if state_dict is not None
+                                                                  else {})))

@@ -144,6 +144,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     """
     from daemon.config import build_config
     from pipelines.models import load_base_model
+    from pipelines.train.distributed import load_kwargs
 
     run_dir = Path(run_dir)
     job = json.loads((run_dir / "job.json").read_text())
@@ -158,7 +159,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache",
                                        quantization=m.quantization, revision=m.revision or None,
                                        trust_remote_code=m.trust_remote_code, for_training=True,
-                                       **distributed.load_kwargs(dist, device=m.device, dtype=m.dtype, quantization=m.quantization))
+                                       **load_kwargs(dist, device=m.device, dtype=m.dtype, quantization=m.quantization))
     if own_process and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()   # after loading: the weights' one-off buffers still go back to the system
     with open(run_dir / job["data"], encoding="utf-8") as f:
