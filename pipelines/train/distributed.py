@@ -161,8 +161,8 @@ class Dist:
         return self.sum(loss_sum.float()), all_tokens
 
     def speed_limits(self, compile_layers: str | bool, lora_kernel: str) -> tuple[str | bool, str]:
-        """FSDP2: no compiled layers by default (its per-layer hooks and compiled layers are not combined here,
-        not measured), and PEFT's LoRA forward (the LoRA weights become DTensors the fused kernel does not take)."""
+        """FSDP2: no compiled layers by default (FSDP's per-layer hooks and compiled layers are not combined
+        here), and PEFT's LoRA forward (the LoRA weights become DTensors the fused kernel does not take)."""
         if not self.sharded:
             return compile_layers, lora_kernel
         return (False if compile_layers == "auto" else compile_layers), "peft"
@@ -200,6 +200,9 @@ class OneProcess:
         return [bool(f) for f in flags]
 
     def agree_min(self, value: int) -> int:
+        return value
+
+    def sum(self, value: Any) -> Any:
         return value
 
     def step_size(self, grad_accum_steps: int) -> int:

@@ -116,8 +116,7 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees the same large activations each step. glibc maps each
     allocation above its threshold fresh from the kernel and unmaps it when freed, so every step pays a
-    page fault per 4 KiB again (measured: ~240k faults and ~7 % of a step of the 135M model). With mmap
-    and trimming off the pages stay in the process and are reused. For a process that exists to train
+    page fault per 4 KiB again. With mmap and trimming off the pages stay in the process and are reused. For a process that exists to train
     on CPU (its memory then stays at its peak); returns whether glibc accepted the settings.
     """
     import ctypes

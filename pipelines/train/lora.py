@@ -75,9 +75,9 @@ def dropout_mask(shape: tuple, p: float, dtype: Any, device: Any = "cpu"):
     Returns (keep, scale): ``keep`` is an integer tensor as wide as ``dtype`` holding all ones where a value
     is kept and 0 where it is dropped, so ``(x.view(int) & keep).view(dtype)`` applies it; kept values are
     then scaled by ``scale`` = 1 / (1 - p'). torch's dropout spends a float draw and several boolean passes
-    per element (the largest single cost of an all-linear LoRA step on CPU, bench/train_speed.py); here 16
-    random bits per element, four per 64-bit draw, and integer passes cost about half. So p is rounded to
-    a multiple of 2^-16 (p' = 0.05 -> 0.0500031), and the dropout stays unbiased for p'.
+    per element, a large share of an all-linear LoRA step on CPU; here 16 random bits per element (four
+    per 64-bit draw) and integer passes. So p is rounded to a multiple of 2^-16 (p' = 0.05 -> 0.0500031),
+    and the dropout stays unbiased for p'.
     """
     import torch
 

@@ -83,8 +83,8 @@ def _head_cross_entropy():
             n = target.numel()
             c = min(chunk_tokens, max(1, n))
             rows = torch.arange(c, device=hidden.device)
-            # Two [chunk x vocab] work buffers reused by every chunk: on CPU a fresh tensor this size costs a
-            # page fault per 4 KiB, which here took as long as the arithmetic on it.
+            # Two [chunk x vocab] work buffers reused by every chunk: on CPU a fresh tensor this size pays a
+            # page fault per 4 KiB, as costly as the arithmetic on it.
             logits = torch.empty((c, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
             logits32 = logits if weight.dtype == torch.float32 else torch.empty(logits.shape, dtype=torch.float32,
                                                                                  device=hidden.device)

@@ -1,7 +1,17 @@
-"""The speed plan: how a run computes on this device (packed attention, compile, autocast, LoRA kernel).
+"""The speed plan: how a run computes on this device; ``plan_speed`` chooses, ``speed_setup`` applies.
 
-Each choice computes the same loss and gradients as the plain path, up to rounding; bench/train_speed.py
-measures them.
+Each choice computes the same loss and gradients as the plain path, up to rounding (bench/train_speed.py
+measures them):
+  - packed attention: each packed example attends only to itself, through varlen flash attention on
+    CUDA and one causal SDPA call over the examples padded side by side elsewhere; transformers'
+    default builds a dense block mask over each whole row instead, (row length)^2 work on a slow
+    masked kernel;
+  - on CUDA with a bf16 base: bf16 autocast (LoRA weights and optimizer stay fp32) and
+    torch.compile of each decoder layer (compiled once, reused by every layer); a compile
+    failure falls back to eager with a warning (pipelines/train/loop.py);
+  - on CPU: bf16 autocast where the CPU has bf16 matrix units, one bf16 copy of each frozen linear
+    per run, and the fused LoRA linear (pipelines/train/lora.py).
+The LM head's fused loss is in pipelines/train/loss.py; QLoRA's lean k-bit preparation in lora.py.
 """
 
 from __future__ import annotations
@@ -126,9 +136,8 @@ def packed_attention_kwargs(plan: SpeedPlan, pos_cpu, device: Any, loop: bool | 
     kwargs = {"lorad_cu_seqlens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
               "lorad_max_seqlen": longest}
     if plan.attention == "per-example" and (torch.device(device).type == "cpu" if loop is None else loop):
-        # On CPU the attention kernels' time follows the padded work, not the number of calls (measured:
-        # examples of 64-512 tokens, one call each on views of q/k/v, took half the time of one padded
-        # call, and no gather/scatter of q, k, v and the output is needed).
+        # On CPU the attention kernels' time follows the padded work, not the number of calls: one call per
+        # example, on views of q/k/v, beats one padded call and needs no gather/scatter.
         width = pos_cpu.shape[-1]
         kwargs["lorad_segments"] = tuple((a // width, a % width, b - a) for a, b in zip(bounds, bounds[1:]))
     elif plan.attention == "per-example":
@@ -287,8 +296,8 @@ def speed_setup(model: Any, plan: SpeedPlan):
     if plan.compile_layers:
         for layer in decoder_layers(model):
             # dynamic=True: packed micro-batches change their token count, example count (cu_seqlens) and
-            # longest example every step; compiled for static shapes first, each layer recompiled 4-6 times
-            # in the first steps, and under DDP every rank's recompile stalled all ranks (bench/scaling.py)
+            # longest example every step; static shapes recompile each layer several times (under DDP every
+            # rank's recompile stalls all ranks)
             layer.compile(dynamic=True)
     try:
         yield
