@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.store import FAILED_SNAPSHOTS, Store
-from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
+from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
 
 log = logging.getLogger("lorad.jobs")
 

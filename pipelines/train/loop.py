@@ -68,11 +68,11 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     plan = plan_speed(model, device, attention=attention, compile_layers=compile_layers, autocast=autocast,
                       max_seq_len=max_seq_len, lora_kernel=lora_kernel)
     # Tokens per LM-head + cross-entropy chunk: smaller [chunk x vocab] work buffers suit the CPU.
-    passes = _Passes(data=data, plan=plan, device=device, dist=dist,
-                     loss_step=dist.wrap_loss(model, chunked_loss_sum, layers=decoder_layers(model),
-                                              autocast=plan.autocast),
-                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                     chunk_tokens=chunk_tokens or (2048 if device.type == "cuda" else 512))
+    fwd_bwd = _ForwardBackward(data=data, plan=plan, device=device, dist=dist,
+                               loss_step=dist.wrap_loss(model, chunked_loss_sum, layers=decoder_layers(model),
+                                                        autocast=plan.autocast),
+                               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                               chunk_tokens=chunk_tokens or (2048 if device.type == "cuda" else 512))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.999), fused=device.type == "cuda" and not dist.sharded)
@@ -98,7 +98,7 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
             lr = lr_at(state.step, data.total_steps, cfg.learning_rate, cfg.warmup_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss_dev, real = _forward_backward_with_retries(passes, group, denom, state, model, optimizer, cfg)
+            loss_dev, real = _forward_backward_with_retries(fwd_bwd, group, denom, state, model, optimizer, cfg)
             loss = float(loss_dev) / denom
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at step {state.step}: aborting (lower train.learning_rate or "
@@ -130,19 +130,11 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     full_lora = dist.full_lora_state(model)   # FSDP: the LoRA shards gathered on every rank (a collective)
     if dist.is_main:
         save_adapter(adapter_dir, model, full_lora)
-    seconds = clock() - t_start
-    outcome = TrainOutcome(
-        adapter_dir=str(adapter_dir), status=state.status, steps=state.step, total_steps=data.total_steps,
-        loss_first=state.history[0] if state.history else None,
-        loss_last=state.history[-1] if state.history else None,
-        tokens=state.tokens_before + state.tokens_now, seconds=seconds,
-        tokens_per_second=state.tokens_now / seconds if seconds > 0 else 0.0, resumed_from_step=state.resumed_from,
-        micro_batch_splits=state.splits, gradient_checkpointing=state.use_gc, examples=len(examples),
-        sequences=len(data.sequences), parent_adapter=str(parent_adapter) if parent_adapter else None,
-        speed=passes.plan.to_dict(), history=state.history)
+    outcome = state.outcome(adapter_dir, data, clock() - t_start, examples=len(examples),
+                            parent_adapter=parent_adapter, plan=fwd_bwd.plan)
     if dist.is_main:
         (run_dir / "result.json").write_text(json.dumps(outcome.to_dict(), indent=2))
-    outcome.speed.update(dist.describe(data.accum))   # after result.json, as every run has written it
+    outcome.speed.update(dist.describe(data.accum))   # the caller's copy also says how ranks shared each step
     dist.barrier()   # no rank leaves (and tears down the group) while rank 0 still writes
     return outcome
 
@@ -198,6 +190,7 @@ class _Data:
 
 def _setup_data(examples: list[dict], cfg: TrainConfig, max_seq_len: int, packing: bool, max_steps: int | None,
                 dist: Any) -> _Data:
+    """The run's sequences and micro-batches, how many make a step, and how many steps."""
     # Examples marked with a phase (continued pre-training first) or a curriculum stage are batched apart.
     sequences, batches, stage_groups = make_staged_batches(examples, max_seq_len, packing, cfg.micro_batch_size)
     accum = dist.step_size(cfg.grad_accum_steps)   # distributed: a step's micro-batches are dealt out to the ranks
@@ -230,6 +223,18 @@ class _State:
         return {"step": self.step, "tokens": self.tokens_before + self.tokens_now, "history": self.history,
                 "splits": self.splits, "total_steps": data.total_steps, "sequences": len(data.sequences)}
 
+    def outcome(self, adapter_dir: Path, data: _Data, seconds: float, *, examples: int,
+                parent_adapter: Path | None, plan: SpeedPlan) -> TrainOutcome:
+        return TrainOutcome(
+            adapter_dir=str(adapter_dir), status=self.status, steps=self.step, total_steps=data.total_steps,
+            loss_first=self.history[0] if self.history else None,
+            loss_last=self.history[-1] if self.history else None,
+            tokens=self.tokens_before + self.tokens_now, seconds=seconds,
+            tokens_per_second=self.tokens_now / seconds if seconds > 0 else 0.0, resumed_from_step=self.resumed_from,
+            micro_batch_splits=self.splits, gradient_checkpointing=self.use_gc, examples=examples,
+            sequences=len(data.sequences), parent_adapter=str(parent_adapter) if parent_adapter else None,
+            speed=plan.to_dict(), history=self.history)
+
 
 def _resume(run_dir: Path, model: Any, optimizer: Any, data: _Data, dist: Any, use_gc: bool) -> _State:
     """The state of the newest checkpoint in ``run_dir`` (weights, optimizer and RNG restored), or a fresh one."""
@@ -261,7 +266,7 @@ def _progress_bar(progress: bool, total: int, initial: int, main: bool) -> Any:
 
 
 @dataclass
-class _Passes:
+class _ForwardBackward:
     """Forward and backward passes over this rank's share of a step's micro-batches."""
 
     data: _Data
@@ -304,18 +309,18 @@ class _Passes:
         return loss_total, real_total
 
 
-def _forward_backward_with_retries(passes: _Passes, group: list[list[int]], denom: float, state: _State,
+def _forward_backward_with_retries(fwd_bwd: _ForwardBackward, group: list[list[int]], denom: float, state: _State,
                                    model: Any, optimizer: Any, cfg: TrainConfig) -> tuple[Any, int]:
-    """``passes.step``, retried after CUDA OOM (smaller pieces, then gradient checkpointing) and once after a
+    """``fwd_bwd.step``, retried after CUDA OOM (smaller pieces, then gradient checkpointing) and once after a
     torch.compile failure (eager). Distributed ranks cannot retry alone (their collectives would stop
     matching): there the first failure is final."""
     import torch
 
-    dist = passes.dist
+    dist = fwd_bwd.dist
     while True:
         try:
             optimizer.zero_grad(set_to_none=True)
-            return passes.step(group, denom, state.splits)
+            return fwd_bwd.step(group, denom, state.splits)
         except torch.OutOfMemoryError:
             if not dist.can_retry:
                 raise TrainingError(f"out of GPU memory at step {state.step} on rank {dist.rank}; lower "
@@ -336,11 +341,11 @@ def _forward_backward_with_retries(passes: _Passes, group: list[list[int]], deno
             print(f"lorad: out of memory; retrying step {state.step} with {state.splits} splits, "
                   f"gradient checkpointing {'on' if state.use_gc else 'off'}", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 -- only a compiler failure is retried, once, in eager mode
-            if not passes.plan.compile_layers or not dist.can_retry:
+            if not fwd_bwd.plan.compile_layers or not dist.can_retry:
                 raise
             optimizer.zero_grad(set_to_none=True)
             uncompile(model)
-            passes.plan = SpeedPlan(**{**passes.plan.to_dict(), "compile_layers": False})
+            fwd_bwd.plan = SpeedPlan(**{**fwd_bwd.plan.to_dict(), "compile_layers": False})
             print(f"lorad: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
                   f"retrying step {state.step} without compiling", file=sys.stderr)
 
