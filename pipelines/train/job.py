@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipelines.train import distributed
+import pipelines.train.distributed as distributed
 from pipelines.train.batches import IGNORE
 from pipelines.train.loop import train
 from pipelines.train.loss import chunked_loss_sum
-from pipelines.train.protocol import EXIT_INTERRUPTED, DistributedError, Interrupted, TrainingError, TrainOutcome
+from pipelines.train.protocol import (EXIT_INTERRUPTED, INTERRUPTED_MARKER, DistributedError, Interrupted,
+                                      TrainingError, TrainOutcome)
 
 
 def tokenize_payloads(payloads: Iterable[dict], tokenizer: Any, max_seq_len: int) -> list[dict]:
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun a non-zero rank reads as a crash: exit 0 and leave the launcher a marker.
         if dist.is_main:
             print(f"lorad train: {e}", file=sys.stderr)
-            (args.run_dir / distributed.INTERRUPTED_MARKER).write_text(json.dumps({"reason": str(e)}))
+            (args.run_dir / INTERRUPTED_MARKER).write_text(json.dumps({"reason": str(e)}))
         return 0
     except (TrainingError, DistributedError) as e:
         # Any rank may be the one that failed (torchrun then stops the others): each writes atomically.

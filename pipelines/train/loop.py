@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 from daemon.config import TrainConfig
 from pipelines.hardware import is_quantized
-from pipelines.train import distributed
 from pipelines.train.batches import collate_cpu, collate_weights, labelled_weight, make_staged_batches
 from pipelines.train.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from pipelines.train.distributed import OneProcess
 from pipelines.train.lora import attach_lora
 from pipelines.train.loss import chunked_loss_sum
 from pipelines.train.protocol import Interrupted, TrainingError, TrainOutcome
@@ -52,7 +52,7 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     if not examples:
         raise TrainingError("no training examples (every record was empty or too long?)")
     torch.manual_seed(cfg.seed)
-    dist = dist if dist is not None else distributed.OneProcess()
+    dist = dist if dist is not None else OneProcess()
 
     # -- data: fixed sequences and micro-batches; the order per epoch comes from a seeded permutation
     cfg = _setup_micro_batch_size(cfg, model, max_seq_len, dist)
