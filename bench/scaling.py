@@ -21,7 +21,7 @@ Cases (random weights, seeded; every case is lorad's own ``pipelines.train.train
 Throughput counts real tokens of all GPUs per second, timed after warm-up steps (compilation and
 allocator growth excluded), on rank 0's clock; each step ends in a collective, so ranks stay in step.
 LORAD_BENCH_TINY=1 shrinks every shape to a toy one, to smoke-test the cases on a CPU (gloo).
-NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends; pipelines.distributed sets them).
+NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends; pipelines.train.distributed sets them).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def memory_all_ranks(dist) -> dict:
 def case(name: str, steps: int, warmup: int) -> dict | None:
     import torch
 
-    from pipelines import distributed
+    from pipelines.train import distributed
 
     mode = {"dp7b": "ddp", "fsdp7b": "fsdp", "fsdp67b": "fsdp", "fsdpq7b": "fsdp"}.get(name.rsplit("_", 1)[0], "none")
     dist = distributed.init(mode)

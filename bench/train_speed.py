@@ -630,7 +630,7 @@ def check_main(args) -> dict:
     config = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
     seqs = T.make_sequences(records(40, 2000, lo=20, hi=300), 1024, True)
-    ids, labels, pos, _ = T._collate_cpu(seqs, [0, 1, 2], 0)
+    ids, labels, pos, _ = T.collate_cpu(seqs, [0, 1, 2], 0)
 
     def run(dtype, **speed):
         torch.manual_seed(0)
@@ -643,7 +643,7 @@ def check_main(args) -> dict:
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
         plan = T.plan_speed(model, device, **speed)
-        with T._speed_setup(model, plan):
+        with T.speed_setup(model, plan):
             kw = T.packed_attention_kwargs(plan, pos, device)
             amp = torch.autocast(device, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()
             with amp:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.store import FAILED_SNAPSHOTS, Store
-from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
+from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
 
 log = logging.getLogger("lorad.jobs")
 
@@ -134,8 +134,8 @@ def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, pro
     """Execute a queued run here (the CLI path): progress bar on the terminal, result registered."""
     from pipelines.train import TrainingError, run_job
 
-    if cfg.train.distributed != "none":   # several GPUs: the job runs under torchrun (pipelines/distributed.py)
-        from pipelines.distributed import run_launched
+    if cfg.train.distributed != "none":   # several GPUs: the job runs under torchrun (pipelines/train/distributed.py)
+        from pipelines.train.distributed import run_launched
 
         def run_job(run_dir, **kwargs):  # noqa: F811 -- same call, launched processes instead of this one
             return run_launched(cfg.train, run_dir, **kwargs)
@@ -562,7 +562,7 @@ class JobRunner:
 
     def train_eval_promote(self, run_id: str, run_dir: Path) -> dict:
         self.current = {"stage": "train", "run_id": run_id, "since": self.clock()}
-        from pipelines.distributed import train_argv
+        from pipelines.train.distributed import train_argv
 
         # python -m pipelines.train RUN_DIR, with --launch (torchrun, one process per GPU) when train.distributed is set
         cmd = train_argv(self.cfg.train, run_dir, python=self.python, extra=["--no-progress"])

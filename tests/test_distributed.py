@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import ConfigError, build_config
-from pipelines import distributed as D
+from pipelines.train import distributed as D
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,35 @@ def test_init_without_torchrun_is_one_process_and_refuses_a_mismatch():
         D.init("none", environ={"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(D.DistributedError, match="one of none, ddp, fsdp"):
         D.init("zero3", environ={})
+
+
+def test_one_process_answers_everything_the_loop_asks_of_a_rank():
+    """train() talks to OneProcess and Dist alike: both must offer the same interface."""
+    def interface(obj):
+        return {n for n in dir(obj) if not n.startswith("_")}
+
+    one = D.OneProcess()
+    rank = D.Dist(mode="ddp", rank=0, world_size=2, local_rank=0, device=_device("cpu"))
+    assert interface(one) == interface(rank) - {"local_rank", "device"}   # the device comes from the model
+    assert one.is_main and not one.sharded and one.can_retry and one.world_size == 1
+    assert one.any(True, 0) == [True, False] and one.agree_min(7) == 7 and one.step_size(3) == 3
+    assert one.share([[1], [2], [3]]) == [[1], [2], [3]] and one.step_totals("loss", 5, 99) == ("loss", 5)
+    assert one.sum("loss") == "loss"
+    assert one.speed_limits("auto", "auto") == ("auto", "auto") and one.describe(4) == {}
+
+
+@pytest.mark.parametrize("mode, rank, world, accum, share, limits", [
+    ("ddp", 0, 2, 3, [[0], [2]], ("auto", "auto")),      # 3 micro-batches on 2 ranks: the step grows to 4
+    ("ddp", 1, 2, 4, [[1], [3]], ("auto", "auto")),
+    ("fsdp", 2, 4, 4, [[2]], (False, "peft")),           # FSDP2: eager layers, PEFT's LoRA forward
+])
+def test_a_rank_takes_every_world_size_th_micro_batch(mode, rank, world, accum, share, limits):
+    dist = D.Dist(mode=mode, rank=rank, world_size=world, local_rank=rank, device=_device("cpu"))
+    steps = dist.step_size(accum)
+    assert steps == D.plan_world(accum, world)[1]
+    assert dist.share([[i] for i in range(steps)]) == share
+    assert dist.speed_limits("auto", "auto") == limits and not dist.can_retry
+    assert dist.describe(steps) == {"distributed": {"mode": mode, "world_size": world, "micro_batches_per_step": steps}}
 
 
 def test_peft_key_drops_the_adapter_name():

@@ -281,6 +281,7 @@ def test_out_of_memory_in_training_retries_smaller_then_fails_cleanly(tmp_path, 
 
     from pipelines import train as tr
     from pipelines.models import load_base_model
+    from pipelines.train import loop   # train() looks the loss function up here
 
     cfg = config(tmp_path, tiny_llama_dir, train={"max_steps": 2, "micro_batch_size": 4})
     payloads = [json.loads(line) for line in write_data(tmp_path / "d.jsonl", 40, 5).read_text().splitlines()]
@@ -298,7 +299,7 @@ def test_out_of_memory_in_training_retries_smaller_then_fails_cleanly(tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(tr, "chunked_loss_sum", fits_one_sequence)
+    monkeypatch.setattr(loop, "chunked_loss_sum", fits_one_sequence)
     out = tr.train(examples, run_dir=tmp_path / "run1", model=model, tokenizer=tok, cfg=cfg.train,
                    max_seq_len=cfg.data.max_seq_len, packing=False, progress=False)
     assert out.steps == 2 and out.micro_batch_splits == 4, out  # halved until one sequence per forward
@@ -307,7 +308,7 @@ def test_out_of_memory_in_training_retries_smaller_then_fails_cleanly(tmp_path, 
     def never_fits(model, ids, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(tr, "chunked_loss_sum", never_fits)
+    monkeypatch.setattr(loop, "chunked_loss_sum", never_fits)
     model, tok = load_base_model(str(tiny_llama_dir), tmp_path / "cache", for_training=True)
     with pytest.raises(tr.TrainingError, match="out of GPU memory at step 0 even with micro-batches of 1"):
         tr.train(examples, run_dir=tmp_path / "run2", model=model, tokenizer=tok, cfg=cfg.train,

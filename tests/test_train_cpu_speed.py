@@ -13,6 +13,7 @@ from daemon.config import TrainConfig
 from pipelines import hardware
 from pipelines import train as T
 from pipelines.hardware import Hardware, choose_defaults
+from pipelines.train.lora import _lora_linear, _masked
 
 
 def tiny_lora_model(dropout: float = 0.0, targets: str = "all-linear"):
@@ -52,7 +53,7 @@ def run(model, plan: T.SpeedPlan, *, seed: int = 0, loop: bool | None = None, le
     ids, labels, pos = batch(lengths=lengths)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with T._speed_setup(model, plan):
+    with T.speed_setup(model, plan):
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()
         with amp:
             loss = T.chunked_loss_sum(model, ids, labels, pos, chunk_tokens=16,
@@ -76,14 +77,14 @@ def assert_close_grads(got: dict, want: dict, **tol) -> None:
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
 def test_fused_lora_linear_matches_peft_in_fp32(targets):
     model = tiny_lora_model(targets=targets)
-    assert sum(T._fusable_lora(m) for m in model.modules()) == (14 if targets == "all-linear" else 4)
+    assert sum(T.fusable_lora(m) for m in model.modules()) == (14 if targets == "all-linear" else 4)
     ref_loss, ref = run(model, plan("peft"))
     loss, got = run(model, plan("fused"))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert_close_grads(got, ref, rtol=1e-4, atol=1e-6)
     # It can fail: the LoRA scale is part of what the fused kernel computes.
     for m in model.modules():
-        if T._fusable_lora(m):
+        if T.fusable_lora(m):
             m.scaling["default"] *= 2
     doubled, _ = run(model, plan("fused"))
     assert not torch.allclose(doubled, ref_loss, rtol=1e-3)
@@ -109,7 +110,7 @@ def test_fused_dropout_is_seeded_unbiased_and_at_the_configured_rate():
         assert abs(float((keep == 0).float().mean()) - 0.05) < 0.003
         assert scale == pytest.approx(1 / (1 - 3277 / 65536))   # p rounded to 1/65536: unbiased for that p
         x = torch.randn(400, 500).to(dtype)
-        torch.testing.assert_close(T._masked(x, keep), torch.where(keep == 0, 0, x).to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(_masked(x, keep), torch.where(keep == 0, 0, x).to(dtype), rtol=0, atol=0)
     torch.manual_seed(3)
     a, _ = T.dropout_mask((64, 64), 0.3, torch.bfloat16)
     torch.manual_seed(3)
@@ -124,7 +125,7 @@ def test_fused_dropout_is_seeded_unbiased_and_at_the_configured_rate():
     assert_close_grads(g1, g2, rtol=0, atol=0)
     assert not torch.equal(first, other)   # the masks come from the seeded generator
     model.eval()   # no dropout outside training: the fused forward equals PEFT's exactly again
-    with torch.no_grad(), T._speed_setup(model, plan("fused")):
+    with torch.no_grad(), T.speed_setup(model, plan("fused")):
         ids, _, _ = batch()
         fused = model(input_ids=ids).logits
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_dropout_mask_gradient_matches_the_dropped_inputs():
     a, b = torch.randn(4, 8, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     w = torch.zeros(6, 8)   # no base path: only the LoRA branch reaches x
     torch.manual_seed(1)
-    y = T._lora_linear().apply(x, a, b, w, None, 2.0, 0.5)
+    y = _lora_linear().apply(x, a, b, w, None, 2.0, 0.5)
     y.sum().backward()
     torch.manual_seed(1)
     keep, scale = T.dropout_mask((50, 8), 0.5, torch.float32)

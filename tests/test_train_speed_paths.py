@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from daemon.config import TrainConfig
 from pipelines import train as T
+from pipelines.train.loss import _fusable_head, _head_cross_entropy
 
 
 def tiny_model(kind: str):
@@ -45,7 +46,7 @@ def packed_batch(segment_lengths: list[list[int]], seed: int = 0):
 def loss_and_grads(model, ids, labels, pos, attention: str):
     plan = T.SpeedPlan(attention=attention, compile_layers=False, autocast=None)
     model.zero_grad(set_to_none=True)
-    with T._speed_setup(model, plan):
+    with T.speed_setup(model, plan):
         loss = T.chunked_loss_sum(model, ids, labels, pos, chunk_tokens=16,
                                   decoder_kwargs=T.packed_attention_kwargs(plan, pos, "cpu"))
         loss.backward()
@@ -84,7 +85,7 @@ def test_fused_head_cross_entropy_matches_autograd(weighted, dtype):
     w = torch.rand(tokens, generator=g) * 2 if weighted else None
 
     h1 = h.clone().requires_grad_(True)
-    fused = T._head_cross_entropy().apply(h1, weight, target, 10, w)   # 4 chunks, the last one short
+    fused = _head_cross_entropy().apply(h1, weight, target, 10, w)   # 4 chunks, the last one short
     fused.backward()
 
     h2 = h.clone().requires_grad_(True)
@@ -100,6 +101,6 @@ def test_fused_head_cross_entropy_matches_autograd(weighted, dtype):
 
 def test_chunked_loss_uses_the_fused_head_only_when_exact():
     frozen = torch.nn.Linear(8, 5, bias=False).requires_grad_(False)
-    assert T._fusable_head(frozen)
-    assert not T._fusable_head(torch.nn.Linear(8, 5, bias=False))        # trained head: autograd path
-    assert not T._fusable_head(torch.nn.Linear(8, 5).requires_grad_(False))  # bias: autograd path
+    assert _fusable_head(frozen)
+    assert not _fusable_head(torch.nn.Linear(8, 5, bias=False))        # trained head: autograd path
+    assert not _fusable_head(torch.nn.Linear(8, 5).requires_grad_(False))  # bias: autograd path

@@ -44,7 +44,7 @@ def test_the_fsdp_save_path_writes_the_same_format(tmp_path, tiny_llama_dir):
     """FSDP saves from gathered full tensors (state_dict=...): the names must still be vLLM's."""
     from transformers import AutoModelForCausalLM
 
-    from pipelines import distributed as D
+    from pipelines.train import distributed as D
     from pipelines.train import attach_lora
 
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), FAST, None, gradient_checkpointing=False)

@@ -1,11 +1,11 @@
-"""Multi-GPU training on PyTorch's own engines: DDP (replicated base) and FSDP2 (sharded base).
+"""Multi-GPU training on PyTorch's own wrappers: DDP (replicated base) and FSDP2 (sharded base).
 
 lorad does not implement data parallelism itself. ``torchrun`` (``python -m torch.distributed.run``)
 starts one process per GPU; each runs the ordinary ``python -m pipelines.train RUN_DIR`` job and
 this module wraps its model in ``torch.nn.parallel.DistributedDataParallel`` or
-``torch.distributed.fsdp.fully_shard``. The training loop in ``pipelines/train.py`` stays one
+``torch.distributed.fsdp.fully_shard``. The training loop in ``pipelines/train/loop.py`` stays one
 loop; with ``dist`` set it only changes which micro-batches a rank computes, scales the loss so
-the engine's gradient average equals the single-process gradient, and lets rank 0 alone write.
+the wrapper's gradient average equals the single-process gradient, and lets rank 0 alone write.
 
 World-size-independent runs. An optimizer step always covers the same micro-batches, whatever
 the number of processes: the ``train.grad_accum_steps`` micro-batches of a step are dealt out
@@ -31,18 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.train.protocol import (EXIT_INTERRUPTED, INTERRUPTED_MARKER, DistributedError, Interrupted,
+                                      TrainingError, TrainOutcome)
+
 MODES = ("none", "ddp", "fsdp")
 # NVLink multicast (NVLS / symmetric-memory multicast) stays off unless the operator turns it on:
 # LoRA's gradient all-reduce is small, and on shared hosts a multicast fault can take every GPU of
 # the host down. Setting the variable yourself wins (setdefault).
 SAFE_COLLECTIVES_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-INTERRUPTED_MARKER = "interrupted.json"   # rank 0 writes it when a torchrun run checkpointed and stopped
-
-
-class DistributedError(RuntimeError):
-    """The distributed setup is inconsistent; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- pure decisions
@@ -145,6 +141,91 @@ class Dist:
         td.all_reduce(value, op=td.ReduceOp.SUM)
         return value
 
+    # What the training loop asks of its world (``OneProcess`` answers the same for a plain run).
+
+    can_retry = False   # ranks cannot retry a step alone: they would stop matching collectives
+
+    def compute_device(self, model: Any) -> Any:
+        return self.device
+
+    def step_size(self, grad_accum_steps: int) -> int:
+        """Micro-batches per optimizer step, over all ranks (``plan_world``)."""
+        return plan_world(grad_accum_steps, self.world_size)[1]
+
+    def share(self, group: list) -> list:
+        """This rank's micro-batches of a step: every world-size-th, starting at its rank."""
+        return group[self.rank::self.world_size]
+
+    def step_totals(self, loss_sum: Any, tokens: int, all_tokens: int) -> tuple[Any, int]:
+        """The step's loss sum and real tokens over all ranks, from this rank's."""
+        return self.sum(loss_sum.float()), all_tokens
+
+    def speed_limits(self, compile_layers: str | bool, lora_kernel: str) -> tuple[str | bool, str]:
+        """FSDP2: no compiled layers by default (FSDP's per-layer hooks and compiled layers are not combined
+        here), and PEFT's LoRA forward (the LoRA weights become DTensors the fused kernel does not take)."""
+        if not self.sharded:
+            return compile_layers, lora_kernel
+        return (False if compile_layers == "auto" else compile_layers), "peft"
+
+    def wrap_loss(self, model: Any, loss_fn: Callable, *, layers: list, autocast: str | None) -> Callable:
+        """The model under DDP / FSDP2 (``wrap``), as a step that computes a micro-batch's loss and backward."""
+        return _WrappedLoss(wrap(model, self, loss_fn, layers=layers, autocast=autocast), self.world_size)
+
+    def full_lora_state(self, model: Any) -> dict | None:
+        """FSDP: the LoRA shards gathered whole on every rank (a collective), for rank 0 to save."""
+        return lora_state_full(model) if self.sharded else None
+
+    def describe(self, micro_batches_per_step: int) -> dict:
+        return {"distributed": {"mode": self.mode, "world_size": self.world_size,
+                                "micro_batches_per_step": micro_batches_per_step}}
+
+
+class OneProcess:
+    """A plain one-process run, behind ``Dist``'s interface: every collective is a no-op."""
+
+    mode = "none"
+    rank = 0
+    world_size = 1
+    is_main = True
+    sharded = False
+    can_retry = True   # an out-of-memory or compile failure is retried with a smaller or eager step
+
+    def compute_device(self, model: Any) -> Any:
+        return next(model.parameters()).device
+
+    def barrier(self) -> None:
+        pass
+
+    def any(self, *flags: bool) -> list[bool]:
+        return [bool(f) for f in flags]
+
+    def agree_min(self, value: int) -> int:
+        return value
+
+    def sum(self, value: Any) -> Any:
+        return value
+
+    def step_size(self, grad_accum_steps: int) -> int:
+        return grad_accum_steps
+
+    def share(self, group: list) -> list:
+        return group
+
+    def step_totals(self, loss_sum: Any, tokens: int, all_tokens: int) -> tuple[Any, int]:
+        return loss_sum, tokens
+
+    def speed_limits(self, compile_layers: str | bool, lora_kernel: str) -> tuple[str | bool, str]:
+        return compile_layers, lora_kernel
+
+    def wrap_loss(self, model: Any, loss_fn: Callable, *, layers: list, autocast: str | None) -> Callable:
+        return _PlainLoss(model, loss_fn)
+
+    def full_lora_state(self, model: Any) -> dict | None:
+        return None
+
+    def describe(self, micro_batches_per_step: int) -> dict:
+        return {}
+
 
 def init(mode: str, environ: dict | None = None) -> Dist | None:
     """Join the torchrun world described by the environment; None for a one-process run.
@@ -224,7 +305,7 @@ def _loss_module(model: Any, loss_fn: Callable) -> Any:
     import torch
 
     class LossModule(torch.nn.Module):
-        """The engine's root module: its forward is the training loss, so DDP's reducer and FSDP's
+        """The wrapper's root module: its forward is the training loss, so DDP's reducer and FSDP's
         root hooks (which unshard the embeddings and LM head) see every forward."""
 
         def __init__(self):
@@ -278,11 +359,41 @@ def wrap(model: Any, dist: Dist, loss_fn: Callable, *, layers: list, autocast: s
     return root
 
 
-def no_sync(engine: Any, last: bool):
+def no_sync(wrapped: Any, last: bool):
     """DDP: skip the gradient all-reduce on all but a rank's last micro-batch of a step."""
-    if last or not hasattr(engine, "no_sync"):
+    if last or not hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext()
-    return engine.no_sync()
+    return wrapped.no_sync()
+
+
+class _PlainLoss:
+    """One process: a micro-batch's loss under ``amp``, then its backward (outside autocast)."""
+
+    def __init__(self, model: Any, loss_fn: Callable):
+        self.model, self.loss_fn = model, loss_fn
+
+    def __call__(self, ids, labels, pos, decoder_kwargs: dict, chunk_tokens: int, *, denom: float, last: bool,
+                 amp: Any) -> Any:
+        with amp:
+            loss_sum = self.loss_fn(self.model, ids, labels, pos, chunk_tokens=chunk_tokens,
+                                    decoder_kwargs=decoder_kwargs)
+        (loss_sum / denom).backward()
+        return loss_sum
+
+
+class _WrappedLoss:
+    """DDP / FSDP2: the loss scaled by the world size, because the wrapper averages gradients over ranks;
+    ``last`` marks a rank's last micro-batch of the step, the one whose backward all-reduces (DDP)."""
+
+    def __init__(self, wrapped: Any, world_size: int):
+        self.wrapped, self.world_size = wrapped, world_size
+
+    def __call__(self, ids, labels, pos, decoder_kwargs: dict, chunk_tokens: int, *, denom: float, last: bool,
+                 amp: Any) -> Any:
+        with no_sync(self.wrapped, last), amp:
+            loss_sum = self.wrapped(ids, labels, pos, decoder_kwargs, chunk_tokens)
+            (loss_sum * self.world_size / denom).backward()
+        return loss_sum
 
 
 # ----------------------------------------------------------------------------- full <-> sharded tensors
@@ -352,11 +463,9 @@ def run_launched(train_cfg: Any, run_dir: Path, *, python: str = sys.executable,
         TrainingError: the job failed (its error.json reason, or the exit code and log tail).
         Interrupted: the job checkpointed and stopped (exit 75).
     """
-    from pipelines.train import EXIT_INTERRUPTED, Interrupted, TrainingError, TrainOutcome
-
     run_dir = Path(run_dir)
     argv = train_argv(train_cfg, run_dir, python=python, extra=[] if progress else ["--no-progress"])
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]   # the repository root: pipelines/train/distributed.py
     seen = 0
     with open(run_dir / "train.log", "ab") as log:
         proc = subprocess.Popen(argv, cwd=str(root), stdout=log, stderr=None if progress else log)
@@ -417,8 +526,6 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str]) -> int:
     to the ranks, which checkpoint at the next step and stop.
     """
     import signal
-
-    from pipelines.train import EXIT_INTERRUPTED   # stdlib-only at import: this process stays free of torch
 
     run_dir = Path(run_dir)
     marker, error = run_dir / INTERRUPTED_MARKER, run_dir / "error.json"
