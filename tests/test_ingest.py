@@ -231,7 +231,7 @@ def test_bom_crlf_control_characters_whitespace_and_strip_patterns(tmp_path, sto
 
 
 def test_json_array_is_streamed_across_chunk_boundaries(tmp_path, store, monkeypatch):
-    monkeypatch.setattr(ing, "READ_CHUNK", 7)  # every element and number spans several reads
+    monkeypatch.setattr(ing.formats, "READ_CHUNK", 7)  # every element and number spans several reads
     rows = [{"prompt": f"p{i} 中文", "completion": f"c{i}", "category": "x", "n": 12345678901234567890}
             for i in range(30)]
     path = write(tmp_path, "arr.json", json.dumps(rows, ensure_ascii=False, indent=2))
@@ -400,7 +400,7 @@ def test_estimate_tokens_counts_cjk_per_character():
 
 
 def test_exact_duplicates_across_files_and_batches(tmp_path, store, monkeypatch):
-    monkeypatch.setattr(ing, "BATCH_SIZE", 3)
+    monkeypatch.setattr(ing.write, "BATCH_SIZE", 3)
     rows = [{"input": f"q{i}", "output": "a"} for i in range(5)]
     a = write(tmp_path, "a.jsonl", jsonl(rows + [rows[0]]))  # line 6 repeats line 1, in another batch
     r = ingest_file(a, store, NO_NEAR)
