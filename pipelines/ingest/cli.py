@@ -44,7 +44,7 @@ def cli_ingest(paths: list[str], cfg: "Config", *, dry_run: bool) -> dict:
     else:
         store = open_store(cfg.paths.state_dir)
     try:
-        return ingest_files(paths, store, cfg.data, source="cli", dry_run=dry_run)
+        return ingest_files(paths, store, cfg.data, source="cli", dry_run=dry_run, limits=cfg.ingest)
     finally:
         store.close()
 

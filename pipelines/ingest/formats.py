@@ -20,15 +20,14 @@ import codecs
 import csv
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from daemon.config import DataConfig
+from daemon.config import DataConfig, IngestConfig
+from pipelines.ingest.opening import FileRefused, OpenedFile, open_regular_file
 from pipelines.ingest.records import KNOWN_FIELDS, SHAPE_COLUMNS, SHAPES_HELP, InvalidRecord, Normaliser, Parsed
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 READ_CHUNK = 1 << 16           # bytes read at a time by the streaming JSON decoder
-READ_BUFFER = 1 << 20          # file read buffer: halves the per-line cost of readline against the 8 KiB default
 SNIFF_BYTES = 1 << 16          # bytes looked at to recognise the encoding and format
 
 
@@ -62,9 +61,11 @@ class FileReader:
     file can be read" (binary, another encoding, not JSON at all).
     """
 
-    def __init__(self, path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
-        self.path = path
+    def __init__(self, opened: OpenedFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                 limits: IngestConfig | None = None):
+        self.path = opened.path
         self.cap = max_line_bytes
+        self.limits = limits or IngestConfig()
         self.parsed = 0        # lines/rows/elements that parsed (whatever their shape)
         self.bad = 0           # ones that did not decode or parse (a truncated last line excluded)
         self.first_bad: str | None = None
@@ -73,13 +74,16 @@ class FileReader:
         self._rows_done = 0
         self._f = None
         self._csv_limit: int | None = None
+        self.size = opened.size
+        if self.size > self.limits.max_file_bytes:
+            raise FileRejected(f"the file is {self.size} bytes, over ingest.max_file_bytes="
+                               f"{self.limits.max_file_bytes}: split it into smaller files")
         try:
-            self.size = path.stat().st_size
-            self._f = open(path, "rb", buffering=READ_BUFFER)
+            self._f = opened.file
+            self._f.seek(0)
             head = self._f.read(SNIFF_BYTES)
             self._f.seek(0)
         except OSError as e:
-            self.close()
             raise FileRejected(f"cannot read the file: {e.strerror or e}") from None
         try:
             self.format = self._detect(head)
@@ -109,9 +113,8 @@ class FileReader:
         return f"{what} ({self.first_bad})"
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        """Restore what the reader changed; the file itself belongs to whoever opened it."""
+        self._f = None
         if self._csv_limit is not None:
             csv.field_size_limit(self._csv_limit)
             self._csv_limit = None
@@ -395,41 +398,45 @@ class FileReader:
     # -- Parquet --------------------------------------------------------------------------
 
     def _parquet_prepare(self) -> None:
-        import pyarrow.parquet as pq
+        from pipelines.ingest.parquet import ParquetRows
 
         try:
-            self._pq = pq.ParquetFile(self._f)
-            names = self._pq.schema_arrow.names
-            self._rows_total = self._pq.metadata.num_rows
+            self._pq = ParquetRows(self._f, set(KNOWN_FIELDS), self.limits)
+            self._rows_total = self._pq.num_rows
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise FileRejected(f"not a readable Parquet file: {e}") from None
-        self._columns = [c for c in names if c.strip().lower() in KNOWN_FIELDS]
-        usable = {c.strip().lower() for c in self._columns}
+        names = self._pq.names
+        usable = {c.strip().lower() for c in self._pq.columns}
         if not any(all(c in usable for c in cols) for cols in SHAPE_COLUMNS):
             raise FileRejected(f"the Parquet schema has no usable columns (found: {', '.join(names)[:300]}); "
                                f"it needs the columns of one record shape: {SHAPES_HELP}")
+        problem = self._pq.whole_file_problem()
+        if problem is not None:
+            raise FileRejected(problem)
 
     def _iter_parquet(self) -> Iterator[tuple[int, Any, str | None]]:
-        rename = {c: c.strip().lower() for c in self._columns}
+        rename = {c: c.strip().lower() for c in self._pq.columns}
+        rows = self._pq.rows()
         line = 0
-        batches = self._pq.iter_batches(batch_size=1024, columns=self._columns)
         while True:
             try:
-                batch = next(batches)
+                line, row, error = next(rows)
             except StopIteration:
                 return
             except Exception as e:  # a corrupt row group: keep what was read, say where it stopped
                 yield line + 1, None, f"Parquet read error: {e}; the rest of the file was not read"
                 return
-            for row in batch.to_pylist():
-                line += 1
-                self._rows_done = self.parsed = line
+            self._rows_done = line
+            if error is None:
+                self.parsed += 1
                 yield line, {rename[k]: v for k, v in row.items()}, None
+            else:
+                yield line, None, error
 
 
 def iter_records(path: str | os.PathLike, cfg: DataConfig | None = None, *,
                  count_tokens: Callable[[str], int] | None = None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Parsed]:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, limits: IngestConfig | None = None) -> Iterator[Parsed]:
     """Parse, validate and clean one file without a store: one ``Parsed`` per record-bearing line.
 
     No deduplication happens here. Used by ``ingest_file`` and by readers such as the drift
@@ -439,7 +446,13 @@ def iter_records(path: str | os.PathLike, cfg: DataConfig | None = None, *,
         FileRejected: the file cannot be read as records at all (encoding, binary, format).
     """
     normalise = Normaliser(cfg or DataConfig(), count_tokens)
-    with FileReader(Path(path), max_line_bytes) as reader:
+    try:
+        opened = open_regular_file(path, follow_symlinks=True)  # a path the operator named
+    except FileRefused as e:
+        raise FileRejected(e.reason) from None
+    except OSError as e:
+        raise FileRejected(f"cannot read the file: {e.strerror or e}") from None
+    with opened, FileReader(opened, max_line_bytes, limits) as reader:
         for line, obj, error in reader:
             if error is None:
                 try:

@@ -9,7 +9,6 @@ raised to a fixed cap (``INGEST_CACHE_KIB``) while a file is ingested.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -17,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from daemon.config import DataConfig
-from pipelines.ingest.formats import DEFAULT_MAX_LINE_BYTES, FileRejected, FileReader
+from daemon.config import DataConfig, IngestConfig
+from pipelines.ingest.formats import DEFAULT_MAX_LINE_BYTES, FileReader, FileRejected
+from pipelines.ingest.opening import FileRefused, OpenedFile, open_regular_file
 from pipelines.ingest.neardup import near_dup_index, near_dup_key, shingle_jaccard
 from pipelines.ingest.records import InvalidRecord, Normaliser, Record, stable_split
 
@@ -45,6 +45,7 @@ class IngestResult:
     file_error: str | None = None                      # whole-file rejection reason
     file_id: int | None = None                         # files.id (None for dry runs and unreadable paths)
     rejects_truncated: bool = False                    # more than MAX_RESULT_REJECTS: see the report / DB
+    changed: bool = False                              # the file changed while read: nothing kept, read it again
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,10 @@ class IngestResult:
 
 class _RollBack(Exception):
     """Raised inside a dry run's transaction so that nothing it wrote is kept."""
+
+
+class _FileChanged(Exception):
+    """Raised inside a file's transaction when the file changed while it was read: nothing is kept."""
 
 
 @contextlib.contextmanager
@@ -87,20 +92,13 @@ def _page_cache(db: "sqlite3.Connection", kib: int) -> Iterator[None]:
         db.execute(f"PRAGMA cache_size = {int(before)}")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _FileIngest:
     """The state of one file's ingest inside its transaction (batches, counts, report)."""
 
     def __init__(self, store: "Store", tx: "sqlite3.Connection", cfg: DataConfig, result: IngestResult,
-                 file_id: int, report, now: float):
+                 file_id: int, report, now: float, max_batch_bytes: int):
         self.store, self.tx, self.cfg, self.result, self.file_id = store, tx, cfg, result, file_id
+        self.max_batch_bytes = max_batch_bytes  # a batch is flushed at BATCH_SIZE records or this many bytes
         self.report = report
         self.now = now
         self.batch: list[tuple[int, Record | None, str | None]] = []
@@ -244,11 +242,12 @@ class _FileIngest:
 def ingest_file(path: str | os.PathLike, store: "Store", cfg: DataConfig, *, source: str = "cli",
                 count_tokens: Callable[[str], int] | None = None, dry_run: bool = False,
                 report_path: str | os.PathLike | None = None,
-                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> IngestResult:
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, limits: IngestConfig | None = None,
+                opened: OpenedFile | None = None) -> IngestResult:
     """Ingest one file into the store in ONE transaction; never raises on bad user data.
 
     Args:
-        path: the file (JSONL, JSON, CSV, TSV or Parquet; see the module docstring).
+        path: the file (JSONL, JSON, CSV, TSV or Parquet; see ``formats.py``).
         store: the state store; records, rejects, the files row and an ``ingest`` event are written.
         cfg: the ``data`` section of the config (limits, cleaning, dedup, holdout share).
         source: 'inbox' or 'cli', stored in ``files.source``.
@@ -257,26 +256,51 @@ def ingest_file(path: str | os.PathLike, store: "Store", cfg: DataConfig, *, sou
         report_path: where to write the JSONL report of duplicates and rejects (atomically, after
             the commit); None = no report file.
         max_line_bytes: longer lines (and JSON array elements) are rejected without being loaded whole.
+        limits: the ``ingest`` section of the config (decoded bytes per cell, batch and file).
+        opened: ``path`` already opened by the caller (the inbox); else it is opened here, without
+            following a symbolic link. Either way every byte is read through that one descriptor.
+
+    Returns a result whose ``changed`` is True (and nothing written) when the file changed while
+    it was read: its writer is not done; ingest it again once it settles.
 
     Raises:
         OSError / sqlite3.Error: only for unwritable state (report folder, database), never for the file.
     """
     path = Path(path)
     result = IngestResult(file=str(path))
+    owned = opened is None
     try:
-        stat = path.stat()
-        sha = _file_sha256(path)
-    except OSError as e:
-        result.file_error = f"cannot read the file: {e.strerror or e}"
+        if opened is None:
+            opened = open_regular_file(path)
+        sha = opened.sha256()
+    except (FileRefused, OSError) as e:
+        if owned and opened is not None:
+            opened.close()
+        result.file_error = e.reason if isinstance(e, FileRefused) else f"cannot read the file: {e.strerror or e}"
         result.rejects = [{"file": result.file, "line": 0, "outcome": "rejected", "reason": result.file_error}]
         return result
+    try:
+        return _ingest_opened(opened, sha, result, store, cfg, source=source, count_tokens=count_tokens,
+                              dry_run=dry_run, report_path=report_path, max_line_bytes=max_line_bytes,
+                              limits=limits or IngestConfig())
+    finally:
+        if owned:
+            opened.close()
+
+
+def _ingest_opened(opened: OpenedFile, sha: str, result: IngestResult, store: "Store", cfg: DataConfig, *,
+                   source: str, count_tokens: Callable[[str], int] | None, dry_run: bool,
+                   report_path: str | os.PathLike | None, max_line_bytes: int,
+                   limits: IngestConfig) -> IngestResult:
+    """``ingest_file`` once the file is open and hashed: one transaction, rolled back if the file changed."""
+    path, stat = opened.path, opened.stat
     report = tmp_report = None
     if report_path is not None and not dry_run:  # fails early (unwritable folder) before any work
         tmp_report = Path(f"{report_path}.tmp")
         report = open(tmp_report, "w", encoding="utf-8")
     reader: FileReader | None = None
     try:
-        reader = FileReader(path, max_line_bytes)
+        reader = FileReader(opened, max_line_bytes, limits)
     except FileRejected as e:
         result.file_error = e.reason
     except BaseException:
@@ -293,13 +317,15 @@ def ingest_file(path: str | os.PathLike, store: "Store", cfg: DataConfig, *, sou
                 "INSERT INTO files (path, name, sha256, size, mtime, source, status, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, 'ingesting', ?)",
                 (str(path.absolute()), path.name, sha, stat.st_size, stat.st_mtime, source, now)).lastrowid
-            work = _FileIngest(store, tx, cfg, result, file_id, report, now)
+            work = _FileIngest(store, tx, cfg, result, file_id, report, now, limits.max_batch_bytes)
             if reader is not None:
                 _read_all(reader, normalise, work, result)
                 work.flush()
                 result.file_error = reader.whole_file_error()
                 if result.file_error is None and result.records_total == 0:
                     result.file_error = "no records: the file holds no lines, rows or array elements"
+            if opened.changed():  # its writer is not done: keep nothing, read it again once it settles
+                raise _FileChanged
             if result.file_error is not None:
                 _reject_whole_file(tx, result, file_id, report)
             status = "rejected" if result.file_error else "done"
@@ -313,6 +339,10 @@ def ingest_file(path: str | os.PathLike, store: "Store", cfg: DataConfig, *, sou
             max_id = tx.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()[0]
         committed = not dry_run
         result.file_id = file_id if committed else None
+    except _FileChanged:
+        changed = IngestResult(file=result.file, changed=True)
+        changed.file_error = "the file changed while it was being read; it is read again once it stops changing"
+        result = changed
     finally:
         if work is not None:
             work.finish(committed, max_id)
@@ -336,18 +366,20 @@ def _read_all(reader: FileReader, normalise: Normaliser, work: _FileIngest, resu
         bar = tqdm(total=reader.size, unit="B", unit_scale=True, desc=reader.path.name, file=sys.stderr,
                    delay=2.0, leave=False)
     try:
-        batch = work.batch
+        batch, batch_bytes = work.batch, 0
         for line, obj, error in reader:
             result.records_total += 1
             record = None
             if error is None:
                 try:
                     record = normalise(obj)
+                    batch_bytes += len(record.payload_json)
                 except InvalidRecord as e:
                     error = str(e)
             batch.append((line, record, error))
-            if len(batch) >= BATCH_SIZE:
+            if len(batch) >= BATCH_SIZE or batch_bytes >= work.max_batch_bytes:
                 work.flush()
+                batch_bytes = 0
                 if bar is not None:
                     bar.update(reader.progress() - bar.n)
     finally:
