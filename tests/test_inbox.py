@@ -36,7 +36,7 @@ def test_candidates(tmp_path):
 
 def test_a_file_is_ready_only_after_it_settles(tmp_path):
     clock = Clock()
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=2.0, clock=clock)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=2.0, clock=clock)
     f = tmp_path / "data.jsonl"
     f.write_text('{"text": "one"}\n')
     w.offer(f)
@@ -54,7 +54,7 @@ def test_a_file_is_ready_only_after_it_settles(tmp_path):
 
 def test_part_files_count_only_once_renamed(tmp_path):
     clock = Clock()
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=0.0, clock=clock)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=0.0, clock=clock)
     part = tmp_path / "upload.jsonl.part"
     part.write_text("{}\n")
     w.offer(part)
@@ -72,7 +72,7 @@ def test_live_watcher_startup_scan_subfolders_and_burst(tmp_path):
     seen: list[Path] = []
     lock = threading.Lock()
 
-    def on_ready(p: Path) -> None:
+    def on_ready(p: Path, settled: os.stat_result) -> None:
         with lock:
             seen.append(p)
         p.rename(p.with_name("." + p.name))  # the handler moves files out of sight, as the daemon does
@@ -102,7 +102,7 @@ def test_live_watcher_startup_scan_subfolders_and_burst(tmp_path):
 
 
 def test_idle_watcher_sleeps(tmp_path):
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=0.1)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=0.1)
     w.start()
     try:
         t0 = time.process_time()
@@ -116,7 +116,7 @@ def test_idle_watcher_sleeps(tmp_path):
 def test_live_watcher_makes_its_own_folders_and_nested_folders_raise_no_watchdog_warning(tmp_path):
     import warnings
 
-    w = InboxWatcher(tmp_path / "inbox", lambda p: None, settle_seconds=0.1)
+    w = InboxWatcher(tmp_path / "inbox", lambda p, st: None, settle_seconds=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         w.start()
