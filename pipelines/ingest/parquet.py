@@ -46,6 +46,7 @@ class ParquetRows:
         self.meta = self.file.metadata
         self.num_rows = self.meta.num_rows
         self._decoded = 0
+        self._plain: "pa.Schema | None" = None  # the batches' schema without dictionaries
 
     def decoded_bytes(self, group: int) -> dict[str, int]:
         """Uncompressed bytes per usable column in row group ``group``, from the metadata."""
@@ -68,7 +69,7 @@ class ParquetRows:
     def rows(self, first_line: int = 1) -> Iterator[tuple[int, dict | None, str | None]]:
         """``(line, row, error)`` for every row, row groups in order; a row group too big to read yields
         one error per row."""
-        line = first_line
+        line, cap = first_line, self.limits.max_file_bytes
         for group in range(self.meta.num_row_groups):
             n = self.meta.row_group(group).num_rows
             problem = self._group_problem(group, n)
@@ -80,8 +81,26 @@ class ParquetRows:
             per_row = max(1, sum(self.decoded_bytes(group).values()) // max(1, n))
             batch_rows = max(1, min(MAX_BATCH_ROWS, self.limits.max_batch_bytes // per_row))
             for batch in self.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=self.columns):
-                yield from self._batch_rows(batch, line)
+                for start, stop, nbytes, error in self._plan(batch):
+                    self._decoded += nbytes
+                    if error is None and self._decoded > cap:
+                        error = f"not read: the file's rows decode to over ingest.max_file_bytes={cap}"
+                    if error is not None:
+                        for i in range(start, stop):
+                            yield line + i, None, error
+                        continue
+                    rows = self._decode(batch.slice(start, stop - start)).to_pylist()
+                    for i, row in enumerate(rows, line + start):
+                        yield i, row, None
                 line += batch.num_rows
+
+    def _decode(self, part: "pa.RecordBatch") -> "pa.RecordBatch":
+        """The rows with their dictionaries expanded (checked to fit first): to_pylist is 5x faster on them."""
+        import pyarrow as pa
+
+        if self._plain is None:
+            self._plain = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable) for f in part.schema])
+        return part.cast(self._plain)
 
     def _group_problem(self, group: int, n: int) -> str | None:
         cap = self.limits.max_cell_bytes
@@ -91,39 +110,33 @@ class ParquetRows:
                         f"{n} rows, so some cell is over ingest.max_cell_bytes={cap}")
         return None
 
-    def _batch_rows(self, batch: "pa.RecordBatch", line: int) -> Iterator[tuple[int, dict | None, str | None]]:
-        """Reject oversized cells, then build Python rows in slices of at most max_batch_bytes."""
+    def _plan(self, batch: "pa.RecordBatch") -> list[tuple[int, int, int, str | None]]:
+        """``(start, stop, decoded bytes, error)``: slices of rows to turn into Python objects, each under
+        max_batch_bytes, and single rows rejected for an oversized cell; computed from lengths alone."""
         limits = self.limits
         sizes = {name: cell_bytes(batch.column(name)) for name in batch.schema.names}
         row_bytes = sum(sizes.values())
         too_big = {i: name for name, s in sizes.items() for i in (s > limits.max_cell_bytes).nonzero()[0].tolist()}
-        start, acc = 0, 0
+        total = int(row_bytes.sum())
+        if not too_big and total <= limits.max_batch_bytes:  # the usual case: one slice
+            return [(0, batch.num_rows, total, None)]
+        plan, start, acc = [], 0, 0
         for i in range(batch.num_rows):
             name = too_big.get(i)
-            if name is not None:
-                yield from self._slice_rows(batch, start, i, line, row_bytes)
-                yield line + i, None, (f"column {name!r} is {int(sizes[name][i])} bytes, over "
-                                       f"ingest.max_cell_bytes={limits.max_cell_bytes}")
-                start, acc = i + 1, 0
-                continue
-            if acc + int(row_bytes[i]) > limits.max_batch_bytes and i > start:
-                yield from self._slice_rows(batch, start, i, line, row_bytes)
+            size = int(row_bytes[i])
+            if name is not None or (acc + size > limits.max_batch_bytes and i > start):
+                if i > start:
+                    plan.append((start, i, acc, None))
                 start, acc = i, 0
-            acc += int(row_bytes[i])
-        yield from self._slice_rows(batch, start, batch.num_rows, line, row_bytes)
-
-    def _slice_rows(self, batch: "pa.RecordBatch", start: int, stop: int, line: int,
-                    row_bytes: "np.ndarray") -> Iterator[tuple[int, dict | None, str | None]]:
-        if stop <= start:
-            return
-        self._decoded += int(row_bytes[start:stop].sum())
-        if self._decoded > self.limits.max_file_bytes:
-            for i in range(start, stop):
-                yield line + i, None, (f"not read: the file's rows decode to over ingest.max_file_bytes="
-                                       f"{self.limits.max_file_bytes}")
-            return
-        for i, row in enumerate(batch.slice(start, stop - start).to_pylist(), start):
-            yield line + i, row, None
+            if name is not None:
+                plan.append((i, i + 1, 0, f"column {name!r} is {int(sizes[name][i])} bytes, over "
+                                          f"ingest.max_cell_bytes={limits.max_cell_bytes}"))
+                start = i + 1
+                continue
+            acc += size
+        if batch.num_rows > start:
+            plan.append((start, batch.num_rows, acc, None))
+        return plan
 
 
 def cell_bytes(array: Any) -> "np.ndarray":
@@ -155,3 +168,17 @@ def cell_bytes(array: Any) -> "np.ndarray":
         return out
     width = t.bit_width // 8 if pa.types.is_primitive(t) and t.bit_width >= 8 else 8
     return np.full(n, width, dtype=np.int64)
+
+
+def _plain_type(t: Any) -> Any:
+    """An Arrow type with every dictionary replaced by its value type (nested ones too)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _plain_type(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        make = pa.list_ if pa.types.is_list(t) else pa.large_list
+        return make(pa.field(t.value_field.name, _plain_type(t.value_type), t.value_field.nullable))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _plain_type(f.type), f.nullable) for f in t])
+    return t
