@@ -133,12 +133,15 @@ class InboxWatcher:
             after the next change).
         settle_seconds: how long size and mtime must stay unchanged.
         clock: monotonic clock, injectable for tests.
+        on_refused: told of each entry refused (and moved aside or logged), with the reason; e.g. to count it.
     """
 
-    def __init__(self, root: str | os.PathLike, on_ready: Callable[[Path], None], *, settle_seconds: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, root: str | os.PathLike, on_ready: Callable[[Path, os.stat_result], None], *,
+                 settle_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 on_refused: Callable[[Path, str], None] | None = None):
         self.root = Path(root).resolve()
         self.on_ready = on_ready
+        self.on_refused = on_refused
         self.settle_seconds = settle_seconds
         self.clock = clock
         self._pending: dict[Path, tuple[os.stat_result, float]] = {}  # path -> (its lstat, stable since)
@@ -180,6 +183,8 @@ class InboxWatcher:
         if set_aside(self.root, path, reason) is None:
             with self._cond:
                 self._refused.add(path)
+        if self.on_refused is not None:
+            self.on_refused(path, reason)
 
     def scan(self) -> int:
         """Offer every file already in the inbox (startup, or after a missed burst). Returns how many."""

@@ -327,7 +327,8 @@ class Daemon:
                                    on_monthly_refresh=self._monthly_refresh)
         self.scheduler.start()
         self._catch_up_monthly()
-        self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds)
+        self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds,
+                                  on_refused=lambda path, reason: self.metrics.inbox_files.labels("rejected").inc())
         self.inbox.start()
 
     def _monthly_refresh(self) -> None:
@@ -367,6 +368,7 @@ class Daemon:
                 return  # vanished: the watcher offers it again if it comes back
             except (FileRefused, OSError) as e:  # swapped for a link or a FIFO after it settled, or unreadable
                 set_aside(inbox, path, e.reason if isinstance(e, FileRefused) else f"cannot read the file: {e}")
+                self.metrics.inbox_files.labels("rejected").inc()
                 return
             with opened:
                 if settled is not None and not opened.is_settled_as(settled):

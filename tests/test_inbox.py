@@ -128,3 +128,22 @@ def test_live_watcher_makes_its_own_folders_and_nested_folders_raise_no_watchdog
         finally:
             w.stop()
     assert not [c for c in caught if "already exists" in str(c.message)]
+
+
+def test_live_watcher_sets_links_and_fifos_aside_as_they_arrive(tmp_path):
+    inbox = tmp_path / "inbox"
+    refused: list[str] = []
+    w = InboxWatcher(inbox, on_ready=lambda p, st: None, settle_seconds=0.1,
+                     on_refused=lambda p, reason: refused.append(p.name))
+    w.start()
+    try:
+        os.mkfifo(inbox / "pipe.jsonl")
+        (inbox / "link.jsonl").symlink_to(tmp_path)
+        deadline = time.monotonic() + 10
+        while len(refused) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert sorted(refused) == ["link.jsonl", "pipe.jsonl"]
+    assert sorted(p.name for p in (inbox / ".rejected").iterdir()) == [
+        "link.jsonl", "link.jsonl.rejects.jsonl", "pipe.jsonl", "pipe.jsonl.rejects.jsonl"]

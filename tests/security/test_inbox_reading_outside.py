@@ -101,7 +101,9 @@ def test_links_fifos_and_unusable_names_are_set_aside_once_with_a_reason(tmp_pat
     long_name = "n" * 245 + ".jsonl"  # fits the file system, not with '.rejects.jsonl' after it
     (inbox / long_name).write_text('{"text": "x"}\n')
     (inbox / "good.jsonl").write_text('{"text": "x"}\n')
-    watcher = InboxWatcher(inbox, lambda p, st: None, settle_seconds=0.0, clock=lambda: 0.0)
+    told = []
+    watcher = InboxWatcher(inbox, lambda p, st: None, settle_seconds=0.0, clock=lambda: 0.0,
+                           on_refused=lambda path, reason: told.append(reason))
     with caplog.at_level(logging.WARNING, logger="lorad.inbox"):
         watcher.scan()
         watcher.scan()  # a second pass finds nothing left to refuse
@@ -113,3 +115,4 @@ def test_links_fifos_and_unusable_names_are_set_aside_once_with_a_reason(tmp_pat
         assert expected in reasons
     refused = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refused) == 4, "one log line per refused entry, not one per scan"
+    assert len(told) == 4, "the daemon is told of each (it counts them as rejected inbox files)"
