@@ -164,6 +164,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """Memory bounds for reading one data file (a small compressed file must not decode into gigabytes)."""
+
+    max_cell_bytes: int = _f(1 << 20, "a Parquet cell larger than this when decoded is rejected (1 MiB: 16x the "
+                             "largest LawBench field, far over the token limits)", ge=1024)
+    max_batch_bytes: int = _f(64 << 20, "decoded bytes turned into records at a time; bounds memory per batch",
+                              ge=1 << 20)
+    max_file_bytes: int = _f(4 << 30, "decoded bytes per file (on disk for text, from the metadata and while "
+                             "reading for Parquet); a larger file is rejected: split it", ge=1 << 20)
+
+
+@dataclass(frozen=True)
 class DriftConfig:
     """The statistical test deciding whether new data differs from what the champion knows."""
 
@@ -314,6 +326,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -395,6 +408,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one field."""
     problems = []
     d = cfg.data
+    if cfg.ingest.max_cell_bytes > cfg.ingest.max_batch_bytes:
+        problems.append(f"ingest.max_cell_bytes ({cfg.ingest.max_cell_bytes}) must be at most ingest.max_batch_bytes "
+                        f"({cfg.ingest.max_batch_bytes}): one cell must fit in a batch")
     if d.max_seq_len < min(d.max_prompt_tokens, d.max_response_tokens):
         problems.append(f"data.max_seq_len ({d.max_seq_len}) must be at least min(data.max_prompt_tokens, "
                         f"data.max_response_tokens) = {min(d.max_prompt_tokens, d.max_response_tokens)}")

@@ -327,7 +327,8 @@ class Daemon:
                                    on_monthly_refresh=self._monthly_refresh)
         self.scheduler.start()
         self._catch_up_monthly()
-        self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds)
+        self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds,
+                                  on_refused=lambda path, reason: self.metrics.inbox_files.labels("rejected").inc())
         self.inbox.start()
 
     def _monthly_refresh(self) -> None:
@@ -347,43 +348,59 @@ class Daemon:
             log.info("running the monthly refresh missed during downtime", extra={"fire_time": missed.isoformat()})
             self._monthly_refresh()
 
-    def ingest_inbox_file(self, path: Path) -> None:
-        """Ingest one complete inbox file, then move it to .done/ (or .rejected/) with its report."""
+    def ingest_inbox_file(self, path: Path, settled: os.stat_result | None = None) -> None:
+        """Ingest one complete inbox file, then move it to .done/ (or .rejected/) with its report.
+
+        The file is opened once (no links, never blocking on a FIFO) and hashed and read only through
+        that descriptor; ``settled`` is the watcher's lstat, so a file swapped in after it settled is not read.
+        """
         import shutil
 
-        from daemon.inbox import DONE, REJECTED, REPORTS
-        from daemon.registry import sha256_file
-        from pipelines.ingest import ingest_file
+        from daemon.inbox import DONE, REJECTED, REPORTS, set_aside, staged_name, unique_path
+        from pipelines.ingest import FileRefused, ingest_file, open_regular_file
 
         inbox = Path(self.cfg.paths.inbox).resolve()
         rel = path.relative_to(inbox)
         with self._ingest_lock:
             try:
-                sha = sha256_file(path)
-            except OSError:
-                return  # vanished or unreadable: the watcher offers it again if it comes back
-            done = self.store.query_one("SELECT status FROM files WHERE path = ? AND sha256 = ? AND source = 'inbox' "
-                                        "ORDER BY id DESC LIMIT 1", (str(path), sha))
-            if done is None:
-                staging = inbox / DONE / REPORTS
-                staging.mkdir(parents=True, exist_ok=True)
-                report = staging / f"{rel.as_posix().replace('/', '__')}.rejects.jsonl"
-                # Ingest has its own connection: its one long transaction per file must not hold the lock that
-                # the server's status reads and the job runner share (WAL lets them read meanwhile).
-                if self._ingest_store is None:
-                    self._ingest_store = open_store(self.state_dir, clock=self.clock)
-                result = ingest_file(path, self._ingest_store, self.cfg.data, source="inbox", report_path=report)
-                status = "rejected" if result.file_error else "done"
-                m = self.metrics
-                m.inbox_files.labels(status).inc()
-                m.ingest_records.labels("accepted").inc(result.accepted)
-                m.ingest_records.labels("duplicate").inc(result.duplicates)
-                m.ingest_records.labels("rejected").inc(result.rejected)
-                m.records_pending.set(self.store.counts()["records_pending"])
-                log.info("ingested inbox file", extra={"file": str(rel), **result.counts()})
-            else:
-                status, report = done["status"], None  # ingested before a crash; only the move was missing
-            dest = _unique(inbox / (REJECTED if status == "rejected" else DONE) / rel)
+                opened = open_regular_file(path, root=inbox)
+            except FileNotFoundError:
+                return  # vanished: the watcher offers it again if it comes back
+            except (FileRefused, OSError) as e:  # swapped for a link or a FIFO after it settled, or unreadable
+                set_aside(inbox, path, e.reason if isinstance(e, FileRefused) else f"cannot read the file: {e}")
+                self.metrics.inbox_files.labels("rejected").inc()
+                return
+            with opened:
+                if settled is not None and not opened.is_settled_as(settled):
+                    return self._offer_again(path)  # replaced or written since it settled: let it settle again
+                sha = opened.sha256()
+                done = self.store.query_one("SELECT status FROM files WHERE path = ? AND sha256 = ? AND "
+                                            "source = 'inbox' ORDER BY id DESC LIMIT 1", (str(path), sha))
+                if done is None:
+                    staging = inbox / DONE / REPORTS
+                    staging.mkdir(parents=True, exist_ok=True)
+                    report = staging / f"{staged_name(inbox, path)}.rejects.jsonl"
+                    # Ingest has its own connection: its one long transaction per file must not hold the lock that
+                    # the server's status reads and the job runner share (WAL lets them read meanwhile).
+                    if self._ingest_store is None:
+                        self._ingest_store = open_store(self.state_dir, clock=self.clock)
+                    result = ingest_file(path, self._ingest_store, self.cfg.data, source="inbox", report_path=report,
+                                         limits=self.cfg.ingest, opened=opened)
+                    if result.changed:
+                        return self._offer_again(path)  # its writer is not done: nothing was kept
+                    status = "rejected" if result.file_error else "done"
+                    m = self.metrics
+                    m.inbox_files.labels(status).inc()
+                    m.ingest_records.labels("accepted").inc(result.accepted)
+                    m.ingest_records.labels("duplicate").inc(result.duplicates)
+                    m.ingest_records.labels("rejected").inc(result.rejected)
+                    m.records_pending.set(self.store.counts()["records_pending"])
+                    log.info("ingested inbox file", extra={"file": str(rel), **result.counts()})
+                else:
+                    status, report = done["status"], None  # ingested before a crash; only the move was missing
+                if opened.changed():  # written after it was read: the new lines are read with it next time
+                    return self._offer_again(path)
+            dest = unique_path(inbox / (REJECTED if status == "rejected" else DONE) / rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), dest)
             if report is not None and report.exists():
@@ -393,6 +410,12 @@ class Daemon:
                            "AND sha256 = ?)", (str(dest), str(path), sha))
         if self.runner is not None and status == "done":
             self.runner.request("drift")
+
+    def _offer_again(self, path: Path) -> None:
+        """Hand a file back to the watcher to settle again (it changed while it was being read)."""
+        log.info("inbox file changed while it was read; reading it again once it settles", extra={"file": str(path)})
+        if self.inbox is not None:
+            self.inbox.offer(path)
 
     def _promote(self, version: str, reason: str) -> dict:
         """Make a candidate the champion and serve it: preload first, so an adapter that fails to load
@@ -513,17 +536,6 @@ def _refuse_corrupt(store: Store) -> None:
         raise StoreError(f"state database {store.path} is corrupt ({problem[:300]}); lorad will not run on it. "
                          f"Stop, move it aside and restore a backup (`sqlite3 lorad.db .recover` may save what "
                          f"is readable)")
-
-
-def _unique(path: Path) -> Path:
-    """``path``, or ``path`` with a numeric suffix when a file of that name was already moved there."""
-    if not path.exists():
-        return path
-    for i in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}.{i}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"too many files named {path.name} in {path.parent}")
 
 
 def _version() -> str:

@@ -36,7 +36,7 @@ def test_candidates(tmp_path):
 
 def test_a_file_is_ready_only_after_it_settles(tmp_path):
     clock = Clock()
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=2.0, clock=clock)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=2.0, clock=clock)
     f = tmp_path / "data.jsonl"
     f.write_text('{"text": "one"}\n')
     w.offer(f)
@@ -54,7 +54,7 @@ def test_a_file_is_ready_only_after_it_settles(tmp_path):
 
 def test_part_files_count_only_once_renamed(tmp_path):
     clock = Clock()
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=0.0, clock=clock)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=0.0, clock=clock)
     part = tmp_path / "upload.jsonl.part"
     part.write_text("{}\n")
     w.offer(part)
@@ -72,7 +72,7 @@ def test_live_watcher_startup_scan_subfolders_and_burst(tmp_path):
     seen: list[Path] = []
     lock = threading.Lock()
 
-    def on_ready(p: Path) -> None:
+    def on_ready(p: Path, settled: os.stat_result) -> None:
         with lock:
             seen.append(p)
         p.rename(p.with_name("." + p.name))  # the handler moves files out of sight, as the daemon does
@@ -102,7 +102,7 @@ def test_live_watcher_startup_scan_subfolders_and_burst(tmp_path):
 
 
 def test_idle_watcher_sleeps(tmp_path):
-    w = InboxWatcher(tmp_path, on_ready=lambda p: None, settle_seconds=0.1)
+    w = InboxWatcher(tmp_path, on_ready=lambda p, st: None, settle_seconds=0.1)
     w.start()
     try:
         t0 = time.process_time()
@@ -116,7 +116,7 @@ def test_idle_watcher_sleeps(tmp_path):
 def test_live_watcher_makes_its_own_folders_and_nested_folders_raise_no_watchdog_warning(tmp_path):
     import warnings
 
-    w = InboxWatcher(tmp_path / "inbox", lambda p: None, settle_seconds=0.1)
+    w = InboxWatcher(tmp_path / "inbox", lambda p, st: None, settle_seconds=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         w.start()
@@ -128,3 +128,22 @@ def test_live_watcher_makes_its_own_folders_and_nested_folders_raise_no_watchdog
         finally:
             w.stop()
     assert not [c for c in caught if "already exists" in str(c.message)]
+
+
+def test_live_watcher_sets_links_and_fifos_aside_as_they_arrive(tmp_path):
+    inbox = tmp_path / "inbox"
+    refused: list[str] = []
+    w = InboxWatcher(inbox, on_ready=lambda p, st: None, settle_seconds=0.1,
+                     on_refused=lambda p, reason: refused.append(p.name))
+    w.start()
+    try:
+        os.mkfifo(inbox / "pipe.jsonl")
+        (inbox / "link.jsonl").symlink_to(tmp_path)
+        deadline = time.monotonic() + 10
+        while len(refused) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert sorted(refused) == ["link.jsonl", "pipe.jsonl"]
+    assert sorted(p.name for p in (inbox / ".rejected").iterdir()) == [
+        "link.jsonl", "link.jsonl.rejects.jsonl", "pipe.jsonl", "pipe.jsonl.rejects.jsonl"]

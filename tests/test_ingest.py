@@ -231,7 +231,7 @@ def test_bom_crlf_control_characters_whitespace_and_strip_patterns(tmp_path, sto
 
 
 def test_json_array_is_streamed_across_chunk_boundaries(tmp_path, store, monkeypatch):
-    monkeypatch.setattr(ing, "READ_CHUNK", 7)  # every element and number spans several reads
+    monkeypatch.setattr(ing.formats, "READ_CHUNK", 7)  # every element and number spans several reads
     rows = [{"prompt": f"p{i} 中文", "completion": f"c{i}", "category": "x", "n": 12345678901234567890}
             for i in range(30)]
     path = write(tmp_path, "arr.json", json.dumps(rows, ensure_ascii=False, indent=2))
@@ -313,6 +313,30 @@ def test_parquet_by_batches_with_categories_chats_and_nulls(tmp_path, store):
     assert ingest_file(tmp_path / "useless.parquet", store, NO_NEAR).file_error.startswith(
         "the Parquet schema has no usable columns")
 
+
+
+def test_parquet_limits_on_decoded_bytes_per_cell_batch_and_file(tmp_path, store):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from daemon.config import IngestConfig
+
+    rows = {"prompt": [f"question {i} " + "x" * 3000 for i in range(40)], "completion": ["answer"] * 40}
+    rows["prompt"][5] = "y" * 5000  # one cell over the limit below; written plainly, no dictionary
+    path = tmp_path / "plain.parquet"
+    pq.write_table(pa.table(rows), path, use_dictionary=False, row_group_size=20)
+    small = IngestConfig(max_cell_bytes=4096, max_batch_bytes=10_000)  # a batch holds ~3 rows: many slices
+    r = ingest_file(path, store, NO_NEAR, limits=small)
+    counts_add_up(r)
+    assert (r.records_total, r.accepted, r.rejected) == (40, 39, 1)
+    assert r.rejects[0]["line"] == 6 and "column 'prompt' is 5000 bytes, over ingest.max_cell_bytes=4096" in \
+        r.rejects[0]["reason"]
+    big = tmp_path / "big.parquet"  # every cell over the limit: the metadata shows it, nothing is decoded
+    pq.write_table(pa.table({"text": ["z" * 9000] * 3}), big, use_dictionary=False)
+    r = ingest_file(big, store, NO_NEAR, limits=small)
+    assert r.rejected == 3 and all("of Parquet row group 0 decodes to" in e["reason"] for e in r.rejects)
+    r = ingest_file(big, store, NO_NEAR, limits=IngestConfig(max_file_bytes=20_000))
+    assert "over ingest.max_file_bytes=20000" in r.file_error
 
 WHOLE_FILE_REJECTIONS = [
     ("utf16.jsonl", jsonl([{"input": "a", "output": "b"}]).encode("utf-16"), "the file is UTF-16"),
@@ -400,7 +424,7 @@ def test_estimate_tokens_counts_cjk_per_character():
 
 
 def test_exact_duplicates_across_files_and_batches(tmp_path, store, monkeypatch):
-    monkeypatch.setattr(ing, "BATCH_SIZE", 3)
+    monkeypatch.setattr(ing.write, "BATCH_SIZE", 3)
     rows = [{"input": f"q{i}", "output": "a"} for i in range(5)]
     a = write(tmp_path, "a.jsonl", jsonl(rows + [rows[0]]))  # line 6 repeats line 1, in another batch
     r = ingest_file(a, store, NO_NEAR)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from daemon.config import DataConfig
 from daemon.store import open_store
 from pipelines import ingest as ing
+from pipelines.ingest import records
 
 # Computed by the code before the fast paths (json.JSONEncoder over the payload dict, then sha256).
 PINNED = [
@@ -40,7 +41,7 @@ PINNED = [
 def test_content_hashes_are_pinned(obj, content_hash):
     record = ing.Normaliser(DataConfig())(obj)
     assert record.content_hash == content_hash
-    assert record.payload_json == ing._ENCODE(record.payload)
+    assert record.payload_json == records._ENCODE(record.payload)
 
 
 TEXT = st.text(max_size=40) | st.sampled_from(["", " ", "\u200b", "\ufeff", "\r\n", "a\x00b", "法院", "🙂", "\\", '"',
@@ -61,7 +62,7 @@ def test_stored_json_and_hash_follow_their_definition(obj):
     for cfg in (DataConfig(), DataConfig(min_response_chars=0, max_prompt_tokens=3, max_response_tokens=2)):
         try:
             record = ing.Normaliser(cfg)(obj)
-        except ing._Invalid:
+        except ing.InvalidRecord:
             continue
         assert record.payload_json == json.dumps(record.payload, ensure_ascii=False, separators=(",", ":"))
         assert record.content_hash == hashlib.sha256(record.payload_json.encode("utf-8")).hexdigest()
@@ -72,7 +73,7 @@ def test_stored_json_and_hash_follow_their_definition(obj):
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.characters(exclude_categories=("Cs",))))
 def test_json_piece_matches_json_and_the_token_estimate(text):
-    literal, utf8, tokens = ing._json_piece(text)
+    literal, utf8, tokens = records._json_piece(text)
     assert literal == json.dumps([text], ensure_ascii=False)[1:-1]  # through the encoder, not its string helper
     assert utf8 == literal.encode("utf-8")
     assert tokens == ing.estimate_tokens(text)
@@ -81,7 +82,7 @@ def test_json_piece_matches_json_and_the_token_estimate(text):
 def test_printable_text_has_nothing_for_the_cleaner_to_remove():
     """The cleaner skips its control-character, \\r and line steps for printable text: that must lose nothing."""
     every_char = "".join(chr(c) for c in range(0x110000))
-    removed = set(ing._CONTROL.findall(every_char)) | {"\r", "\n"}
+    removed = set(records._CONTROL.findall(every_char)) | {"\r", "\n"}
     assert not [hex(ord(c)) for c in removed if c.isprintable()]
 
 
