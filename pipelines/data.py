@@ -28,7 +28,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from daemon.config import DataConfig
+from daemon.config import DataConfig, parse_category_weights  # noqa: F401 -- train.py reads it here
 from daemon.store import FAILED_SNAPSHOTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -415,23 +415,6 @@ def pack(examples: Sequence[dict], max_seq_len: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- training options
-
-
-def parse_category_weights(items: Sequence[str]) -> dict[str, float]:
-    """``["contract=2", "chat=0.5"]`` -> {"contract": 2.0, "chat": 0.5}; raises ValueError naming the bad item."""
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = str(item).rpartition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = float("nan")
-        if not sep or not name.strip() or not weight >= 0 or weight == float("inf"):
-            raise ValueError(f"category weight {item!r} must look like 'category=weight' with a weight >= 0")
-        if name.strip() in out:
-            raise ValueError(f"category {name.strip()!r} is weighted twice")
-        out[name.strip()] = weight
-    return out
 
 
 def difficulty_stages(losses: Sequence[float], stages: int) -> list[int]:
