@@ -24,12 +24,12 @@ sha256, the settings, the sizes and the time taken. Heavy libraries are imported
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from pipelines.files import atomic_dir
 
 FORMATS = ("merged", "bnb4", "onnx")
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
@@ -81,29 +81,7 @@ def _atomic_folder(final: Path, write: Callable[[Path], dict], *, force: bool) -
     final = Path(final)
     if final.exists() and not force:
         raise ExportError(f"export folder {final} already exists; remove it, choose another --out, or pass --force")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        out = write(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return out
+    return atomic_dir(final, write)
 
 
 def _torch_dtype(name: str) -> Any:

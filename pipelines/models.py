@@ -15,13 +15,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import pathlib
 import re
 import shutil
-import tempfile
 import time
 from typing import Any
+
+from pipelines.files import atomic_dir, leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -204,22 +204,10 @@ def _cached_gguf_conversion(gguf_path: pathlib.Path, cache_dir: pathlib.Path) ->
             if _is_complete(target, fingerprint):
                 return target
             # We hold the lock, so temp dirs for this key are leftovers of a crashed conversion.
-            for leftover in models_dir.glob(f".{key}.*"):
+            for leftover in leftovers(target):
                 shutil.rmtree(leftover, ignore_errors=True)
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=models_dir))
-            try:
-                _convert_gguf(gguf_path, tmp, fingerprint)
-                _fsync_tree(tmp)
-                if target.exists():
-                    # A stale entry (older format, or incomplete from a pre-lock version): move it
-                    # aside first, since os.replace cannot overwrite a non-empty directory.
-                    stale = models_dir / f".{key}.stale-{os.getpid()}"
-                    os.replace(target, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-                os.replace(tmp, target)
-                _fsync_dir(models_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            # A stale entry (older format, or incomplete from a pre-lock version) is replaced.
+            atomic_dir(target, lambda tmp: _convert_gguf(gguf_path, tmp, fingerprint))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
@@ -273,27 +261,6 @@ def _convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, fingerprint: s
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("converted %s in %.1f s", gguf_path, manifest["conversion_seconds"])
-
-
-def _fsync_tree(root: pathlib.Path) -> None:
-    # Data must reach the disk before the rename publishes the directory, or a power cut could
-    # leave a complete-looking entry with empty files.
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

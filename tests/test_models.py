@@ -578,7 +578,7 @@ def test_gguf_crash_mid_conversion_leaves_no_entry_then_recovers(tiny_gguf, tmp_
 
     # A kill -9 leaves its temp dir behind; a stale entry without manifest may exist from older code.
     key = models._cache_key(tiny_gguf, models._gguf_fingerprint(tiny_gguf))
-    (cache / "models" / f".{key}.tmp-dead").mkdir()
+    (cache / "models" / f".tmp-{key}-dead").mkdir()
     (cache / "models" / key).mkdir()
     (cache / "models" / key / "model.safetensors").write_bytes(b"stale")
 
@@ -586,6 +586,7 @@ def test_gguf_crash_mid_conversion_leaves_no_entry_then_recovers(tiny_gguf, tmp_
     model_dir = models.resolve_base_model(str(tiny_gguf), cache)
     assert model_dir.name == key
     assert_complete_cache_entry(model_dir, tiny_gguf)
+    assert not (cache / "models" / f".tmp-{key}-dead").exists()
 
 
 def test_gguf_concurrent_resolves_convert_once(tiny_gguf, tmp_path, monkeypatch):
