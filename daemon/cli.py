@@ -257,7 +257,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daemon.store import ensure_state_dir
-    from pipelines.models import ModelLoadError, resolve_base_model
+    from pipelines.model_source import ModelLoadError, resolve_base_model
 
     cfg = _load(args)
     cache = ensure_state_dir(cfg.paths.state_dir) / "cache"

@@ -310,7 +310,7 @@ def export_version(store: Any, cfg: Any, version: str, fmt: str, *, out: Path | 
     Default folder: ``<state>/exports/<version>-<format>``.
     """
     from daemon import registry
-    from pipelines.models import ModelLoadError, resolve_base_model
+    from pipelines.model_source import ModelLoadError, resolve_base_model
 
     if version == "champion":
         champion = registry.champion(store)

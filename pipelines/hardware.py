@@ -282,7 +282,7 @@ def resolve_config(cfg: Any, hw: Hardware | None = None, shape: ModelShape | Non
     if hw is None:
         hw = detect_hardware(m.device)
     if shape is None:
-        from pipelines.models import resolve_base_model
+        from pipelines.model_source import resolve_base_model
 
         try:
             source = resolve_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", revision=m.revision or None)
