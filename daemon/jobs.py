@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable
 
 from daemon import registry
 from daemon.config import Config
-from daemon.store import FAILED_SNAPSHOTS, Store
+from daemon.snapshots import pending_payloads
+from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
 
 log = logging.getLogger("lorad.jobs")
@@ -209,7 +210,7 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
                        holdout_file: str | None = None) -> dict:
     """Score candidate vs incumbent, decide with the pure policy, record the report and the decision."""
     from daemon.policy import should_promote
-    from pipelines.data import snapshot_payloads
+    from daemon.snapshots import snapshot_payloads
     from pipelines.evaluate import EvalError, evaluate, load_regression_set
     from pipelines.models import load_base_model
 
@@ -281,14 +282,6 @@ def write_jsonl(path: Path, payloads: Iterable[dict]) -> int:
     return n
 
 
-def pending_payloads(store: Store, limit: int | None = None) -> list[dict]:
-    """Train-split records not yet trained on (not 'new' in any snapshot), oldest first."""
-    sql = ("SELECT r.payload FROM records r WHERE r.split = 'train' AND NOT EXISTS (SELECT 1 FROM snapshot_records s "
-           f"WHERE s.record_id = r.id AND s.role = 'new' AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")
-    rows = store.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
-    return [json.loads(r["payload"]) for r in rows]
-
-
 def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, list[dict]]:
     """What the champion learned (its snapshot's training records, reservoir-capped).
 
@@ -298,7 +291,7 @@ def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, l
     import random
 
     from daemon import registry
-    from pipelines.data import snapshot_payloads
+    from daemon.snapshots import snapshot_payloads
 
     champ = registry.champion(store)
     payloads: list[dict] = []
@@ -534,7 +527,8 @@ class JobRunner:
     def cycle(self, trigger: str) -> dict:
         """One pass of the loop for a trigger; returns what happened (also recorded as events)."""
         from daemon.policy import should_train
-        from pipelines.data import NothingToSnapshot, build_snapshot, snapshot_payloads
+        from daemon.snapshots import build_snapshot, snapshot_payloads
+        from pipelines.data import NothingToSnapshot
 
         folder = runs_dir(self.cfg) / time.strftime("cycle-%Y%m%d-%H%M%S", time.gmtime(self.clock()))
         folder = folder.with_name(folder.name + "-" + secrets.token_hex(2))

@@ -139,12 +139,6 @@ MIGRATIONS: list[str] = [
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Snapshots whose every training run failed give their records back: those records were never learned.
-# Use as `... s.snapshot_id NOT IN (FAILED_SNAPSHOTS)` wherever "already trained on" is decided.
-FAILED_SNAPSHOTS = ("SELECT snapshot_id FROM runs WHERE snapshot_id IS NOT NULL GROUP BY snapshot_id "
-                    "HAVING SUM(status != 'failed') = 0")
-
-
 class StoreError(RuntimeError):
     """The state database cannot be used (corrupt, newer schema, unwritable)."""
 
@@ -295,10 +289,9 @@ class Store:
         out = {}
         for table in ("files", "records", "snapshots", "runs", "adapters", "events"):
             out[table] = self.query_one(f"SELECT COUNT(*) FROM {table}")[0]
-        out["records_pending"] = self.query_one(
-            "SELECT COUNT(*) FROM records r WHERE r.split = 'train' AND NOT EXISTS "
-            "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
-            f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS}))")[0]
+        from daemon.snapshots import pending_sql
+
+        out["records_pending"] = self.query_one(*pending_sql("COUNT(*)"))[0]
         return out
 
 

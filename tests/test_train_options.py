@@ -14,8 +14,8 @@ import torch
 from daemon.config import ConfigError, DataConfig, TrainConfig, build_config, parse_category_weights
 from daemon.store import Store
 from pipelines import train as T
-from pipelines.data import (annotate_examples, build_snapshot, difficulty_stages, domain_floor,
-                            plan_snapshot, snapshot_payloads, stage_schedule)
+from daemon.snapshots import build_snapshot, plan_snapshot, snapshot_payloads
+from pipelines.data import annotate_examples, difficulty_stages, domain_floor, stage_schedule
 from pipelines.ingest import ingest_file
 
 FAST = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-2, micro_batch_size=2,
