@@ -413,7 +413,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from daemon.registry import AdapterError
     from daemon.store import DB_NAME, open_store
-    from pipelines.export import ExportError, export_version
+    from daemon.exports import export_version
+    from pipelines.export import ExportError
 
     cfg = _load(args)
     if not (Path(cfg.paths.state_dir) / DB_NAME).exists():
