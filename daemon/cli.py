@@ -286,7 +286,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_drift(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from monitors.features import cli_drift
+    from daemon.drift_check import cli_drift
 
     cfg = _load(args)
     if args.current is None and not args.warm:

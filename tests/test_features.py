@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.config import build_config
+from daemon.drift_check import cli_drift, read_records
 from monitors.features import (
     DESCRIPTOR_NAMES,
     FeatureMismatchError,
@@ -18,11 +19,9 @@ from monitors.features import (
     _batches,
     _truncate,
     char_class_shares,
-    cli_drift,
     encode_records,
     featurize,
     normalise_record,
-    read_records,
 )
 
 WORDS = ("what is the law about contracts a tenant must pay rent court decided case "

@@ -1,0 +1,200 @@
+"""``lorad drift``: featurize a reference and a current data file with the champion, test, report.
+
+The daemon's drift check runs this in a subprocess (daemon/jobs.py); the features are monitors/features.py's
+and the test monitors/drift.py's. The reference window's features are cached under
+``<state>/cache/drift-features``, keyed by everything they depend on, so a check featurizes only the
+new records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from monitors.drift import detect_drift
+from monitors.features import FEATURES_VERSION, Features, _native_bf16_cpu, featurize, normalise_record
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    """Minimal JSONL reader used when pipelines.ingest is unavailable; names the bad line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            try:
+                yield normalise_record(obj)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+
+
+def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], list[str]]:
+    """Records of a data file, parsed and validated exactly as ingest does, plus the rejected lines.
+
+    Uses ``pipelines.ingest.iter_records`` (every format and shape ingest accepts, same
+    cleaning); falls back to a plain JSONL reader when that module is unavailable.
+
+    Returns:
+        (normalised payloads with their category, ["line N: reason", ...] for records ingest would reject)
+
+    Raises:
+        FileNotFoundError, or ingest's FileRejected when the file cannot be read as records at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    try:
+        from pipelines.ingest import iter_records
+    except ImportError:
+        return list(_read_jsonl(path)), []
+    records, rejected = [], []
+    for parsed in iter_records(path, data_cfg):
+        if parsed.record is None:
+            rejected.append(f"line {parsed.line}: {parsed.error}")
+            continue
+        payload = dict(parsed.record.payload)
+        if parsed.record.category:
+            payload["category"] = parsed.record.category
+        records.append(payload)
+    return records, rejected
+
+
+DRIFT_CACHE = "drift-features"   # under <state>/cache: reference-window features, a few newest kept
+DRIFT_CACHE_KEEP = 4
+
+
+def _reference_cache_path(folder: Path, records: list[dict], model: Any, dtype: str, adapter: str | Path | None,
+                          max_tokens: int) -> Path:
+    """The cache file of these records' features under this model (+ adapter), dtype and token budget."""
+    import hashlib
+
+    h = hashlib.sha256()
+    identity = {"version": FEATURES_VERSION, "max_tokens": int(max_tokens), "dtype": str(dtype),
+                "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
+                "params": sum(p.numel() for p in model.parameters())}
+    if adapter is not None:   # adapter folders are immutable once written; their weights' size and time say which
+        weights = Path(adapter) / "adapter_model.safetensors"
+        st = weights.stat() if weights.exists() else None
+        identity["adapter"] = [str(Path(adapter).resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0]
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return folder / f"{h.hexdigest()[:32]}.npz"
+
+
+def _load_cached(path: Path) -> "Features | None":
+    try:
+        features = Features.load(path)
+    except Exception:   # none yet, or unreadable (cut short, corrupt): computed again
+        return None
+    try:
+        os.utime(path)   # newest first when old entries are dropped
+    except OSError:
+        pass
+    return features
+
+
+def _store_cached(path: Path, features: "Features") -> None:
+    """Best effort: a full disk or a read-only state only costs the next check its speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+        entries = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[DRIFT_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: Any, *, seed: int = 0,
+              loader: Any = None, batch_size: int = 8, max_tokens: int = 256,
+              adapter: str | Path | None = None, adapter_version: str | None = None) -> dict:
+    """``lorad drift --reference PATH --current PATH``: featurize both files, test, report.
+
+    With ``adapter`` (the champion's adapter folder, verified by the caller) both windows are
+    featurized by base + adapter in one pass: the loss feature is then the champion's own view of
+    novelty, and both windows still come from the same model, so the test stays fair.
+
+    The reference window's features are cached in ``<state>/cache/drift-features``; with
+    ``current_path`` None (``lorad drift --warm``) only that is done, so the next check is quick.
+
+    Args:
+        reference_path / current_path: data files (JSONL in any record shape ingest accepts).
+        cfg: the full lorad Config (model, paths and drift sections are used).
+        seed: seeds the reservoir cap, MMD subsampling and permutations (same seed, same answer).
+        loader: ``load_base_model``-compatible callable (tests pass a tiny model).
+        adapter / adapter_version: a PEFT adapter folder to score under, and its name for the report.
+
+    Returns:
+        DriftReport.to_dict(), plus "rejected" (lines ingest would reject, left out), "scored_by"
+        (the version whose loss was measured, or "base"), "reference_features" (cached or computed)
+        and "timings" (seconds per step); for a warm-up, {"status": "warmed", ...}.
+    """
+    import time
+
+    import numpy as np
+
+    t0 = time.perf_counter()
+    data_cfg = getattr(cfg, "data", None)
+    (reference, ref_rejected), (current, cur_rejected) = (read_records(reference_path, data_cfg),
+                                                          ([], []) if current_path is None else
+                                                          read_records(current_path, data_cfg))
+    t_read = time.perf_counter()
+    model, tokenizer, dtype = _drift_model(cfg, loader, adapter)
+    t_load = time.perf_counter()
+    # The reference window is the same for every check until the champion changes (its training data, or the
+    # regression sets for the bare base): its features are kept in the state's cache, keyed by everything
+    # they depend on, so a check featurizes only the new records.
+    cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
+                                  adapter, max_tokens)
+    ref_f = _load_cached(cache)
+    reference_features = "cached" if ref_f is not None else "computed"
+    if ref_f is None:
+        ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+        _store_cached(cache, ref_f)
+    scored_by = (adapter_version or str(adapter)) if adapter is not None else "base"
+    if current_path is None:   # warm-up only: the reference window's features are in the cache now
+        return {"status": "warmed", "n_reference": len(reference), "scored_by": scored_by,
+                "reference_features": reference_features,
+                "timings": {"read_s": t_read - t0, "load_model_s": t_load - t_read,
+                            "featurize_s": time.perf_counter() - t_load}}
+    cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
+    t_feat = time.perf_counter()
+    report = detect_drift(ref_f, cur_f, cfg.drift, rng=np.random.default_rng(seed)).to_dict()
+    t_test = time.perf_counter()
+    # Lines ingest would reject are left out of both windows, and said so.
+    report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
+                          "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
+    report["scored_by"] = scored_by
+    report["reference_features"] = reference_features
+    report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
+                         "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
+    return report
+
+
+def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any, Any, str]:
+    """The model drift features are computed with (base, + adapter), its tokenizer, and the dtype it runs in."""
+    if loader is None:
+        from pipelines.models import load_base_model as loader
+    dtype = cfg.model.dtype
+    if dtype == "auto" and cfg.model.device != "cuda":
+        import torch
+
+        # Drift features only: on a CPU with native bf16 run the whole model in bf16 (fastest).
+        if not torch.cuda.is_available() and _native_bf16_cpu():
+            dtype = "bfloat16"
+    model, tokenizer = loader(cfg.model.base_model, Path(cfg.paths.state_dir) / "cache", dtype=dtype,
+                              device=cfg.model.device, quantization=cfg.model.quantization,
+                              revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
+        model.eval()
+    return model, tokenizer, dtype
