@@ -334,7 +334,7 @@ def _drift_adapter(cfg, which: str | None):
         if which == "champion":
             return None, None  # no state yet: nothing was ever promoted
         raise LookupError(f"--adapter {which}: no lorad state at {state} (set --state)")
-    from daemon.jobs import adapter_path
+    from daemon.evaluation import adapter_path
     from daemon.registry import AdapterError
 
     with open_store(state, readonly=True) as store:
@@ -345,8 +345,8 @@ def _drift_adapter(cfg, which: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from daemon.evaluation import evaluate_candidate
     from daemon.registry import AdapterError
-    from daemon.jobs import evaluate_candidate
     from daemon.store import open_store
     from pipelines.evaluate import EvalError
 
@@ -372,8 +372,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.jobs import JobError, create_run, read_payloads, run_in_process
+    from daemon.evaluation import read_payloads
     from daemon.registry import AdapterError
+    from daemon.runs import JobError, create_run, run_in_process
     from daemon.store import open_store
 
     cfg = _load(args)

@@ -1,9 +1,11 @@
-"""``lorad drift``: featurize a reference and a current data file with the champion, test, report.
+"""The drift check: its reference window, and ``lorad drift`` (featurize both windows, test, report).
 
-The daemon's drift check runs this in a subprocess (daemon/jobs.py); the features are monitors/features.py's
-and the test monitors/drift.py's. The reference window's features are cached under
-``<state>/cache/drift-features``, keyed by everything they depend on, so a check featurizes only the
-new records.
+The job runner (daemon/jobs.py) writes the reference window (``reference_payloads``: what the champion
+learned) and the current one (the pending records) to files and runs ``lorad drift`` on them in a
+subprocess, which calls ``cli_drift``. The features are monitors/features.py's and the test
+monitors/drift.py's, imported inside the functions: the runner's side stays free of numpy and torch.
+The reference window's features are cached under ``<state>/cache/drift-features``, keyed by everything
+they depend on, so a check featurizes only the new records.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from monitors.drift import detect_drift
-from monitors.features import FEATURES_VERSION, Features, _native_bf16_cpu, featurize, normalise_record
+from daemon import registry
+from daemon.config import Config
+from daemon.store import Store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monitors.features import Features
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
     """Minimal JSONL reader used when pipelines.ingest is unavailable; names the bad line."""
+    from monitors.features import normalise_record
+
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -73,6 +81,8 @@ def _reference_cache_path(folder: Path, records: list[dict], model: Any, dtype: 
     """The cache file of these records' features under this model (+ adapter), dtype and token budget."""
     import hashlib
 
+    from monitors.features import FEATURES_VERSION
+
     h = hashlib.sha256()
     identity = {"version": FEATURES_VERSION, "max_tokens": int(max_tokens), "dtype": str(dtype),
                 "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
@@ -89,6 +99,8 @@ def _reference_cache_path(folder: Path, records: list[dict], model: Any, dtype: 
 
 
 def _load_cached(path: Path) -> "Features | None":
+    from monitors.features import Features
+
     try:
         features = Features.load(path)
     except Exception:   # none yet, or unreadable (cut short, corrupt): computed again
@@ -140,6 +152,9 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
 
     import numpy as np
 
+    from monitors.drift import detect_drift
+    from monitors.features import featurize
+
     t0 = time.perf_counter()
     data_cfg = getattr(cfg, "data", None)
     (reference, ref_rejected), (current, cur_rejected) = (read_records(reference_path, data_cfg),
@@ -180,6 +195,8 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
 
 def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any, Any, str]:
     """The model drift features are computed with (base, + adapter), its tokenizer, and the dtype it runs in."""
+    from monitors.features import _native_bf16_cpu
+
     if loader is None:
         from pipelines.models import load_base_model as loader
     dtype = cfg.model.dtype
@@ -198,3 +215,31 @@ def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any
         model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
         model.eval()
     return model, tokenizer, dtype
+
+
+def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, list[dict]]:
+    """What the champion learned (its snapshot's training records, reservoir-capped).
+
+    With no champion yet, the base model's own knowledge is represented by the general regression
+    sets: new domain data is then compared with general conversation.
+    """
+    import random
+
+    from daemon.snapshots import snapshot_payloads
+
+    champ = registry.champion(store)
+    payloads: list[dict] = []
+    source = "base model (general regression sets)"
+    if champ is not None:
+        row = store.query_one("SELECT snapshot_id FROM adapters WHERE version = ?", (champ,))
+        if row and row["snapshot_id"]:
+            payloads = [p for _, _, p in snapshot_payloads(store, row["snapshot_id"], roles=("new", "replay"))]
+            source = f"champion {champ} training data"
+    if not payloads:
+        from pipelines.evaluate import load_regression_set
+
+        for name in cfg.eval.regression_sets:
+            payloads.extend(load_regression_set(name))
+    if len(payloads) > cfg.drift.reference_cap:
+        payloads = random.Random(seed).sample(payloads, cfg.drift.reference_cap)
+    return source, payloads

@@ -11,7 +11,8 @@ import pytest
 
 from daemon import registry
 from daemon.config import build_config
-from daemon.jobs import JobRunner, create_run
+from daemon.jobs import JobRunner
+from daemon.runs import create_run
 from daemon.store import open_store
 from pipelines.ingest import ingest_file
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from daemon import registry
-from daemon.jobs import JobRunner, create_run
+from daemon.jobs import JobRunner
+from daemon.runs import create_run
 from daemon.store import open_store
 from pipelines.ingest import ingest_file
 from test_loop import config, write_data

@@ -273,7 +273,7 @@ def test_champion_scoring_leaves_a_clean_base_for_the_warm_start(tiny_llama_dir,
 
 def test_data_files_given_to_lorad_train_carry_their_categories(tmp_path):
     """`lorad train --data FILE` reads files through read_payloads: category must reach the payload too."""
-    from daemon.jobs import read_payloads
+    from daemon.evaluation import read_payloads
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"input": "q1", "output": "a1", "category": "statutes"}\n{"input": "q2", "output": "a2"}\n'
