@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pipelines.chat import render_chat
+
 DESCRIPTOR_NAMES: tuple[str, ...] = (
     "prompt_tokens",        # templated prompt length, before truncation
     "response_tokens",      # response length (with end-of-turn), before truncation
@@ -40,7 +42,7 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
     "share_space",
 )
 # Bumped whenever a feature's definition changes, so old cached features are refused.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 PREVIEW_CHARS = 160
 
 
@@ -274,14 +276,6 @@ def char_class_shares(text: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    # No chat template (a base model): a plain, stable transcript format.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant: " if generation_prompt else "")
-
-
 def _truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
     """Fit prompt + response into max_tokens, keeping what tells the most about the record.
 
@@ -321,9 +315,9 @@ def encode_records(records: Sequence[dict], tokenizer: Any, max_tokens: int) -> 
             response_texts.append(rec["text"])
             continue
         plain.append(False)
-        p = _render(tokenizer, prompt_msgs, generation_prompt=True)
+        p = render_chat(tokenizer, prompt_msgs, generation_prompt=True)
         has_response = len(prompt_msgs) < len(rec["messages"])
-        full = _render(tokenizer, rec["messages"], generation_prompt=False) if has_response else p
+        full = render_chat(tokenizer, rec["messages"], generation_prompt=False) if has_response else p
         if full.startswith(p):
             prompt_texts.append(p)
             response_texts.append(full[len(p):])
@@ -393,7 +387,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
     Args:
         records: normalised payloads (or any raw shape ``normalise_record`` accepts).
         model: the champion (base model, with its adapter if any); it is not modified.
-        tokenizer: its tokenizer (a chat template is used when it has one).
+        tokenizer: its tokenizer; chats are rendered as training renders them (``pipelines.chat.render_chat``).
         batch_size: full-length (max_tokens) sequences per forward pass; records are sorted by
             length and batched by padded tokens (batch_size * max_tokens), so shorter records
             go more at a time and padding stays small.

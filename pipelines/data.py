@@ -12,8 +12,8 @@ Its id is the sha256 of the sorted (record_id, role) pairs: the same set always 
 id, and writing it again returns the existing snapshot. Choosing the records is pure
 (``select_snapshot``, on plain values); daemon/snapshots.py reads them from the state and writes it.
 
-Tokenisation renders chat records with the model's chat template and labels only the
-assistant turns (prompt tokens are -100). Packing puts several records in one sequence with
+Tokenisation renders chat records with pipelines.chat (the model's chat template, else ChatML)
+and labels only the assistant turns (prompt tokens are -100). Packing puts several records in one sequence with
 position ids restarting at 0 for each, so varlen attention (flash/sdpa with position ids)
 keeps them apart; the first label of each packed record is -100 so no loss crosses a boundary.
 
@@ -29,16 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from daemon.config import DataConfig, parse_category_weights  # noqa: F401 -- train.py reads it here
+from pipelines.chat import render_chat
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, record boundaries)
 ROLES = ("new", "replay", "holdout")
-
-# ChatML, used only for tokenizers that have no chat template of their own (base models).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 class NothingToSnapshot(ValueError):
     """No pending train record: every one is already in a snapshot as 'new'."""
@@ -200,12 +194,7 @@ def fill_budget(items: Sequence[tuple[int, int]], budget: float, rng: random.Ran
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def _render(tokenizer: Any, messages: list[dict], template: str | None, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                         chat_template=template)
-
-
-def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns to learn.
 
     A span runs from the end of the prompt rendered with the generation prompt to the end of
@@ -213,13 +202,14 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None)
     where the template is not prefix-consistent (some templates drop earlier reasoning) are
     left unlabelled; the last turn must be consistent.
     """
-    full = _render(tokenizer, messages, template, False)
+    full = render_chat(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], template, True)
-        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], template, False)
+        prefix = render_chat(tokenizer, messages[:i], generation_prompt=True)
+        upto = full if i == len(messages) - 1 else render_chat(tokenizer, messages[:i + 1],
+                                                               generation_prompt=False)
         if upto.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix):
             spans.append((len(prefix), len(upto)))
         elif i == len(messages) - 1:
@@ -231,7 +221,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None)
 def tokenize_record(payload: dict, tokenizer: Any, max_seq_len: int) -> dict:
     """Token ids and labels of one stored record, truncated to max_seq_len.
 
-    Chat records are rendered with the tokenizer's chat template (ChatML when it has none) and
+    Chat records are rendered by ``pipelines.chat.render_chat`` (the tokenizer's template, else ChatML) and
     only assistant turns are labelled: prompt tokens get -100. Each segment is tokenised on its
     own, exactly as at inference where the prompt is tokenised and the answer generated after
     it. Text records are tokenised whole (with the tokenizer's special tokens, plus EOS) and
@@ -246,8 +236,7 @@ def tokenize_record(payload: dict, tokenizer: Any, max_seq_len: int) -> dict:
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return {"input_ids": ids[:max_seq_len], "labels": ids[:max_seq_len]}
-    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
-    text, spans = _assistant_spans(tokenizer, payload["messages"], template)
+    text, spans = _assistant_spans(tokenizer, payload["messages"])
     input_ids: list[int] = []
     labels: list[int] = []
     pos = 0
