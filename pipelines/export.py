@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.data import IGNORE_INDEX
 from pipelines.files import atomic_dir
 
 FORMATS = ("merged", "bnb4", "onnx")
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
 MANIFEST = "lorad-export.json"
 ONNX_FILE = "model.onnx"
-IGNORE = -100
 
 
 class ExportError(RuntimeError):
@@ -355,7 +355,7 @@ class OnnxCausalLM:
             idx = order[start:start + batch_size]
             width = max(len(examples[i]["input_ids"]) for i in idx)
             ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-            labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
+            labels = np.full((len(idx), width), IGNORE_INDEX, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for j, i in enumerate(idx):
                 n = len(examples[i]["input_ids"])
@@ -364,9 +364,9 @@ class OnnxCausalLM:
             target = labels[:, 1:]
             top = logits.max(-1, keepdims=True)
             lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-            picked = np.take_along_axis(logits, np.where(target == IGNORE, 0, target)[..., None], -1)[..., 0]
-            tok = np.where(target == IGNORE, 0.0, lse - picked)
-            counts = (target != IGNORE).sum(1)
+            picked = np.take_along_axis(logits, np.where(target == IGNORE_INDEX, 0, target)[..., None], -1)[..., 0]
+            tok = np.where(target == IGNORE_INDEX, 0.0, lse - picked)
+            counts = (target != IGNORE_INDEX).sum(1)
             for j, i in enumerate(idx):
                 losses[i] = float(tok[j].sum() / counts[j]) if counts[j] > 0 else math.nan
         return losses
