@@ -195,26 +195,16 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
 
 def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any, Any, str]:
     """The model drift features are computed with (base, + adapter), its tokenizer, and the dtype it runs in."""
-    from monitors.features import _native_bf16_cpu
+    from pipelines.models import load_for
 
-    if loader is None:
-        from pipelines.models import load_base_model as loader
-    dtype = cfg.model.dtype
-    if dtype == "auto" and cfg.model.device != "cuda":
-        import torch
-
-        # Drift features only: on a CPU with native bf16 run the whole model in bf16 (fastest).
-        if not torch.cuda.is_available() and _native_bf16_cpu():
-            dtype = "bfloat16"
-    model, tokenizer = loader(cfg.model.base_model, Path(cfg.paths.state_dir) / "cache", dtype=dtype,
-                              device=cfg.model.device, quantization=cfg.model.quantization,
-                              revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_for("drift", cfg, loader=loader)
+    model = base.model
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
         model.eval()
-    return model, tokenizer, dtype
+    return model, base.tokenizer, base.cfg.model.dtype
 
 
 def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, list[dict]]:

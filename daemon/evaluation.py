@@ -54,7 +54,7 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
     from daemon.policy import should_promote
     from daemon.snapshots import snapshot_payloads
     from pipelines.evaluate import EvalError, evaluate, load_regression_set
-    from pipelines.models import load_base_model
+    from pipelines.models import load_for
 
     cand_row = registry.verify_adapter(store, candidate, base_model=cfg.model.base_model)
     inc_version, inc_path = adapter_path(store, cfg, incumbent)
@@ -67,10 +67,7 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
     else:
         raise EvalError(f"{candidate} has no data snapshot (trained with `lorad train --data`); pass --holdout FILE")
     regression = {name: load_regression_set(name) for name in cfg.eval.regression_sets}
-    m = cfg.model
-    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", dtype=m.dtype,
-                                       quantization=m.quantization, device=m.device, revision=m.revision or None,
-                                       trust_remote_code=m.trust_remote_code)
+    model, tokenizer, _, _ = load_for("eval", cfg)
     report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
                       regression=regression, max_examples=cfg.eval.max_examples,
                       bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,

@@ -256,37 +256,31 @@ class Daemon:
         """Gauges that reflect stored state, so a restarted daemon reports the truth from its first scrape."""
         from daemon import registry
 
-        m = self.metrics
-        m.drift_alpha.set(self.cfg.drift.alpha)
-        m.drift_effect_floor.set(self.cfg.drift.effect_size_floor)
-        m.records_pending.set(self.store.counts()["records_pending"])
+        metrics = self.metrics
+        metrics.drift_alpha.set(self.cfg.drift.alpha)
+        metrics.drift_effect_floor.set(self.cfg.drift.effect_size_floor)
+        metrics.records_pending.set(self.store.counts()["records_pending"])
         champ = registry.champion(self.store)
         if champ is not None:
             row = registry.get_adapter(self.store, champ)
-            m.set_champion(champ, row["parent"], row["sha256"])
+            metrics.set_champion(champ, row["parent"], row["sha256"])
         last_drift = self.store.query_one("SELECT MAX(ts) FROM events WHERE kind = 'drift' AND ok = 1")[0]
-        m.drift_last_detected.set(last_drift or 0)
+        metrics.drift_last_detected.set(last_drift or 0)
         last_run = self.store.query_one("SELECT MAX(started_at) FROM runs WHERE kind = 'train'")[0]
-        m.training_last_start.set(last_run or 0)
+        metrics.training_last_start.set(last_run or 0)
 
     def _load_model(self) -> None:
         t0 = time.perf_counter()
         try:
-            loader = self.model_loader
-            if loader is None:
-                from pipelines.models import load_base_model as loader
-            log.info("loading base model", extra={"base_model": self.cfg.model.base_model})
-            m = self.cfg.model
-            if self.model_loader is None:   # "auto" dtype/quantization/micro-batch: chosen for the GPU found (or CPU)
-                from pipelines.hardware import resolve_config
+            from pipelines.models import load_for
 
-                resolved, plan = resolve_config(self.cfg)
-                m = resolved.model
-                log.info("hardware plan", extra=plan.to_dict())
-                self.metrics.hardware_plan.info({k: str(v) for k, v in plan.to_dict().items() if k != "reason"})
-            self.model, self.tokenizer = loader(m.base_model, self.state_dir / "cache", dtype=m.dtype,
-                                                quantization=m.quantization, device=m.device,
-                                                revision=m.revision or None, trust_remote_code=m.trust_remote_code)
+            log.info("loading base model", extra={"base_model": self.cfg.model.base_model})
+            # "auto" dtype/quantization/micro-batch: chosen for the GPU found (or CPU), unless a loader is given
+            base = load_for("serve", self.cfg, loader=self.model_loader)
+            if base.plan is not None:
+                log.info("hardware plan", extra=base.plan.to_dict())
+                self.metrics.hardware_plan.info({k: str(v) for k, v in base.plan.to_dict().items() if k != "reason"})
+            self.model, self.tokenizer = base.model, base.tokenizer
         except Exception as e:  # the daemon keeps running and reports the failure on /readyz and status
             self.model_error = f"{type(e).__name__}: {e}"
             log.error("base model failed to load", extra={"error": self.model_error})

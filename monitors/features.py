@@ -349,20 +349,6 @@ def encode_records(records: Sequence[dict], tokenizer: Any, max_tokens: int) -> 
 # ----------------------------------------------------------------------------- model pass
 
 
-def _native_bf16_cpu() -> bool:
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # a private probe that moved: just assume no
-            pass
-    return False
-
-
 def resolve_compute_dtype(model: Any, compute_dtype: str = "auto") -> str:
     """Name of the dtype the forward pass runs in ("float32", "bfloat16", ...).
 
@@ -370,11 +356,13 @@ def resolve_compute_dtype(model: Any, compute_dtype: str = "auto") -> str:
     AVX512-BF16), which runs under bf16 autocast: about 3x faster there, and both windows are
     featurized the same way (the dtype is recorded in Features.meta and checked).
     """
+    from pipelines.hardware import cpu_native_bf16
+
     param = next(model.parameters())
     model_dtype = str(param.dtype).removeprefix("torch.")
     if compute_dtype != "auto":
         return compute_dtype
-    if param.device.type == "cpu" and model_dtype == "float32" and _native_bf16_cpu():
+    if param.device.type == "cpu" and model_dtype == "float32" and cpu_native_bf16():
         return "bfloat16"
     return model_dtype
 

@@ -212,6 +212,24 @@ def cpu_bf16_matmul() -> bool:
         return False
 
 
+def cpu_native_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AMX tiles or AVX512-BF16 dot products).
+
+    Wider than ``cpu_bf16_matmul``: a forward pass alone (drift features) already gains from AVX512-BF16.
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a private probe that moved: just assume no
+            pass
+    return False
+
+
 def is_quantized(model: Any) -> bool:
     """True for a bitsandbytes 4/8-bit base model (QLoRA)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

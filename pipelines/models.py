@@ -14,7 +14,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from pipelines.model_source import EMBEDDED_DEFAULT, ModelLoadError, resolve_base_model  # noqa: F401
 
@@ -198,6 +198,69 @@ def load_base_model(
     if not for_training:
         model.eval()
     return model, tokenizer
+
+
+PURPOSES = ("serve", "train", "eval", "drift")
+
+
+class BaseModel(NamedTuple):
+    """A loaded base model, its tokenizer, the config it was loaded with and the hardware plan (or None)."""
+
+    model: Any
+    tokenizer: Any
+    cfg: Any
+    plan: Any
+
+
+def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple[Any, Any]:
+    """The config a base model is loaded with for ``purpose`` (each has its own dtype policy), and the plan.
+
+      serve, train  "auto" dtype and quantization (and train's micro-batch) come from the hardware plan
+                    (``pipelines.hardware.resolve_config``); ``hardware_plan=False`` keeps them as written
+      eval          as written: ``load_base_model`` resolves "auto" (fp32 on a CPU, bf16/fp16 on a GPU)
+      drift         as eval, except "auto" on a CPU with native bf16 runs the whole model in bf16: features
+                    need only a forward pass, and both windows are featurized in the same dtype
+
+    Returns:
+        (cfg with ``model`` settings for the purpose, the HardwarePlan or None)
+    """
+    import dataclasses
+
+    from pipelines.hardware import cpu_native_bf16, resolve_config
+
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if purpose in ("serve", "train") and hardware_plan:
+        return resolve_config(cfg)
+    if purpose == "drift" and cfg.model.dtype == "auto" and cfg.model.device != "cuda":
+        import torch
+
+        if not torch.cuda.is_available() and cpu_native_bf16():
+            return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16")), None
+    return cfg, None
+
+
+def load_for(purpose: str, cfg: Any, *, loader: Callable[..., tuple[Any, Any]] | None = None,
+             placement: Callable[[Any], dict] | None = None) -> BaseModel:
+    """Load the base model of ``cfg`` (a lorad Config) for one purpose: serve, train, eval or drift.
+
+    Args:
+        purpose: picks the dtype policy (``settings_for``); train also pads on the right.
+        loader: a ``load_base_model``-compatible callable (tests pass a tiny model); a loader passed in
+            gets serve's settings as written, without a hardware plan.
+        placement: maps the model settings to ``load_base_model`` keyword arguments that replace
+            device/dtype (a distributed rank's placement, ``pipelines.distributed.load_kwargs``).
+    """
+    cfg, plan = settings_for(purpose, cfg, hardware_plan=loader is None)
+    m = cfg.model
+    where = {"device": m.device, "dtype": m.dtype}
+    if placement is not None:
+        where = placement(m)
+    extra = {"for_training": True} if purpose == "train" else {}
+    model, tokenizer = (loader or load_base_model)(
+        m.base_model, pathlib.Path(cfg.paths.state_dir) / "cache", quantization=m.quantization,
+        revision=m.revision or None, trust_remote_code=m.trust_remote_code, **where, **extra)
+    return BaseModel(model, tokenizer, cfg, plan)
 
 
 def _load_failure_message(spec: str, source: pathlib.Path | str, quantization: str, device: str, exc: Exception) -> str:

@@ -664,3 +664,63 @@ def test_embedded_default_converts_once_loads_fast_and_chats(tmp_path):
     reply = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip(), reply
     assert "Paris" in reply
+
+
+# --------------------------------------------------------------------------------------------
+# One loader per purpose
+# --------------------------------------------------------------------------------------------
+
+
+def _recording_loader(calls):
+    def loader(spec, cache_dir, **kwargs):
+        calls.append({"spec": spec, "cache_dir": cache_dir, **kwargs})
+        return "model", "tokenizer"
+    return loader
+
+
+@pytest.mark.parametrize("purpose, cpu_bf16, dtype, for_training", [
+    ("eval", True, "auto", None),        # as written: load_base_model resolves "auto"
+    ("drift", True, "bfloat16", None),   # a CPU with native bf16 featurizes in bf16
+    ("drift", False, "auto", None),
+    ("serve", True, "auto", None),       # a loader passed in skips the hardware plan
+    ("train", True, "auto", True),       # training pads on the right
+])
+def test_load_for_applies_each_purposes_dtype_policy(purpose, cpu_bf16, dtype, for_training, tmp_path, monkeypatch):
+    import torch
+
+    from daemon.config import build_config
+    from pipelines import hardware
+
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)}, "model": {"revision": "main"}})
+    calls = []
+    base = models.load_for(purpose, cfg, loader=_recording_loader(calls))
+    (call,) = calls
+    assert (base.model, base.tokenizer, base.plan) == ("model", "tokenizer", None)
+    assert call["dtype"] == dtype == base.cfg.model.dtype
+    assert call.get("for_training") == for_training
+    assert call["cache_dir"] == tmp_path / "cache" and call["revision"] == "main"
+    assert call["quantization"] == cfg.model.quantization and call["device"] == cfg.model.device
+
+
+def test_load_for_serve_without_loader_uses_the_hardware_plan(tiny_llama_dir, tmp_path, monkeypatch):
+    from daemon.config import build_config
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)},
+                        "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+    resolved, plan = models.settings_for("serve", cfg)
+    assert plan is not None and plan.device == "cpu"
+    assert (resolved.model.dtype, resolved.model.quantization) == (plan.dtype, plan.quantization) == ("float32", "none")
+
+
+def test_load_for_placement_replaces_device_and_dtype(tmp_path):
+    from daemon.config import build_config
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)}})
+    calls = []
+    models.load_for("eval", cfg, loader=_recording_loader(calls),
+                    placement=lambda m: {"device": "cpu", "dtype": "float32", "quant_storage": None})
+    assert (calls[0]["device"], calls[0]["dtype"], calls[0]["quant_storage"]) == ("cpu", "float32", None)
+    with pytest.raises(ValueError, match="purpose must be one of"):
+        models.load_for("nap", cfg, loader=_recording_loader([]))
