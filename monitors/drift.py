@@ -15,10 +15,8 @@ Test families, each giving one or more (p-value, effect) pairs:
                p = (b + 1) / (B + 1) with b the permuted statistics >= the observed one.
                The PCA and the bandwidth are fitted on the POOLED windows without their labels,
                so they are the same function of the data under every permutation and the
-               permutation test stays exact. (Fitting PCA on the reference alone projects reference
-               points in-sample and current points out-of-sample, so exchangeability no longer
-               holds exactly; bench/drift_bench.py measured no false-alarm inflation from it on
-               LawBench, but pooled is exact by construction and costs nothing.)
+               permutation test stays exact (a PCA fitted on the reference alone would project the
+               two windows differently and break exchangeability).
   descriptors  two-sample Kolmogorov-Smirnov test per descriptor (lengths, script shares, ...).
                Ties make it conservative, never liberal.
   loss         one-sided Mann-Whitney U: is the current response loss under the champion

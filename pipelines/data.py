@@ -121,9 +121,8 @@ def select_snapshot(new_rows: Sequence[tuple[int, str | None, int]], holdout: Se
     new, dropped = _capped(by_category, cap_ratio, rng)
     reused = 0
     if not holdout:
-        # Every holdout record of these categories already judged an earlier snapshot: the case for train
-        # records that a category cap (or an earlier failed run) left pending. Their categories' holdout
-        # is still never trained on, so it judges this candidate; without it the evaluation had nothing.
+        # Only train records are pending (left by a category cap or a failed run): their categories' holdout,
+        # never trained on, judges this candidate too, so the evaluation has data.
         categories = set(by_category)
         holdout = tuple(rid for rid, category in all_holdout if category in categories)
         reused = len(holdout)
