@@ -13,7 +13,7 @@ normalised here too, so a JSONL file can be featurized directly.
 The embeddings are kept at full width: the drift test reduces them by PCA itself, fitted
 inside each test (see monitors/drift.py), so no projection learned elsewhere leaks in.
 
-torch and transformers are imported inside functions only: importing this module (and
+numpy, torch and transformers are imported inside functions only: importing this module (and
 monitors.drift, which uses ``Features``) stays cheap.
 """
 
@@ -25,8 +25,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
-
-import numpy as np
 
 from pipelines.chat import render_chat
 
@@ -74,6 +72,8 @@ class Features:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import numpy as np
+
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
         if self.embeddings.ndim != 2:
             raise ValueError(f"embeddings must be 2-D (n, hidden), got shape {self.embeddings.shape}")
@@ -92,6 +92,8 @@ class Features:
 
     def take(self, index: Sequence[int] | np.ndarray) -> "Features":
         """The rows ``index`` (in that order) as a new Features."""
+        import numpy as np
+
         idx = np.asarray(index, dtype=np.int64)
         return Features(
             embeddings=self.embeddings[idx], descriptors=self.descriptors[idx],
@@ -103,6 +105,8 @@ class Features:
     @classmethod
     def concat(cls, parts: Sequence["Features"]) -> "Features":
         """Stack feature sets computed the same way (raises FeatureMismatchError otherwise)."""
+        import numpy as np
+
         if not parts:
             raise ValueError("concat needs at least one Features")
         first = parts[0]
@@ -122,11 +126,14 @@ class Features:
 
     @classmethod
     def empty(cls, hidden: int = 0, meta: dict | None = None) -> "Features":
+        import numpy as np
+
         return cls(np.zeros((0, hidden), np.float32), np.zeros((0, len(DESCRIPTOR_NAMES))),
                    DESCRIPTOR_NAMES, np.zeros(0), None, [], dict(meta or {}))
 
     def save(self, path: str | Path) -> None:
         """Write an .npz atomically (whole or not at all); no pickles."""
+        import numpy as np
         from pipelines.files import atomic_file
 
         with atomic_file(path, "wb") as fh:
@@ -140,6 +147,8 @@ class Features:
 
     @classmethod
     def load(cls, path: str | Path) -> "Features":
+        import numpy as np
+
         with np.load(Path(path), allow_pickle=False) as z:
             return cls(
                 embeddings=z["embeddings"], descriptors=z["descriptors"],
@@ -236,6 +245,8 @@ _SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x2000, 0x200
 
 
 def _in_ranges(cp: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    import numpy as np
+
     mask = np.zeros(cp.shape, dtype=bool)
     for lo, hi in ranges:
         mask |= (cp >= lo) & (cp <= hi)
@@ -249,6 +260,8 @@ def char_class_shares(text: str) -> dict[str, float]:
     with unicodedata (letters -> other script, P*/S* -> punct, N* -> digit, Z* -> space).
     Empty text gives all zeros.
     """
+    import numpy as np
+
     keys = ("share_cjk", "share_latin", "share_other_letters", "share_digit", "share_punct", "share_space")
     if not text:
         return dict.fromkeys(keys, 0.0)
@@ -392,6 +405,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
         Features with embeddings (mean-pooled last hidden state, float32) and the mean
         response-token loss, both from the same logits pass.
     """
+    import numpy as np
     import torch
 
     recs = [normalise_record(r) for r in records]
@@ -466,6 +480,7 @@ def _batches(order: list[int], lengths: list[int], token_budget: int) -> Iterato
 
 def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and mean response loss for one right-padded batch."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -159,3 +159,15 @@ def test_the_checker_sees_imports_inside_functions_and_circles(tmp_path):
     assert imported_names(src, {"daemon.store", "pipelines.data", "monitors.drift"}, "pipelines.mod") == {"daemon.store",
                                                                                          "pipelines.data"}
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_pure_modules_import_no_numpy_or_torch():
+    # STYLE rule 3: importing the decisions, the statistics and the config costs only the stdlib.
+    import subprocess
+    import sys
+
+    code = ("import sys, daemon.config, daemon.policy, monitors.drift, monitors.features, monitors.metrics\n"
+            "print(' '.join(m for m in ('numpy', 'torch', 'scipy', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"heavy modules imported at module level: {out.stdout.strip()}"
