@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("daemon", "pipelines", "monitors")
 ALLOWED_UPWARD = {"daemon.config"}
 
-# Violations that live in files other work is reshaping (pipelines/ingest*, pipelines/train*, and the
-# distributed module that moves into pipelines/train/): each entry is (importer, imported). Empty it
-# once those packages import only downwards; a NEW violation fails the tests regardless of this list.
+# Violations that live in files other work is reshaping right now (pipelines/ingest*, pipelines/train* and the
+# distributed module that joins pipelines/train/): each entry (importer, imported) also covers the submodules
+# of both, so it holds once those files become packages. Empty it when they import only downwards; a NEW
+# violation fails regardless, and an entry that matches no import any more fails too (delete it then).
 PENDING_RESHAPE = {
     ("pipelines.ingest", "daemon.store"),
     ("pipelines.train", "pipelines.distributed"),
@@ -116,8 +117,12 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return groups
 
 
-def _pending(edge: tuple[str, str]) -> bool:
-    return edge in PENDING_RESHAPE
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _pending(edge: tuple[str, str], allowed: set[tuple[str, str]] = PENDING_RESHAPE) -> bool:
+    return any(_within(edge[0], a) and _within(edge[1], b) for a, b in allowed)
 
 
 def test_no_import_circles():
@@ -145,7 +150,8 @@ def test_config_is_a_leaf():
 def test_pending_reshape_lists_only_real_violations():
     # An entry whose import is gone must leave the list, so the list shrinks to empty as the work lands.
     graph = import_graph()
-    stale = sorted(edge for edge in PENDING_RESHAPE if edge[1] not in graph.get(edge[0], set()))
+    stale = sorted(entry for entry in PENDING_RESHAPE
+                   if not any(_pending((a, b), {entry}) for a, targets in graph.items() for b in targets))
     assert not stale, "PENDING_RESHAPE entries with no such import any more (delete them): " + \
         ", ".join(f"{a} -> {b}" for a, b in stale)
 
