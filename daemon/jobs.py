@@ -1,9 +1,9 @@
 """The job runner: one learning job at a time, each step a supervised subprocess.
 
 drift check (daemon/drift_check.py) -> snapshot (daemon/snapshots.py) -> train (daemon/runs.py records the
-run; ``python -m pipelines.train`` trains) -> eval (daemon/evaluation.py) -> promote. Each step runs as a
-``lorad`` subprocess in its own process group: the daemon survives its crash, and a stop asks it to
-checkpoint first. After a restart, interrupted runs resume from their run folder.
+run; ``python -m pipelines.train`` trains) -> eval (daemon/evaluation.py) -> promote. Each step runs in a
+subprocess of its own process group: the daemon survives its crash, and a stop asks it to checkpoint
+first. After a restart, interrupted runs resume from their run folder.
 """
 
 from __future__ import annotations
