@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.drift_check import reference_payloads
-from daemon.runs import (JobError, create_run, fail_run, finish_run, job_config, last_step, mark_running,
-                         record_progress, runs_dir)
+from daemon.runs import (JobError, create_run, fail_run, finish_run, interrupt_run, job_config, last_step,
+                         last_train_created, latest_succeeded_run, mark_running, record_progress, resumable_runs,
+                         runs_dir)
 from daemon.snapshots import pending_payloads
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
@@ -284,8 +285,8 @@ class JobRunner:
         self.current = {"stage": "drift", "trigger": trigger, "since": self.clock()}
         drift = self.drift_check(folder) if trigger == "drift" else self.last_drift
         pending = self.store.counts()["records_pending"]
-        last = self.store.query_one("SELECT MAX(created_at) FROM runs WHERE kind = 'train'")[0]
-        decision = should_train(trigger=trigger, drift=drift, pending=pending, last_run_at=last, now=self.clock(),
+        decision = should_train(trigger=trigger, drift=drift, pending=pending, last_run_at=last_train_created(self.store),
+                                now=self.clock(),
                                 job_running=False, cfg=self.cfg.schedule)
         self.store.add_event("decide_train", subject=trigger, ok=decision.ok, reason=decision.reason,
                              data={"code": decision.code, "pending": pending})
@@ -336,11 +337,7 @@ class JobRunner:
                    else "succeeded" if proc.returncode == 0 else "failed")
         m.training_runs.labels(outcome).inc()
         if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode != 0):
-            with self.store.transaction() as tx:
-                tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ?",
-                           ("daemon stopping: checkpointed, resumes at next start", run_id))
-                self.store.add_event("train", subject=run_id, ok=False, reason="interrupted by shutdown; will resume",
-                                     db=tx)
+            interrupt_run(self.store, run_id)
             return {"trained": False, "reason": "interrupted"}
         if proc.returncode != 0:
             err = run_dir / "error.json"
@@ -405,21 +402,19 @@ class JobRunner:
     def resume_interrupted(self) -> list[str]:
         """Continue train runs an earlier process left unfinished (from their last checkpoint)."""
         resumed = []
-        rows = self.store.query("SELECT id FROM runs WHERE kind = 'train' AND status IN ('queued', 'interrupted') "
-                                "ORDER BY created_at")
-        for row in rows:
+        for run_id in resumable_runs(self.store):
             if self._stopping_now():
                 break
-            run_dir = runs_dir(self.cfg) / row["id"]
+            run_dir = runs_dir(self.cfg) / run_id
             if not (run_dir / "job.json").is_file():
-                fail_run(self.store, row["id"], f"run folder {run_dir} is missing; cannot resume", self.clock)
+                fail_run(self.store, run_id, f"run folder {run_dir} is missing; cannot resume", self.clock)
                 continue
-            self.store.add_event("train", subject=row["id"], reason="resuming interrupted run from its checkpoint")
+            self.store.add_event("train", subject=run_id, reason="resuming interrupted run from its checkpoint")
             try:
-                self.train_eval_promote(row["id"], run_dir)
+                self.train_eval_promote(run_id, run_dir)
             finally:
                 self.current = None
-            resumed.append(row["id"])
+            resumed.append(run_id)
         unjudged = self.unjudged_candidate()
         if unjudged is not None and not self._stopping_now():
             run_id, version = unjudged
@@ -437,8 +432,7 @@ class JobRunner:
 
         Only while the champion is still the one it was trained from (and is to be compared with).
         """
-        row = self.store.query_one("SELECT id, parent_version, result FROM runs WHERE kind = 'train' "
-                                   "AND status = 'succeeded' ORDER BY created_at DESC LIMIT 1")
+        row = latest_succeeded_run(self.store)
         if row is None or row["parent_version"] != registry.champion(self.store):
             return None
         version = json.loads(row["result"] or "{}").get("version")

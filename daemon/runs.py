@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from daemon import registry
 from daemon.config import Config
@@ -114,6 +114,31 @@ def finish_run(store: Store, cfg: Config, run_id: str, run_dir: Path,
                         reason=f"trained {version}: loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}",
                         data={**metrics, "version": version}, db=tx)
     return {"version": version, "path": str(Path(cfg.paths.state_dir) / "adapters" / version), **metrics}
+
+
+def interrupt_run(store: Store, run_id: str) -> None:
+    """A stop checkpointed the run: it resumes at the next start."""
+    with store.transaction() as tx:
+        tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ?",
+                   ("daemon stopping: checkpointed, resumes at next start", run_id))
+        store.add_event("train", subject=run_id, ok=False, reason="interrupted by shutdown; will resume", db=tx)
+
+
+def resumable_runs(store: Store) -> list[str]:
+    """Train runs an earlier process queued or left interrupted, oldest first."""
+    return [r["id"] for r in store.query("SELECT id FROM runs WHERE kind = 'train' "
+                                         "AND status IN ('queued', 'interrupted') ORDER BY created_at")]
+
+
+def last_train_created(store: Store) -> float | None:
+    """When the latest train run was created (None: never)."""
+    return store.query_one("SELECT MAX(created_at) FROM runs WHERE kind = 'train'")[0]
+
+
+def latest_succeeded_run(store: Store) -> Any:
+    """The latest succeeded train run's row (id, parent_version, result), or None."""
+    return store.query_one("SELECT id, parent_version, result FROM runs WHERE kind = 'train' "
+                           "AND status = 'succeeded' ORDER BY created_at DESC LIMIT 1")
 
 
 def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, progress: bool = True) -> dict:
