@@ -55,7 +55,8 @@ def imported_names(path: Path, modules: set[str], name: str) -> set[str]:
             if node.level:   # relative: resolve against this module's package
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            # `from pkg import mod` imports the module; `from mod import name` imports mod.
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
         for target in targets:
