@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon.config import Config
+from daemon.runs import recover_runs
 from daemon.store import Store, ensure_state_dir, open_store
 
 log = logging.getLogger("lorad.daemon")
@@ -90,60 +91,6 @@ def read_lock_info(state_dir: str | os.PathLike) -> dict | None:
             return {}
     finally:
         os.close(fd)
-
-
-def recover_runs(store: Store) -> list[str]:
-    """Mark runs left 'running' by a process that no longer exists as interrupted; return their ids."""
-    interrupted = []
-    for row in store.query("SELECT id, pid FROM runs WHERE status = 'running'"):
-        if row["pid"] and _pid_alive(row["pid"]):
-            if not _is_run_process(row["pid"], row["id"]):
-                continue  # a live process of another lorad (or the pid was reused): leave it alone
-            _stop_orphan(row["pid"])
-        with store.transaction() as tx:
-            tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ? AND status = 'running'",
-                       ("process ended without finishing (daemon restart)", row["id"]))
-            store.add_event("run", subject=row["id"], ok=False, reason="interrupted: found running at startup",
-                            db=tx)
-        interrupted.append(row["id"])
-    return interrupted
-
-
-def _is_run_process(pid: int, run_id: str) -> bool:
-    """True when ``pid`` is a training process of this run (its command line names the run folder)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return "pipelines.train" in cmdline and run_id in cmdline
-
-
-def _stop_orphan(pid: int, timeout: float = 60.0) -> None:
-    """A training process left behind by a killed daemon: SIGTERM (it checkpoints), then SIGKILL."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.2)
-    if _pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped: its cmdline reads empty) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # /proc/<pid>/stat: "pid (comm) state ...", comm may hold spaces and parentheses
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def status_snapshot(cfg: Config, store: Store | None, *, daemon_info: dict | None = None,
