@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from daemon import registry
 from daemon.config import Config
@@ -23,29 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from monitors.features import Features
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    """Minimal JSONL reader used when pipelines.ingest is unavailable; names the bad line."""
-    from monitors.features import normalise_record
-
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            try:
-                yield normalise_record(obj)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-
-
 def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], list[str]]:
     """Records of a data file, parsed and validated exactly as ingest does, plus the rejected lines.
 
-    Uses ``pipelines.ingest.iter_records`` (every format and shape ingest accepts, same
-    cleaning); falls back to a plain JSONL reader when that module is unavailable.
+    Uses ``pipelines.ingest.iter_records``: every format and shape ingest accepts, same cleaning.
 
     Returns:
         (normalised payloads with their category, ["line N: reason", ...] for records ingest would reject)
@@ -56,10 +37,8 @@ def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], li
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    try:
-        from pipelines.ingest import iter_records
-    except ImportError:
-        return list(_read_jsonl(path)), []
+    from pipelines.ingest import iter_records
+
     records, rejected = [], []
     for parsed in iter_records(path, data_cfg):
         if parsed.record is None:
