@@ -194,7 +194,7 @@ def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, l
     """
     import random
 
-    from daemon.snapshots import snapshot_payloads
+    from daemon.runs import snapshot_payloads
 
     champ = registry.champion(store)
     payloads: list[dict] = []

@@ -52,7 +52,7 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
                        holdout_file: str | None = None) -> dict:
     """Score candidate vs incumbent, decide with the pure policy, record the report and the decision."""
     from daemon.policy import should_promote
-    from daemon.snapshots import snapshot_payloads
+    from daemon.runs import snapshot_payloads
     from pipelines.evaluate import EvalError, evaluate, load_regression_set
     from pipelines.models import load_for
 

@@ -1,7 +1,7 @@
 """The job runner: one learning job at a time, each step a supervised subprocess.
 
-drift check (daemon/drift_check.py) -> snapshot (daemon/snapshots.py) -> train (daemon/runs.py records the
-run; ``python -m pipelines.train`` trains) -> eval (daemon/evaluation.py) -> promote. Each step runs in a
+drift check (daemon/drift_check.py) -> snapshot and run (daemon/runs.py records both;
+``python -m pipelines.train`` trains) -> eval (daemon/evaluation.py) -> promote. Each step runs in a
 subprocess of its own process group: the daemon survives its crash, and a stop asks it to checkpoint
 first. After a restart, interrupted runs resume from their run folder.
 """
@@ -22,9 +22,8 @@ from daemon import registry
 from daemon.config import Config
 from daemon.drift_check import reference_payloads
 from daemon.runs import (JobError, create_run, fail_run, finish_run, interrupt_run, job_config, last_step,
-                         last_train_created, latest_succeeded_run, mark_running, record_progress, resumable_runs,
-                         runs_dir)
-from daemon.snapshots import pending_payloads
+                         last_train_created, latest_succeeded_run, mark_running, pending_payloads, record_progress,
+                         resumable_runs, runs_dir)
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the module's top imports only the stdlib
 
@@ -276,7 +275,7 @@ class JobRunner:
     def cycle(self, trigger: str) -> dict:
         """One pass of the loop for a trigger; returns what happened (also recorded as events)."""
         from daemon.policy import should_train
-        from daemon.snapshots import build_snapshot, snapshot_payloads
+        from daemon.runs import build_snapshot, snapshot_payloads
         from pipelines.data import NothingToSnapshot
 
         folder = runs_dir(self.cfg) / time.strftime("cycle-%Y%m%d-%H%M%S", time.gmtime(self.clock()))

@@ -18,10 +18,12 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon.store import Store
 from pipelines.files import TMP_PREFIX, atomic_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from daemon.store import Store
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LINEAGE = "lineage.json"

@@ -288,7 +288,7 @@ class Store:
         out = {}
         for table in ("files", "records", "snapshots", "runs", "adapters", "events"):
             out[table] = self.query_one(f"SELECT COUNT(*) FROM {table}")[0]
-        from daemon.snapshots import pending_sql
+        from daemon.runs import pending_sql
 
         out["records_pending"] = self.query_one(*pending_sql("COUNT(*)"))[0]
         return out

@@ -10,7 +10,7 @@ changed, with one role per record:
            set (never trained on; the split is a stable hash, so a record never moves)
 Its id is the sha256 of the sorted (record_id, role) pairs: the same set always gets the same
 id, and writing it again returns the existing snapshot. Choosing the records is pure
-(``select_snapshot``, on plain values); daemon/snapshots.py reads them from the state and writes it.
+(``select_snapshot``, on plain values); daemon/runs.py reads them from the state and writes it.
 
 Tokenisation renders chat records with pipelines.chat (the model's chat template, else ChatML)
 and labels only the assistant turns (prompt tokens are -100). Packing puts several records in one sequence with
@@ -89,7 +89,7 @@ def select_snapshot(new_rows: Sequence[tuple[int, str | None, int]], holdout: Se
                     all_holdout: Sequence[tuple[int, str | None]], learned_chars: dict[int, int], cfg: DataConfig, *,
                     seed: int, since: float | None = None, replay_fraction: float | None = None,
                     category_cap_ratio: float | None = None) -> Snapshot:
-    """Choose a snapshot's records from plain values: the pure part of ``daemon.snapshots.build_snapshot``.
+    """Choose a snapshot's records from plain values: the pure part of ``daemon.runs.build_snapshot``.
 
     Args:
         new_rows: (id, category, characters) of the pending train records, by id.

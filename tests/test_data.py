@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.config import DataConfig
-from daemon.snapshots import build_snapshot, load_snapshot, plan_snapshot, snapshot_payloads, write_snapshot
+from daemon.runs import build_snapshot, load_snapshot, plan_snapshot, snapshot_payloads, write_snapshot
 from daemon.store import Store
 from pipelines.data import IGNORE_INDEX, NothingToSnapshot, pack, snapshot_id, tokenize_record
 from pipelines.ingest import ingest_file

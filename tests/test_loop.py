@@ -126,7 +126,7 @@ def test_interrupted_run_is_resumed_by_the_next_runner(tmp_path, tiny_llama_dir)
     cfg = config(tmp_path, tiny_llama_dir)
     store = open_store(cfg.paths.state_dir)
     ingest_file(write_data(tmp_path / "a.jsonl", 120, 3), store, cfg.data)
-    from daemon.snapshots import build_snapshot, snapshot_payloads
+    from daemon.runs import build_snapshot, snapshot_payloads
 
     snap = build_snapshot(store, cfg.data, seed=0)
     payloads = [p for _, _, p in snapshot_payloads(store, snap.id)]

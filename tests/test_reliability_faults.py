@@ -62,7 +62,7 @@ def with_champion(tmp_path: Path, model_dir: Path, **over):
 
 
 def new_run(store, cfg) -> tuple[str, Path]:
-    from daemon.snapshots import build_snapshot, snapshot_payloads
+    from daemon.runs import build_snapshot, snapshot_payloads
 
     snap = build_snapshot(store, cfg.data, seed=0)
     payloads = [p for _, _, p in snapshot_payloads(store, snap.id, roles=("new", "replay"))]

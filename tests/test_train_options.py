@@ -14,7 +14,7 @@ import torch
 from daemon.config import ConfigError, DataConfig, TrainConfig, build_config, parse_category_weights
 from daemon.store import Store
 from pipelines import train as T
-from daemon.snapshots import build_snapshot, plan_snapshot, snapshot_payloads
+from daemon.runs import build_snapshot, plan_snapshot, snapshot_payloads
 from pipelines.data import annotate_examples, difficulty_stages, domain_floor, stage_schedule
 from pipelines.ingest import ingest_file
 
