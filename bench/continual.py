@@ -515,7 +515,7 @@ def accepted_records(store: Any, file_id: int) -> tuple[list[dict], list[dict]]:
 
 def train_job(run_dir: Path, payloads: list[dict], cfg: Any, parent: str | None) -> dict:
     """One training run in the daemon's job form (``python -m pipelines.train RUN_DIR``), timed from outside."""
-    from daemon.jobs import job_config
+    from daemon.runs import job_config
     from pipelines.train import write_job
 
     write_job(run_dir, payloads=payloads, config=job_config(cfg), parent_adapter=parent)

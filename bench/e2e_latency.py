@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import _common  # noqa: E402
-from monitors.features import DRIFT_CACHE  # noqa: E402
+from daemon.drift_check import DRIFT_CACHE  # noqa: E402
 
 
 def free_port() -> int:

@@ -92,11 +92,12 @@ def main() -> int:
 
     from daemon import registry
     from daemon.config import TrainConfig, build_config
+    from daemon.exports import export_version
     from daemon.store import open_store
     from pipelines import train as T
     from pipelines.data import tokenize_record
     from pipelines.evaluate import example_losses
-    from pipelines.export import OnnxCausalLM, export_version, folder_bytes
+    from pipelines.export import OnnxCausalLM, folder_bytes
     from pipelines.models import EMBEDDED_DEFAULT, load_base_model, resolve_base_model
 
     result: dict = {"benchmark": "export", "machine": machine_info(), "git": git_commit(), "model": EMBEDDED_DEFAULT,

@@ -263,7 +263,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daemon.store import ensure_state_dir
-    from pipelines.models import ModelLoadError, resolve_base_model
+    from pipelines.model_source import ModelLoadError, resolve_base_model
 
     cfg = _load(args)
     cache = ensure_state_dir(cfg.paths.state_dir) / "cache"
@@ -292,7 +292,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_drift(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from monitors.features import cli_drift
+    from daemon.drift_check import cli_drift
 
     cfg = _load(args)
     if args.current is None and not args.warm:
@@ -340,7 +340,7 @@ def _drift_adapter(cfg, which: str | None):
         if which == "champion":
             return None, None  # no state yet: nothing was ever promoted
         raise LookupError(f"--adapter {which}: no lorad state at {state} (set --state)")
-    from daemon.jobs import adapter_path
+    from daemon.evaluation import adapter_path
     from daemon.registry import AdapterError
 
     with open_store(state, readonly=True) as store:
@@ -351,8 +351,8 @@ def _drift_adapter(cfg, which: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from daemon.evaluation import evaluate_candidate
     from daemon.registry import AdapterError
-    from daemon.jobs import evaluate_candidate
     from daemon.store import open_store
     from pipelines.evaluate import EvalError
 
@@ -378,8 +378,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.jobs import JobError, create_run, read_payloads, run_in_process
+    from daemon.evaluation import read_payloads
     from daemon.registry import AdapterError
+    from daemon.runs import JobError, create_run, run_in_process
     from daemon.store import open_store
 
     cfg = _load(args)
@@ -419,7 +420,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from daemon.registry import AdapterError
     from daemon.store import DB_NAME, open_store
-    from pipelines.export import ExportError, export_version
+    from daemon.exports import export_version
+    from pipelines.export import ExportError
 
     cfg = _load(args)
     if not (Path(cfg.paths.state_dir) / DB_NAME).exists():

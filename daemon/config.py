@@ -100,9 +100,24 @@ def _check_lora_targets(value: str) -> str | None:
     return None
 
 
-def _check_category_weights(value: list[str]) -> str | None:
-    from pipelines.data import parse_category_weights
+def parse_category_weights(items: typing.Sequence[str]) -> dict[str, float]:
+    """``["contract=2", "chat=0.5"]`` -> {"contract": 2.0, "chat": 0.5}; raises ValueError naming the bad item."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"category weight {item!r} must look like 'category=weight' with a weight >= 0")
+        if name.strip() in out:
+            raise ValueError(f"category {name.strip()!r} is weighted twice")
+        out[name.strip()] = weight
+    return out
 
+
+def _check_category_weights(value: list[str]) -> str | None:
     try:
         parse_category_weights(value)
     except ValueError as e:

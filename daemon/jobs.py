@@ -1,10 +1,9 @@
-"""Training jobs: freeze a run, execute it (in this process or a supervised subprocess), register the result.
+"""The job runner: one learning job at a time, each step a supervised subprocess.
 
-A run is recorded before it starts (``runs`` row, status ``running``, with its pid) and after it
-ends (``succeeded`` + adapter version, or ``failed`` + reason), each in one transaction. The
-run folder ``runs/<id>/`` holds everything needed to run it again: ``job.json`` (config, parent)
-and ``data.jsonl`` (the frozen records). So after a crash, ``resume_run`` simply runs the same
-folder again and training continues from its last checkpoint.
+drift check (daemon/drift_check.py) -> snapshot and run (daemon/runs.py records both;
+``python -m pipelines.train`` trains) -> eval (daemon/evaluation.py) -> promote. Each step runs in a
+subprocess of its own process group: the daemon survives its crash, and a stop asks it to checkpoint
+first. After a restart, interrupted runs resume from their run folder.
 """
 
 from __future__ import annotations
@@ -21,67 +20,14 @@ from typing import Any, Callable, Iterable
 
 from daemon import registry
 from daemon.config import Config
-from daemon.store import FAILED_SNAPSHOTS, Store
+from daemon.drift_check import reference_payloads
+from daemon.runs import (JobError, create_run, fail_run, finish_run, interrupt_run, job_config, last_step,
+                         last_train_created, latest_succeeded_run, mark_running, pending_payloads, record_progress,
+                         resumable_runs, runs_dir)
+from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
 
 log = logging.getLogger("lorad.jobs")
-
-
-class JobError(RuntimeError):
-    """A run failed; the message is the reason recorded on the run."""
-
-
-def new_run_id(clock: Callable[[], float] = time.time) -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S", time.gmtime(clock())) + "-" + secrets.token_hex(3)
-
-
-def runs_dir(cfg: Config) -> Path:
-    return Path(cfg.paths.state_dir) / "runs"
-
-
-def job_config(cfg: Config) -> dict:
-    """The config a job needs, without secrets (the job folder must never hold the admin token)."""
-    d = cfg.to_dict(mask_secrets=False)
-    d["serve"]["admin_token"] = ""
-    return d
-
-
-def resolve_parent(store: Store, cfg: Config, parent: str | None) -> tuple[str | None, Path | None]:
-    """'champion' (default) -> the current champion or none; 'none' -> from scratch; else a verified version."""
-    if parent in (None, "champion"):
-        parent = registry.champion(store)
-        if parent is None:
-            return None, None
-    elif parent == "none":
-        return None, None
-    row = registry.verify_adapter(store, parent, base_model=cfg.model.base_model)
-    return parent, Path(row["path"])
-
-
-def create_run(store: Store, cfg: Config, payloads: Iterable[dict], *, parent: str | None, trigger: str,
-               snapshot_id: str | None = None, max_steps: int | None = None,
-               clock: Callable[[], float] = time.time) -> tuple[str, Path]:
-    """Freeze data + config into runs/<id>/ and record the run as queued."""
-    from pipelines.train import write_job
-
-    parent_version, parent_path = resolve_parent(store, cfg, parent)
-    run_id = new_run_id(clock)
-    run_dir = runs_dir(cfg) / run_id
-    write_job(run_dir, payloads=payloads, config=job_config(cfg),
-              parent_adapter=str(parent_path) if parent_path else None, max_steps=max_steps)
-    with store.transaction() as tx:
-        tx.execute("INSERT INTO runs (id, kind, status, snapshot_id, parent_version, trigger, config, created_at) "
-                   "VALUES (?, 'train', 'queued', ?, ?, ?, ?, ?)",
-                   (run_id, snapshot_id, parent_version, trigger, json.dumps({"max_steps": max_steps}), clock()))
-        store.add_event("train", subject=run_id, reason=f"queued ({trigger}), parent {parent_version or 'none'}",
-                        data={"parent": parent_version, "snapshot_id": snapshot_id}, db=tx)
-    return run_id, run_dir
-
-
-def mark_running(store: Store, run_id: str, pid: int, clock: Callable[[], float] = time.time) -> None:
-    with store.transaction() as tx:
-        tx.execute("UPDATE runs SET status = 'running', pid = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
-                   (pid, clock(), run_id))
 
 
 def publish_step(metrics: Any, step: dict) -> None:
@@ -93,173 +39,6 @@ def publish_step(metrics: Any, step: dict) -> None:
     for kind in ("allocated", "reserved"):   # present when the run trains on a GPU
         if f"gpu_peak_{kind}_bytes" in step:
             metrics.training_gpu_peak.labels(kind).set(step[f"gpu_peak_{kind}_bytes"])
-
-
-def record_progress(store: Store, run_id: str, step: int, total_steps: int) -> None:
-    with store.transaction() as tx:
-        tx.execute("UPDATE runs SET step = ?, total_steps = ? WHERE id = ?", (step, total_steps, run_id))
-
-
-def fail_run(store: Store, run_id: str, reason: str, clock: Callable[[], float] = time.time) -> None:
-    with store.transaction() as tx:
-        tx.execute("UPDATE runs SET status = 'failed', reason = ?, finished_at = ? WHERE id = ?",
-                   (reason, clock(), run_id))
-        store.add_event("train", subject=run_id, ok=False, reason=reason, db=tx)
-    log.error("training run failed", extra={"run_id": run_id, "reason": reason})
-
-
-def finish_run(store: Store, cfg: Config, run_id: str, run_dir: Path,
-               clock: Callable[[], float] = time.time) -> dict:
-    """Register the run's adapter as a new immutable version and mark the run succeeded."""
-    result = json.loads((run_dir / "result.json").read_text())
-    row = store.query_one("SELECT parent_version, snapshot_id FROM runs WHERE id = ?", (run_id,))
-    job = json.loads((run_dir / "job.json").read_text())
-    metrics = {k: result[k] for k in ("loss_first", "loss_last", "tokens", "tokens_per_second", "steps",
-                                      "total_steps", "seconds", "status")}
-    version = registry.register_adapter(
-        store, Path(cfg.paths.state_dir), Path(result["adapter_dir"]), base_model=cfg.model.base_model,
-        parent=row["parent_version"], snapshot_id=row["snapshot_id"], run_id=run_id, metrics=metrics,
-        train_config=job["config"]["train"], clock=clock)
-    with store.transaction() as tx:
-        tx.execute("UPDATE runs SET status = 'succeeded', finished_at = ?, result = ?, step = ?, total_steps = ? "
-                   "WHERE id = ?", (clock(), json.dumps({**metrics, "version": version}), result["steps"],
-                                    result["total_steps"], run_id))
-        store.add_event("train", subject=run_id, ok=True,
-                        reason=f"trained {version}: loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}",
-                        data={**metrics, "version": version}, db=tx)
-    return {"version": version, "path": str(Path(cfg.paths.state_dir) / "adapters" / version), **metrics}
-
-
-def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, progress: bool = True) -> dict:
-    """Execute a queued run here (the CLI path): progress bar on the terminal, result registered."""
-    from pipelines.train import TrainingError, run_job
-
-    if cfg.train.distributed != "none":   # several GPUs: the job runs under torchrun (pipelines/train/distributed.py)
-        from pipelines.train.distributed import run_launched
-
-        def run_job(run_dir, **kwargs):  # noqa: F811 -- same call, launched processes instead of this one
-            return run_launched(cfg.train, run_dir, **kwargs)
-    mark_running(store, run_id, os.getpid())
-    try:
-        run_job(run_dir, progress=progress,
-                on_step=lambda r: record_progress(store, run_id, r["step"], r["total_steps"]))
-    except TrainingError as e:
-        fail_run(store, run_id, str(e))
-        raise JobError(str(e)) from e
-    except Exception as e:  # survive and record anything else, with its type, then re-raise for the CLI
-        fail_run(store, run_id, f"{type(e).__name__}: {e}")
-        raise
-    return finish_run(store, cfg, run_id, run_dir)
-
-
-def last_step(run_dir: Path) -> dict | None:
-    """The last line of a run's metrics.jsonl (step, total_steps, loss, tokens/s), read from the file's end."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        last = json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
-    return last
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """Parse data files into normalised payloads; returns (payloads, problems).
-
-    A record's ``category`` rides along in its payload, as in a snapshot's (train.category_weights).
-    """
-    from pipelines.ingest import FileRejected, iter_records
-
-    payloads, problems = [], []
-    for path in paths:
-        try:
-            for item in iter_records(path):
-                if item.record is not None:
-                    payload = item.record.payload
-                    if item.record.category is not None:
-                        payload = {**payload, "category": item.record.category}
-                    payloads.append(payload)
-                else:
-                    problems.append(f"{path}:{item.line}: {item.error}")
-        except FileRejected as e:
-            problems.append(f"{path}: {e}")
-    return payloads, problems
-
-
-def adapter_path(store: Store, cfg: Config, which: str | None) -> tuple[str | None, Path | None]:
-    """'base' / None -> (None, None); 'champion' -> the champion (or base); a version -> verified path."""
-    if which in (None, "base"):
-        return None, None
-    if which == "champion":
-        which = registry.champion(store)
-        if which is None:
-            return None, None
-    row = registry.verify_adapter(store, which, base_model=cfg.model.base_model)
-    return which, Path(row["path"])
-
-
-def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str = "champion", *,
-                       holdout_file: str | None = None) -> dict:
-    """Score candidate vs incumbent, decide with the pure policy, record the report and the decision."""
-    from daemon.policy import should_promote
-    from pipelines.data import snapshot_payloads
-    from pipelines.evaluate import EvalError, evaluate, load_regression_set
-    from pipelines.models import load_base_model
-
-    cand_row = registry.verify_adapter(store, candidate, base_model=cfg.model.base_model)
-    inc_version, inc_path = adapter_path(store, cfg, incumbent)
-    if inc_version == candidate:
-        raise EvalError(f"candidate {candidate} is the incumbent; compare it with another version or 'base'")
-    if holdout_file:
-        holdout, _ = read_payloads([holdout_file])
-    elif cand_row["snapshot_id"]:
-        holdout = [p for _, _, p in snapshot_payloads(store, cand_row["snapshot_id"], roles=("holdout",))]
-    else:
-        raise EvalError(f"{candidate} has no data snapshot (trained with `lorad train --data`); pass --holdout FILE")
-    regression = {name: load_regression_set(name) for name in cfg.eval.regression_sets}
-    m = cfg.model
-    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", dtype=m.dtype,
-                                       quantization=m.quantization, device=m.device, revision=m.revision or None,
-                                       trust_remote_code=m.trust_remote_code)
-    report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
-                      regression=regression, max_examples=cfg.eval.max_examples,
-                      bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,
-                      max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
-                      regression_base=cfg.promote.regression_reference == "base")
-    decision = should_promote(report, cfg.promote, confidence=cfg.eval.confidence)
-    summary = {k: v for k, v in report.items() if k != "per_example"}
-    with store.transaction() as tx:
-        tx.execute("UPDATE adapters SET eval_report = ? WHERE version = ?",
-                   (json.dumps({**summary, "decision": decision.ok, "reason": decision.reason}), candidate))
-        store.add_event("eval", subject=candidate, ok=decision.ok, reason=decision.reason,
-                        data={"incumbent": inc_version or "base", "code": decision.code}, db=tx)
-    h = report["holdout"]
-    return {
-        "decision": "promote" if decision.ok else "reject", "reason": decision.reason, "code": decision.code,
-        "candidate": candidate, "incumbent": inc_version or "base",
-        "metrics": {
-            "candidate": {"holdout_loss": h["candidate_loss"], "holdout_perplexity": h["candidate_perplexity"],
-                          **{f"{n}_loss": r["candidate_loss"] for n, r in report["regression"].items()},
-                          "ttft_s": (report.get("latency") or {}).get("candidate_ttft_s")},
-            "incumbent": {"holdout_loss": h["incumbent_loss"], "holdout_perplexity": h["incumbent_perplexity"],
-                          **{f"{n}_loss": r["incumbent_loss"] for n, r in report["regression"].items()},
-                          "ttft_s": (report.get("latency") or {}).get("incumbent_ttft_s")},
-        },
-        "tests": {"holdout": {k: h[k] for k in ("n", "p_value", "mean_diff", "ci95")},
-                  "regression": report["regression"], "latency": report.get("latency")},
-    }
-
-
-# ----------------------------------------------------------------------------- the learning loop
-
-
 
 
 def write_job_config(cfg: Config, folder: Path) -> Path:
@@ -279,44 +58,6 @@ def write_jsonl(path: Path, payloads: Iterable[dict]) -> int:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def pending_payloads(store: Store, limit: int | None = None) -> list[dict]:
-    """Train-split records not yet trained on (not 'new' in any snapshot), oldest first."""
-    sql = ("SELECT r.payload FROM records r WHERE r.split = 'train' AND NOT EXISTS (SELECT 1 FROM snapshot_records s "
-           f"WHERE s.record_id = r.id AND s.role = 'new' AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id")
-    rows = store.query(sql + (f" LIMIT {int(limit)}" if limit else ""))
-    return [json.loads(r["payload"]) for r in rows]
-
-
-def reference_payloads(store: Store, cfg: Config, seed: int = 0) -> tuple[str, list[dict]]:
-    """What the champion learned (its snapshot's training records, reservoir-capped).
-
-    With no champion yet, the base model's own knowledge is represented by the general regression
-    sets: new domain data is then compared with general conversation.
-    """
-    import random
-
-    from daemon import registry
-    from pipelines.data import snapshot_payloads
-
-    champ = registry.champion(store)
-    payloads: list[dict] = []
-    source = "base model (general regression sets)"
-    if champ is not None:
-        row = store.query_one("SELECT snapshot_id FROM adapters WHERE version = ?", (champ,))
-        if row and row["snapshot_id"]:
-            payloads = [p for _, _, p in snapshot_payloads(store, row["snapshot_id"], roles=("new", "replay"))]
-            source = f"champion {champ} training data"
-    if not payloads:
-        from pipelines.evaluate import load_regression_set
-
-        for name in cfg.eval.regression_sets:
-            payloads.extend(load_regression_set(name))
-    if len(payloads) > cfg.drift.reference_cap:
-        payloads = random.Random(seed).sample(payloads, cfg.drift.reference_cap)
-    return source, payloads
-
 
 def _last_line(log_path: Path) -> str:
     """': <the last line of a log>' (a crashed step's exception, e.g. a full disk), or '' when there is none."""
@@ -534,7 +275,8 @@ class JobRunner:
     def cycle(self, trigger: str) -> dict:
         """One pass of the loop for a trigger; returns what happened (also recorded as events)."""
         from daemon.policy import should_train
-        from pipelines.data import NothingToSnapshot, build_snapshot, snapshot_payloads
+        from daemon.runs import build_snapshot, snapshot_payloads
+        from pipelines.data import NothingToSnapshot
 
         folder = runs_dir(self.cfg) / time.strftime("cycle-%Y%m%d-%H%M%S", time.gmtime(self.clock()))
         folder = folder.with_name(folder.name + "-" + secrets.token_hex(2))
@@ -542,8 +284,8 @@ class JobRunner:
         self.current = {"stage": "drift", "trigger": trigger, "since": self.clock()}
         drift = self.drift_check(folder) if trigger == "drift" else self.last_drift
         pending = self.store.counts()["records_pending"]
-        last = self.store.query_one("SELECT MAX(created_at) FROM runs WHERE kind = 'train'")[0]
-        decision = should_train(trigger=trigger, drift=drift, pending=pending, last_run_at=last, now=self.clock(),
+        decision = should_train(trigger=trigger, drift=drift, pending=pending, last_run_at=last_train_created(self.store),
+                                now=self.clock(),
                                 job_running=False, cfg=self.cfg.schedule)
         self.store.add_event("decide_train", subject=trigger, ok=decision.ok, reason=decision.reason,
                              data={"code": decision.code, "pending": pending})
@@ -594,11 +336,7 @@ class JobRunner:
                    else "succeeded" if proc.returncode == 0 else "failed")
         m.training_runs.labels(outcome).inc()
         if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode != 0):
-            with self.store.transaction() as tx:
-                tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ?",
-                           ("daemon stopping: checkpointed, resumes at next start", run_id))
-                self.store.add_event("train", subject=run_id, ok=False, reason="interrupted by shutdown; will resume",
-                                     db=tx)
+            interrupt_run(self.store, run_id)
             return {"trained": False, "reason": "interrupted"}
         if proc.returncode != 0:
             err = run_dir / "error.json"
@@ -663,21 +401,19 @@ class JobRunner:
     def resume_interrupted(self) -> list[str]:
         """Continue train runs an earlier process left unfinished (from their last checkpoint)."""
         resumed = []
-        rows = self.store.query("SELECT id FROM runs WHERE kind = 'train' AND status IN ('queued', 'interrupted') "
-                                "ORDER BY created_at")
-        for row in rows:
+        for run_id in resumable_runs(self.store):
             if self._stopping_now():
                 break
-            run_dir = runs_dir(self.cfg) / row["id"]
+            run_dir = runs_dir(self.cfg) / run_id
             if not (run_dir / "job.json").is_file():
-                fail_run(self.store, row["id"], f"run folder {run_dir} is missing; cannot resume", self.clock)
+                fail_run(self.store, run_id, f"run folder {run_dir} is missing; cannot resume", self.clock)
                 continue
-            self.store.add_event("train", subject=row["id"], reason="resuming interrupted run from its checkpoint")
+            self.store.add_event("train", subject=run_id, reason="resuming interrupted run from its checkpoint")
             try:
-                self.train_eval_promote(row["id"], run_dir)
+                self.train_eval_promote(run_id, run_dir)
             finally:
                 self.current = None
-            resumed.append(row["id"])
+            resumed.append(run_id)
         unjudged = self.unjudged_candidate()
         if unjudged is not None and not self._stopping_now():
             run_id, version = unjudged
@@ -695,8 +431,7 @@ class JobRunner:
 
         Only while the champion is still the one it was trained from (and is to be compared with).
         """
-        row = self.store.query_one("SELECT id, parent_version, result FROM runs WHERE kind = 'train' "
-                                   "AND status = 'succeeded' ORDER BY created_at DESC LIMIT 1")
+        row = latest_succeeded_run(self.store)
         if row is None or row["parent_version"] != registry.champion(self.store):
             return None
         version = json.loads(row["result"] or "{}").get("version")

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon.store import Store
+from pipelines.files import TMP_PREFIX, atomic_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from daemon.store import Store
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 LINEAGE = "lineage.json"
@@ -51,14 +53,6 @@ def validate_version_name(version: str) -> str:
         raise AdapterError(f"invalid adapter version {version!r}: use lowercase letters, digits and '-' "
                            f"(at most 64 characters)")
     return version
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def register_adapter(store: Store, state_dir: Path, src_dir: Path, *, base_model: str,
@@ -94,26 +88,16 @@ def register_adapter(store: Store, state_dir: Path, src_dir: Path, *, base_model
         "snapshot_id": snapshot_id, "run_id": run_id, "metrics": metrics or {}, "train_config": train_config or {},
         "files": hashes, "created_at": clock(),
     }
-    tmp = root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         for name in ADAPTER_FILES:
             shutil.copyfile(src_dir / name, tmp / name)
             if sha256_file(tmp / name) != hashes[name]:
                 raise AdapterError(f"copy of {name} does not match its source hash (disk error?)")
         (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2, ensure_ascii=False))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    except BaseException:  # disk full, I/O error: leave no half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # A folder already at this name is a leftover of a crash between rename and insert: replaced.
     final = root / version
-    if final.exists():  # a leftover of a crash between rename and insert with the same name
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    atomic_dir(final, write)
     with store.transaction() as tx:
         tx.execute("INSERT INTO adapters (version, path, sha256, base_model, base_hash, parent, snapshot_id, run_id, "
                    "metrics, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -132,7 +116,7 @@ def reconcile(store: Store, state_dir: Path) -> list[str]:
     known = {r["version"] for r in store.query("SELECT version FROM adapters")}
     removed = []
     for p in root.iterdir():
-        if p.name.startswith(".tmp-") or (p.is_dir() and p.name not in known):
+        if p.name.startswith(TMP_PREFIX) or (p.is_dir() and p.name not in known):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon.config import Config
+from daemon.runs import recover_runs
 from daemon.store import Store, ensure_state_dir, open_store
 
 log = logging.getLogger("lorad.daemon")
@@ -90,60 +91,6 @@ def read_lock_info(state_dir: str | os.PathLike) -> dict | None:
             return {}
     finally:
         os.close(fd)
-
-
-def recover_runs(store: Store) -> list[str]:
-    """Mark runs left 'running' by a process that no longer exists as interrupted; return their ids."""
-    interrupted = []
-    for row in store.query("SELECT id, pid FROM runs WHERE status = 'running'"):
-        if row["pid"] and _pid_alive(row["pid"]):
-            if not _is_run_process(row["pid"], row["id"]):
-                continue  # a live process of another lorad (or the pid was reused): leave it alone
-            _stop_orphan(row["pid"])
-        with store.transaction() as tx:
-            tx.execute("UPDATE runs SET status = 'interrupted', reason = ? WHERE id = ? AND status = 'running'",
-                       ("process ended without finishing (daemon restart)", row["id"]))
-            store.add_event("run", subject=row["id"], ok=False, reason="interrupted: found running at startup",
-                            db=tx)
-        interrupted.append(row["id"])
-    return interrupted
-
-
-def _is_run_process(pid: int, run_id: str) -> bool:
-    """True when ``pid`` is a training process of this run (its command line names the run folder)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return "pipelines.train" in cmdline and run_id in cmdline
-
-
-def _stop_orphan(pid: int, timeout: float = 60.0) -> None:
-    """A training process left behind by a killed daemon: SIGTERM (it checkpoints), then SIGKILL."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.2)
-    if _pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped: its cmdline reads empty) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # /proc/<pid>/stat: "pid (comm) state ...", comm may hold spaces and parentheses
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def status_snapshot(cfg: Config, store: Store | None, *, daemon_info: dict | None = None,
@@ -256,37 +203,31 @@ class Daemon:
         """Gauges that reflect stored state, so a restarted daemon reports the truth from its first scrape."""
         from daemon import registry
 
-        m = self.metrics
-        m.drift_alpha.set(self.cfg.drift.alpha)
-        m.drift_effect_floor.set(self.cfg.drift.effect_size_floor)
-        m.records_pending.set(self.store.counts()["records_pending"])
+        metrics = self.metrics
+        metrics.drift_alpha.set(self.cfg.drift.alpha)
+        metrics.drift_effect_floor.set(self.cfg.drift.effect_size_floor)
+        metrics.records_pending.set(self.store.counts()["records_pending"])
         champ = registry.champion(self.store)
         if champ is not None:
             row = registry.get_adapter(self.store, champ)
-            m.set_champion(champ, row["parent"], row["sha256"])
+            metrics.set_champion(champ, row["parent"], row["sha256"])
         last_drift = self.store.query_one("SELECT MAX(ts) FROM events WHERE kind = 'drift' AND ok = 1")[0]
-        m.drift_last_detected.set(last_drift or 0)
+        metrics.drift_last_detected.set(last_drift or 0)
         last_run = self.store.query_one("SELECT MAX(started_at) FROM runs WHERE kind = 'train'")[0]
-        m.training_last_start.set(last_run or 0)
+        metrics.training_last_start.set(last_run or 0)
 
     def _load_model(self) -> None:
         t0 = time.perf_counter()
         try:
-            loader = self.model_loader
-            if loader is None:
-                from pipelines.models import load_base_model as loader
-            log.info("loading base model", extra={"base_model": self.cfg.model.base_model})
-            m = self.cfg.model
-            if self.model_loader is None:   # "auto" dtype/quantization/micro-batch: chosen for the GPU found (or CPU)
-                from pipelines.hardware import resolve_config
+            from pipelines.models import load_for
 
-                resolved, plan = resolve_config(self.cfg)
-                m = resolved.model
-                log.info("hardware plan", extra=plan.to_dict())
-                self.metrics.hardware_plan.info({k: str(v) for k, v in plan.to_dict().items() if k != "reason"})
-            self.model, self.tokenizer = loader(m.base_model, self.state_dir / "cache", dtype=m.dtype,
-                                                quantization=m.quantization, device=m.device,
-                                                revision=m.revision or None, trust_remote_code=m.trust_remote_code)
+            log.info("loading base model", extra={"base_model": self.cfg.model.base_model})
+            # "auto" dtype/quantization/micro-batch: chosen for the GPU found (or CPU), unless a loader is given
+            base = load_for("serve", self.cfg, loader=self.model_loader)
+            if base.plan is not None:
+                log.info("hardware plan", extra=base.plan.to_dict())
+                self.metrics.hardware_plan.info({k: str(v) for k, v in base.plan.to_dict().items() if k != "reason"})
+            self.model, self.tokenizer = base.model, base.tokenizer
         except Exception as e:  # the daemon keeps running and reports the failure on /readyz and status
             self.model_error = f"{type(e).__name__}: {e}"
             log.error("base model failed to load", extra={"error": self.model_error})

@@ -140,12 +140,6 @@ MIGRATIONS: list[str] = [
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# Snapshots whose every training run failed give their records back: those records were never learned.
-# Use as `... s.snapshot_id NOT IN (FAILED_SNAPSHOTS)` wherever "already trained on" is decided.
-FAILED_SNAPSHOTS = ("SELECT snapshot_id FROM runs WHERE snapshot_id IS NOT NULL GROUP BY snapshot_id "
-                    "HAVING SUM(status != 'failed') = 0")
-
-
 class StoreError(RuntimeError):
     """The state database cannot be used (corrupt, newer schema, unwritable)."""
 
@@ -170,9 +164,8 @@ class Store:
             self._db.execute("PRAGMA busy_timeout = 300000")
             self._db.execute("PRAGMA foreign_keys = ON")
             if not readonly:
-                # Applies only when the file is created (an existing database keeps its page size). Records
-                # are ~1-3 KB of JSON: 16 KiB pages waste less space than 4 KiB ones and a big ingest writes
-                # 4x fewer WAL frames (measured: 100k LawBench records, ~8 us less CPU per record).
+                # Applies only when the file is created. Records are ~1-3 KB of JSON: 16 KiB pages waste less
+                # space than 4 KiB ones, and a big ingest writes fewer WAL frames.
                 self._db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
                 self._db.execute("PRAGMA journal_mode = WAL")
                 # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose the last commit.
@@ -296,10 +289,9 @@ class Store:
         out = {}
         for table in ("files", "records", "snapshots", "runs", "adapters", "events"):
             out[table] = self.query_one(f"SELECT COUNT(*) FROM {table}")[0]
-        out["records_pending"] = self.query_one(
-            "SELECT COUNT(*) FROM records r WHERE r.split = 'train' AND NOT EXISTS "
-            "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
-            f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS}))")[0]
+        from daemon.runs import pending_sql
+
+        out["records_pending"] = self.query_one(*pending_sql("COUNT(*)"))[0]
         return out
 
 

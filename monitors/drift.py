@@ -1,6 +1,7 @@
 """Has the new data drifted from what the champion learned? A statistically honest answer.
 
-Pure: numpy and scipy only (no torch, even indirectly), deterministic given a seed.
+Pure: numpy and scipy only (no torch, even indirectly; both imported inside the functions), deterministic
+given a seed.
 
 Windows. The reference window is the records the champion was trained on, capped by a
 uniform reservoir (``Reservoir``, ``drift.reference_cap``); the current window is the records
@@ -15,10 +16,8 @@ Test families, each giving one or more (p-value, effect) pairs:
                p = (b + 1) / (B + 1) with b the permuted statistics >= the observed one.
                The PCA and the bandwidth are fitted on the POOLED windows without their labels,
                so they are the same function of the data under every permutation and the
-               permutation test stays exact. (Fitting PCA on the reference alone projects reference
-               points in-sample and current points out-of-sample, so exchangeability no longer
-               holds exactly; bench/drift_bench.py measured no false-alarm inflation from it on
-               LawBench, but pooled is exact by construction and costs nothing.)
+               permutation test stays exact (a PCA fitted on the reference alone would project the
+               two windows differently and break exchangeability).
   descriptors  two-sample Kolmogorov-Smirnov test per descriptor (lengths, script shares, ...).
                Ties make it conservative, never liberal.
   loss         one-sided Mann-Whitney U: is the current response loss under the champion
@@ -55,8 +54,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
-
-import numpy as np
 
 from monitors.features import Features, check_comparable
 
@@ -125,6 +122,8 @@ class DriftReport:
 
 def _num(x: Any) -> float | None:
     """JSON-safe float: NaN/inf/None -> None."""
+    import numpy as np
+
     if x is None:
         return None
     x = float(x)
@@ -136,6 +135,8 @@ def _num(x: Any) -> float | None:
 
 def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
     """A Generator from a Generator, a seed, or None (= seed 0: the same inputs give the same answer)."""
+    import numpy as np
+
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(0 if rng is None else rng)
@@ -146,6 +147,8 @@ def permutation_p_value(observed: float, null: np.ndarray) -> float:
 
     Never 0, and exactly valid for a statistic whose large values mean "different".
     """
+    import numpy as np
+
     null = np.asarray(null, dtype=np.float64)
     # A relative tolerance so float noise in recomputing an identical statistic counts as a tie.
     tol = 1e-12 * max(1.0, abs(observed))
@@ -160,6 +163,8 @@ def holm_adjust(p_values: Sequence[float], weights: Sequence[float] | None = Non
     alpha. Hypotheses are ordered by p / w; the i-th gets p * (sum of the weights not yet
     rejected) / w, made monotone. Equal weights give the textbook Holm procedure.
     """
+    import numpy as np
+
     p = np.asarray(p_values, dtype=np.float64)
     if p.size == 0:
         return p.copy()
@@ -176,6 +181,8 @@ def holm_adjust(p_values: Sequence[float], weights: Sequence[float] | None = Non
 
 def _pca_scores(fit: np.ndarray, apply: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Project ``apply`` onto the top-k principal axes of ``fit`` (centred on fit's mean)."""
+    import numpy as np
+
     mean = fit.mean(axis=0)
     a = fit - mean
     k = max(1, min(k, a.shape[0] - 1, a.shape[1]))
@@ -195,6 +202,8 @@ def _pca_scores(fit: np.ndarray, apply: np.ndarray, k: int, rng: np.random.Gener
 
 def _median_off_diagonal(d2: np.ndarray) -> float:
     """Median of the off-diagonal entries of a square distance matrix (positive fallback)."""
+    import numpy as np
+
     n = d2.shape[0]
     off = np.delete(d2.ravel(), np.arange(n) * (n + 1))
     med = float(np.median(off)) if off.size else 0.0
@@ -205,6 +214,8 @@ def _median_off_diagonal(d2: np.ndarray) -> float:
 
 
 def _squared_distances(z: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     sq = np.einsum("ij,ij->i", z, z)
     d2 = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)
     return np.maximum(d2, 0.0, out=d2)
@@ -212,6 +223,8 @@ def _squared_distances(z: np.ndarray) -> np.ndarray:
 
 def _mmd2_for_labels(k0: np.ndarray, row_sums: np.ndarray, total: float, a: np.ndarray, n: int, m: int) -> np.ndarray:
     """Unbiased MMD^2 for each column of ``a`` (N x B indicators of the reference group)."""
+    import numpy as np
+
     ka = k0 @ a
     sxx = np.einsum("ij,ij->j", a, ka)
     sxy = row_sums @ a - sxx
@@ -226,6 +239,8 @@ def mmd_test(x: np.ndarray, y: np.ndarray, *, permutations: int, rng: np.random.
     witness score of each current point (how much more it resembles the current window than
     the reference; the largest explain the drift).
     """
+    import numpy as np
+
     n, m = len(x), len(y)
     if n < 2 or m < 2:
         raise ValueError(f"MMD needs at least 2 points per side, got {n} and {m}")
@@ -280,6 +295,7 @@ def _loss_test(ref: np.ndarray, cur: np.ndarray) -> tuple[float, float, float]:
 
 def _category_test(ref: np.ndarray, cur: np.ndarray) -> dict | None:
     """Chi-square homogeneity test on category counts; None when fewer than 2 categories remain."""
+    import numpy as np
     from scipy import stats
 
     pooled, counts = np.unique(np.concatenate([ref, cur]), return_counts=True)
@@ -353,6 +369,8 @@ class Reservoir:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Reservoir":
+        import numpy as np
+
         res = cls(state["capacity"])
         bitgen = getattr(np.random, state["rng"]["bit_generator"])()
         bitgen.state = state["rng"]
@@ -366,6 +384,8 @@ class Reservoir:
 
 def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     """All of range(n), or a uniform sorted sample of ``cap`` of them."""
+    import numpy as np
+
     return np.arange(n) if n <= cap else np.sort(rng.choice(n, cap, replace=False))
 
 
@@ -397,6 +417,8 @@ def detect_drift(reference: Features, current: Features, cfg: "DriftConfig", *,
     Raises:
         FeatureMismatchError: the two windows were featurized differently.
     """
+    import numpy as np
+
     if pca_fit not in ("pooled", "reference"):
         raise ValueError(f"pca_fit must be 'pooled' or 'reference', got {pca_fit!r}")
     gen = as_generator(rng)
@@ -494,6 +516,8 @@ def detect_drift(reference: Features, current: Features, cfg: "DriftConfig", *,
 def _examples(current: Features, witness: tuple[np.ndarray, np.ndarray] | None, ref_loss: np.ndarray | None,
               k: int) -> list[dict]:
     """Current records that explain a drift: unlike the reference in embedding space, or surprising to the champion."""
+    import numpy as np
+
     out = []
     if witness is not None and k > 0:
         idx, score = witness

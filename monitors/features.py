@@ -13,21 +13,20 @@ normalised here too, so a JSONL file can be featurized directly.
 The embeddings are kept at full width: the drift test reduces them by PCA itself, fitted
 inside each test (see monitors/drift.py), so no projection learned elsewhere leaks in.
 
-torch and transformers are imported inside functions only: importing this module (and
+numpy, torch and transformers are imported inside functions only: importing this module (and
 monitors.drift, which uses ``Features``) stays cheap.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
+from pipelines.chat import render_chat
 
 DESCRIPTOR_NAMES: tuple[str, ...] = (
     "prompt_tokens",        # templated prompt length, before truncation
@@ -41,7 +40,7 @@ DESCRIPTOR_NAMES: tuple[str, ...] = (
     "share_space",
 )
 # Bumped whenever a feature's definition changes, so old cached features are refused.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 PREVIEW_CHARS = 160
 
 
@@ -73,6 +72,8 @@ class Features:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import numpy as np
+
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
         if self.embeddings.ndim != 2:
             raise ValueError(f"embeddings must be 2-D (n, hidden), got shape {self.embeddings.shape}")
@@ -91,6 +92,8 @@ class Features:
 
     def take(self, index: Sequence[int] | np.ndarray) -> "Features":
         """The rows ``index`` (in that order) as a new Features."""
+        import numpy as np
+
         idx = np.asarray(index, dtype=np.int64)
         return Features(
             embeddings=self.embeddings[idx], descriptors=self.descriptors[idx],
@@ -102,6 +105,8 @@ class Features:
     @classmethod
     def concat(cls, parts: Sequence["Features"]) -> "Features":
         """Stack feature sets computed the same way (raises FeatureMismatchError otherwise)."""
+        import numpy as np
+
         if not parts:
             raise ValueError("concat needs at least one Features")
         first = parts[0]
@@ -121,16 +126,17 @@ class Features:
 
     @classmethod
     def empty(cls, hidden: int = 0, meta: dict | None = None) -> "Features":
+        import numpy as np
+
         return cls(np.zeros((0, hidden), np.float32), np.zeros((0, len(DESCRIPTOR_NAMES))),
                    DESCRIPTOR_NAMES, np.zeros(0), None, [], dict(meta or {}))
 
     def save(self, path: str | Path) -> None:
-        """Write an .npz atomically (temp name + os.replace); no pickles."""
-        import os
+        """Write an .npz atomically (whole or not at all); no pickles."""
+        import numpy as np
+        from pipelines.files import atomic_file
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_file(path, "wb") as fh:
             np.savez(
                 fh, embeddings=self.embeddings, descriptors=self.descriptors,
                 descriptor_names=np.array(self.descriptor_names, dtype=str), loss=self.loss,
@@ -138,10 +144,11 @@ class Features:
                 has_categories=np.array(self.categories is not None),
                 previews=np.array(self.previews, dtype=str), meta=np.array(json.dumps(self.meta)),
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Features":
+        import numpy as np
+
         with np.load(Path(path), allow_pickle=False) as z:
             return cls(
                 embeddings=z["embeddings"], descriptors=z["descriptors"],
@@ -238,6 +245,8 @@ _SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x2000, 0x200
 
 
 def _in_ranges(cp: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    import numpy as np
+
     mask = np.zeros(cp.shape, dtype=bool)
     for lo, hi in ranges:
         mask |= (cp >= lo) & (cp <= hi)
@@ -251,6 +260,8 @@ def char_class_shares(text: str) -> dict[str, float]:
     with unicodedata (letters -> other script, P*/S* -> punct, N* -> digit, Z* -> space).
     Empty text gives all zeros.
     """
+    import numpy as np
+
     keys = ("share_cjk", "share_latin", "share_other_letters", "share_digit", "share_punct", "share_space")
     if not text:
         return dict.fromkeys(keys, 0.0)
@@ -276,14 +287,6 @@ def char_class_shares(text: str) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- tokenisation
-
-
-def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    # No chat template (a base model): a plain, stable transcript format.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant: " if generation_prompt else "")
 
 
 def _truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
@@ -325,9 +328,9 @@ def encode_records(records: Sequence[dict], tokenizer: Any, max_tokens: int) -> 
             response_texts.append(rec["text"])
             continue
         plain.append(False)
-        p = _render(tokenizer, prompt_msgs, generation_prompt=True)
+        p = render_chat(tokenizer, prompt_msgs, generation_prompt=True)
         has_response = len(prompt_msgs) < len(rec["messages"])
-        full = _render(tokenizer, rec["messages"], generation_prompt=False) if has_response else p
+        full = render_chat(tokenizer, rec["messages"], generation_prompt=False) if has_response else p
         if full.startswith(p):
             prompt_texts.append(p)
             response_texts.append(full[len(p):])
@@ -359,20 +362,6 @@ def encode_records(records: Sequence[dict], tokenizer: Any, max_tokens: int) -> 
 # ----------------------------------------------------------------------------- model pass
 
 
-def _native_bf16_cpu() -> bool:
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # a private probe that moved: just assume no
-            pass
-    return False
-
-
 def resolve_compute_dtype(model: Any, compute_dtype: str = "auto") -> str:
     """Name of the dtype the forward pass runs in ("float32", "bfloat16", ...).
 
@@ -380,11 +369,13 @@ def resolve_compute_dtype(model: Any, compute_dtype: str = "auto") -> str:
     AVX512-BF16), which runs under bf16 autocast: about 3x faster there, and both windows are
     featurized the same way (the dtype is recorded in Features.meta and checked).
     """
+    from pipelines.hardware import cpu_native_bf16
+
     param = next(model.parameters())
     model_dtype = str(param.dtype).removeprefix("torch.")
     if compute_dtype != "auto":
         return compute_dtype
-    if param.device.type == "cpu" and model_dtype == "float32" and _native_bf16_cpu():
+    if param.device.type == "cpu" and model_dtype == "float32" and cpu_native_bf16():
         return "bfloat16"
     return model_dtype
 
@@ -397,7 +388,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
     Args:
         records: normalised payloads (or any raw shape ``normalise_record`` accepts).
         model: the champion (base model, with its adapter if any); it is not modified.
-        tokenizer: its tokenizer (a chat template is used when it has one).
+        tokenizer: its tokenizer; chats are rendered as training renders them (``pipelines.chat.render_chat``).
         batch_size: full-length (max_tokens) sequences per forward pass; records are sorted by
             length and batched by padded tokens (batch_size * max_tokens), so shorter records
             go more at a time and padding stays small.
@@ -414,6 +405,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
         Features with embeddings (mean-pooled last hidden state, float32) and the mean
         response-token loss, both from the same logits pass.
     """
+    import numpy as np
     import torch
 
     recs = [normalise_record(r) for r in records]
@@ -488,6 +480,7 @@ def _batches(order: list[int], lengths: list[int], token_budget: int) -> Iterato
 
 def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and mean response loss for one right-padded batch."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -519,189 +512,3 @@ def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) 
         target = ids[row, e.response_start:len(e.ids)]
         nll[row] = float(F.cross_entropy(logits[row, lo:hi].float(), target, reduction="mean"))
     return emb.cpu().numpy(), nll
-
-
-# ----------------------------------------------------------------------------- CLI entry
-
-
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    """Minimal JSONL reader used when pipelines.ingest is unavailable; names the bad line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            try:
-                yield normalise_record(obj)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-
-
-def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], list[str]]:
-    """Records of a data file, parsed and validated exactly as ingest does, plus the rejected lines.
-
-    Uses ``pipelines.ingest.iter_records`` (every format and shape ingest accepts, same
-    cleaning); falls back to a plain JSONL reader when that module is unavailable.
-
-    Returns:
-        (normalised payloads with their category, ["line N: reason", ...] for records ingest would reject)
-
-    Raises:
-        FileNotFoundError, or ingest's FileRejected when the file cannot be read as records at all.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    try:
-        from pipelines.ingest import iter_records
-    except ImportError:
-        return list(_read_jsonl(path)), []
-    records, rejected = [], []
-    for parsed in iter_records(path, data_cfg):
-        if parsed.record is None:
-            rejected.append(f"line {parsed.line}: {parsed.error}")
-            continue
-        payload = dict(parsed.record.payload)
-        if parsed.record.category:
-            payload["category"] = parsed.record.category
-        records.append(payload)
-    return records, rejected
-
-
-DRIFT_CACHE = "drift-features"   # under <state>/cache: reference-window features, a few newest kept
-DRIFT_CACHE_KEEP = 4
-
-
-def _reference_cache_path(folder: Path, records: list[dict], model: Any, dtype: str, adapter: str | Path | None,
-                          max_tokens: int) -> Path:
-    """The cache file of these records' features under this model (+ adapter), dtype and token budget."""
-    import hashlib
-
-    h = hashlib.sha256()
-    identity = {"version": FEATURES_VERSION, "max_tokens": int(max_tokens), "dtype": str(dtype),
-                "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
-                "params": sum(p.numel() for p in model.parameters())}
-    if adapter is not None:   # adapter folders are immutable once written; their weights' size and time say which
-        weights = Path(adapter) / "adapter_model.safetensors"
-        st = weights.stat() if weights.exists() else None
-        identity["adapter"] = [str(Path(adapter).resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0]
-    h.update(json.dumps(identity, sort_keys=True).encode())
-    for r in records:
-        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode())
-        h.update(b"\n")
-    return folder / f"{h.hexdigest()[:32]}.npz"
-
-
-def _load_cached(path: Path) -> "Features | None":
-    try:
-        features = Features.load(path)
-    except Exception:   # none yet, or unreadable (cut short, corrupt): computed again
-        return None
-    try:
-        os.utime(path)   # newest first when old entries are dropped
-    except OSError:
-        pass
-    return features
-
-
-def _store_cached(path: Path, features: "Features") -> None:
-    """Best effort: a full disk or a read-only state only costs the next check its speed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        features.save(path)
-        entries = sorted(path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[DRIFT_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: Any, *, seed: int = 0,
-              loader: Any = None, batch_size: int = 8, max_tokens: int = 256,
-              adapter: str | Path | None = None, adapter_version: str | None = None) -> dict:
-    """``lorad drift --reference PATH --current PATH``: featurize both files, test, report.
-
-    With ``adapter`` (the champion's adapter folder, verified by the caller) both windows are
-    featurized by base + adapter in one pass: the loss feature is then the champion's own view of
-    novelty, and both windows still come from the same model, so the test stays fair.
-
-    The reference window's features are cached in ``<state>/cache/drift-features``; with
-    ``current_path`` None (``lorad drift --warm``) only that is done, so the next check is quick.
-
-    Args:
-        reference_path / current_path: data files (JSONL in any record shape ingest accepts).
-        cfg: the full lorad Config (model, paths and drift sections are used).
-        seed: seeds the reservoir cap, MMD subsampling and permutations (same seed, same answer).
-        loader: ``load_base_model``-compatible callable (tests pass a tiny model).
-        adapter / adapter_version: a PEFT adapter folder to score under, and its name for the report.
-
-    Returns:
-        DriftReport.to_dict(), plus "rejected" (lines ingest would reject, left out), "scored_by"
-        (the version whose loss was measured, or "base"), "reference_features" (cached or computed)
-        and "timings" (seconds per step); for a warm-up, {"status": "warmed", ...}.
-    """
-    import time
-
-    from monitors.drift import detect_drift
-
-    t0 = time.perf_counter()
-    data_cfg = getattr(cfg, "data", None)
-    (reference, ref_rejected), (current, cur_rejected) = (read_records(reference_path, data_cfg),
-                                                          ([], []) if current_path is None else
-                                                          read_records(current_path, data_cfg))
-    t_read = time.perf_counter()
-    model, tokenizer, dtype = _drift_model(cfg, loader, adapter)
-    t_load = time.perf_counter()
-    # The reference window is the same for every check until the champion changes (its training data, or the
-    # regression sets for the bare base): its features are kept in the state's cache, keyed by everything
-    # they depend on, so a check featurizes only the new records.
-    cache = _reference_cache_path(Path(cfg.paths.state_dir) / "cache" / DRIFT_CACHE, reference, model, dtype,
-                                  adapter, max_tokens)
-    ref_f = _load_cached(cache)
-    reference_features = "cached" if ref_f is not None else "computed"
-    if ref_f is None:
-        ref_f = featurize(reference, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
-        _store_cached(cache, ref_f)
-    scored_by = (adapter_version or str(adapter)) if adapter is not None else "base"
-    if current_path is None:   # warm-up only: the reference window's features are in the cache now
-        return {"status": "warmed", "n_reference": len(reference), "scored_by": scored_by,
-                "reference_features": reference_features,
-                "timings": {"read_s": t_read - t0, "load_model_s": t_load - t_read,
-                            "featurize_s": time.perf_counter() - t_load}}
-    cur_f = featurize(current, model, tokenizer, batch_size=batch_size, max_tokens=max_tokens)
-    t_feat = time.perf_counter()
-    report = detect_drift(ref_f, cur_f, cfg.drift, rng=np.random.default_rng(seed)).to_dict()
-    t_test = time.perf_counter()
-    # Lines ingest would reject are left out of both windows, and said so.
-    report["rejected"] = {"reference": len(ref_rejected), "current": len(cur_rejected),
-                          "first": (ref_rejected[:3] + cur_rejected[:3])[:5]}
-    report["scored_by"] = scored_by
-    report["reference_features"] = reference_features
-    report["timings"] = {"read_s": t_read - t0, "load_model_s": t_load - t_read,
-                         "featurize_s": t_feat - t_load, "test_s": t_test - t_feat}
-    return report
-
-
-def _drift_model(cfg: Any, loader: Any, adapter: str | Path | None) -> tuple[Any, Any, str]:
-    """The model drift features are computed with (base, + adapter), its tokenizer, and the dtype it runs in."""
-    if loader is None:
-        from pipelines.models import load_base_model as loader
-    dtype = cfg.model.dtype
-    if dtype == "auto" and cfg.model.device != "cuda":
-        import torch
-
-        # Drift features only: on a CPU with native bf16 run the whole model in bf16 (fastest).
-        if not torch.cuda.is_available() and _native_bf16_cpu():
-            dtype = "bfloat16"
-    model, tokenizer = loader(cfg.model.base_model, Path(cfg.paths.state_dir) / "cache", dtype=dtype,
-                              device=cfg.model.device, quantization=cfg.model.quantization,
-                              revision=cfg.model.revision or None, trust_remote_code=cfg.model.trust_remote_code)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))  # safetensors only: lorad writes nothing else
-        model.eval()
-    return model, tokenizer, dtype

@@ -9,10 +9,11 @@ changed, with one role per record:
   holdout  holdout-split records not yet in any snapshot as 'holdout': the new-data evaluation
            set (never trained on; the split is a stable hash, so a record never moves)
 Its id is the sha256 of the sorted (record_id, role) pairs: the same set always gets the same
-id, and writing it again returns the existing snapshot.
+id, and writing it again returns the existing snapshot. Choosing the records is pure
+(``select_snapshot``, on plain values); daemon/runs.py reads them from the state and writes it.
 
-Tokenisation renders chat records with the model's chat template and labels only the
-assistant turns (prompt tokens are -100). Packing puts several records in one sequence with
+Tokenisation renders chat records with pipelines.chat (the model's chat template, else ChatML)
+and labels only the assistant turns (prompt tokens are -100). Packing puts several records in one sequence with
 position ids restarting at 0 for each, so varlen attention (flash/sdpa with position ids)
 keeps them apart; the first label of each packed record is -100 so no loss crosses a boundary.
 
@@ -22,29 +23,16 @@ Only the stdlib is imported at module level; tokenizers are passed in.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import statistics
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from daemon.config import DataConfig
-from daemon.store import FAILED_SNAPSHOTS
-
-if TYPE_CHECKING:  # pragma: no cover
-    import sqlite3
-
-    from daemon.store import Store
+from daemon.config import DataConfig, parse_category_weights  # noqa: F401 -- train.py reads it here
+from pipelines.chat import render_chat
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, record boundaries)
 ROLES = ("new", "replay", "holdout")
-
-# ChatML, used only for tokenizers that have no chat template of their own (base models).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 class NothingToSnapshot(ValueError):
     """No pending train record: every one is already in a snapshot as 'new'."""
@@ -97,67 +85,64 @@ def _capped(ids_by_category: dict[str | None, list[int]], ratio: float, rng: ran
     return sorted(kept), dropped
 
 
-def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float | None,
-          replay_fraction: float | None, category_cap_ratio: float | None) -> Snapshot:
-    """Choose the snapshot's records from the current state (read-only)."""
+def select_snapshot(new_rows: Sequence[tuple[int, str | None, int]], holdout: Sequence[int],
+                    all_holdout: Sequence[tuple[int, str | None]], learned_chars: dict[int, int], cfg: DataConfig, *,
+                    seed: int, since: float | None = None, replay_fraction: float | None = None,
+                    category_cap_ratio: float | None = None) -> Snapshot:
+    """Choose a snapshot's records from plain values: the pure part of ``daemon.runs.build_snapshot``.
+
+    Args:
+        new_rows: (id, category, characters) of the pending train records, by id.
+        holdout: ids of the pending holdout records.
+        all_holdout: (id, category) of every holdout record; read only when ``holdout`` is empty.
+        learned_chars: {id: characters} of the train records already learned (the replay candidates).
+        seed / since / replay_fraction / category_cap_ratio: as ``build_snapshot``'s.
+
+    Raises:
+        NothingToSnapshot: no pending train record.
+    """
     replay_fraction = cfg.replay_fraction if replay_fraction is None else replay_fraction
     cap_ratio = cfg.category_cap_ratio if category_cap_ratio is None else category_cap_ratio
     if not 0.0 <= replay_fraction < 1.0:
         raise ValueError(f"replay_fraction must be in [0, 1), got {replay_fraction}")
     if cap_ratio < 0:
         raise ValueError(f"category_cap_ratio must be >= 0 (0 = no cap), got {cap_ratio}")
-    since_sql, since_args = ("AND r.ingested_at >= ?", (since,)) if since is not None else ("", ())
-
-    def pending(split: str, role: str) -> list[tuple[int, str | None]]:
-        return db.execute(
-            f"SELECT r.id, r.category FROM records r WHERE r.split = ? {since_sql} AND NOT EXISTS "
-            f"(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = ? "
-            f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id",
-            (split, *since_args, role)).fetchall()
-
-    new_rows = pending("train", "new")
     if not new_rows:
         raise NothingToSnapshot("no pending train records: every train record is already in a snapshot as "
                                 "'new'; ingest new data first" + (f" (since={since})" if since is not None else ""))
-    holdout = tuple(rid for rid, _ in pending("holdout", "holdout"))
+    holdout = tuple(holdout)
 
     rng = random.Random(seed)
     by_category: dict[str | None, list[int]] = {}
-    for rid, category in new_rows:
+    new_chars_of: dict[int, int] = {}
+    for rid, category, n_chars in new_rows:
         by_category.setdefault(category, []).append(rid)
+        new_chars_of[rid] = n_chars
     new, dropped = _capped(by_category, cap_ratio, rng)
     reused = 0
     if not holdout:
-        # Every holdout record of these categories already judged an earlier snapshot: the case for train
-        # records that a category cap (or an earlier failed run) left pending. Their categories' holdout
-        # is still never trained on, so it judges this candidate; without it the evaluation had nothing.
+        # Only train records are pending (left by a category cap or a failed run): their categories' holdout,
+        # never trained on, judges this candidate too, so the evaluation has data.
         categories = set(by_category)
-        holdout = tuple(rid for rid, category in db.execute(
-            "SELECT id, category FROM records WHERE split = 'holdout' ORDER BY id") if category in categories)
+        holdout = tuple(rid for rid, category in all_holdout if category in categories)
         reused = len(holdout)
 
-    older_chars = dict(db.execute(
-        "SELECT r.id, r.n_chars FROM records r WHERE r.split = 'train' AND EXISTS "
-        "(SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = 'new' "
-        f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS})) ORDER BY r.id").fetchall())
-    older = sorted(older_chars)
-    # Text sizes are read once: the new records' here, the older (replay) records' with their ids above.
-    counts_chars = cfg.replay_unit == "chars" or cfg.min_domain_fraction > 0
-    new_chars = sum(_n_chars(db, list(new)).values()) if counts_chars else 0
+    older = sorted(learned_chars)
+    new_chars = sum(new_chars_of[rid] for rid in new)
     replay_info: dict = {}
     if cfg.replay_unit == "chars":
         budget = round(replay_fraction / (1.0 - replay_fraction) * new_chars)
-        replay = tuple(sorted(fill_budget([(rid, older_chars[rid]) for rid in older], budget, rng)))
+        replay = tuple(sorted(fill_budget([(rid, learned_chars[rid]) for rid in older], budget, rng)))
         wanted = len(replay)
         replay_info = {"replay_unit": "chars", "replay_chars_wanted": budget,
-                       "replay_chars": sum(older_chars[rid] for rid in replay), "new_chars": new_chars}
+                       "replay_chars": sum(learned_chars[rid] for rid in replay), "new_chars": new_chars}
     else:
         wanted = round(replay_fraction / (1.0 - replay_fraction) * len(new))
         replay = tuple(sorted(rng.sample(older, min(wanted, len(older)))))
     floor_info: dict = {}
     if cfg.min_domain_fraction > 0 and replay:
-        kept = domain_floor([(rid, older_chars[rid]) for rid in replay], new_chars, cfg.min_domain_fraction, rng)
-        replay_chars = sum(older_chars[rid] for rid in kept)
+        kept = domain_floor([(rid, learned_chars[rid]) for rid in replay], new_chars, cfg.min_domain_fraction, rng)
+        replay_chars = sum(learned_chars[rid] for rid in kept)
         floor_info = {"min_domain_fraction": cfg.min_domain_fraction, "replay_dropped_by_floor": len(replay) - len(kept),
                       "domain_fraction_chars": round(new_chars / max(1, new_chars + replay_chars), 4)}
         replay = tuple(sorted(kept))
@@ -172,15 +157,6 @@ def _plan(db: "sqlite3.Connection", cfg: DataConfig, *, seed: int, since: float 
         **({"holdout_reused": reused} if reused else {}),
     }
     return Snapshot(snapshot_id(pairs), tuple(new), replay, holdout, manifest)
-
-
-def _n_chars(db: "sqlite3.Connection", ids: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-        chunk = ids[start:start + 900]
-        out.update(db.execute(f"SELECT id, n_chars FROM records WHERE id IN ({','.join('?' * len(chunk))})",
-                              chunk).fetchall())
-    return out
 
 
 def domain_floor(replay: Sequence[tuple[int, int]], new_chars: int, floor: float, rng: random.Random) -> list[int]:
@@ -214,96 +190,10 @@ def fill_budget(items: Sequence[tuple[int, int]], budget: float, rng: random.Ran
     return kept
 
 
-def plan_snapshot(store: "Store", cfg: DataConfig, *, seed: int, since: float | None = None,
-                  replay_fraction: float | None = None, category_cap_ratio: float | None = None) -> Snapshot:
-    """What ``build_snapshot`` would write now, without writing it."""
-    with store.transaction() as tx:
-        return _plan(tx, cfg, seed=seed, since=since, replay_fraction=replay_fraction,
-                     category_cap_ratio=category_cap_ratio)
-
-
-def write_snapshot(store: "Store", snapshot: Snapshot, *, db: "sqlite3.Connection | None" = None) -> Snapshot:
-    """Store a planned snapshot; if one with the same id exists, return it unchanged (created=False)."""
-    def write(tx: "sqlite3.Connection") -> Snapshot:
-        if tx.execute("SELECT 1 FROM snapshots WHERE id = ?", (snapshot.id,)).fetchone():
-            return _load(tx, snapshot.id)
-        tx.execute("INSERT INTO snapshots (id, created_at, n_new, n_replay, n_holdout, manifest) "
-                   "VALUES (?, ?, ?, ?, ?, ?)",
-                   (snapshot.id, store.clock(), len(snapshot.new), len(snapshot.replay), len(snapshot.holdout),
-                    json.dumps(snapshot.manifest, ensure_ascii=False, sort_keys=True)))
-        tx.executemany("INSERT INTO snapshot_records (snapshot_id, record_id, role) VALUES (?, ?, ?)",
-                       [(snapshot.id, rid, role) for role in ROLES for rid in getattr(snapshot, role)])
-        return Snapshot(snapshot.id, snapshot.new, snapshot.replay, snapshot.holdout, snapshot.manifest,
-                        created=True)
-    if db is not None:
-        return write(db)
-    with store.transaction() as tx:
-        return write(tx)
-
-
-def build_snapshot(store: "Store", cfg: DataConfig, *, seed: int, since: float | None = None,
-                   replay_fraction: float | None = None, category_cap_ratio: float | None = None) -> Snapshot:
-    """Choose and write the next training snapshot in ONE transaction.
-
-    Args:
-        seed: seeds the replay sample and the category cap; same state + same seed = same snapshot.
-        since: only records ingested at or after this timestamp count as new / holdout.
-        replay_fraction: share of replay records among the training records; default data.replay_fraction.
-        category_cap_ratio: no category of new records may exceed this multiple of the smallest one
-            (the surplus stays pending for a later snapshot); 0 = no cap; default data.category_cap_ratio.
-
-    Raises:
-        NothingToSnapshot: no pending train record.
-    """
-    with store.transaction() as tx:
-        planned = _plan(tx, cfg, seed=seed, since=since, replay_fraction=replay_fraction,
-                        category_cap_ratio=category_cap_ratio)
-        return write_snapshot(store, planned, db=tx)
-
-
-def _load(db: "sqlite3.Connection", sid: str) -> Snapshot:
-    row = db.execute("SELECT manifest FROM snapshots WHERE id = ?", (sid,)).fetchone()
-    if row is None:
-        raise KeyError(f"no snapshot {sid!r}")
-    ids: dict[str, list[int]] = {role: [] for role in ROLES}
-    for rid, role in db.execute("SELECT record_id, role FROM snapshot_records WHERE snapshot_id = ? "
-                                "ORDER BY record_id", (sid,)):
-        ids[role].append(rid)
-    return Snapshot(sid, tuple(ids["new"]), tuple(ids["replay"]), tuple(ids["holdout"]), json.loads(row[0]))
-
-
-def load_snapshot(store: "Store", snapshot_id: str) -> Snapshot:
-    """Read a stored snapshot back. Raises KeyError if there is none with that id."""
-    with store.transaction() as tx:
-        return _load(tx, snapshot_id)
-
-
-def snapshot_payloads(store: "Store", snapshot_id: str, roles: Sequence[str] = ("new", "replay")
-                      ) -> Iterator[tuple[int, str, dict]]:
-    """(record_id, role, payload) of a snapshot's records with the given roles, by record id.
-
-    A record's category, when it has one, is added to its payload as ``category``.
-    """
-    marks = ",".join("?" * len(roles))
-    rows = store.query(f"SELECT r.id, s.role, r.payload, r.category FROM snapshot_records s JOIN records r "
-                       f"ON r.id = s.record_id WHERE s.snapshot_id = ? AND s.role IN ({marks}) ORDER BY r.id",
-                       (snapshot_id, *roles))
-    for row in rows:
-        payload = json.loads(row[2])
-        if row[3] is not None:  # rides along into the run's data.jsonl, for train.category_weights
-            payload["category"] = row[3]
-        yield row[0], row[1], payload
-
-
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def _render(tokenizer: Any, messages: list[dict], template: str | None, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                         chat_template=template)
-
-
-def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None) -> tuple[str, list[tuple[int, int]]]:
+def _assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns to learn.
 
     A span runs from the end of the prompt rendered with the generation prompt to the end of
@@ -311,13 +201,14 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None)
     where the template is not prefix-consistent (some templates drop earlier reasoning) are
     left unlabelled; the last turn must be consistent.
     """
-    full = _render(tokenizer, messages, template, False)
+    full = render_chat(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], template, True)
-        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], template, False)
+        prefix = render_chat(tokenizer, messages[:i], generation_prompt=True)
+        upto = full if i == len(messages) - 1 else render_chat(tokenizer, messages[:i + 1],
+                                                               generation_prompt=False)
         if upto.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix):
             spans.append((len(prefix), len(upto)))
         elif i == len(messages) - 1:
@@ -329,7 +220,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict], template: str | None)
 def tokenize_record(payload: dict, tokenizer: Any, max_seq_len: int) -> dict:
     """Token ids and labels of one stored record, truncated to max_seq_len.
 
-    Chat records are rendered with the tokenizer's chat template (ChatML when it has none) and
+    Chat records are rendered by ``pipelines.chat.render_chat`` (the tokenizer's template, else ChatML) and
     only assistant turns are labelled: prompt tokens get -100. Each segment is tokenised on its
     own, exactly as at inference where the prompt is tokenised and the answer generated after
     it. Text records are tokenised whole (with the tokenizer's special tokens, plus EOS) and
@@ -344,8 +235,7 @@ def tokenize_record(payload: dict, tokenizer: Any, max_seq_len: int) -> dict:
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return {"input_ids": ids[:max_seq_len], "labels": ids[:max_seq_len]}
-    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
-    text, spans = _assistant_spans(tokenizer, payload["messages"], template)
+    text, spans = _assistant_spans(tokenizer, payload["messages"])
     input_ids: list[int] = []
     labels: list[int] = []
     pos = 0
@@ -415,23 +305,6 @@ def pack(examples: Sequence[dict], max_seq_len: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- training options
-
-
-def parse_category_weights(items: Sequence[str]) -> dict[str, float]:
-    """``["contract=2", "chat=0.5"]`` -> {"contract": 2.0, "chat": 0.5}; raises ValueError naming the bad item."""
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = str(item).rpartition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = float("nan")
-        if not sep or not name.strip() or not weight >= 0 or weight == float("inf"):
-            raise ValueError(f"category weight {item!r} must look like 'category=weight' with a weight >= 0")
-        if name.strip() in out:
-            raise ValueError(f"category {name.strip()!r} is weighted twice")
-        out[name.strip()] = weight
-    return out
 
 
 def difficulty_stages(losses: Sequence[float], stages: int) -> list[int]:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-IGNORE = -100
+from pipelines.data import IGNORE_INDEX, tokenize_record
+
 BUILTIN_SETS = {"chatterbot-en": "english", "chatterbot-zh": "chinese"}
 
 
@@ -103,7 +104,7 @@ def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad
         for idx in _length_batches([len(e["input_ids"]) for e in examples], batch_size, batch_tokens):
             width = max(len(examples[i]["input_ids"]) for i in idx)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+            labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for j, i in enumerate(idx):
                 n = len(examples[i]["input_ids"])
@@ -113,8 +114,8 @@ def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
             tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
-                                  ignore_index=IGNORE).view(target.shape)
-            counts = (target != IGNORE).sum(1)
+                                  ignore_index=IGNORE_INDEX).view(target.shape)
+            counts = (target != IGNORE_INDEX).sum(1)
             per = tok.sum(1) / counts.clamp(min=1)
             for j, i in enumerate(idx):
                 losses[i] = float(per[j]) if counts[j] > 0 else math.nan
@@ -200,13 +201,11 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
     """
     from peft import PeftModel
 
-    from pipelines.data import tokenize_record
-
     def tokenize(payloads: list[dict]) -> list[dict]:
         out = []
         for p in payloads:
             ex = tokenize_record(p, tokenizer, max_seq_len)
-            if ex is not None and any(lab != IGNORE for lab in ex["labels"][1:]):
+            if ex is not None and any(lab != IGNORE_INDEX for lab in ex["labels"][1:]):
                 out.append(ex)
         return out
 
@@ -258,7 +257,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
                 report["regression"][name]["base_loss"] = _mean(score("base", examples))
     prompts = []
     for ex in holdout_ex[:latency_prompts]:
-        first_label = next((k for k, lab in enumerate(ex["labels"]) if lab != IGNORE), len(ex["labels"]))
+        first_label = next((k for k, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
         prompts.append(ex["input_ids"][:max(1, first_label)])
     if prompts:
         peft_model.set_adapter("candidate")

@@ -24,18 +24,18 @@ sha256, the settings, the sizes and the time taken. Heavy libraries are imported
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.data import IGNORE_INDEX
+from pipelines.files import atomic_dir
+
 FORMATS = ("merged", "bnb4", "onnx")
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
 MANIFEST = "lorad-export.json"
 ONNX_FILE = "model.onnx"
-IGNORE = -100
 
 
 class ExportError(RuntimeError):
@@ -81,29 +81,7 @@ def _atomic_folder(final: Path, write: Callable[[Path], dict], *, force: bool) -
     final = Path(final)
     if final.exists() and not force:
         raise ExportError(f"export folder {final} already exists; remove it, choose another --out, or pass --force")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        out = write(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return out
+    return atomic_dir(final, write)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -324,38 +302,6 @@ def _library_versions() -> dict:
     return out
 
 
-def export_version(store: Any, cfg: Any, version: str, fmt: str, *, out: Path | None = None,
-                   dtype: str = "float16", force: bool = False) -> ExportResult:
-    """Export a registered adapter version ('champion' = the current champion) of this lorad's base model.
-
-    The version is verified first (files complete, hashes match, trained on ``cfg.model.base_model``).
-    Default folder: ``<state>/exports/<version>-<format>``.
-    """
-    from daemon import registry
-    from pipelines.models import ModelLoadError, resolve_base_model
-
-    if version == "champion":
-        champion = registry.champion(store)
-        if champion is None:
-            raise ExportError("there is no champion yet; name a version (`lorad adapters` lists them)")
-        version = champion
-    row = registry.verify_adapter(store, version, base_model=cfg.model.base_model)
-    state = Path(cfg.paths.state_dir)
-    try:
-        source = resolve_base_model(cfg.model.base_model, state / "cache", revision=cfg.model.revision or None)
-    except ModelLoadError as exc:
-        raise ExportError(str(exc)) from exc
-    device = cfg.model.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = Path(out) if out is not None else state / "exports" / f"{version}-{fmt}"
-    return export_model(source, Path(row["path"]), target, fmt, version=version, base_model=cfg.model.base_model,
-                        adapter_sha256=row["sha256"], dtype=dtype, device=device, max_seq_len=cfg.data.max_seq_len,
-                        trust_remote_code=cfg.model.trust_remote_code, force=force)
-
-
 # ----------------------------------------------------------------------------- running an ONNX export
 
 
@@ -409,7 +355,7 @@ class OnnxCausalLM:
             idx = order[start:start + batch_size]
             width = max(len(examples[i]["input_ids"]) for i in idx)
             ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-            labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
+            labels = np.full((len(idx), width), IGNORE_INDEX, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for j, i in enumerate(idx):
                 n = len(examples[i]["input_ids"])
@@ -418,9 +364,9 @@ class OnnxCausalLM:
             target = labels[:, 1:]
             top = logits.max(-1, keepdims=True)
             lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-            picked = np.take_along_axis(logits, np.where(target == IGNORE, 0, target)[..., None], -1)[..., 0]
-            tok = np.where(target == IGNORE, 0.0, lse - picked)
-            counts = (target != IGNORE).sum(1)
+            picked = np.take_along_axis(logits, np.where(target == IGNORE_INDEX, 0, target)[..., None], -1)[..., 0]
+            tok = np.where(target == IGNORE_INDEX, 0.0, lse - picked)
+            counts = (target != IGNORE_INDEX).sum(1)
             for j, i in enumerate(idx):
                 losses[i] = float(tok[j].sum() / counts[j]) if counts[j] > 0 else math.nan
         return losses

@@ -8,7 +8,7 @@ Config (``model.dtype``, ``model.quantization``, ``train.micro_batch_size`` = 0)
 leaves every explicit setting alone.
 
 The memory model is deliberately simple and conservative; an out-of-memory step still splits its
-micro-batch and turns on gradient checkpointing (pipelines/train.py), so a choice that is slightly
+micro-batch and turns on gradient checkpointing (pipelines/train/), so a choice that is slightly
 too large costs a retry, not a run:
   - 16-bit weights take 2 bytes per parameter, NF4 about 0.56 (4 bits + double-quantized scales),
     with embeddings and the LM head left in 16 bits (approximated by the 4-bit figure: small);
@@ -20,9 +20,8 @@ too large costs a retry, not a run:
 On a CPU there is no such retry: the kernel's OOM killer ends the training process without an exception.
 So the CPU micro-batch comes from the memory the machine has available (/proc/meminfo, a cgroup limit):
   - float32 weights (4 bytes per parameter) plus their bf16 copies under autocast (2 more);
-  - one packed sequence keeps ~112 x seq_len x hidden bytes per layer (measured: SmolLM2-135M, 4096-token
-    sequences, bf16 autocast over float32 weights: peak RSS 8.8 GB at micro-batch 1, 15.9 GB at 2, i.e.
-    ~100-106 bytes; float32 and autocast intermediates both stay alive for the backward pass);
+  - one packed sequence keeps ~112 x seq_len x hidden bytes per layer (float32 and bf16 autocast
+    intermediates both stay alive for the backward pass; measurements in docs/hardware.md);
     with gradient checkpointing ~8 x seq_len x hidden per layer (the float32 layer inputs) plus one layer;
   - 20 % of the memory and 2 GiB (the daemon serving beside it, the interpreter, logits chunks) stay free.
 """
@@ -36,11 +35,8 @@ from pathlib import Path
 from typing import Any
 
 GiB = 1 << 30
-CPU_MICRO_BATCH = 4        # the measured CPU default (bench/train_speed.py); larger batches gain nothing on 2 cores
-# ... and no more than this many tokens per micro-batch: on 2 cores, 1 x 4096 tokens trained ~1.15x faster than
-# 2 x 4096 (SmolLM2-135M, bf16 autocast, 2 interleaved pairs: 336/404 vs 305/326 tok/s), and 4 x 1024 is the
-# measured default above.
-CPU_MICRO_BATCH_TOKENS = 4096
+CPU_MICRO_BATCH = 4        # larger batches gain nothing on a few cores (bench/train_speed.py)
+CPU_MICRO_BATCH_TOKENS = 4096   # ... nor more tokens per micro-batch: two long sequences train slower than one
 MAX_MICRO_BATCH = 16       # beyond this, gradient accumulation does the same work with fewer padding tokens
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
 CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER = 2
@@ -99,8 +95,8 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
     """Pick dtype, quantization and micro-batch size for training/serving on ``hw``.
 
     CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization;
-    training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: about 10x its fp32 matmul
-    rate, measured in bench/train_speed.py), else fp32; micro-batch 4 (larger gains nothing on a few
+    training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: several times its fp32
+    matmul rate, see docs/hardware.md), else fp32; micro-batch 4 (larger gains nothing on a few
     cores) or fewer: at most 4096 tokens, and as many sequences as the available memory holds; gradient
     checkpointing when even one does not fit (``cpu_defaults``).
     CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
@@ -199,9 +195,8 @@ def available_memory_bytes() -> int | None:
 def cpu_bf16_matmul() -> bool:
     """True when this CPU multiplies bf16 matrices in hardware (Intel AMX) and torch's oneDNN uses it.
 
-    Only AMX counts: there a bf16 matmul runs about 10x the fp32 rate (bench/train_speed.py measures it
-    in its "cpu" mode), which pays for autocast's casts many times over. CPUs with only AVX512-BF16
-    dot products (some AMD Zen 4, Cooper Lake) gain far less; they keep fp32 until measured.
+    Only AMX counts: its bf16 matmuls pay for autocast's casts many times over; AVX512-BF16 dot products
+    alone (some AMD Zen 4, Cooper Lake) gain far less in training, so those CPUs keep fp32.
     """
     import torch
 
@@ -210,6 +205,24 @@ def cpu_bf16_matmul() -> bool:
         return bool(torch.backends.mkldnn.is_available() and amx is not None and amx())
     except RuntimeError:   # a torch build without the cpuinfo query
         return False
+
+
+def cpu_native_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AMX tiles or AVX512-BF16 dot products).
+
+    Wider than ``cpu_bf16_matmul``: a forward pass alone (drift features) already gains from AVX512-BF16.
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a private probe that moved: just assume no
+            pass
+    return False
 
 
 def is_quantized(model: Any) -> bool:
@@ -282,7 +295,7 @@ def resolve_config(cfg: Any, hw: Hardware | None = None, shape: ModelShape | Non
     if hw is None:
         hw = detect_hardware(m.device)
     if shape is None:
-        from pipelines.models import resolve_base_model
+        from pipelines.model_source import resolve_base_model
 
         try:
             source = resolve_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache", revision=m.revision or None)

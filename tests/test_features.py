@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.config import build_config
+from daemon.drift_check import cli_drift, read_records
 from monitors.features import (
     DESCRIPTOR_NAMES,
     FeatureMismatchError,
@@ -18,11 +19,9 @@ from monitors.features import (
     _batches,
     _truncate,
     char_class_shares,
-    cli_drift,
     encode_records,
     featurize,
     normalise_record,
-    read_records,
 )
 
 WORDS = ("what is the law about contracts a tenant must pay rent court decided case "
@@ -332,3 +331,17 @@ def test_cli_drift_scores_the_loss_under_the_champion_adapter(tmp_path):
     assert base["scored_by"] == "base" and champ["scored_by"] == "v0001-test"
     loss = {r["scored_by"]: next(t for t in r["tests"] if "loss" in t["name"]) for r in (base, champ)}
     assert loss["base"]["statistic"] != loss["v0001-test"]["statistic"], "the adapter must change the loss feature"
+
+
+def test_drift_sees_the_text_training_sees_for_a_tokenizer_without_chat_template():
+    # A base model's tokenizer has no chat template: training renders ChatML (pipelines/chat.py), so the
+    # drift features must score the very same tokens, not a transcript format the model never saw.
+    from pipelines.data import IGNORE_INDEX, tokenize_record
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    rec = normalise_record(RECORDS[0])
+    (enc,) = encode_records([rec], tok, max_tokens=512)
+    trained = tokenize_record(rec, tok, max_seq_len=512)
+    assert enc.ids == trained["input_ids"]
+    assert enc.response_start == next(i for i, lab in enumerate(trained["labels"]) if lab != IGNORE_INDEX)

@@ -11,7 +11,8 @@ import pytest
 
 from daemon import registry
 from daemon.config import build_config
-from daemon.jobs import JobRunner, create_run
+from daemon.jobs import JobRunner
+from daemon.runs import create_run
 from daemon.store import open_store
 from pipelines.ingest import ingest_file
 
@@ -125,7 +126,7 @@ def test_interrupted_run_is_resumed_by_the_next_runner(tmp_path, tiny_llama_dir)
     cfg = config(tmp_path, tiny_llama_dir)
     store = open_store(cfg.paths.state_dir)
     ingest_file(write_data(tmp_path / "a.jsonl", 120, 3), store, cfg.data)
-    from pipelines.data import build_snapshot, snapshot_payloads
+    from daemon.runs import build_snapshot, snapshot_payloads
 
     snap = build_snapshot(store, cfg.data, seed=0)
     payloads = [p for _, _, p in snapshot_payloads(store, snap.id)]

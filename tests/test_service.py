@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import build_config
-from daemon.service import StateLock, read_lock_info, recover_runs, status_snapshot
+from daemon.runs import recover_runs
+from daemon.service import StateLock, read_lock_info, status_snapshot
 from daemon.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

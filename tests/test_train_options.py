@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.config import ConfigError, DataConfig, TrainConfig, build_config
+from daemon.config import ConfigError, DataConfig, TrainConfig, build_config, parse_category_weights
 from daemon.store import Store
 from pipelines import train as T
-from pipelines.data import (annotate_examples, build_snapshot, difficulty_stages, domain_floor,
-                            parse_category_weights, plan_snapshot, snapshot_payloads, stage_schedule)
+from daemon.runs import build_snapshot, plan_snapshot, snapshot_payloads
+from pipelines.data import annotate_examples, difficulty_stages, domain_floor, stage_schedule
 from pipelines.ingest import ingest_file
 
 FAST = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=3e-2, micro_batch_size=2,
@@ -273,7 +273,7 @@ def test_champion_scoring_leaves_a_clean_base_for_the_warm_start(tiny_llama_dir,
 
 def test_data_files_given_to_lorad_train_carry_their_categories(tmp_path):
     """`lorad train --data FILE` reads files through read_payloads: category must reach the payload too."""
-    from daemon.jobs import read_payloads
+    from daemon.evaluation import read_payloads
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"input": "q1", "output": "a1", "category": "statutes"}\n{"input": "q2", "output": "a2"}\n'
