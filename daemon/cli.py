@@ -279,8 +279,28 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cli_ingest(paths: list[str], cfg: Any, *, dry_run: bool) -> dict:
+    """`lorad ingest`: ingest files into the store at cfg.paths.state_dir; the files are not moved.
+
+    A dry run against a state folder without a database uses an in-memory one, so it creates nothing.
+    """
+    from pathlib import Path
+
+    from daemon.store import DB_NAME, Store, open_store
+    from pipelines.ingest import ingest_files
+
+    if dry_run and not (Path(cfg.paths.state_dir) / DB_NAME).exists():
+        store = Store(":memory:")
+    else:
+        store = open_store(cfg.paths.state_dir)
+    try:
+        return ingest_files(paths, store, cfg.data, source="cli", dry_run=dry_run, limits=cfg.ingest)
+    finally:
+        store.close()
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import cli_ingest, format_ingest_summary
+    from pipelines.ingest import format_ingest_summary
 
     cfg = _load(args)
     result = cli_ingest(args.files, cfg, dry_run=args.dry_run)
@@ -378,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.evaluation import read_payloads
+    from daemon.evaluation import read_files
     from daemon.registry import AdapterError
     from daemon.runs import JobError, create_run, run_in_process
     from daemon.store import open_store
@@ -388,7 +408,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if missing:
         print(f"lorad: data file(s) not found: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    payloads, problems = read_payloads(args.data)
+    payloads, problems = read_files(args.data)
     if problems:
         print(f"lorad: skipped {len(problems)} unusable record(s), first: {problems[0]}", file=sys.stderr)
     if not payloads:

@@ -23,34 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from monitors.features import Features
 
 
-def read_records(path: str | Path, data_cfg: Any = None) -> tuple[list[dict], list[str]]:
-    """Records of a data file, parsed and validated exactly as ingest does, plus the rejected lines.
-
-    Uses ``pipelines.ingest.iter_records``: every format and shape ingest accepts, same cleaning.
-
-    Returns:
-        (normalised payloads with their category, ["line N: reason", ...] for records ingest would reject)
-
-    Raises:
-        FileNotFoundError, or ingest's FileRejected when the file cannot be read as records at all.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    from pipelines.ingest import iter_records
-
-    records, rejected = [], []
-    for parsed in iter_records(path, data_cfg):
-        if parsed.record is None:
-            rejected.append(f"line {parsed.line}: {parsed.error}")
-            continue
-        payload = dict(parsed.record.payload)
-        if parsed.record.category:
-            payload["category"] = parsed.record.category
-        records.append(payload)
-    return records, rejected
-
-
 DRIFT_CACHE = "drift-features"   # under <state>/cache: reference-window features, a few newest kept
 DRIFT_CACHE_KEEP = 4
 
@@ -133,12 +105,13 @@ def cli_drift(reference_path: str | Path, current_path: str | Path | None, cfg: 
 
     from monitors.drift import detect_drift
     from monitors.features import featurize
+    from pipelines.ingest import read_payloads
 
     t0 = time.perf_counter()
     data_cfg = getattr(cfg, "data", None)
-    (reference, ref_rejected), (current, cur_rejected) = (read_records(reference_path, data_cfg),
+    (reference, ref_rejected), (current, cur_rejected) = (read_payloads(reference_path, data_cfg),
                                                           ([], []) if current_path is None else
-                                                          read_records(current_path, data_cfg))
+                                                          read_payloads(current_path, data_cfg))
     t_read = time.perf_counter()
     model, tokenizer, dtype = _drift_model(cfg, loader, adapter)
     t_load = time.perf_counter()

@@ -13,26 +13,19 @@ from daemon.config import Config
 from daemon.store import Store
 
 
-def read_payloads(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """Parse data files into normalised payloads; returns (payloads, problems).
-
-    A record's ``category`` rides along in its payload, as in a snapshot's (train.category_weights).
-    """
-    from pipelines.ingest import FileRejected, iter_records
+def read_files(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """The payloads of several data files (``pipelines.ingest.read_payloads``); returns (payloads, problems)."""
+    from pipelines.ingest import FileRejected, read_payloads
 
     payloads, problems = [], []
     for path in paths:
         try:
-            for item in iter_records(path):
-                if item.record is not None:
-                    payload = item.record.payload
-                    if item.record.category is not None:
-                        payload = {**payload, "category": item.record.category}
-                    payloads.append(payload)
-                else:
-                    problems.append(f"{path}:{item.line}: {item.error}")
-        except FileRejected as e:
+            ok, rejected = read_payloads(path)
+        except (FileRejected, FileNotFoundError) as e:
             problems.append(f"{path}: {e}")
+            continue
+        payloads += ok
+        problems += [f"{path}: {r}" for r in rejected]
     return payloads, problems
 
 
@@ -61,7 +54,7 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
     if inc_version == candidate:
         raise EvalError(f"candidate {candidate} is the incumbent; compare it with another version or 'base'")
     if holdout_file:
-        holdout, _ = read_payloads([holdout_file])
+        holdout, _ = read_files([holdout_file])
     elif cand_row["snapshot_id"]:
         holdout = [p for _, _, p in snapshot_payloads(store, cand_row["snapshot_id"], roles=("holdout",))]
     else:

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from monitors.features import Features, check_comparable
 
 if TYPE_CHECKING:  # the config module is stdlib-only, but the type is all we need here
+    import numpy as np
+
     from daemon.config import DriftConfig
 
 # The MMD kernel matrix is (n + m)^2: subsample larger windows (uniformly, seeded) to this

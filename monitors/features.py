@@ -24,9 +24,12 @@ import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from pipelines.chat import render_chat
+
+if TYPE_CHECKING:  # numpy is imported inside the functions that compute (STYLE rule 3)
+    import numpy as np
 
 DESCRIPTOR_NAMES: tuple[str, ...] = (
     "prompt_tokens",        # templated prompt length, before truncation
@@ -176,41 +179,25 @@ def check_comparable(a: Features, b: Features) -> None:
 # ----------------------------------------------------------------------------- records
 
 
-def normalise_record(obj: Any) -> dict:
-    """One record in any shape ingest accepts -> ``{"messages": [...]}`` or ``{"text": ...}``.
+def as_payload(obj: Any) -> dict:
+    """A record as a payload, ``{"messages": [...]}`` or ``{"text": ...}`` (with its ``category``, if any).
 
-    A ``category`` key, when present, is carried over. Raises ValueError for an unknown shape.
+    A stored payload passes as it is; any other shape goes through ingest's normaliser, the one lorad has,
+    so drift sees the text that ingest stores and training learns from.
+
+    Raises:
+        ValueError: the object is not a record ingest would accept; the message says why.
     """
-    if not isinstance(obj, dict):
-        raise ValueError(f"a record must be a JSON object, got {type(obj).__name__}")
-    out: dict[str, Any]
-    if isinstance(obj.get("messages"), list):
-        msgs = [{"role": str(m.get("role", "user")), "content": str(m.get("content") or "")}
-                for m in obj["messages"] if isinstance(m, dict)]
-        out = {"messages": msgs}
-    elif "query" in obj and "response" in obj:
-        msgs = [{"role": "system", "content": str(obj["system"])}] if obj.get("system") else []
-        out = {"messages": msgs + [{"role": "user", "content": str(obj["query"])},
-                                   {"role": "assistant", "content": str(obj["response"])}]}
-    elif "instruction" in obj and "output" in obj:
-        prompt = str(obj["instruction"])
-        if obj.get("input"):
-            prompt += "\n\n" + str(obj["input"])
-        out = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(obj["output"])}]}
-    elif "input" in obj and "output" in obj:
-        out = {"messages": [{"role": "user", "content": str(obj["input"])},
-                            {"role": "assistant", "content": str(obj["output"])}]}
-    elif "prompt" in obj and "completion" in obj:
-        out = {"messages": [{"role": "user", "content": str(obj["prompt"])},
-                            {"role": "assistant", "content": str(obj["completion"])}]}
-    elif "text" in obj:
-        out = {"text": str(obj["text"])}
-    else:
-        raise ValueError(f"unknown record shape with keys {sorted(obj)}; expected messages, text, "
-                         "query/response, instruction/output, input/output or prompt/completion")
-    if obj.get("category") not in (None, ""):
-        out["category"] = str(obj["category"])
-    return out
+    if isinstance(obj, dict) and set(obj) <= {"messages", "text", "category"} and (
+            isinstance(obj.get("text"), str) or isinstance(obj.get("messages"), list)):
+        return obj
+    from pipelines.ingest.records import InvalidRecord, normalize_record
+
+    try:
+        record = normalize_record(obj)
+    except InvalidRecord as e:
+        raise ValueError(str(e)) from None
+    return {**record.payload, "category": record.category} if record.category else dict(record.payload)
 
 
 def _split_prompt_response(rec: dict) -> tuple[list[dict] | None, str, str]:
@@ -386,7 +373,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
     """Compute drift features for records with one batched forward pass of ``model``.
 
     Args:
-        records: normalised payloads (or any raw shape ``normalise_record`` accepts).
+        records: normalised payloads (or any record shape ingest accepts: ``as_payload``).
         model: the champion (base model, with its adapter if any); it is not modified.
         tokenizer: its tokenizer; chats are rendered as training renders them (``pipelines.chat.render_chat``).
         batch_size: full-length (max_tokens) sequences per forward pass; records are sorted by
@@ -408,7 +395,7 @@ def featurize(records: Sequence[dict] | Iterable[dict], model: Any, tokenizer: A
     import numpy as np
     import torch
 
-    recs = [normalise_record(r) for r in records]
+    recs = [as_payload(r) for r in records]
     n = len(recs)
     run_dtype = resolve_compute_dtype(model, compute_dtype)
     default_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)

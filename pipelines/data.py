@@ -28,7 +28,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from daemon.config import DataConfig, parse_category_weights  # noqa: F401 -- train.py reads it here
+from daemon.config import DataConfig
 from pipelines.chat import render_chat
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding, record boundaries)

@@ -10,7 +10,6 @@ stays instant.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import re

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from daemon.config import build_config
-from daemon.drift_check import cli_drift, read_records
+from daemon.drift_check import cli_drift
+from pipelines.ingest import read_payloads
 from monitors.features import (
     DESCRIPTOR_NAMES,
     FeatureMismatchError,
@@ -20,8 +21,8 @@ from monitors.features import (
     _truncate,
     char_class_shares,
     encode_records,
+    as_payload,
     featurize,
-    normalise_record,
 )
 
 WORDS = ("what is the law about contracts a tenant must pay rent court decided case "
@@ -77,15 +78,16 @@ RECORDS = [
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def test_normalise_record_accepts_every_ingest_shape():
-    out = [normalise_record(r) for r in RECORDS]
+def test_as_payload_normalises_every_ingest_shape_as_ingest_does():
+    out = [as_payload(r) for r in RECORDS]
     assert out[0]["messages"][0] == {"role": "system", "content": "legal answer"}
     assert out[0]["messages"][-1] == {"role": "assistant", "content": "a tenant must pay rent ."}
     assert out[2] == {"text": "weather today sunny , rain today"}
     assert out[3]["messages"][0]["content"] == "answer the legal question\n\ncourt decided case"
     assert out[4]["category"] == "chat"
-    with pytest.raises(ValueError, match="unknown record shape"):
-        normalise_record({"foo": 1})
+    assert as_payload(out[1]) is out[1]  # a stored payload passes as it is
+    with pytest.raises(ValueError, match="unrecognised record shape"):
+        as_payload({"foo": 1})
 
 
 def test_char_class_shares_on_known_text():
@@ -111,7 +113,7 @@ def test_truncate_keeps_budget_response_and_prompt_ends():
 def test_encode_records_respects_max_tokens_and_counts_full_lengths(tiny):
     _, tok = tiny
     long = {"query": " ".join(["contracts"] * 80), "response": " ".join(["rent"] * 40)}
-    (enc,) = encode_records([normalise_record(long)], tok, max_tokens=32)
+    (enc,) = encode_records([as_payload(long)], tok, max_tokens=32)
     assert len(enc.ids) == 32 and enc.response_start < 32
     assert enc.prompt_tokens > 80 and enc.response_tokens == 41  # 40 words + <|im_end|> (the newline is whitespace)
     (plain,) = encode_records([{"text": "hello how are you"}], tok, max_tokens=32)
@@ -150,7 +152,7 @@ def test_embedding_and_loss_match_a_manual_forward_pass(tiny):
     import torch
 
     model, tok = tiny
-    rec = normalise_record(RECORDS[1])
+    rec = as_payload(RECORDS[1])
     feats = featurize([rec], model, tok, compute_dtype="float32")
     (enc,) = encode_records([rec], tok, 256)
     ids = torch.tensor([enc.ids])
@@ -249,16 +251,16 @@ def test_cli_drift_keeps_the_reference_windows_features_between_checks(tiny, tmp
     assert cli_drift(ref, cur, cfg, loader=loader)["reference_features"] == "cached"
 
 
-def test_read_records_keeps_valid_records_and_names_rejected_lines(tmp_path):
+def test_read_payloads_keeps_valid_records_and_names_rejected_lines(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"query": "q", "response": "r", "category": "civil"}\n{not json}\n{"text": "fine"}\n',
                     encoding="utf-8")
-    records, rejected = read_records(path)
+    records, rejected = read_payloads(path)
     assert records[0]["category"] == "civil" and records[0]["messages"][-1]["content"] == "r"
     assert records[1] == {"text": "fine"}
     assert len(rejected) == 1 and rejected[0].startswith("line 2:")
     with pytest.raises(FileNotFoundError):
-        read_records(tmp_path / "missing.jsonl")
+        read_payloads(tmp_path / "missing.jsonl")
 
 
 # ----------------------------------------------------------------------------- real model
@@ -340,7 +342,7 @@ def test_drift_sees_the_text_training_sees_for_a_tokenizer_without_chat_template
 
     tok = tiny_tokenizer()
     tok.chat_template = None
-    rec = normalise_record(RECORDS[0])
+    rec = as_payload(RECORDS[0])
     (enc,) = encode_records([rec], tok, max_tokens=512)
     trained = tokenize_record(rec, tok, max_seq_len=512)
     assert enc.ids == trained["input_ids"]

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from daemon.config import Config, DataConfig, PathsConfig
 from daemon.store import Store, open_store
 from pipelines import ingest as ing
-from pipelines.ingest import (cli_ingest, estimate_tokens, format_ingest_summary, ingest_file, ingest_files,
+from daemon.cli import cli_ingest
+from pipelines.ingest import (estimate_tokens, format_ingest_summary, ingest_file, ingest_files,
                               iter_records, stable_split, write_report_from_store)
 
 NO_NEAR = DataConfig(near_dup_threshold=1.0)

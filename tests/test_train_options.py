@@ -272,12 +272,12 @@ def test_champion_scoring_leaves_a_clean_base_for_the_warm_start(tiny_llama_dir,
 
 
 def test_data_files_given_to_lorad_train_carry_their_categories(tmp_path):
-    """`lorad train --data FILE` reads files through read_payloads: category must reach the payload too."""
-    from daemon.evaluation import read_payloads
+    """`lorad train --data FILE` reads files through read_files: category must reach the payload too."""
+    from daemon.evaluation import read_files
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"input": "q1", "output": "a1", "category": "statutes"}\n{"input": "q2", "output": "a2"}\n'
                  '{"input": "q3", "output": ""}\n', encoding="utf-8")
-    payloads, problems = read_payloads([str(f)])
+    payloads, problems = read_files([str(f)])
     assert [p.get("category") for p in payloads] == ["statutes", None]
-    assert len(problems) == 1 and ":3:" in problems[0]
+    assert len(problems) == 1 and problems[0].endswith("d.jsonl: line 3: field 'output' is empty")

@@ -1,11 +1,11 @@
 """Ingest: files -> validated, cleaned, deduplicated records, with a reason for every line not kept.
 
 The room, one module per job (arrows point down the list; none imports one above it):
-  ``cli.py``       ``lorad ingest``: several files, summed counts, the human-readable summary.
+  ``cli.py``       several files, summed counts, the human-readable summary (``lorad ingest`` in daemon/cli.py).
   ``write.py``     one file in one transaction: the ``files`` row, records, rejects, the ``ingest``
                    event and the rejects report (``ingest_file``, ``IngestResult``).
   ``neardup.py``   near-duplicate detection: MinHash signatures, LSH banding, exact shingle Jaccard.
-  ``formats.py``   the JSONL / JSON / CSV / TSV readers, the Parquet door, and ``iter_records``.
+  ``formats.py``   the JSONL / JSON / CSV / TSV readers, the Parquet door, ``iter_records`` and ``read_payloads``.
   ``parquet.py``   Parquet rows with bounded memory (decoded bytes per cell, batch and file).
   ``opening.py``   open a file once (no symlinks, never blocking on a FIFO); read only through it.
   ``records.py``   the record normaliser (``normalize_record``, ``Normaliser``): shapes, cleaning,
@@ -24,8 +24,8 @@ database per batch, so it holds no per-file set; the near-duplicate index grows 
 number of stored records (about 1.8 KB each).
 """
 
-from pipelines.ingest.cli import cli_ingest, format_ingest_summary, ingest_files
-from pipelines.ingest.formats import DEFAULT_MAX_LINE_BYTES, FileRejected, iter_records
+from pipelines.ingest.cli import format_ingest_summary, ingest_files
+from pipelines.ingest.formats import DEFAULT_MAX_LINE_BYTES, FileRejected, iter_records, read_payloads
 from pipelines.ingest.opening import FileRefused, OpenedFile, name_problem, open_regular_file
 from pipelines.ingest.neardup import MinHasher, NearDupIndex, NUM_PERM, lsh_params, near_dup_key, shingle_jaccard
 from pipelines.ingest.records import (SPLIT_SALT, InvalidRecord, Normaliser, Parsed, Record, estimate_tokens,
@@ -36,6 +36,6 @@ _Invalid = InvalidRecord  # the name bench/continual.py and older tests import
 
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "FileRefused", "FileRejected", "OpenedFile", "name_problem",
            "open_regular_file", "IngestResult", "InvalidRecord", "MinHasher", "NUM_PERM",
-           "NearDupIndex", "Normaliser", "Parsed", "Record", "SPLIT_SALT", "cli_ingest", "estimate_tokens",
-           "format_ingest_summary", "ingest_file", "ingest_files", "iter_records", "lsh_params", "near_dup_key",
+           "NearDupIndex", "Normaliser", "Parsed", "Record", "SPLIT_SALT", "estimate_tokens",
+           "format_ingest_summary", "ingest_file", "ingest_files", "iter_records", "read_payloads", "lsh_params", "near_dup_key",
            "normalize_record", "shingle_jaccard", "stable_split", "write_report_from_store"]

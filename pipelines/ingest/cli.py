@@ -1,17 +1,16 @@
-"""``lorad ingest``: several files, one transaction each, summed counts and a readable summary."""
+"""Several files, one transaction each, summed counts and a readable summary (``lorad ingest`` opens the store)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from daemon.config import DataConfig
 from pipelines.ingest.write import ingest_file, summary_line
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps the import light
-    from daemon.config import Config
     from daemon.store import Store
+
 
 def ingest_files(paths: Iterable[str | os.PathLike], store: "Store", cfg: DataConfig, **kw: Any) -> dict:
     """Ingest several files (one transaction each) and sum the outcomes: the CLI's JSON.
@@ -32,25 +31,8 @@ def ingest_files(paths: Iterable[str | os.PathLike], store: "Store", cfg: DataCo
     return out
 
 
-def cli_ingest(paths: list[str], cfg: "Config", *, dry_run: bool) -> dict:
-    """`lorad ingest`: ingest files into the store at cfg.paths.state_dir; the files are not moved.
-
-    A dry run against a state folder without a database uses an in-memory one, so it creates nothing.
-    """
-    from daemon.store import DB_NAME, Store, open_store
-
-    if dry_run and not (Path(cfg.paths.state_dir) / DB_NAME).exists():
-        store = Store(":memory:")
-    else:
-        store = open_store(cfg.paths.state_dir)
-    try:
-        return ingest_files(paths, store, cfg.data, source="cli", dry_run=dry_run, limits=cfg.ingest)
-    finally:
-        store.close()
-
-
 def format_ingest_summary(result: dict, *, max_rejects_per_file: int = 20) -> str:
-    """Human-readable summary of ``ingest_files``/``cli_ingest`` output, one block per file."""
+    """Human-readable summary of ``ingest_files`` output, one block per file."""
     by_file: dict[str, list[dict]] = {}
     for r in result.get("rejects", []):
         by_file.setdefault(r["file"], []).append(r)

@@ -20,6 +20,7 @@ import codecs
 import csv
 import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from daemon.config import DataConfig, IngestConfig
@@ -461,3 +462,27 @@ def iter_records(path: str | os.PathLike, cfg: DataConfig | None = None, *,
                 except InvalidRecord as e:
                     error = str(e)
             yield Parsed(line, None, error)
+
+
+def read_payloads(path: str | os.PathLike, cfg: DataConfig | None = None) -> tuple[list[dict], list[str]]:
+    """A data file's records as payloads, parsed and cleaned exactly as ingest does, with the rejected lines.
+
+    A record's ``category`` rides along in its payload, as in a snapshot's (train.category_weights).
+
+    Returns:
+        (payloads, ["line N: reason", ...] for the records ingest would reject)
+    Raises:
+        FileNotFoundError: no such file.
+        FileRejected: the file cannot be read as records at all.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    payloads, rejected = [], []
+    for parsed in iter_records(path, cfg):
+        if parsed.record is None:
+            rejected.append(f"line {parsed.line}: {parsed.error}")
+        elif parsed.record.category:
+            payloads.append({**parsed.record.payload, "category": parsed.record.category})
+        else:
+            payloads.append(dict(parsed.record.payload))
+    return payloads, rejected

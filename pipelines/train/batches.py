@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE = -100
+from pipelines.data import IGNORE_INDEX as IGNORE  # the one ignore index
 
 
 def make_sequences(examples: list[dict], max_seq_len: int, packing: bool) -> list[dict]:

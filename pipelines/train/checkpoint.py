@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from pipelines.files import atomic_dir
 from pipelines.train.distributed import load_sharded_lora, shard_like
 from pipelines.train.protocol import TrainingError
 
 CHECKPOINTS = "checkpoints"
-
-
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, state: dict, keep: int = 2, dist: Any = None) -> Path:
@@ -71,7 +53,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, state: dict, keep
     final = ckpt_root / f"step-{state['step']:07d}"
     if dist is None or dist.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        _atomic_dir(final, write)
+        atomic_dir(final, write)
         for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -125,6 +107,6 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, sharded: bool = Fals
 
 def save_adapter(adapter_dir: Path, model: Any, state_dict: dict | None = None) -> None:
     """The trained adapter as a standard PEFT folder, written atomically; ``state_dict``: FSDP's gathered weights."""
-    _atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True,
+    atomic_dir(adapter_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True,
                                                                **({"state_dict": state_dict} if state_dict is not None
                                                                   else {})))

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pipelines.train.distributed as distributed
-from pipelines.train.batches import IGNORE
+from pipelines.data import IGNORE_INDEX
+from pipelines.files import atomic_file
 from pipelines.train.loop import train
 from pipelines.train.loss import chunked_loss_sum
 from pipelines.train.protocol import (EXIT_INTERRUPTED, INTERRUPTED_MARKER, DistributedError, Interrupted,
@@ -27,7 +28,7 @@ def tokenize_payloads(payloads: Iterable[dict], tokenizer: Any, max_seq_len: int
     out = []
     for p in payloads:
         ex = tokenize_record(p, tokenizer, max_seq_len)
-        if ex is not None and any(lab != IGNORE for lab in ex["labels"]):
+        if ex is not None and any(lab != IGNORE_INDEX for lab in ex["labels"]):
             ex["category"], ex["text"] = p.get("category"), "text" in p   # for the training options
             out.append(ex)
     return out
@@ -61,7 +62,7 @@ def champion_losses(model: Any, examples: list[dict], parent_adapter: Path | Non
             ids = torch.tensor([ex["input_ids"]], device=device)
             labels = torch.tensor([ex["labels"]], device=device)
             pos = torch.arange(ids.shape[1], device=device)[None]
-            n = int((labels[0, 1:] != IGNORE).sum())
+            n = int((labels[0, 1:] != IGNORE_INDEX).sum())
             total = chunked_loss_sum(scorer, ids, labels, pos, chunk_tokens=chunk_tokens)
             losses.append(float(total) / n if n else float("nan"))
     if parent_adapter is not None:
@@ -76,7 +77,8 @@ def champion_losses(model: Any, examples: list[dict], parent_adapter: Path | Non
 def apply_training_options(examples: list[dict], cfg: Any, model: Any, parent_adapter: Path | None,
                            run_dir: Path) -> tuple[list[dict], Any]:
     """Mark examples for train.category_weights, train.continued_pretraining and train.curriculum."""
-    from pipelines.data import annotate_examples, parse_category_weights
+    from daemon.config import parse_category_weights
+    from pipelines.data import annotate_examples
 
     t = cfg.train
     weights = parse_category_weights(t.category_weights)
@@ -100,13 +102,9 @@ def write_job(run_dir: Path, *, payloads: Iterable[dict], config: dict, parent_a
     run_dir.mkdir(parents=True, exist_ok=True)
     data = run_dir / "data.jsonl"
     if not data.exists():
-        tmp = data.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(data) as f:
             for p in payloads:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data)
     job = {"config": config, "parent_adapter": parent_adapter, "max_steps": max_steps, "data": data.name}
     (run_dir / "job.json").write_text(json.dumps(job, indent=2))
     return run_dir / "job.json"
@@ -143,23 +141,19 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     then keeps freed memory for reuse (``keep_freed_memory``).
     """
     from daemon.config import build_config
-    from pipelines.models import load_base_model
+    from pipelines.models import load_for
     from pipelines.train.distributed import load_kwargs
 
     run_dir = Path(run_dir)
     job = json.loads((run_dir / "job.json").read_text())
     cfg = build_config(job["config"])
-    from pipelines.hardware import resolve_config
-
     # An explicit float32 (or float16) model.dtype means matmuls in that dtype; "auto" lets the speed plan use
     # bf16 autocast over fp32 weights on a CPU with AMX (hardware plan's train_compute), as it does on GPUs.
     autocast = "auto" if cfg.model.dtype in ("auto", "bfloat16") else False
-    cfg, _ = resolve_config(cfg)   # model.dtype/quantization "auto", train.micro_batch_size 0 -> this machine's plan
-    m = cfg.model
-    model, tokenizer = load_base_model(m.base_model, Path(cfg.paths.state_dir) / "cache",
-                                       quantization=m.quantization, revision=m.revision or None,
-                                       trust_remote_code=m.trust_remote_code, for_training=True,
-                                       **load_kwargs(dist, device=m.device, dtype=m.dtype, quantization=m.quantization))
+    # model.dtype/quantization "auto" and train.micro_batch_size 0 become this machine's plan (load_for's "train")
+    base = load_for("train", cfg, placement=lambda m: load_kwargs(dist, device=m.device, dtype=m.dtype,
+                                                                   quantization=m.quantization))
+    model, tokenizer, cfg = base.model, base.tokenizer, base.cfg
     if own_process and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()   # after loading: the weights' one-off buffers still go back to the system
     with open(run_dir / job["data"], encoding="utf-8") as f:

@@ -49,4 +49,7 @@ def test_a_hung_up_non_streaming_request_is_cancelled_within_a_second(api):
     assert finished(api, "cancelled") == before + 1, "the row must be cancelled, not run to max_tokens"
     snap = api.engine.snapshot()
     assert (snap["waiting"], snap["running"]) == (0, 0)
+    deadline = time.monotonic() + 5   # the handler counts the 499 once it sees the engine's "cancelled"
+    while requests_counted(api.daemon, "/v1/completions", 499) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert requests_counted(api.daemon, "/v1/completions", 499) == 1
