@@ -158,7 +158,6 @@ def hf_trainer_run(model, data: list[dict], *, targets: list[str], batch: int, a
     """HF Trainer + PEFT LoRA (r16, alpha32) as its documentation shows it; returns step marks and losses."""
     import inspect
 
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
