@@ -16,10 +16,32 @@ from typing import Any, Callable
 log = logging.getLogger("lorad.scheduler")
 
 
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def weekdays_by_name(field: str) -> str:
+    """A standard cron weekday field (0-7, 0 and 7 = Sunday) as the day names APScheduler reads.
+
+    APScheduler 3 numbers days from Monday = 0, so a standard ``0 3 * * 0`` (Sundays) would fire on
+    Mondays if its numbers were passed through; names mean the same to both. The field has passed
+    ``daemon.config``'s cron check (numbers, *, ranges, lists, steps).
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for item in field.split(","):
+        span, _, step = item.partition("/")
+        lo, hi = (0, 6) if span == "*" else (int(span.split("-")[0]), int(span.split("-")[-1]))
+        days.update(d % 7 for d in range(lo, hi + 1, int(step or 1)))
+    return ",".join(WEEKDAYS[d] for d in sorted(days))
+
+
 def cron_trigger(expr: str, tz: str):
     from apscheduler.triggers.cron import CronTrigger
 
-    return CronTrigger.from_crontab(expr, timezone=tz)
+    minute, hour, day, month, weekday = expr.split()
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=weekdays_by_name(weekday),
+                       timezone=tz)
 
 
 def fire_times(expr: str, tz: str, start: datetime, end: datetime) -> list[datetime]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from daemon.scheduler import Scheduler, fire_times, missed_fire_time
 
 UTC = timezone.utc
@@ -62,3 +64,22 @@ def test_jobs_never_overlap_and_coalesce():
     finally:
         s.shutdown()
     assert calls == []
+
+
+@pytest.mark.parametrize("field, names", [
+    ("*", "*"), ("0", "sun"), ("7", "sun"), ("1-5", "mon,tue,wed,thu,fri"), ("*/2", "sun,tue,thu,sat"),
+    ("5-7", "sun,fri,sat"), ("1,3/1", "mon,wed"),
+])
+def test_cron_weekdays_are_standard_numbers_read_as_names(field, names):
+    from daemon.scheduler import weekdays_by_name
+
+    assert weekdays_by_name(field) == names
+
+
+def test_a_sunday_cron_fires_on_sundays_and_seven_is_sunday_too():
+    from daemon.scheduler import fire_times
+
+    start = datetime(2026, 12, 1, tzinfo=timezone.utc)   # a Tuesday
+    for expr in ("0 3 * * 0", "0 3 * * 7"):
+        (first, *_) = fire_times(expr, "UTC", start, start + timedelta(days=8))
+        assert first.strftime("%a %H:%M") == "Sun 03:00", expr
