@@ -524,10 +524,7 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
                     kill_after, reached = _pick_kill_instant(target, watch, rng, durations)
                     stage_at_kill = watch.stage or ("ingest" if target == "ingest" else "idle")
                     daemon.kill()
-                    for stage, t in watch.first_seen.items():  # crude stage lengths for the next trials
-                        nxt = [u for u in watch.first_seen.values() if u > t]
-                        if nxt:
-                            durations[stage] = 0.5 * durations[stage] + 0.5 * (min(nxt) - t)
+                    learn_stage_durations(durations, watch.first_seen)
                 t0 = time.monotonic()
                 daemon.start()
                 # Checked as soon as the restarted daemon answers /healthz (its recovery at startup is done then,
@@ -561,6 +558,14 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
     return {"trials": trials, "violations": all_violations, "phases_at_kill": counts, "chains": chains,
             "files": len(files), "lines": sum(f["records_total"] for f in files.values()),
             "lines_per_file": lines_per_file}
+
+
+def learn_stage_durations(durations: dict[str, float], first_seen: dict[str, float]) -> None:
+    """Crude stage lengths for the next trials: from each stage's first sighting to the next stage's."""
+    for stage, t in first_seen.items():
+        nxt = [u for u in first_seen.values() if u > t]
+        if nxt:
+            durations[stage] = 0.5 * durations[stage] + 0.5 * (min(nxt) - t)
 
 
 def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, durations: dict) -> tuple[float, bool]:
