@@ -561,11 +561,15 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
 
 
 def learn_stage_durations(durations: dict[str, float], first_seen: dict[str, float]) -> None:
-    """Crude stage lengths for the next trials: from each stage's first sighting to the next stage's."""
+    """Crude stage lengths for the next trials: from each stage's first sighting to the next stage's.
+
+    The job runner may report stages no table here names (``drift_warm``): the first sighting is their estimate.
+    """
     for stage, t in first_seen.items():
         nxt = [u for u in first_seen.values() if u > t]
         if nxt:
-            durations[stage] = 0.5 * durations[stage] + 0.5 * (min(nxt) - t)
+            seen = min(nxt) - t
+            durations[stage] = 0.5 * durations[stage] + 0.5 * seen if stage in durations else seen
 
 
 def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, durations: dict) -> tuple[float, bool]:
@@ -584,7 +588,7 @@ def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, dur
     elif target == "swap":
         delay = rng.uniform(0.05, 0.3)           # preload done or nearly, pointer flip, drain
     else:
-        delay = rng.uniform(0.0, durations[stage])
+        delay = rng.uniform(0.0, durations.get(stage, 3.0))
     time.sleep(delay)
     return delay, True
 
