@@ -17,3 +17,13 @@ def test_stage_durations_learn_a_stage_the_table_did_not_list():
     assert durations["drift_warm"] == 2.0          # first sighting 10.0, next stage 12.0
     assert durations["drift"] == 0.5 * 3.0 + 0.5 * 1.0
     assert durations["train"] == 3.0                # nothing seen after it yet: unchanged
+
+
+def test_a_kill_counts_only_inside_the_cycles_work():
+    busy = {"job": {"stage": "train"}, "inbox_pending": 0}
+    assert reliability.classify_kill(busy, file_in_inbox=False) == "train"
+    assert reliability.classify_kill({"job": {"stage": "drift_warm"}}, file_in_inbox=False) == "drift_warm"
+    assert reliability.classify_kill({"job": None, "inbox_pending": 0}, file_in_inbox=True) == "ingest"
+    assert reliability.classify_kill({"job": None, "inbox_pending": 1}, file_in_inbox=True) == "inbox_settle"
+    assert reliability.classify_kill({"job": None, "inbox_pending": 0}, file_in_inbox=False) == "idle"
+    assert reliability.classify_kill(None, file_in_inbox=True) == "unknown"
