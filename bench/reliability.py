@@ -202,6 +202,7 @@ class DaemonUnderTest:
         self.proc: subprocess.Popen | None = None
         self.log_path = work / "daemon.log"
         self.starts = 0
+        self.signalled_at: float | None = None
 
     def start(self) -> None:
         self.starts += 1
@@ -213,6 +214,7 @@ class DaemonUnderTest:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
+            self.signalled_at = time.monotonic()
             self.proc.wait(30)
 
     def stop(self, timeout: float = 60) -> int | None:
@@ -273,6 +275,7 @@ class StageWatcher:
     def __init__(self, daemon: DaemonUnderTest, interval: float = 0.01):
         self.daemon, self.interval = daemon, interval
         self.stage: str | None = None
+        self.handed_over: float | None = None   # when the inbox went from pending to none: ingest starts
         self.first_seen: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -281,9 +284,15 @@ class StageWatcher:
         while not self._stop.is_set():
             s = self.daemon.status()
             if s is None:  # a slow answer under load: keep the last stage seen
+                time.sleep(self.interval)
                 continue
             stage = (s.get("job") or {}).get("stage")
             self.stage = stage
+            pending = bool(s.get("inbox_pending"))
+            if pending:
+                self._pending_seen = True
+            elif getattr(self, "_pending_seen", False) and self.handed_over is None:
+                self.handed_over = time.monotonic()
             if stage and stage not in self.first_seen:
                 self.first_seen[stage] = time.monotonic()
             time.sleep(self.interval)
@@ -515,7 +524,7 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
     files: dict[str, dict] = {}
     daemon = DaemonUnderTest(work, cfg_path, port)
     durations = {p: 3.0 for p in PHASES}     # learnt from earlier trials: how long each stage lasts
-    durations.update(ingest=1.0, promote=0.3, swap=0.3)
+    durations.update(ingest=0.1, promote=0.3, swap=0.3)
     trials, all_violations, chains = [], [], 0
     daemon.start()
     try:
@@ -595,11 +604,15 @@ def _kill_and_classify(daemon: DaemonUnderTest, data_file: Path) -> dict:
     status = daemon.status()
     asked = time.monotonic()
     daemon.kill()
-    stale_ms = (time.monotonic() - asked) * 1000
-    phase = classify_kill(status, data_file.exists())
+    stale_ms = ((daemon.signalled_at or asked) - asked) * 1000   # the answer to the signal, not to the reaping
+    in_inbox = data_file.exists()
+    phase = classify_kill(status, in_inbox)
     if phase == "inbox_settle":
         phase = "idle"   # waiting for a file to settle is not work a kill can interrupt
-    return {"phase": phase, "status_to_kill_ms": round(stale_ms, 1)}
+    # A job (e.g. drift_warm) and the ingest of the file can run at once: the job names the phase, the
+    # flag says the ingest was cut too.
+    return {"phase": phase, "status_to_kill_ms": round(stale_ms, 1),
+            "file_in_inbox": in_inbox, "inbox_pending": (status or {}).get("inbox_pending")}
 
 
 def learn_stage_durations(durations: dict[str, float], first_seen: dict[str, float]) -> None:
@@ -617,11 +630,14 @@ def learn_stage_durations(durations: dict[str, float], first_seen: dict[str, flo
 def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, durations: dict) -> tuple[float, bool]:
     """Sleep until a random instant of the target phase; returns (seconds after the phase began, reached)."""
     if target == "ingest":
-        # The watcher hands the file on after inbox_settle_seconds (0.2 here); ingest of a few hundred lines
-        # takes a fraction of a second, and the drift job follows at once.
-        delay = rng.uniform(0.2, 0.2 + durations["ingest"])
+        # Ingest of a few hundred lines takes a fraction of a second once the inbox watcher hands the file on
+        # (its pending count drops to 0), and the drift job follows at once: kill soon after the hand-over.
+        deadline = time.monotonic() + 30
+        while watch.handed_over is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        delay = rng.uniform(0.0, durations["ingest"])
         time.sleep(delay)
-        return delay, True
+        return delay, watch.handed_over is not None
     stage = {"swap": "promote"}.get(target, target)
     reached = watch.wait_for(stage, timeout=300)
     if not reached:
