@@ -546,6 +546,7 @@ def device_info() -> dict:
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0]}
     info["commit"] = _common.commit() or os.environ.get("LORAD_COMMIT", "unknown")
+    info["dirty"] = _common.dirty()
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -224,10 +224,12 @@ def adapter_time(arm: str, tokens: int, ckpt_dir: Path) -> dict:
                             liger="liger" in arm, flatten="flat" in arm)
             mean_len = sum(len(x["input_ids"]) for x in data) / len(data)
             r = ts.hf_trainer_run(model, data, steps=int(tokens / (16 * mean_len)) + 1, out_dir=tmp,
-                                  save_adapter=tmp + "/adapter", **settings)
+                                  save_adapter=tmp + "/adapter", cpu=ts.dev() == "cpu", **settings)
         trained = r["marks"][-1][1]
     total = time.time() - started
-    return {"arm": arm, "tokens_trained": trained, "steps": len(r["marks"]), "model_load_seconds": load_s,
+    from bench import _common
+
+    return {"arm": arm, "commit": _common.commit(), "dirty": _common.dirty(), "tokens_trained": trained, "steps": len(r["marks"]), "model_load_seconds": load_s,
             "first_step_seconds": r["marks"][0][0] - r["start"], "wall_seconds_from_process_start": total,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
