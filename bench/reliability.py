@@ -7,10 +7,12 @@ Every part runs the real thing on this machine: ``lorad run`` / ``lorad serve`` 
 around a tiny random Llama (built from a config, saved as safetensors) and real training, drift and
 evaluation subprocesses.
 
-  crash   --trials times: drop a data file into the inbox of a running daemon (lines whose outcome is known
-          in advance: new, duplicate within the file, duplicate of an earlier file, rejected), wait for
-          the target phase of the learning cycle (ingest, drift, train, eval, promote, swap; round robin),
-          SIGKILL the daemon at a random instant inside it, restart it, wait until it is idle, and check
+  crash   until --trials kills landed inside a non-idle phase: drop a data file into the inbox of a running
+          daemon (lines whose outcome is known in advance: new, duplicate within the file, duplicate of an
+          earlier file, rejected), wait for the target phase of the learning cycle (ingest, drift, train,
+          eval, promote, swap; round robin), SIGKILL the daemon at a random instant inside it (the phase at
+          the kill is asked from /status just before the signal; a kill that found the daemon idle is
+          recorded and not counted), restart it, wait until it is idle, and check
           the invariants: every line accounted exactly once with the expected outcome, every file moved
           out of the inbox, no run left unfinished (each resumed to success or failed with a reason), the
           champion alias on a complete adapter whose sha256 matches and that the server serves, no
@@ -200,6 +202,7 @@ class DaemonUnderTest:
         self.proc: subprocess.Popen | None = None
         self.log_path = work / "daemon.log"
         self.starts = 0
+        self.signalled_at: float | None = None
 
     def start(self) -> None:
         self.starts += 1
@@ -211,6 +214,7 @@ class DaemonUnderTest:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
+            self.signalled_at = time.monotonic()
             self.proc.wait(30)
 
     def stop(self, timeout: float = 60) -> int | None:
@@ -271,6 +275,7 @@ class StageWatcher:
     def __init__(self, daemon: DaemonUnderTest, interval: float = 0.01):
         self.daemon, self.interval = daemon, interval
         self.stage: str | None = None
+        self.handed_over: float | None = None   # when the inbox went from pending to none: ingest starts
         self.first_seen: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -279,9 +284,15 @@ class StageWatcher:
         while not self._stop.is_set():
             s = self.daemon.status()
             if s is None:  # a slow answer under load: keep the last stage seen
+                time.sleep(self.interval)
                 continue
             stage = (s.get("job") or {}).get("stage")
             self.stage = stage
+            pending = bool(s.get("inbox_pending"))
+            if pending:
+                self._pending_seen = True
+            elif getattr(self, "_pending_seen", False) and self.handed_over is None:
+                self.handed_over = time.monotonic()
             if stage and stage not in self.first_seen:
                 self.first_seen[stage] = time.monotonic()
             time.sleep(self.interval)
@@ -479,17 +490,24 @@ def _file_rows(state: Path, sha: str) -> int:
 
 
 def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400, phases: tuple = PHASES,
-                 log=print) -> dict:
-    """SIGKILL a real daemon ``n`` times at random instants of its learning cycle; check invariants after each.
+                 max_attempts: int | None = None, log=print) -> dict:
+    """SIGKILL a real daemon at random instants of its learning cycle until ``n`` kills landed inside a
+    non-idle phase (at most ``max_attempts`` kills, default 3n); check invariants after each.
 
     Trials come in chains: a data file is dropped, then the daemon is killed once in each phase of
     ``phases`` in turn (each restart resumes the interrupted cycle, so the next phase comes next). After
     every restart the safety invariants are checked (``safety_violations``); at the end of each chain,
     once the daemon is idle, the complete ones (``check_invariants``: everything accounted and finished).
 
+    The phase at each kill is asked from /status just before the signal and the inbox just after
+    (``classify_kill``); a kill that found the daemon idle is recorded but not counted, and its chain ends
+    (the cycle is over), so the next chain places the kills again.
+
     Returns:
-        ``{"trials": [...], "violations": [...], "phases_at_kill": {phase: count}, "chains": k}``.
+        ``{"trials": [...], "violations": [...], "kills_in_cycle": counted, "kills_total": all,
+        "phases_at_kill": {phase: count}, "chains": k}``.
     """
+    max_attempts = 3 * n if max_attempts is None else max_attempts
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "tiny-model"
     if not (model_dir / "config.json").exists():
@@ -506,28 +524,24 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
     files: dict[str, dict] = {}
     daemon = DaemonUnderTest(work, cfg_path, port)
     durations = {p: 3.0 for p in PHASES}     # learnt from earlier trials: how long each stage lasts
-    durations.update(ingest=1.0, promote=0.3, swap=0.3)
+    durations.update(ingest=0.1, promote=0.3, swap=0.3)
     trials, all_violations, chains = [], [], 0
     daemon.start()
     try:
         daemon.wait_ready()
-        k = 0
-        while k < n:
+        counted = attempts = 0
+        while counted < n and attempts < max_attempts:
             chains += 1
             name = f"batch-{chains:03d}.jsonl"
             for target in phases:
-                if k >= n:
+                if counted >= n or attempts >= max_attempts:
                     break
                 with StageWatcher(daemon) as watch:
                     if target == phases[0]:
                         files[name] = maker.write(inbox / name, lines_per_file)
                     kill_after, reached = _pick_kill_instant(target, watch, rng, durations)
-                    stage_at_kill = watch.stage or ("ingest" if target == "ingest" else "idle")
-                    daemon.kill()
-                    for stage, t in watch.first_seen.items():  # crude stage lengths for the next trials
-                        nxt = [u for u in watch.first_seen.values() if u > t]
-                        if nxt:
-                            durations[stage] = 0.5 * durations[stage] + 0.5 * (min(nxt) - t)
+                    at_kill = _kill_and_classify(daemon, inbox / name)
+                    learn_stage_durations(durations, watch.first_seen)
                 t0 = time.monotonic()
                 daemon.start()
                 # Checked as soon as the restarted daemon answers /healthz (its recovery at startup is done then,
@@ -535,15 +549,19 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
                 daemon.wait_healthy()
                 restart_s = time.monotonic() - t0
                 violations = safety_violations(state, inbox, files, None)
-                trial = {"trial": k, "chain": chains, "target_phase": target, "phase_reached": reached,
-                         "stage_at_kill": stage_at_kill, "kill_after_s": round(kill_after, 3),
-                         "restart_s": round(restart_s, 1), "violations": violations}
-                trials.append(trial)
-                all_violations += [f"trial {k}: {v}" for v in violations]
-                log(f"crash trial {k + 1}/{n}: target {target}, killed at {stage_at_kill} +{kill_after:.2f}s, "
-                    f"ready again in {restart_s:.1f}s, violations {len(violations)}"
-                    + (f": {violations}" if violations else ""))
-                k += 1
+                in_cycle = at_kill["phase"] not in ("idle", "unknown")
+                counted += in_cycle
+                attempts += 1
+                trials.append({"trial": attempts - 1, "chain": chains, "target_phase": target,
+                               "phase_reached": reached, **at_kill, "counted": in_cycle,
+                               "kill_after_s": round(kill_after, 3), "restart_s": round(restart_s, 1),
+                               "violations": violations})
+                all_violations += [f"trial {attempts - 1}: {v}" for v in violations]
+                log(f"crash kill {attempts} ({counted}/{n} in the cycle): target {target}, killed in "
+                    f"{at_kill['phase']} +{kill_after:.2f}s, ready again in {restart_s:.1f}s, violations "
+                    f"{len(violations)}" + (f": {violations}" if violations else ""))
+                if not in_cycle:
+                    break   # the cycle is over: later phases of this chain would hit an idle daemon too
             t0 = time.monotonic()
             daemon.wait_ready()
             wait_idle(daemon, state, inbox)
@@ -557,29 +575,79 @@ def crash_trials(n: int, work: Path, *, seed: int = 0, lines_per_file: int = 400
         daemon.stop()
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t["stage_at_kill"]] = counts.get(t["stage_at_kill"], 0) + 1
-    return {"trials": trials, "violations": all_violations, "phases_at_kill": counts, "chains": chains,
-            "files": len(files), "lines": sum(f["records_total"] for f in files.values()),
-            "lines_per_file": lines_per_file}
+        counts[t["phase"]] = counts.get(t["phase"], 0) + 1
+    return {"trials": trials, "violations": all_violations, "kills_in_cycle": counted, "kills_total": len(trials),
+            "phases_at_kill": counts, "chains": chains, "files": len(files),
+            "lines": sum(f["records_total"] for f in files.values()), "lines_per_file": lines_per_file}
+
+
+def classify_kill(status: dict | None, file_in_inbox: bool) -> str:
+    """The learning-cycle phase a kill landed in, from /status asked just before it and the inbox just after.
+
+    A job stage (drift_warm, drift, train, eval, promote) wins; otherwise a data file still in the inbox
+    that the watcher has handed on (nothing pending) is being ingested; a file still settling
+    (``inbox_settle``) or no work at all (``idle``) is not inside the cycle's work. ``unknown``: /status did
+    not answer (a daemon too busy to answer is not idle, but we cannot say in which phase it was).
+    """
+    if status is None:
+        return "unknown"
+    stage = (status.get("job") or {}).get("stage")
+    if stage:
+        return stage
+    if file_in_inbox:
+        return "inbox_settle" if status.get("inbox_pending") else "ingest"
+    return "idle"
+
+
+def _kill_and_classify(daemon: DaemonUnderTest, data_file: Path) -> dict:
+    """SIGKILL the daemon right after asking its phase; returns the phase and how old that answer was."""
+    status = daemon.status()
+    asked = time.monotonic()
+    daemon.kill()
+    stale_ms = ((daemon.signalled_at or asked) - asked) * 1000   # the answer to the signal, not to the reaping
+    in_inbox = data_file.exists()
+    phase = classify_kill(status, in_inbox)
+    if phase == "inbox_settle":
+        phase = "idle"   # waiting for a file to settle is not work a kill can interrupt
+    # A job (e.g. drift_warm) and the ingest of the file can run at once: the job names the phase, the
+    # flag says the ingest was cut too.
+    return {"phase": phase, "status_to_kill_ms": round(stale_ms, 1),
+            "file_in_inbox": in_inbox, "inbox_pending": (status or {}).get("inbox_pending")}
+
+
+def learn_stage_durations(durations: dict[str, float], first_seen: dict[str, float]) -> None:
+    """Crude stage lengths for the next trials: from each stage's first sighting to the next stage's.
+
+    The job runner may report stages no table here names (``drift_warm``): the first sighting is their estimate.
+    """
+    for stage, t in first_seen.items():
+        nxt = [u for u in first_seen.values() if u > t]
+        if nxt:
+            seen = min(nxt) - t
+            durations[stage] = 0.5 * durations[stage] + 0.5 * seen if stage in durations else seen
 
 
 def _pick_kill_instant(target: str, watch: StageWatcher, rng: random.Random, durations: dict) -> tuple[float, bool]:
     """Sleep until a random instant of the target phase; returns (seconds after the phase began, reached)."""
     if target == "ingest":
-        # The file is picked up after inbox_settle_seconds; ingest of a few hundred lines takes a fraction of a second.
-        delay = rng.uniform(0.0, 0.2 + durations["ingest"])
+        # Ingest of a few hundred lines takes a fraction of a second once the inbox watcher hands the file on
+        # (its pending count drops to 0), and the drift job follows at once: kill soon after the hand-over.
+        deadline = time.monotonic() + 30
+        while watch.handed_over is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        delay = rng.uniform(0.0, durations["ingest"])
         time.sleep(delay)
-        return delay, True
+        return delay, watch.handed_over is not None
     stage = {"swap": "promote"}.get(target, target)
     reached = watch.wait_for(stage, timeout=300)
     if not reached:
         return 0.0, False
     if target == "promote":
-        delay = rng.uniform(0.0, 0.05)           # the registry flip and the preload start right away
+        delay = rng.uniform(0.0, 0.5 * durations["promote"])    # the registry flip and the preload start
     elif target == "swap":
-        delay = rng.uniform(0.05, 0.3)           # preload done or nearly, pointer flip, drain
+        delay = rng.uniform(0.5 * durations["promote"], durations["promote"])  # pointer flip, drain
     else:
-        delay = rng.uniform(0.0, durations[stage])
+        delay = rng.uniform(0.0, durations.get(stage, 3.0))
     time.sleep(delay)
     return delay, True
 
@@ -744,12 +812,16 @@ def machine_info() -> dict:
 
 
 def git_commit() -> dict:
-    return {"commit": _common.commit(), "dirty_files": _common.changed_files("daemon", "pipelines") or []}
+    """The commit measured and whether any tracked file differed from it (the benchmark's own code included)."""
+    changed = _common.changed_files()
+    return {"commit": _common.commit(), "dirty": None if changed is None else bool(changed),
+            "dirty_files": changed or []}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=54, help="crash trials (9 chains of the 6 phases)")
+    ap.add_argument("--trials", type=int, default=54,
+                    help="crash kills that must land inside a non-idle phase (idle hits are recorded, not counted)")
     ap.add_argument("--lines-per-file", type=int, default=400)
     ap.add_argument("--fuzz-examples", type=int, default=150, help="examples per fuzzed property / API operation")
     ap.add_argument("--load-seconds", type=int, default=20)
@@ -768,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     if "crash" in parts:
         t0 = time.monotonic()
         res = crash_trials(args.trials, work / "crash", seed=args.seed, lines_per_file=args.lines_per_file)
-        out["crash_trials"] = len(res["trials"])
+        out["crash_trials"] = res["kills_in_cycle"]   # kills that landed inside a non-idle phase
         out["invariant_violations"] = len(res["violations"])
         out["crash"] = {**res, "seconds": round(time.monotonic() - t0, 1)}
     if "faults" in parts:

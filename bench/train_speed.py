@@ -1,5 +1,9 @@
 """Training speed and memory: lorad's loop against the stock Hugging Face recipes, in one run per device.
 
+    python -m bench.train_speed rounds --out DIR --gpus 0,1,2,3   # issue 22's protocol: every arm, 3 interleaved
+                                                                  # rounds, strongest stock arm, MFU vs the spec
+    python -m bench.train_speed adapter-time ARM --json F         # time to a trained adapter, fresh process
+    (both in bench/train_speed_arms.py; bench/device/train_speed_gpu.sh runs them on the device tool)
     python -m bench.train_speed gpu --out DIR [--cases ...]   # CUDA machine: 7B-shaped random Llama
     python -m bench.train_speed cpu --out DIR --model-dir M     # 2-core CPU, the real 135M default
     python -m bench.train_speed check --out DIR       # each speed plan's loss/gradients vs the fp32 reference
@@ -151,11 +155,29 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class FlatCollator:
+    """transformers' DataCollatorWithFlattening (padding-free), counting real tokens as PadCollator does."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.inner, self.real = DataCollatorWithFlattening(), 0
+
+    def __call__(self, feats):
+        self.real += sum(len(f["input_ids"]) for f in feats)
+        return self.inner(feats)
+
+
 def hf_trainer_run(model, data: list[dict], *, targets: list[str], batch: int, accum: int, steps: int,
                    fp16: bool = False, bf16: bool = False, group_by_length: bool = False, lr: float = 2e-4,
                    cpu: bool = False, warmup_ratio: float = 0.0, scheduler: str = "linear", out_dir: str,
-                   dropout: float = 0.05, save_adapter: str | None = None, pad_id: int | None = None) -> dict:
-    """HF Trainer + PEFT LoRA (r16, alpha32) as its documentation shows it; returns step marks and losses."""
+                   dropout: float = 0.05, save_adapter: str | None = None, pad_id: int | None = None,
+                   liger: bool = False, flatten: bool = False) -> dict:
+    """HF Trainer + PEFT LoRA (r16, alpha32) as its documentation shows it; returns step marks and losses.
+
+    ``liger``: TrainingArguments(use_liger_kernel=True) (the liger-kernel package). ``flatten``: padding-free
+    batches (transformers' DataCollatorWithFlattening: one row per batch, position_ids restart per record).
+    """
     import inspect
 
     from peft import LoraConfig, get_peft_model
@@ -165,6 +187,8 @@ def hf_trainer_run(model, data: list[dict], *, targets: list[str], batch: int, a
                                              bias="none", task_type="CAUSAL_LM"))
     collator = PadCollator(pad_id if pad_id is not None else StubTokenizer.pad_token_id if not cpu
                            else (model.config.pad_token_id or 0))
+    if flatten:
+        collator = FlatCollator()
     marks: list[tuple[float, int]] = []
 
     class Clock(TrainerCallback):
@@ -177,6 +201,8 @@ def hf_trainer_run(model, data: list[dict], *, targets: list[str], batch: int, a
     if group_by_length:   # transformers 5.x renamed the flag at some point; support both spellings
         extra.update({"group_by_length": True} if "group_by_length" in params
                      else {"train_sampling_strategy": "group_by_length"})
+    if liger:
+        extra["use_liger_kernel"] = True
     if warmup_ratio:
         extra.update({"warmup_ratio": warmup_ratio} if "warmup_ratio" in params else {"warmup_steps": warmup_ratio})
     if scheduler == "cosine_min10":
@@ -520,6 +546,7 @@ def device_info() -> dict:
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": sys.version.split()[0]}
     info["commit"] = _common.commit() or os.environ.get("LORAD_COMMIT", "unknown")
+    info["dirty"] = _common.dirty()
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -854,9 +881,13 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--n-holdout", type=int, default=40)
     k.add_argument("--max-seq-len", type=int, default=1024)
     k.add_argument("--lr", type=float, default=1e-3)
+    from bench import train_speed_arms as arms
+
+    arms.add_arguments(sub)
     args = ap.parse_args(argv)
     {"gpu": gpu_main, "cpu": cpu_main, "merge": merge_main, "case": case_main, "check": check_main,
-     "cpu-update": cpu_update_main}[args.cmd](args)
+     "cpu-update": cpu_update_main, "rounds": arms.rounds_main, "arm": arms.arm_main,
+     "adapter-time": arms.adapter_time_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Crash consistency in CI: a real ``lorad run`` on a tiny model is SIGKILLed at random instants of its learning
 cycle (ingest, train, eval, swap) and restarted; after each restart the crash rule's invariants must hold
-(bench/reliability.py runs the same harness 54 times over all six phases and records the results)."""
+(bench/reliability.py runs the same harness until 54 kills landed inside a non-idle phase and records the results)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path):
     res = reliability.crash_trials(4, tmp_path, seed=7, lines_per_file=200, phases=("ingest", "train", "eval", "swap"),
                                    log=print)
     assert res["violations"] == [], res["violations"]
-    assert len(res["trials"]) == 4 and res["chains"] == 1
-    reached = [t["target_phase"] for t in res["trials"] if t["phase_reached"]]
-    assert {"ingest", "train"} <= set(reached), res["trials"]  # the kills really hit the learning cycle
+    counted = [t for t in res["trials"] if t["counted"]]
+    assert res["kills_in_cycle"] == len(counted) == 4, res["trials"]
+    assert all(t["phase"] not in ("idle", "unknown") for t in counted), res["trials"]
+    phases = {t["phase"] for t in counted}
+    assert "train" in phases and len(phases) >= 3, res["trials"]  # the kills really hit the cycle's work
     assert res["trials"][-1]["chain_end_violations"] == []
 
 

@@ -3,9 +3,9 @@ database page, out of memory in training. Each must fail cleanly with a reason t
 leave the champion untouched, and (where a server runs) keep serving.
 
 Real components throughout: training subprocesses on a tiny random Llama, a real uvicorn server, a real
-``lorad run`` process; the faults are real too (RLIMIT_FSIZE, a tiny tmpfs, bytes overwritten on disk),
-except out-of-memory, which a CPU cannot be made to raise on cue: it is raised where CUDA raises it
-(from the loss computation of a micro-batch), as ``torch.OutOfMemoryError``.
+``lorad run`` process; the faults are real too (RLIMIT_FSIZE, a tiny tmpfs, bytes overwritten on disk,
+RLIMIT_AS for out of memory). The micro-batch halving after a CUDA out-of-memory error is tested apart
+(tests/test_reliability_oom_retry.py): a CPU cannot raise that exception on cue.
 """
 
 from __future__ import annotations
@@ -277,41 +277,46 @@ def test_a_corrupted_database_page_is_refused_and_the_daemon_keeps_serving(tmp_p
 # ----------------------------------------------------------------------------- out of memory
 
 
-def test_out_of_memory_in_training_retries_smaller_then_fails_cleanly(tmp_path, tiny_llama_dir, monkeypatch):
+def memory_limited_python(tmp_path: Path, headroom_bytes: int) -> str:
+    """An interpreter wrapper whose process may map only ``headroom_bytes`` more address space than it holds
+    once torch, transformers and peft are imported (RLIMIT_AS): a machine whose memory runs out mid-job.
+
+    One allocator arena and one thread, so the limit is spent on tensors, not on per-thread reservations.
+    """
+    wrapper = tmp_path / "python-memory-limited"
+    code = ("import resource, runpy, sys; import torch, transformers, peft; "
+            "vm = next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('VmSize')); "
+            f"resource.setrlimit(resource.RLIMIT_AS, (vm + {headroom_bytes}, resource.RLIM_INFINITY)); "
+            "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+    wrapper.write_text(f"#!/bin/sh\nexec env MALLOC_ARENA_MAX=1 OMP_NUM_THREADS=1 {sys.executable} -c \"{code}\" \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
+def test_out_of_memory_in_training_fails_the_run_cleanly(tmp_path):
+    """A real memory limit, not an injected exception: the model (a 32k vocabulary) loads within it, the first
+    step's LM-head work buffers ([labelled tokens x 32k] floats, 64 MB each) do not (with 4 GB of headroom the
+    same run trains and is promoted). On a CPU the allocator raises RuntimeError, not torch.OutOfMemoryError,
+    so the micro-batch halving does not apply: the run fails at once with the allocator's message."""
     import torch
+    from transformers import LlamaForCausalLM
 
-    from pipelines import train as tr
-    from pipelines.models import load_base_model
-    from pipelines.train import loop   # train() looks the loss function up here
+    from conftest import build_tiny_tokenizer, tiny_llama_config
 
-    cfg = config(tmp_path, tiny_llama_dir, train={"max_steps": 2, "micro_batch_size": 4})
-    payloads = [json.loads(line) for line in write_data(tmp_path / "d.jsonl", 40, 5).read_text().splitlines()]
-    model, tok = load_base_model(str(tiny_llama_dir), tmp_path / "cache", for_training=True)
-    from pipelines.ingest import Normaliser
-
-    norm = Normaliser(cfg.data)
-    examples = tr.tokenize_payloads([norm(p).payload for p in payloads], tok, cfg.data.max_seq_len)
-    real = tr.chunked_loss_sum
-    seen: list[int] = []
-
-    def fits_one_sequence(model, ids, *args, **kwargs):  # memory for one sequence at a time, as a small GPU
-        seen.append(ids.shape[0])
-        if ids.shape[0] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "chunked_loss_sum", fits_one_sequence)
-    out = tr.train(examples, run_dir=tmp_path / "run1", model=model, tokenizer=tok, cfg=cfg.train,
-                   max_seq_len=cfg.data.max_seq_len, packing=False, progress=False)
-    assert out.steps == 2 and out.micro_batch_splits == 4, out  # halved until one sequence per forward
-    assert max(seen) > 1 and seen[-1] == 1
-
-    def never_fits(model, ids, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    monkeypatch.setattr(loop, "chunked_loss_sum", never_fits)
-    model, tok = load_base_model(str(tiny_llama_dir), tmp_path / "cache", for_training=True)
-    with pytest.raises(tr.TrainingError, match="out of GPU memory at step 0 even with micro-batches of 1"):
-        tr.train(examples, run_dir=tmp_path / "run2", model=model, tokenizer=tok, cfg=cfg.train,
-                 max_seq_len=cfg.data.max_seq_len, packing=False, progress=False)
-    assert not (tmp_path / "run2" / "adapter").exists()
+    model_dir = tmp_path / "big-vocab"
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=32768)).save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    cfg, store, champ = with_champion(tmp_path, model_dir, train={"micro_batch_size": 16, "max_steps": 2})
+    run_id, run_dir = new_run(store, cfg)
+    runner = JobRunner(cfg, store, python=memory_limited_python(tmp_path, 128 * 2**20))
+    out = runner.train_eval_promote(run_id, run_dir)
+    row = store.query_one("SELECT status, reason FROM runs WHERE id = ?", (run_id,))
+    log = (run_dir / "train.log").read_text(errors="replace")
+    assert out["trained"] is False and row["status"] == "failed", (out, dict(row), log[-2000:])
+    assert "allocate memory" in row["reason"] or "MemoryError" in row["reason"], (row["reason"], log[-2000:])
+    assert not (run_dir / "adapter").exists()
+    assert_champion_untouched(store, champ, 1)
+    assert store.counts()["records_pending"] > 0, "the failed run's records are pending again"

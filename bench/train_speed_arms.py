@@ -1,0 +1,342 @@
+"""Training speed the way a skeptic measures it (issue 22): every arm in the same run, interleaved rounds,
+the strongest stock recipe found, FLOPs counted without the embedding lookup and with attention.
+
+    python -m bench.train_speed rounds --out DIR [--gpus 0,1,2,3] [--rounds 3] [--arms ...]
+    python -m bench.train_speed adapter-time ARM --json F [--tokens 6553600]   # one fresh process
+
+Arms (DeepSeek-LLM-7B shape, random weights, the same seeded records of 64-512 tokens; each arm a fresh process):
+  seed_8bit        the seed recipe as written: base loaded in 8 bits (bitsandbytes), HF Trainer + PEFT
+                   LoRA r16/a32 on q_proj,v_proj, fp16, batch 2 x accumulation 8, padded batches
+  seed_fp16        the same without the 8-bit loading (fp16 base)
+  stock            HF Trainer + PEFT all-linear r16, bf16, group_by_length, batch 8 x accumulation 2
+  stock_liger      stock with Liger kernels (TrainingArguments(use_liger_kernel=True))
+  stock_flat       stock, padding-free (DataCollatorWithFlattening: a batch becomes one row with position_ids)
+  stock_flat_liger padding-free and Liger
+  lorad_eager      pipelines.train.train with its defaults, torch.compile off
+  lorad_compiled   pipelines.train.train with its defaults (per-layer torch.compile on CUDA)
+
+Each (arm, round) times ``--timed-steps`` (default 30) optimizer steps after ``--warmup`` steps; the warm-up
+(compilation included) is reported, not hidden. With several GPUs the arms run in parallel lanes, and round r
+moves arm i to GPU (i + r) mod G, so every arm meets every card and a slow card biases no arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEED_ARMS = ("seed_8bit", "seed_fp16")
+STOCK_ARMS = ("stock", "stock_liger", "stock_flat", "stock_flat_liger")
+LORAD_ARMS = ("lorad_eager", "lorad_compiled")
+ARMS = SEED_ARMS + STOCK_ARMS + LORAD_ARMS
+SPEC_PEAK_BF16 = 989e12   # H100 / H200 SXM dense bf16, the vendor's figure (no sparsity)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of one Llama decoder layer."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    head = h // shape["num_attention_heads"]
+    kv = shape.get("num_key_value_heads", shape["num_attention_heads"]) * head
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def mean_attended(lengths: list[int]) -> float:
+    """Keys each token attends to on average under causal attention within its own record: sum l(l+1)/2 / sum l."""
+    return sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+
+
+def lora_flops_per_token(shape: dict, lengths: list[int], targets=ALL_LINEAR, rank: int = 16) -> float:
+    """Useful FLOPs per trained token of LoRA on a frozen base (multiply-add = 2 FLOPs).
+
+    Frozen matmuls (every decoder linear and the LM head; the input embedding is a lookup, no FLOPs):
+    forward 2P + input-gradient backward 2P. LoRA matrices: forward 2, input gradient 2, weight gradient 2
+    per parameter. Attention scores and values: 4 * hidden * attended keys per layer forward, twice that
+    backward. Padding is not useful work: counted on the real records only, whatever an arm computes.
+    """
+    layers = shape["num_hidden_layers"]
+    frozen = layers * sum(a * b for a, b in linear_shapes(shape).values())
+    frozen += shape["hidden_size"] * shape["vocab_size"]          # LM head
+    lora = layers * sum(rank * (a + b) for name, (a, b) in linear_shapes(shape).items() if name in targets)
+    attention = 12 * layers * shape["hidden_size"] * mean_attended(lengths)
+    return 4 * frozen + 6 * lora + attention
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(rows: list[dict], *, headline: str = "lorad_compiled", flops_per_token: dict | None = None,
+              peak: float = SPEC_PEAK_BF16) -> dict:
+    """Median and spread per arm over rounds, the strongest stock arm, and the speed-ups the issue asks for.
+
+    Args:
+        rows: one per (arm, round): {"arm", "round", "tokens_per_second"} (rows with an "error" are skipped).
+        headline: the lorad arm whose speed-ups and MFU are the headline.
+        flops_per_token: arm -> useful FLOPs per token (``lora_flops_per_token``), for MFU against ``peak``.
+    """
+    arms: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("tokens_per_second"):
+            arms.setdefault(r["arm"], []).append(r["tokens_per_second"])
+    per_arm = {}
+    for arm, values in arms.items():
+        med = statistics.median(values)
+        per_arm[arm] = {"median_tokens_per_second": med, "min": min(values), "max": max(values),
+                        "spread": (max(values) - min(values)) / med, "rounds": len(values), "all": values}
+        if flops_per_token and arm in flops_per_token:
+            per_arm[arm]["mfu_spec"] = med * flops_per_token[arm] / peak
+    med = {arm: v["median_tokens_per_second"] for arm, v in per_arm.items()}
+    stock = {a: med[a] for a in STOCK_ARMS if a in med}
+    strongest = max(stock, key=stock.get) if stock else None
+    top = med.get(headline)
+
+    def ratio(den: str | None) -> float | None:
+        return top / med[den] if top and den in med else None
+
+    return {"headline_arm": headline, "strongest_stock_arm": strongest,
+            "speedup_vs_strongest_stock": ratio(strongest), "speedup_vs_seed_as_written": ratio("seed_8bit"),
+            "speedup_vs_seed_fp16": ratio("seed_fp16"), "mfu_spec": per_arm.get(headline, {}).get("mfu_spec"),
+            "mfu_peak_tflops": peak / 1e12, "rounds": max((v["rounds"] for v in per_arm.values()), default=0),
+            "arms": per_arm}
+
+
+def schedule(arms: list[str], rounds: int, gpus: list[str]) -> list[list[tuple[int, str]]]:
+    """Per GPU lane, the (round, arm) runs in order: round r puts arm i on GPU (i + r) mod G."""
+    lanes: list[list[tuple[int, str]]] = [[] for _ in gpus]
+    for r in range(rounds):
+        for i, arm in enumerate(arms):
+            lanes[(i + r) % len(gpus)].append((r, arm))
+    return lanes
+
+
+# ----------------------------------------------------------------------------- the arms (one process each)
+
+
+def _hf_arm(arm: str, steps: int, warmup: int, ckpt_dir: Path) -> dict:
+    """The HF Trainer arms: seed (8-bit or fp16 base) and the stock variants."""
+    import torch
+
+    from bench import train_speed as ts
+
+    shape = ts.SHAPE_7B
+    if arm == "seed_8bit":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        ckpt = ts.ensure_7b_checkpoint(ckpt_dir)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                     dtype=torch.float16, device_map={"": ts.dev()})
+    else:
+        model = ts.build_random_llama(torch.float16 if arm.startswith("seed") else torch.bfloat16, ts.dev())
+    n_params = sum(p.numel() for p in model.parameters())
+    data = ts.records(4000, shape["vocab_size"])
+    if arm.startswith("seed"):
+        settings = dict(targets=["q_proj", "v_proj"], batch=2, accum=8, fp16=True)
+    else:
+        settings = dict(targets=list(ALL_LINEAR), batch=8, accum=2, bf16=True, group_by_length="flat" not in arm,
+                        liger="liger" in arm, flatten="flat" in arm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        r = ts.hf_trainer_run(model, data, steps=warmup + steps, out_dir=tmp, cpu=ts.dev() == "cpu", **settings)
+    return {"arm": arm, "settings": {**settings, "load_in_8bit": arm == "seed_8bit"}, "n_params": n_params,
+            "lora_targets": settings["targets"], "warmup_steps": warmup,
+            "warmup_seconds": r["marks"][warmup - 1][0] - r["start"], **ts.rate(r["marks"], warmup), **ts.memory(),
+            "loss_last": r["losses"][-1] if r["losses"] else None}
+
+
+def _lorad_arm(arm: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from bench import train_speed as ts
+
+    model = ts.build_random_llama(torch.bfloat16, ts.dev())
+    n_params = sum(p.numel() for p in model.parameters())
+    data = ts.records(4000, ts.SHAPE_7B["vocab_size"])
+    speed = {"compile_layers": False} if arm == "lorad_eager" else {}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        r = ts.lorad_run(model, ts.StubTokenizer(), data, cfg_overrides={}, steps=warmup + steps, max_seq_len=2048,
+                         out_dir=tmp, **speed)
+    out, cfg = r["outcome"], r["cfg"]
+    return {"arm": arm, "settings": {"lora_r": cfg.lora_r, "lora_targets": cfg.lora_targets,
+                                     "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+                                     "max_seq_len": 2048, "packing": True, "overrides": speed, "plan": out.speed},
+            "n_params": n_params, "lora_targets": list(ALL_LINEAR), "warmup_steps": warmup,
+            "warmup_seconds": r["marks"][warmup - 1][0] - r["start"], **ts.rate(r["marks"], warmup), **ts.memory(),
+            "loss_last": out.loss_last}
+
+
+def run_arm(arm: str, steps: int, warmup: int, ckpt_dir: Path) -> dict:
+    """One arm in this process; the useful FLOPs per token of its LoRA come with it."""
+    from bench import train_speed as ts
+
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    res = _lorad_arm(arm, steps, warmup) if arm in LORAD_ARMS else _hf_arm(arm, steps, warmup, ckpt_dir)
+    lengths = [len(r["input_ids"]) for r in ts.records(4000, ts.SHAPE_7B["vocab_size"])]
+    res["flops_per_token"] = lora_flops_per_token(ts.SHAPE_7B, lengths, targets=res["lora_targets"])
+    return res
+
+
+def adapter_time(arm: str, tokens: int, ckpt_dir: Path) -> dict:
+    """Wall time of a daemon-like run in this fresh process: imports, model load from disk, warm-up or
+    compilation, training on ``tokens`` real tokens, the adapter written. Counted from the process's start."""
+    started = _process_start()
+    import torch
+
+    from bench import train_speed as ts
+
+    ckpt = ts.ensure_7b_checkpoint(ckpt_dir)   # saved beforehand by the caller: not part of the time
+    t_load = time.time()
+    if arm in LORAD_ARMS:
+        from pipelines.models import load_base_model
+
+        model, tok = load_base_model(str(ckpt), ckpt.parent / "cache", dtype="bfloat16", device=ts.dev(),
+                                     for_training=True)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map={"": ts.dev()})
+    load_s = time.time() - t_load
+    data = ts.records(max(200, tokens // 200), ts.SHAPE_7B["vocab_size"], seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if arm in LORAD_ARMS:
+            speed = {"compile_layers": False} if arm == "lorad_eager" else {}
+            rows = {"micro_batch_size": 4, "grad_accum_steps": 4}   # 16 packed rows of 2048: 32k tokens a step
+            r = ts.lorad_run(model, tok, data, cfg_overrides=rows, steps=-(-tokens // (16 * 2048)), max_seq_len=2048,
+                             out_dir=tmp, **speed)
+        else:
+            settings = dict(targets=list(ALL_LINEAR), batch=8, accum=2, bf16=True, group_by_length="flat" not in arm,
+                            liger="liger" in arm, flatten="flat" in arm)
+            mean_len = sum(len(x["input_ids"]) for x in data) / len(data)
+            r = ts.hf_trainer_run(model, data, steps=int(tokens / (16 * mean_len)) + 1, out_dir=tmp,
+                                  save_adapter=tmp + "/adapter", cpu=ts.dev() == "cpu", **settings)
+        trained = r["marks"][-1][1]
+    total = time.time() - started
+    from bench import _common
+
+    return {"arm": arm, "commit": _common.commit(), "dirty": _common.dirty(), "tokens_trained": trained, "steps": len(r["marks"]), "model_load_seconds": load_s,
+            "first_step_seconds": r["marks"][0][0] - r["start"], "wall_seconds_from_process_start": total,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def _process_start() -> float:
+    """This process's start as a Unix time (Linux /proc), so interpreter start-up and imports count too."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return time.time()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _one(arm: str, r: int, gpu: str, out: Path, steps: int, warmup: int, ckpt_dir: str, timeout: int) -> dict:
+    path = out / f"arm_{arm}_r{r}.json"
+    cmd = [sys.executable, "-m", "bench.train_speed", "arm", arm, "--json", str(path), "--steps", str(steps),
+           "--warmup", str(warmup), "--ckpt-dir", ckpt_dir]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu else dict(os.environ)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        ok = proc.returncode == 0 and path.is_file()
+        tail = (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, f"timed out after {timeout} s"
+    res = json.loads(path.read_text()) if ok else {"arm": arm, "error": tail}
+    res.update(round=r, gpu=gpu, wall_seconds=time.perf_counter() - t0)
+    print(f"[round {r} gpu {gpu or '-'}] {arm}: "
+          + (f"{res['tokens_per_second']:.0f} tok/s" if ok else "FAILED\n" + tail), flush=True)
+    return res
+
+
+def rounds_main(args) -> dict:
+    """All arms x rounds, lanes in parallel (one per GPU); rewrites DIR/rounds.json after every run."""
+    from bench import _common
+    from bench import train_speed as ts
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arms = args.arms.split(",")
+    gpus = args.gpus.split(",") if args.gpus else [""]
+    if "seed_8bit" in arms:
+        ts.ensure_7b_checkpoint(Path(args.ckpt_dir))   # once, before the lanes start
+    changed = _common.changed_files()
+    doc = {"benchmark": "train_speed rounds", "info": {**ts.device_info(), "gpus": gpus},
+           "commit": _common.commit(), "dirty": None if changed is None else bool(changed),
+           "timed_steps": args.steps, "warmup_steps": args.warmup, "rows": []}
+    lock = threading.Lock()
+
+    def lane(queue: list[tuple[int, str]], gpu: str) -> None:
+        for r, arm in queue:
+            res = _one(arm, r, gpu, out, args.steps, args.warmup, args.ckpt_dir, args.timeout)
+            with lock:
+                doc["rows"].append(res)
+                flops = {x["arm"]: x["flops_per_token"] for x in doc["rows"] if "flops_per_token" in x}
+                doc["summary"] = summarize(doc["rows"], headline=args.headline, flops_per_token=flops)
+                _write(out / "rounds.json", doc)
+
+    threads = [threading.Thread(target=lane, args=(q, g)) for q, g in zip(schedule(arms, args.rounds, gpus), gpus)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({k: v for k, v in doc.get("summary", {}).items() if k != "arms"}, indent=1))
+    return doc
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def add_arguments(sub) -> None:
+    """The ``rounds``, ``arm`` and ``adapter-time`` subcommands of ``python -m bench.train_speed``."""
+    r = sub.add_parser("rounds", help="every arm in interleaved rounds (issue 22's protocol)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--arms", default=",".join(ARMS))
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--gpus", default="", help="comma-separated GPU indices, one lane each (default: one lane)")
+    r.add_argument("--steps", type=int, default=30, help="timed optimizer steps per arm and round")
+    r.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation included)")
+    r.add_argument("--headline", default="lorad_compiled", choices=LORAD_ARMS)
+    r.add_argument("--ckpt-dir", default="/tmp/lorad-bench-7b")
+    r.add_argument("--timeout", type=int, default=900, help="seconds one arm may take")
+    a = sub.add_parser("arm", help="one arm in this process (what rounds runs)")
+    a.add_argument("name", choices=ARMS)
+    a.add_argument("--json", required=True)
+    a.add_argument("--steps", type=int, default=30)
+    a.add_argument("--warmup", type=int, default=3)
+    a.add_argument("--ckpt-dir", default="/tmp/lorad-bench-7b")
+    t = sub.add_parser("adapter-time", help="wall time to a trained adapter in a fresh process")
+    t.add_argument("name", choices=STOCK_ARMS + LORAD_ARMS)
+    t.add_argument("--json", required=True)
+    t.add_argument("--tokens", type=int, default=200 * 32768, help="real tokens to train on (200 steps of 32k)")
+    t.add_argument("--ckpt-dir", default="/tmp/lorad-bench-7b")
+
+
+def arm_main(args) -> None:
+    _write(Path(args.json), run_arm(args.name, args.steps, args.warmup, Path(args.ckpt_dir)))
+
+
+def adapter_time_main(args) -> None:
+    res = adapter_time(args.name, args.tokens, Path(args.ckpt_dir))
+    _write(Path(args.json), res)
+    print(json.dumps(res))

@@ -1,0 +1,70 @@
+"""The CPU-runnable pieces of the training-speed benchmark (bench/train_speed_arms.py): its arguments, the FLOP
+count against a hand computation, the schedule of rounds and the summary on synthetic timings."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench import train_speed_arms as arms
+
+SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    arms.add_arguments(ap.add_subparsers(dest="cmd", required=True))
+    return ap.parse_args(argv)
+
+
+def test_arguments_default_to_the_issues_protocol_and_refuse_unknown_arms():
+    a = parse("rounds", "--out", "d")
+    assert a.arms.split(",") == list(arms.ARMS) and a.rounds == 3 and a.steps == 30 and a.headline == "lorad_compiled"
+    assert {"seed_8bit", "seed_fp16", "stock", "stock_liger", "stock_flat", "lorad_eager", "lorad_compiled"} <= set(
+        arms.ARMS)
+    assert parse("adapter-time", "lorad_eager", "--json", "f").tokens == 200 * 32768
+    with pytest.raises(SystemExit):
+        parse("arm", "lorad_turbo", "--json", "f")
+    with pytest.raises(SystemExit):   # the seed recipe is too slow to train 6.5M tokens in a lease
+        parse("adapter-time", "seed_8bit", "--json", "f")
+
+
+def test_flops_per_token_match_a_hand_computation():
+    # Per layer: q 64x64, k 64x32, v 64x32 (2 KV heads of 16), o 64x64, gate/up 64x128, down 128x64.
+    frozen_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128      # 36,864
+    frozen = 2 * frozen_layer + 64 * 1000                                    # + LM head; embedding: a lookup
+    lora_layer = 16 * (128 + 96 + 96 + 128 + 3 * 192)                        # r (in + out) per linear: 16,384
+    attended = (3 * 4 / 2 + 5 * 6 / 2) / 8                                  # records of 3 and 5 tokens
+    want = 4 * frozen + 6 * 2 * lora_layer + 12 * 2 * 64 * attended
+    assert arms.lora_flops_per_token(SMALL, [3, 5]) == pytest.approx(want)
+    assert want == pytest.approx(4 * 137728 + 6 * 32768 + 4032)
+    qv = 2 * 16 * (128 + 96)
+    assert arms.lora_flops_per_token(SMALL, [3, 5], targets=("q_proj", "v_proj")) == pytest.approx(
+        4 * frozen + 6 * qv + 12 * 2 * 64 * attended)
+
+
+def test_every_arm_meets_every_gpu_across_rounds():
+    lanes = arms.schedule(["a", "b", "c"], rounds=3, gpus=["0", "1", "2"])
+    met = {(arm, gpu) for gpu, lane in enumerate(lanes) for _, arm in lane}
+    assert met == {(a, g) for a in "abc" for g in range(3)}
+    assert [len(lane) for lane in arms.schedule(list(arms.ARMS), 3, ["0"])] == [3 * len(arms.ARMS)]
+
+
+def test_summary_takes_medians_finds_the_strongest_stock_arm_and_skips_failures():
+    tps = {"seed_8bit": [1000, 1100, 900], "seed_fp16": [3000, 3100, 2900], "stock": [4800, 4700, 4900],
+           "stock_liger": [8200, 8000, 8300], "stock_flat": [7000, 7100, 6900], "lorad_eager": [12000, 12500, 11500],
+           "lorad_compiled": [17000, 16000, 18000]}
+    rows = [{"arm": a, "round": r, "tokens_per_second": v} for a, vs in tps.items() for r, v in enumerate(vs)]
+    rows.append({"arm": "stock_flat_liger", "round": 0, "error": "ImportError: liger_kernel"})
+    s = arms.summarize(rows, flops_per_token={"lorad_compiled": 4.0e10}, peak=989e12)
+    assert s["strongest_stock_arm"] == "stock_liger"
+    assert s["speedup_vs_strongest_stock"] == pytest.approx(17000 / 8200)
+    assert s["speedup_vs_seed_as_written"] == pytest.approx(17)
+    assert s["speedup_vs_seed_fp16"] == pytest.approx(17000 / 3000)
+    assert s["mfu_spec"] == pytest.approx(17000 * 4.0e10 / 989e12)
+    assert s["rounds"] == 3 and "stock_flat_liger" not in s["arms"]
+    assert s["arms"]["lorad_compiled"]["spread"] == pytest.approx(2000 / 17000)
+    eager = arms.summarize(rows, headline="lorad_eager")
+    assert eager["speedup_vs_strongest_stock"] == pytest.approx(12000 / 8200) and eager["mfu_spec"] is None
