@@ -1,0 +1,275 @@
+"""One batched forward per step: the attention function over the slot cache, prefill, decode, graphs, sampling.
+
+The model's own modules run unchanged; only attention is ours, registered through transformers'
+``AttentionInterface``. For each layer it writes the step's keys and values into the cache at each
+row's positions (one ``scatter_``) and attends over the first ``context`` positions of the rows' slots
+with one SDPA call, the mask built once per forward from each row's positions. A decode step is a fixed
+shape for a (batch bucket, context bucket) pair, so on a GPU each pair is captured once as a CUDA graph
+and replayed; adapters change only tensor contents (lora.py), never the graph.
+
+Sampling runs on the device (greedy argmax in the graph; temperature / top-p by inverse CDF on one
+uniform number per row, drawn on the CPU from the row's own generator when it has a seed): only token
+ids and a per-row "finite" flag come back to the host. A row whose logits are not finite ends alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from daemon.engine import lora as lora_mod
+from daemon.engine.cache import KVCache, LayerShape, bucket
+
+log = logging.getLogger("lorad.engine")
+
+ATTN_IMPLEMENTATION = "lorad_engine"
+# Temperatures below this sample like greedy decoding: dividing logits by them overflows float32.
+MIN_TEMPERATURE = 1e-4
+
+
+class _Plan:
+    """What the attention function needs during one engine forward (only the decode thread runs them)."""
+
+    cache: KVCache | None = None
+    start = 0  # first cache slot of the forward's rows
+    rows = 0
+    context = 0  # positions attended (a bucket)
+    positions: Any = None  # [rows, T] cache position of each new token
+    mask: Any = None  # [rows, 1, T, context] True where a query may attend
+    probe: dict | None = None  # layer index -> LayerShape, filled by a probing forward
+
+
+PLAN = _Plan()
+
+
+def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                     scaling: float | None = None, dropout: float = 0.0, **kwargs: Any):
+    """Attention over the slot cache during engine forwards; plain SDPA for any other caller."""
+    import torch
+    import torch.nn.functional as F
+
+    plan = PLAN
+    if plan.probe is not None:
+        plan.probe[module.layer_idx] = LayerShape(key.shape[1], key.shape[-1], value.shape[-1],
+                                                  kwargs.get("sliding_window"))
+    if plan.cache is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = module.layer_idx
+    rows = slice(plan.start, plan.start + plan.rows)
+    k_cache, v_cache = plan.cache.keys[layer][rows], plan.cache.values[layer][rows]
+    index = plan.positions[:, None, :, None]  # [rows, 1, T, 1] -> broadcast over heads and dims
+    k_cache.scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key.to(k_cache.dtype))
+    v_cache.scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value.to(v_cache.dtype))
+    mask = plan.mask
+    window = kwargs.get("sliding_window")
+    if window:
+        k_pos = torch.arange(plan.context, device=query.device)
+        mask = mask & (k_pos > plan.positions[:, None, :, None] - window)
+    out = F.scaled_dot_product_attention(query, k_cache[:, :, :plan.context], v_cache[:, :, :plan.context],
+                                         attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    # No mask function is registered: transformers then builds no mask for engine forwards (ours is built
+    # from the rows' positions), and the fallback above uses SDPA's causal path for other callers.
+    AttentionInterface.register(ATTN_IMPLEMENTATION, engine_attention)
+
+
+def probe_layers(model: Any, device: Any) -> dict[int, LayerShape]:
+    """Run one token through the model to learn each attention layer's KV shape (heads, key and value dims)."""
+    import torch
+
+    PLAN.probe = {}
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        shapes = dict(PLAN.probe)
+    finally:
+        PLAN.probe = None
+    if not shapes:
+        raise RuntimeError(f"{type(model).__name__} ran no attention through AttentionInterface; the engine "
+                           "cannot keep its KV cache")
+    return shapes
+
+
+class Stepper:
+    """Runs prefill and decode forwards over the cache, with CUDA graphs for decode on a GPU.
+
+    Args:
+        model: the causal LM (its Linears already wrapped by lora.wrap_linears).
+        cache: the KV cache.
+        lora_slots / r_max: the LoRA table geometry.
+        use_graphs: capture decode steps as CUDA graphs (GPU only).
+        on_capture: called with the seconds each capture took (metrics).
+    """
+
+    def __init__(self, model: Any, cache: KVCache, *, lora_slots: int, r_max: int, use_graphs: bool,
+                 on_capture: Callable[[float], None] | None = None):
+        import torch
+
+        self.model, self.cache = model, cache
+        self.lora_slots, self.r_max = lora_slots, r_max
+        self.device = cache.keys[next(iter(cache.keys))].device
+        self.dtype = cache.keys[next(iter(cache.keys))].dtype
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.on_capture = on_capture
+        s = cache.slots
+        with torch.no_grad():
+            self.ids = torch.zeros(s, 1, dtype=torch.long, device=self.device)
+            self.positions = torch.zeros(s, 1, dtype=torch.long, device=self.device)
+            self.lora_index = torch.zeros(s, dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[Any, tuple]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.captures = 0
+
+    # -- forwards -----------------------------------------------------------------------------
+
+    def _forward(self, ids: Any, positions: Any, lora_index: Any, start: int, context: int) -> tuple:
+        """Model forward over rows [start, start + len(ids)); returns (logits [rows, V] fp32, greedy, finite)."""
+        import torch
+
+        k_pos = torch.arange(context, device=ids.device)
+        PLAN.cache, PLAN.start, PLAN.rows, PLAN.context = self.cache, start, ids.shape[0], context
+        PLAN.positions = positions
+        PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
+        lora_mod.SELECTION.mask = lora_mod.selection(lora_index, self.lora_slots, self.r_max, self.dtype)
+        try:
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+        finally:
+            PLAN.cache = PLAN.positions = PLAN.mask = None
+            lora_mod.SELECTION.mask = None
+        logits = out.logits[:, -1].float()
+        return logits, logits.argmax(-1), logits.isfinite().all(-1)
+
+    def prefill(self, chunks: list[tuple[list[int], int, int]], start: int) -> tuple:
+        """Prefill one chunk per row, rows in slots [start, start + len(chunks)).
+
+        Args:
+            chunks: ``(token ids, first position, lora index)`` per row; rows are left-padded to one length so
+                that every row's last token is the last column (pads write to the last cache position, which
+                no real token attends to before it is overwritten).
+        Returns:
+            (logits, greedy tokens, finite flags) of each row's last token, on the device.
+        """
+        import torch
+
+        width = max(len(ids) for ids, _, _ in chunks)
+        pad = self.cache.context - 1
+        ids_rows, pos_rows = [], []
+        for ids, first, _ in chunks:
+            n = width - len(ids)
+            ids_rows.append([0] * n + list(ids))
+            pos_rows.append([pad] * n + list(range(first, first + len(ids))))
+        context = bucket(max(first + len(ids) for ids, first, _ in chunks), self.cache.context_buckets)
+        ids_t = torch.tensor(ids_rows, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(pos_rows, dtype=torch.long, device=self.device)
+        lora_t = torch.tensor([lo for _, _, lo in chunks], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self._forward(ids_t, pos_t, lora_t, start, context)
+
+    def decode(self, tokens: list[int], positions: list[int], lora_index: list[int], *, batch: int | None = None,
+               context: int | None = None) -> tuple:
+        """One decode step for rows in slots [0, len(tokens)): each row's token at its position.
+
+        Args:
+            batch / context: fixed shapes (batch invariance); by default the smallest buckets that fit.
+        """
+        import torch
+
+        n = len(tokens)
+        batch = batch or bucket(n, self.cache.batch_buckets)
+        context = context or bucket(max(positions) + 1, self.cache.context_buckets)
+        pad = [0] * (batch - n)  # padding rows decode in free slots at position 0; their output is dropped
+        host = torch.tensor([tokens + pad, positions + pad, lora_index + pad], dtype=torch.long)
+        with torch.no_grad():
+            self.ids[:batch, 0].copy_(host[0], non_blocking=True)
+            self.positions[:batch, 0].copy_(host[1], non_blocking=True)
+            self.lora_index[:batch].copy_(host[2], non_blocking=True)
+            if not self.use_graphs:
+                out = self._decode_body(batch, context)
+            else:
+                out = self._replay(batch, context)
+        return tuple(t[:n] for t in out)
+
+    def _decode_body(self, batch: int, context: int) -> tuple:
+        return self._forward(self.ids[:batch], self.positions[:batch], self.lora_index[:batch], 0, context)
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+
+    def _replay(self, batch: int, context: int) -> tuple:
+        entry = self.graphs.get((batch, context))
+        if entry is None:
+            entry = self.capture(batch, context)
+        graph, outputs = entry
+        graph.replay()
+        return outputs
+
+    def capture(self, batch: int, context: int) -> tuple:
+        """Capture the decode step for one (batch, context) bucket; the static buffers are its inputs."""
+        import torch
+
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside capture: lazy inits (cuBLAS handles, kernels) happen here
+                self._decode_body(batch, context)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._decode_body(batch, context)
+        self.graphs[(batch, context)] = (graph, outputs)
+        self.captures += 1
+        if self.on_capture is not None:
+            self.on_capture(time.perf_counter() - t0)
+        return graph, outputs
+
+    def warm_up(self, max_context: int | None = None, batches: list[int] | None = None) -> int:
+        """Capture every (batch, context) bucket up to ``max_context`` now, so serving never pauses to capture."""
+        if not self.use_graphs:
+            return 0
+        before = self.captures
+        limit = max_context or self.cache.context
+        for context in self.cache.context_buckets:
+            if context > limit and context != self.cache.context_buckets[0]:
+                break
+            for batch in batches or self.cache.batch_buckets:
+                if (batch, context) not in self.graphs:
+                    self.capture(batch, context)
+        return self.captures - before
+
+
+def sample(logits: Any, greedy: Any, temperature: list[float], top_p: list[float], uniform: list[float]) -> Any:
+    """Per-row tokens on the device: greedy where temperature < MIN_TEMPERATURE, else temperature + top-p.
+
+    Sampling is the inverse CDF of the kept probabilities at ``uniform[row]``, so a row's choice depends on its
+    own number only (reproducible with a seed). Never produces NaN for finite logits: the top token is always
+    kept and the scaled logits are shifted so the largest is 0.
+    """
+    import torch
+
+    temps = torch.tensor(temperature, dtype=torch.float32)
+    sampled = temps >= MIN_TEMPERATURE
+    if not bool(sampled.any()):
+        return greedy
+    device = logits.device
+    temps_d = temps.clamp(min=MIN_TEMPERATURE).to(device, non_blocking=True)
+    top_p_d = torch.tensor(top_p, dtype=torch.float32).to(device, non_blocking=True)
+    u = torch.tensor(uniform, dtype=torch.float32).to(device, non_blocking=True)
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps_d[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    kept = torch.where(cumulative - sorted_probs < top_p_d[:, None], sorted_probs, torch.zeros_like(sorted_probs))
+    kept_cum = kept.cumsum(dim=-1)
+    target = u * kept_cum[:, -1]
+    index = (kept_cum < target[:, None]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    drawn = order.gather(1, index[:, None])[:, 0]
+    return torch.where(sampled.to(device), drawn, greedy)
