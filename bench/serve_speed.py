@@ -69,10 +69,11 @@ def prompts(n: int, length: int = PROMPT, seed: int = 1) -> list[list[int]]:
     return [[r.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
 
 
-def model_(shape: dict = SHAPE_135M, device: str = "cuda", dtype: str = "bfloat16"):
+def model_(shape: dict = SHAPE_135M, device: str | None = None, dtype: str = "bfloat16"):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     with torch.device(device):
         m = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=getattr(torch, dtype))
@@ -283,6 +284,17 @@ def part_engine(args, out: dict) -> None:
                    for k, xs in results.items() if xs}
     out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
     out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["compilations"] = eng.compilations()
+    if args.compare_eager:  # the same engine without torch.compile: graphs of eager kernels
+        t0 = time.perf_counter()
+        plain = engine_(world, compile=False).start()
+        plain.load_champion()
+        plain.swap(v[0])
+        out["eager_graphs"] = {"ready_s": time.perf_counter() - t0, "step_ms_32": step_time_ms(plain, 32),
+                               "step_ms_1": step_time_ms(plain, 1),
+                               "ours_lora/32": run_engine(plain, ps32, ["lorad"] * 32)}
+        out["eager_graphs"]["ours_lora/32"] = run_engine(plain, ps32, ["lorad"] * 32)
+        plain.stop(timeout=10)
 
     def per_step(k64: str, k32: str) -> float | None:
         if k64 not in out["arms"] or k32 not in out["arms"]:
@@ -315,8 +327,7 @@ def swaps_under_load(world: dict, n_swaps: int) -> dict:
     params = SamplingParams(max_tokens=16, temperature=0)
     refs = {(x, i): eng.generate(p, model=x, max_tokens=16, temperature=0).tokens for x in v for i, p in enumerate(ps)}
     eng.swap(v[0])
-    captures0, m = eng.stepper.captures, eng.metrics.registry
-    comp0 = m.get_sample_value("lorad_serve_compilations_total") or 0.0
+    captures0, comp0 = eng.stepper.captures, eng.compilations()
     stop = threading.Event()
     failed, mixed, done, ttft_swap = [], [], [0], []
 
@@ -351,7 +362,7 @@ def swaps_under_load(world: dict, n_swaps: int) -> dict:
         t.join(60)
     out = {"swaps": n_swaps, "requests_ok": done[0], "failed": len(failed), "mixed": len(mixed),
            "failed_examples": failed[:3], "graph_captures_during_swaps": eng.stepper.captures - captures0,
-           "compilations_during_swaps": (m.get_sample_value("lorad_serve_compilations_total") or 0.0) - comp0,
+           "compilations_during_swaps": eng.compilations() - comp0,
            "swap_ms_p50": pct(swap_ms, 50), "swap_ms_p99": pct(swap_ms, 99),
            "preload_ms_p50": pct(preload_ms, 50), "preload_ms_p99": pct(preload_ms, 99),
            "ttft_during_swaps_ms_p50": 1000 * (pct(ttft_swap, 50) or 0), "ttft_during_swaps_ms_p99":
@@ -424,7 +435,7 @@ def part_http(args, out: dict) -> None:
         for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
             for warm in (True, False):
                 cmd = [sys.executable, __file__, "--client", server.url, "--models", models,
-                       "--clients", "32", "--requests", "8" if warm else str(args.http_requests)]
+                       "--clients", str(args.http_clients), "--requests", "2" if warm else str(args.http_requests)]
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
                 if res.returncode != 0:
                     raise RuntimeError(res.stderr[-2000:])
@@ -595,7 +606,9 @@ def main() -> int:
                     help="stock arms (add hf_mixed4_static for the static-cache mixed arm, ~4 min warm-up)")
     ap.add_argument("--quick-slow-arms", action="store_true", help="run hf_mixed4 and cb in the first round only")
     ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--compare-eager", action="store_true", help="also time the engine without torch.compile")
     ap.add_argument("--http-requests", type=int, default=40, help="requests per HTTP client")
+    ap.add_argument("--http-clients", type=int, default=32)
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "lorad-test"), help="model cache for the CPU part")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_speed.json"))
     ap.add_argument("--merge", action="store_true", help="keep the other parts already in --out")

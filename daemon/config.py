@@ -273,6 +273,7 @@ class ServeConfig:
                                "pinned)", ge=2, le=64)
     lora_max_rank: int = _f(64, "largest adapter rank the LoRA tables hold; higher ranks are refused", ge=1, le=1024)
     cuda_graphs: bool = _f(True, "capture the decode step as CUDA graphs on a GPU (off: eager, for debugging)")
+    compile: bool = _f(True, "torch.compile the decoder layers on a GPU before capture (fewer kernels per step)")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class Engine(VersionsMixin):
         adapter_slots: adapter versions loaded at once (champion, previous, pinned and staged ones).
         lora_max_rank: the largest adapter rank a slot holds.
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
+        compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
@@ -75,7 +76,7 @@ class Engine(VersionsMixin):
                  request_timeout: float = 120.0, batch_invariant: bool = False, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
-                 lora_max_rank: int = 16, cuda_graphs: bool = True):
+                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True):
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
             raise ValueError(f"max_batch_size, max_queue, adapter_slots and lora_max_rank must be >= 1 and "
                              f"request_timeout > 0, got {max_batch_size}, {max_queue}, {adapter_slots}, "
@@ -98,7 +99,7 @@ class Engine(VersionsMixin):
         model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs)
+        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._lock = threading.Condition()  # guards everything below; decode thread waits on it when idle
         self._swap_lock = threading.Lock()  # one swap at a time
@@ -119,7 +120,7 @@ class Engine(VersionsMixin):
         self._thread_id: int | None = None
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
-                          cuda_graphs: bool) -> None:
+                          cuda_graphs: bool, compile: bool) -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
@@ -159,15 +160,21 @@ class Engine(VersionsMixin):
         self.cache = cache_mod.KVCache(layers, slots=slots, context=self.max_context, dtype=dtype,
                                        device=self.device)
         self.stepper = step.Stepper(model, self.cache, lora_slots=self.adapter_slots, r_max=self.lora_max_rank,
-                                    use_graphs=cuda_graphs, on_capture=self._captured)
+                                    use_graphs=cuda_graphs, compile=compile, on_capture=self._captured)
+        self._compilations = step.compilations()
         if self.metrics is not None:
             self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
         log.info("KV cache allocated", extra={"slots": slots, "context": self.max_context,
                                               "gib": round(self.cache.nbytes / 2**30, 3)})
 
     def _captured(self, seconds: float) -> None:
+        from daemon.engine import step
+
         if self.metrics is not None:
             self.metrics.serve_graph_captures.inc()
+            now = step.compilations()
+            self.metrics.serve_compilations.inc(max(0, now - self._compilations))
+            self._compilations = now
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -316,7 +323,14 @@ class Engine(VersionsMixin):
                     "max_batch_size": self.max_batch_size, "batch_invariant": self.batch_invariant,
                     "kv_cache": {"slots": self.cache.slots, "context": self.cache.context,
                                  "used_tokens": sum(s.length for s in self._running)},
-                    "graph_captures": self.stepper.captures, "adapter_slots": self.adapter_slots}
+                    "graph_captures": self.stepper.captures, "compiled_layers": self.stepper.compiled,
+                    "compilations": self.compilations(), "adapter_slots": self.adapter_slots}
+
+    def compilations(self) -> int:
+        """torch.compile graphs built so far (process-wide dynamo count; flat across swaps)."""
+        from daemon.engine import step
+
+        return step.compilations()
 
     # -- decode thread ----------------------------------------------------------------------------
 

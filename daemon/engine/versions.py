@@ -306,7 +306,7 @@ def build_engine(daemon: Any) -> Any:
                     live=getattr(daemon, "live", None), batch_invariant=s.batch_invariant,
                     max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
                     kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
-                    cuda_graphs=s.cuda_graphs)
+                    cuda_graphs=s.cuda_graphs, compile=s.compile)
     listener = getattr(daemon, "_champion_changed", None)
     if listener is not None:
         engine.champion_listeners.append(listener)
