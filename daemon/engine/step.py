@@ -32,7 +32,8 @@ class _Plan:
     """What the attention function needs during one engine forward (only the decode thread runs them)."""
 
     cache: KVCache | None = None
-    start = 0  # first cache slot of the forward's rows
+    start = 0  # first cache slot of the forward's rows (decode: rows are slots start..start+rows-1)
+    slots: Any = None  # [rows] cache slot of each row (prefill), instead of the contiguous range
     rows = 0
     context = 0  # positions attended (a bucket)
     positions: Any = None  # [rows, T] cache position of each new token
@@ -59,18 +60,26 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = module.layer_idx
-    rows = slice(plan.start, plan.start + plan.rows)
-    k_cache, v_cache = plan.cache.keys[layer][rows], plan.cache.values[layer][rows]
-    index = plan.positions[:, None, :, None]  # [rows, 1, T, 1] -> broadcast over heads and dims
-    k_cache.scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key.to(k_cache.dtype))
-    v_cache.scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value.to(v_cache.dtype))
+    if plan.slots is None:  # decode: the running rows are one contiguous block of slots
+        rows = slice(plan.start, plan.start + plan.rows)
+        k_cache, v_cache = plan.cache.keys[layer][rows], plan.cache.values[layer][rows]
+        index = plan.positions[:, None, :, None]  # [rows, 1, T, 1] -> broadcast over heads and dims
+        k_cache.scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key.to(k_cache.dtype))
+        v_cache.scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value.to(v_cache.dtype))
+        keys, values = k_cache[:, :, :plan.context], v_cache[:, :, :plan.context]
+    else:  # prefill: rows name their slots (a captured prefill serves any first slot)
+        k_full, v_full = plan.cache.keys[layer], plan.cache.values[layer]
+        heads = torch.arange(key.shape[1], device=key.device)
+        where = (plan.slots[:, None, None], heads[None, :, None], plan.positions[:, None, :])
+        k_full.index_put_(where, key.to(k_full.dtype))
+        v_full.index_put_(where, value.to(v_full.dtype))
+        keys, values = k_full[plan.slots, :, :plan.context], v_full[plan.slots, :, :plan.context]
     mask = plan.mask
     window = kwargs.get("sliding_window")
     if window:
         k_pos = torch.arange(plan.context, device=query.device)
         mask = mask & (k_pos > plan.positions[:, None, :, None] - window)
-    out = F.scaled_dot_product_attention(query, k_cache[:, :, :plan.context], v_cache[:, :, :plan.context],
-                                         attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -156,25 +165,31 @@ class Stepper:
             self.positions = torch.zeros(s, 1, dtype=torch.long, device=self.device)
             self.lora_index = torch.zeros(s, dtype=torch.long, device=self.device)
         self.compiled = compile_layers(model) if compile and self.device.type == "cuda" else 0
-        self.graphs: dict[tuple[int, int], tuple[Any, tuple]] = {}
+        self.graphs: dict[tuple, tuple[Any, tuple]] = {}
+        # Prompts up to this many tokens (padded to a power of two) prefill through captured graphs too.
+        self.prefill_graph_tokens = min(512, cache.context)
+        self.prefill_widths = [w for w in cache.context_buckets if w <= self.prefill_graph_tokens] or [cache.context]
+        self._prefill_buffers: dict[tuple[int, int], tuple] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.captures = 0
 
     # -- forwards -----------------------------------------------------------------------------
 
-    def _forward(self, ids: Any, positions: Any, lora_index: Any, start: int, context: int) -> tuple:
-        """Model forward over rows [start, start + len(ids)); returns (logits [rows, V] fp32, greedy, finite)."""
+    def _forward(self, ids: Any, positions: Any, lora_index: Any, start: int, context: int,
+                 slots: Any = None) -> tuple:
+        """Model forward over rows in slots [start, start + len(ids)) (or ``slots``); returns
+        (logits [rows, V] fp32, greedy tokens, finite flags)."""
         import torch
 
         k_pos = torch.arange(context, device=ids.device)
-        PLAN.cache, PLAN.start, PLAN.rows, PLAN.context = self.cache, start, ids.shape[0], context
+        PLAN.cache, PLAN.start, PLAN.rows, PLAN.context, PLAN.slots = self.cache, start, ids.shape[0], context, slots
         PLAN.positions = positions
         PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
         lora_mod.SELECTION.mask = lora_mod.selection(lora_index, self.lora_slots, self.r_max, self.dtype)
         try:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
         finally:
-            PLAN.cache = PLAN.positions = PLAN.mask = None
+            PLAN.cache = PLAN.positions = PLAN.mask = PLAN.slots = None
             lora_mod.SELECTION.mask = None
         logits = out.logits[:, -1].float()
         return logits, logits.argmax(-1), logits.isfinite().all(-1)
@@ -191,19 +206,51 @@ class Stepper:
         """
         import torch
 
+        n = len(chunks)
         width = max(len(ids) for ids, _, _ in chunks)
+        end = max(first + len(ids) for ids, first, _ in chunks)
+        graphed = (self.use_graphs and end == width and width <= self.prefill_graph_tokens)
+        if graphed:  # first chunks: one captured forward per (rows, width) bucket
+            width = bucket(width, self.prefill_widths)
+            rows = bucket(n, self.cache.batch_buckets)
+        else:
+            rows = n
+        context = bucket(max(end, width), self.cache.context_buckets)
         pad = self.cache.context - 1
         ids_rows, pos_rows = [], []
         for ids, first, _ in chunks:
-            n = width - len(ids)
-            ids_rows.append([0] * n + list(ids))
-            pos_rows.append([pad] * n + list(range(first, first + len(ids))))
-        context = bucket(max(first + len(ids) for ids, first, _ in chunks), self.cache.context_buckets)
-        ids_t = torch.tensor(ids_rows, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(pos_rows, dtype=torch.long, device=self.device)
-        lora_t = torch.tensor([lo for _, _, lo in chunks], dtype=torch.long, device=self.device)
+            k = width - len(ids)
+            ids_rows.append([0] * k + list(ids))
+            pos_rows.append([pad] * k + list(range(first, first + len(ids))))
+        for _ in range(rows - n):  # padding rows: pads only, in the first row's slot at the last position
+            ids_rows.append([0] * width)
+            pos_rows.append([pad] * width)
+        slots = [start + i for i in range(n)] + [start] * (rows - n)
+        lora = [lo for _, _, lo in chunks] + [0] * (rows - n)
         with torch.no_grad():
-            return self._forward(ids_t, pos_t, lora_t, start, context)
+            if not graphed:
+                return self._forward(torch.tensor(ids_rows, device=self.device),
+                                     torch.tensor(pos_rows, device=self.device),
+                                     torch.tensor(lora, device=self.device), 0, context,
+                                     slots=torch.tensor(slots, device=self.device))
+            inputs = self._prefill_inputs(rows, width)
+            for buf, host in zip(inputs, (ids_rows, pos_rows, slots, lora)):
+                buf.copy_(torch.tensor(host), non_blocking=True)
+            out = self._replay(("prefill", rows, width, context))
+        return tuple(t[:n] for t in out)
+
+    def _prefill_inputs(self, rows: int, width: int) -> tuple:
+        import torch
+
+        key = (rows, width)
+        if key not in self._prefill_buffers:
+            with torch.no_grad():
+                self._prefill_buffers[key] = (
+                    torch.zeros(rows, width, dtype=torch.long, device=self.device),
+                    torch.full((rows, width), self.cache.context - 1, dtype=torch.long, device=self.device),
+                    torch.zeros(rows, dtype=torch.long, device=self.device),
+                    torch.zeros(rows, dtype=torch.long, device=self.device))
+        return self._prefill_buffers[key]
 
     def decode(self, tokens: list[int], positions: list[int], lora_index: list[int], *, batch: int | None = None,
                context: int | None = None) -> tuple:
@@ -224,26 +271,31 @@ class Stepper:
             self.positions[:batch, 0].copy_(host[1], non_blocking=True)
             self.lora_index[:batch].copy_(host[2], non_blocking=True)
             if not self.use_graphs:
-                out = self._decode_body(batch, context)
+                out = self._body(("decode", batch, 1, context))
             else:
-                out = self._replay(batch, context)
+                out = self._replay(("decode", batch, 1, context))
         return tuple(t[:n] for t in out)
 
-    def _decode_body(self, batch: int, context: int) -> tuple:
-        return self._forward(self.ids[:batch], self.positions[:batch], self.lora_index[:batch], 0, context)
+    def _body(self, key: tuple) -> tuple:
+        """The forward a graph captures: ``("decode", rows, 1, context)`` or ``("prefill", rows, width, context)``."""
+        kind, rows, width, context = key
+        if kind == "decode":
+            return self._forward(self.ids[:rows], self.positions[:rows], self.lora_index[:rows], 0, context)
+        ids, positions, slots, lora = self._prefill_inputs(rows, width)
+        return self._forward(ids, positions, lora, 0, context, slots=slots)
 
     # -- CUDA graphs ---------------------------------------------------------------------------
 
-    def _replay(self, batch: int, context: int) -> tuple:
-        entry = self.graphs.get((batch, context))
+    def _replay(self, key: tuple) -> tuple:
+        entry = self.graphs.get(key)
         if entry is None:
-            entry = self.capture(batch, context)
+            entry = self.capture(key)
         graph, outputs = entry
         graph.replay()
         return outputs
 
-    def capture(self, batch: int, context: int) -> tuple:
-        """Capture the decode step for one (batch, context) bucket; the static buffers are its inputs."""
+    def capture(self, key: tuple) -> tuple:
+        """Capture one forward (see ``_body``) as a CUDA graph; the static buffers are its inputs."""
         import torch
 
         t0 = time.perf_counter()
@@ -251,29 +303,34 @@ class Stepper:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside capture: lazy inits (cuBLAS handles, kernels) happen here
-                self._decode_body(batch, context)
+                self._body(key)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            outputs = self._decode_body(batch, context)
-        self.graphs[(batch, context)] = (graph, outputs)
+            outputs = self._body(key)
+        self.graphs[key] = (graph, outputs)
         self.captures += 1
         if self.on_capture is not None:
             self.on_capture(time.perf_counter() - t0)
         return graph, outputs
 
     def warm_up(self, max_context: int | None = None, batches: list[int] | None = None) -> int:
-        """Capture every (batch, context) bucket up to ``max_context`` now, so serving never pauses to capture."""
+        """Capture decode steps for every (batch, context) bucket up to ``max_context``, and first-chunk prefills
+        for every (rows, width) bucket, now: serving never pauses to capture."""
         if not self.use_graphs:
             return 0
         before = self.captures
         limit = max_context or self.cache.context
-        for context in self.cache.context_buckets:
-            if context > limit and context != self.cache.context_buckets[0]:
-                break
-            for batch in batches or self.cache.batch_buckets:
-                if (batch, context) not in self.graphs:
-                    self.capture(batch, context)
+        contexts = [c for c in self.cache.context_buckets if c <= limit] or self.cache.context_buckets[:1]
+        for batch in batches or self.cache.batch_buckets:
+            for context in contexts:
+                if ("decode", batch, 1, context) not in self.graphs:
+                    self.capture(("decode", batch, 1, context))
+        for rows in self.cache.batch_buckets:
+            for width in self.prefill_widths:
+                key = ("prefill", rows, width, bucket(width, self.cache.context_buckets))
+                if key not in self.graphs:
+                    self.capture(key)
         return self.captures - before
 
 
