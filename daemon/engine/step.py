@@ -38,6 +38,7 @@ class _Plan:
     context = 0  # positions attended (a bucket)
     positions: Any = None  # [rows, T] cache position of each new token
     mask: Any = None  # [rows, 1, T, context] True where a query may attend
+    bias: Any = None  # decode: [rows, context] 0 where a row may attend, -inf elsewhere
     probe: dict | None = None  # layer index -> LayerShape, filled by a probing forward
 
 
@@ -79,8 +80,33 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     if window:
         k_pos = torch.arange(plan.context, device=query.device)
         mask = mask & (k_pos > plan.positions[:, None, :, None] - window)
+    elif query.shape[2] == 1 and plan.bias is not None:  # a decode step: few fused kernels instead of SDPA's
+        return DECODE_ATTENTION.fn(query, keys, values, plan.bias, scaling if scaling is not None else
+                                   query.shape[-1] ** -0.5), None
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def decode_attention(query: Any, keys: Any, values: Any, bias: Any, scaling: float) -> Any:
+    """One new token per row: query [B, Hq, 1, D] against keys/values [B, Hkv, L, D]; bias [B, L] is 0 where a
+    row may attend and -inf elsewhere. Grouped heads share their KV head without copying it (GQA)."""
+    import torch
+
+    batch, q_heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling + bias[:, None, None, :]
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [B, Hkv, G, Dv]
+    return out.reshape(batch, 1, q_heads, values.shape[-1])
+
+
+class _DecodeAttention:
+    """The decode attention in use: eager, or compiled once (dynamic shapes) on a GPU."""
+
+    fn = staticmethod(decode_attention)
+
+
+DECODE_ATTENTION = _DecodeAttention()
 
 
 def register_attention() -> None:
@@ -108,6 +134,7 @@ def compile_layers(model: Any) -> int:
         return 0
     for layer in layers[0]:
         layer.compile(dynamic=True)
+    DECODE_ATTENTION.fn = torch.compile(decode_attention, dynamic=True)
     return len(layers[0])
 
 
@@ -185,11 +212,16 @@ class Stepper:
         PLAN.cache, PLAN.start, PLAN.rows, PLAN.context, PLAN.slots = self.cache, start, ids.shape[0], context, slots
         PLAN.positions = positions
         PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
-        lora_mod.SELECTION.mask = lora_mod.selection(lora_index, self.lora_slots, self.r_max, self.dtype)
+        if ids.shape[1] == 1:
+            PLAN.bias = torch.zeros(PLAN.mask.shape[0], context, device=ids.device).masked_fill_(
+                ~PLAN.mask[:, 0, 0, :], float("-inf"))
+        if self.use_graphs or bool(lora_index.any()):
+            lora_mod.SELECTION.mask = lora_mod.selection(lora_index, self.lora_slots, self.r_max, self.dtype)
+        # else: eager, and no row uses an adapter: skip the LoRA products (a graph always runs them)
         try:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
         finally:
-            PLAN.cache = PLAN.positions = PLAN.mask = PLAN.slots = None
+            PLAN.cache = PLAN.positions = PLAN.mask = PLAN.slots = PLAN.bias = None
             lora_mod.SELECTION.mask = None
         logits = out.logits[:, -1].float()
         return logits, logits.argmax(-1), logits.isfinite().all(-1)
