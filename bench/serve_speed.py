@@ -262,7 +262,7 @@ def part_engine(args, out: dict) -> None:
         t1 = time.perf_counter()
         try:
             arm = HFArm(kind)
-            arm.warm([32] if kind != "hf_static_lora" and kind != "hf_static" else [32, 1])
+            arm.warm([32, 1] if kind in args.alone.split(",") else [32])
             stock[kind] = arm
             out.setdefault("stock_warmup_s", {})[kind] = arm.warmup_s
         except Exception as e:  # noqa: BLE001 - a failing stock arm is recorded, the run goes on
@@ -270,7 +270,7 @@ def part_engine(args, out: dict) -> None:
         print(f"stock {kind} ready in {time.perf_counter() - t1:.1f}s", flush=True)
     for kind, arm in stock.items():
         arms[f"{kind}/32"] = lambda arm=arm: arm.run(32)
-        if kind in ("hf_static", "hf_static_lora"):
+        if kind in args.alone.split(","):
             arms[f"{kind}/1"] = lambda arm=arm: arm.run(1)
         if kind == "hf_static":
             arms[f"{kind}_64new/32"] = lambda arm=arm: arm.run(32, 2 * NEW)
@@ -607,6 +607,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stock", default="hf_static,hf_static_lora,hf_mixed4,hf_batched,cb",
                     help="stock arms (add hf_mixed4_static for the static-cache mixed arm, ~4 min warm-up)")
+    ap.add_argument("--alone", default="hf_static,hf_static_lora",
+                    help="stock arms also timed with one request alone (each costs one more compile)")
     ap.add_argument("--quick-slow-arms", action="store_true", help="run hf_mixed4 and cb in the first round only")
     ap.add_argument("--swaps", type=int, default=100)
     ap.add_argument("--compare-eager", action="store_true", help="also time the engine without torch.compile")
