@@ -630,10 +630,15 @@ def main() -> int:
 
     path = Path(args.out)
     result = json.loads(path.read_text()) if args.merge and path.exists() else {}
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else _common.cpu_name()
-    result.update({"card" if torch.cuda.is_available() else "cpu_machine": card, "commit": _common.commit(),
-                   "dirty": _common.dirty("daemon", "bench/serve_speed.py"), "torch": torch.__version__,
-                   "transformers": transformers.__version__, "python": platform.python_version()})
+    here = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench/serve_speed.py"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        result.update(here, card=torch.cuda.get_device_name())
+    else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top
+        result["cpu_machine"] = _common.cpu_name()
+        if "commit" not in result:
+            result.update(here)
     fns = {"engine": part_engine, "http": part_http, "7b": part_7b, "cpu": part_cpu}
     for part in args.part or ["engine"]:
         section: dict = {}
@@ -647,6 +652,7 @@ def main() -> int:
             section["trace"] = traceback.format_exc()[-3000:]
             print(section["trace"], flush=True)
         section["wall_s"] = time.perf_counter() - t0
+        section.update(here)
         result[part] = section
         result["summary"] = summarize(result)
         path.parent.mkdir(parents=True, exist_ok=True)
