@@ -76,6 +76,44 @@ class SwapResult:
                 "swap_seconds": self.swap_seconds}
 
 
+class _Batch(threading.local):
+    """Events emitted inside ``batched_events()`` (decode thread), delivered per event loop at its end."""
+
+    items: list | None = None
+
+
+_BATCH = _Batch()
+
+
+class batched_events:
+    """Deliver every event emitted inside to each asyncio loop with ONE ``call_soon_threadsafe``.
+
+    A decode step emits a token for every running request; waking the server's event loop once per step
+    instead of once per token keeps the loop free for HTTP work.
+    """
+
+    def __enter__(self) -> "batched_events":
+        _BATCH.items = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        items, _BATCH.items = _BATCH.items or [], None
+        by_loop: dict[Any, list] = {}
+        for handle, event in items:
+            by_loop.setdefault(handle._loop, []).append((handle, event))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, pairs)
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                for handle, _ in pairs:
+                    handle._cancelled.set()
+
+
+def _deliver(pairs: list) -> None:
+    for handle, event in pairs:
+        handle._aqueue.put_nowait(event)
+
+
 def label(version: str | None) -> str:
     """The name clients see for a version: the version itself, or 'base'."""
     return version if version is not None else BASE_LABEL
@@ -116,6 +154,9 @@ class GenerationHandle:
     def _emit(self, event: tuple) -> None:
         if self._loop is None:
             self._queue.put(event)
+            return
+        if _BATCH.items is not None:
+            _BATCH.items.append((self, event))
             return
         try:
             self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)

@@ -1,8 +1,8 @@
 """Per-row LoRA: every adapter slot's A and B stacked in one table per layer; each row picks its slot.
 
-``SlotLoRA`` wraps one Linear. Its tables are ``A [in, slots * r_max]`` and ``B [slots * r_max, out]``
+``SlotLoRA`` wraps one Linear. Its tables are ``A [slots * r_max, in]`` and ``B [slots * r_max, out]``
 (the adapter's scale folded into B, ranks below ``r_max`` zero-padded). A forward computes
-``base(x) + ((x @ A) * select) @ B`` where ``select [rows, 1, slots * r_max]`` is 1 on the columns of the
+``base(x) + ((x @ A^T) * select) @ B`` where ``select [rows, 1, slots * r_max]`` is 1 on the columns of the
 row's slot and 0 elsewhere (row index 0 = no adapter = the base model): every version in the batch in
 two small matmuls, fixed shapes, so the step can be captured once as a CUDA graph. Loading a version is
 a copy into its slot's columns: no module changes, no recompilation, no new capture.
@@ -34,32 +34,55 @@ class AdapterFormatError(ValueError):
 
 def _slot_lora_class():
     import torch
+    import torch.nn.functional as F
 
     class SlotLoRA(torch.nn.Module):
-        """A Linear plus per-row LoRA from stacked slot tables (see the module docstring)."""
+        """A Linear plus per-row LoRA from stacked slot tables (see the module docstring).
+
+        Where the Linear holds a plain floating-point weight, its weight and the A table are one tensor
+        ``[out + slots * r_max, in]`` (the weight a view of its first rows): one matmul gives the base output
+        and every slot's ``x @ A`` together, which halves the matmuls a step launches.
+        """
 
         def __init__(self, base: Any, slots: int, r_max: int):
             super().__init__()
             self.base = base
             self.in_features, self.out_features = base.in_features, base.out_features
-            dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.bfloat16
-            device = base.weight.device
-            self.register_buffer("lora_a", torch.zeros(self.in_features, slots * r_max, dtype=dtype, device=device),
-                                 persistent=False)
-            self.register_buffer("lora_b", torch.zeros(slots * r_max, self.out_features, dtype=dtype, device=device),
-                                 persistent=False)
+            weight = base.weight
+            self.fused = type(base) is torch.nn.Linear and weight.dtype.is_floating_point
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
+            columns = slots * r_max
+            with torch.no_grad():
+                if self.fused:
+                    joint = torch.zeros(self.out_features + columns, self.in_features, dtype=dtype,
+                                        device=weight.device)
+                    joint[:self.out_features].copy_(weight)
+                    base.weight = torch.nn.Parameter(joint[:self.out_features], requires_grad=False)
+                    self.register_buffer("joint", joint, persistent=False)
+                    lora_a = joint[self.out_features:]
+                else:
+                    lora_a = torch.zeros(columns, self.in_features, dtype=dtype, device=weight.device)
+            self.register_buffer("lora_a", lora_a, persistent=False)  # [slots * r_max, in]: A per slot
+            self.register_buffer("lora_b", torch.zeros(columns, self.out_features, dtype=dtype,
+                                                       device=weight.device), persistent=False)
 
         @property
         def weight(self):  # code that inspects the wrapped Linear (dtype, device) keeps working
             return self.base.weight
 
         def forward(self, x):
-            y = self.base(x)
             select = SELECTION.mask
             if select is None:
-                return y
-            h = (x.to(self.lora_a.dtype) @ self.lora_a) * select
-            return y + (h @ self.lora_b).to(y.dtype)
+                return self.base(x)
+            if self.fused:
+                joint = F.linear(x, self.joint)
+                y, h = joint[..., :self.out_features], joint[..., self.out_features:]
+                if self.base.bias is not None:
+                    y = y + self.base.bias
+            else:
+                y = self.base(x)
+                h = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+            return y + ((h * select) @ self.lora_b).to(y.dtype)
 
     return SlotLoRA
 
@@ -83,7 +106,7 @@ def wrap_linears(model: Any, *, slots: int, r_max: int) -> dict[str, Any]:
 
 
 def read_adapter(path: Path, wrapped: dict[str, Any], r_max: int) -> dict[str, tuple[Any, Any]]:
-    """Read a PEFT LoRA adapter folder into ``{module name: (A^T [in, r], scaled B^T [r, out])}`` (CPU tensors).
+    """Read a PEFT LoRA adapter folder into ``{module name: (A [r, in], scaled B^T [r, out])}`` (CPU tensors).
 
     Raises:
         AdapterFormatError: a feature the slot tables cannot hold (DoRA, LoRA bias, modules_to_save, rank
@@ -136,7 +159,7 @@ def read_adapter(path: Path, wrapped: dict[str, Any], r_max: int) -> dict[str, t
             raise AdapterFormatError(f"{module}: the adapter holds NaN or infinite values")
         alpha = _pattern_value(module, alpha_pattern, alpha_default)
         scale = alpha / math.sqrt(r) if rslora else alpha / r  # PEFT's scaling, from the module's own rank
-        out[module] = (a.t().contiguous(), (b * scale).t().contiguous())
+        out[module] = (a.contiguous(), (b * scale).t().contiguous())
     if not out:
         raise AdapterFormatError("the adapter holds no LoRA weights")
     return out
@@ -156,19 +179,19 @@ def write_slot(wrapped: dict[str, Any], slot: int, weights: dict[str, tuple[Any,
     """
     import torch
 
-    cols = slice(slot * r_max, (slot + 1) * r_max)
+    rows = slice(slot * r_max, (slot + 1) * r_max)
     with torch.no_grad():
         for name, layer in wrapped.items():
-            a_cols, b_rows = layer.lora_a[:, cols], layer.lora_b[cols, :]
+            a_rows, b_rows = layer.lora_a[rows], layer.lora_b[rows]
             pair = weights.get(name)
             if pair is None:
-                a_cols.zero_()
+                a_rows.zero_()
                 b_rows.zero_()
                 continue
             a, b = pair
-            r = a.shape[1]
-            a_cols[:, :r].copy_(a)
-            a_cols[:, r:].zero_()
+            r = a.shape[0]
+            a_rows[:r].copy_(a)
+            a_rows[r:].zero_()
             b_rows[:r].copy_(b)
             b_rows[r:].zero_()
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, EngineClosed, EngineError, GenerationHandle,
-                               InvalidRequest, QueueFull, SamplingParams, AdapterUnavailable, label)
+from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
+                               GenerationHandle, InvalidRequest, QueueFull, SamplingParams, batched_events, label)
 from daemon.engine.versions import VersionsMixin
 
 log = logging.getLogger("lorad.engine")
@@ -463,12 +463,13 @@ class Engine(VersionsMixin):
             for seq in seqs:
                 self._finish(seq, "error", f"sampling failed: {type(e).__name__}: {e}")
             return
-        for seq, token, ok in zip(seqs, host[0], host[1]):
-            if not ok:
-                self._finish(seq, "error", "the model produced non-finite logits for this request "
-                                           "(NaN or infinity); other requests are unaffected", clear=True)
-            else:
-                self._accept(seq, int(token))
+        with batched_events():
+            for seq, token, ok in zip(seqs, host[0], host[1]):
+                if not ok:
+                    self._finish(seq, "error", "the model produced non-finite logits for this request "
+                                               "(NaN or infinity); other requests are unaffected", clear=True)
+                else:
+                    self._accept(seq, int(token))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         handle = seq.handle
