@@ -18,6 +18,7 @@ all-linear (alpha 32, A and B random) registered in a temporary state folder.
           separate process (httpx): requests/s and time to first token; the same with clients pinned to 4 versions.
   7b      DeepSeek-LLM-7B shape (random bf16 weights), 32 concurrent, 256 new tokens: decode tokens/s against
           the memory bound (weight bytes / HBM bandwidth per step; bandwidth measured in the run by a device copy).
+  step    only our decode step at 32 and 1 rows and the ready time (a short GPU check between full runs).
   cpu     the real SmolLM2-135M-Instruct (fp32, 2 cores): TTFT p50 for a 200-token prompt, one stream vs HF
           generate, 8 concurrent clients vs one at a time (requests/s), at engine level.
 """
@@ -374,6 +375,18 @@ def swaps_under_load(world: dict, n_swaps: int) -> dict:
     return out
 
 
+def part_step(args, out: dict) -> None:
+    """Only our decode step (135M shape, LoRA tables live): ready time and graph replays at 32 and 1 rows."""
+    t0 = time.perf_counter()
+    eng = engine_(None).start()
+    eng.load_champion()
+    out["ready_s"] = time.perf_counter() - t0
+    out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
+    out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["compilations"], out["graph_captures"] = eng.compilations(), eng.stepper.captures
+    eng.stop(timeout=10)
+
+
 def part_7b(args, out: dict) -> None:
     import torch
 
@@ -603,7 +616,7 @@ def summarize(result: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("engine", "http", "7b", "cpu"), action="append")
+    ap.add_argument("--part", choices=("engine", "http", "7b", "cpu", "step"), action="append")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stock", default="hf_static,hf_static_lora,hf_mixed4,hf_batched,cb",
                     help="stock arms (add hf_mixed4_static for the static-cache mixed arm, ~4 min warm-up)")
@@ -639,7 +652,7 @@ def main() -> int:
         result["cpu_machine"] = _common.cpu_name()
         if "commit" not in result:
             result.update(here)
-    fns = {"engine": part_engine, "http": part_http, "7b": part_7b, "cpu": part_cpu}
+    fns = {"engine": part_engine, "http": part_http, "7b": part_7b, "cpu": part_cpu, "step": part_step}
     for part in args.part or ["engine"]:
         section: dict = {}
         t0 = time.perf_counter()
