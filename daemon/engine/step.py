@@ -83,7 +83,8 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     elif query.shape[2] == 1 and plan.bias is not None:  # a decode step: few fused kernels instead of SDPA's
         return DECODE_ATTENTION.fn(query, keys, values, plan.bias, scaling if scaling is not None else
                                    query.shape[-1] ** -0.5), None
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
