@@ -304,9 +304,19 @@ class ServeConfig:
     max_new_tokens: int = _f(512, "upper bound on max_tokens a request may ask for", ge=1)
     max_body_bytes: int = _f(1_000_000, "larger request bodies are refused with 413", ge=1024)
     request_timeout_seconds: float = _f(120.0, "a request running longer is cut off", gt=0.0)
-    max_queue: int = _f(64, "waiting requests beyond this get 429 (backpressure)", ge=1)
-    max_batch_size: int = _f(8, "requests decoded together in one dynamic batch", ge=1)
+    max_queue: int = _f(256, "waiting requests beyond this get 429 (backpressure)", ge=1)
+    max_batch_size: int = _f(32, "requests decoded together in one step (KV cache slots)", ge=1, le=1024)
     drain_timeout_seconds: float = _f(30.0, "on shutdown, wait this long for in-flight requests", ge=0.0)
+    batch_invariant: bool = _f(False, "decode at one fixed shape so greedy output never depends on other requests "
+                                      "(bit-for-bit; slower at low load)")
+    kv_cache_fraction: float = _f(0.3, "share of free GPU memory the KV cache takes (slots = max_batch_size or fewer)",
+                                  gt=0.0, le=0.95)
+    kv_cache_tokens: int = _f(65536, "CPU KV cache budget in positions, all requests together", ge=1)
+    adapter_slots: int = _f(4, "adapter versions held at once in the per-row LoRA tables (champion, previous, "
+                               "pinned)", ge=2, le=64)
+    lora_max_rank: int = _f(64, "largest adapter rank the LoRA tables hold; higher ranks are refused", ge=1, le=1024)
+    cuda_graphs: bool = _f(True, "capture the decode step as CUDA graphs on a GPU (off: eager, for debugging)")
+    compile: bool = _f(True, "torch.compile the decoder layers on a GPU before capture (fewer kernels per step)")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class LoradMetrics:
         self.serve_active = Gauge("lorad_serve_active_requests", "requests being decoded now", registry=r)
         self.serve_decode_step_seconds = Histogram("lorad_serve_decode_step_seconds",
                                                    "time of one decode step over all running requests",
-                                                   buckets=latency, registry=r)
+                                                   buckets=(0.001, 0.002, 0.004) + latency, registry=r)
         self.serve_batch_rows = Histogram("lorad_serve_batch_rows", "running requests decoded together in one step",
                                           buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.adapter_swap_seconds = Histogram("lorad_adapter_swap_seconds",
@@ -58,6 +58,19 @@ class LoradMetrics:
         self.adapters_loaded = Gauge("lorad_adapters_loaded", "adapter versions held in memory by the engine", registry=r)
         self.serve_champion = Info("lorad_serve_champion", "adapter version new requests are pinned to ('base' = none)",
                                    registry=r)
+        self.serve_kv_cache_capacity = Gauge("lorad_serve_kv_cache_capacity_tokens",
+                                             "positions the preallocated KV cache holds, all slots together", registry=r)
+        self.serve_kv_cache_used = Gauge("lorad_serve_kv_cache_used_tokens", "positions cached by running requests",
+                                         registry=r)
+        self.serve_batch_occupancy = Gauge("lorad_serve_batch_occupancy_ratio",
+                                           "running requests / KV cache slots (max batch)", registry=r)
+        self.serve_prefill_seconds = Histogram("lorad_serve_prefill_seconds", "time of one batched prefill forward",
+                                               buckets=latency, registry=r)
+        self.serve_graph_captures = Counter("lorad_serve_graph_captures_total",
+                                            "CUDA graphs captured by the engine (flat across adapter swaps)", registry=r)
+        self.serve_compilations = Counter("lorad_serve_compilations_total",
+                                          "torch.compile graphs built by the engine (flat across adapter swaps)",
+                                          registry=r)
 
         # The learning loop (daemon/service.py, daemon/jobs.py). Label values are short codes, never free text.
         from prometheus_client import Histogram as _Histogram

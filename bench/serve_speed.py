@@ -1,0 +1,678 @@
+"""Serving speed of daemon.engine against stock transformers/PEFT, same run; writes a results JSON (issue 27).
+
+    python bench/serve_speed.py --part engine|http|7b|cpu [--rounds 3] [--out PATH]
+
+Workload (GPU parts): the default model's shape (SmolLM2-135M: Llama, 30 layers, 576 wide) with random
+bf16 weights, 64-token prompts of random ids, 32 new tokens, greedy, EOS ignored; LoRA adapters r16
+all-linear (alpha 32, A and B random) registered in a temporary state folder.
+
+  engine  requests submitted all at once, several interleaved rounds (median, min, max):
+          ours (max_batch 32): 32 on one adapter, 32 pinned to 4 versions, 1 alone; decode step at batch 32
+          (graph replays timed directly, and from 64 vs 32 new tokens); stock: HF generate with a static cache
+          (transformers compiles the step: bare, and with one PEFT LoRA unmerged, 32 and 1), four PEFT adapters
+          mixed per row through adapter_names (dynamic cache; --static-mixed adds the static-cache arm, ~4 min
+          warm-up), HF dynamic cache batched, transformers' generate_batch. Then ready time (engine build +
+          graph capture), and 100 swaps under load (batch-invariant engine, so every response can be checked
+          exactly against its version's lone output): failed, mixed, captures and compilations before/after.
+  http    the real server (daemon.server.create_app under uvicorn on 127.0.0.1), 32 streaming clients in a
+          separate process (httpx): requests/s and time to first token; the same with clients pinned to 4 versions.
+  7b      DeepSeek-LLM-7B shape (random bf16 weights), 32 concurrent, 256 new tokens: decode tokens/s against
+          the memory bound (weight bytes / HBM bandwidth per step; bandwidth measured in the run by a device copy).
+  step    only our decode step at 32 and 1 rows and the ready time (a short GPU check between full runs).
+  cpu     the real SmolLM2-135M-Instruct (fp32, 2 cores): TTFT p50 for a 200-token prompt, one stream vs HF
+          generate, 8 concurrent clients vs one at a time (requests/s), at engine level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
+
+SHAPE_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                  rope_theta=100000.0, bos_token_id=1, eos_token_id=None, pad_token_id=2, tie_word_embeddings=True)
+SHAPE_7B = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_theta=10000.0, bos_token_id=1, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
+BASE = "bench:random-135m"
+PROMPT, NEW = 64, 32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def prompts(n: int, length: int = PROMPT, seed: int = 1) -> list[list[int]]:
+    r = random.Random(seed)
+    return [[r.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
+
+
+def model_(shape: dict = SHAPE_135M, device: str | None = None, dtype: str = "bfloat16"):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=getattr(torch, dtype))
+    m.generation_config.eos_token_id = None
+    return m.eval()
+
+
+def word_tokenizer(vocab: int = 49152):
+    """A word-level tokenizer over ``vocab`` synthetic words (w3, w4, ...): the server detokenizes every id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", pad_token="<pad>")
+
+
+def make_world(root: Path, n_adapters: int = 4) -> dict:
+    """A state folder with ``n_adapters`` registered LoRA adapters (r16, all-linear, random A and B) for BASE."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from daemon import registry
+    from daemon.store import open_store
+
+    state = root / "state"
+    store = open_store(state)
+    base = model_(device="cpu", dtype="float32")
+    versions = []
+    for i in range(n_adapters):
+        torch.manual_seed(100 + i)
+        pm = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                             init_lora_weights=False))
+        out = root / f"adapter-{i}"
+        pm.save_pretrained(out)
+        versions.append(registry.register_adapter(store, state, out, base_model=BASE))
+        base = pm.unload()
+    return {"state": state, "store": store, "versions": versions}
+
+
+def engine_(world: dict, shape: dict = SHAPE_135M, **kw):
+    from daemon.engine import Engine
+    from monitors.metrics import LoradMetrics
+
+    model = model_(shape)
+    kw = {"max_batch_size": 32, "max_queue": 1024, "request_timeout": 600, "max_context": 512,
+          "adapter_slots": 6, **kw}
+    return Engine(model, word_tokenizer(), store=world["store"] if world else None,
+                  state_dir=world["state"] if world else None, base_model=BASE, metrics=LoradMetrics(), **kw)
+
+
+def run_engine(engine, ps: list[list[int]], models: list[str], new: int = NEW) -> dict:
+    from daemon.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=new, temperature=0)
+    t0 = time.perf_counter()
+    hs = [engine.submit(p, model=m, params=params) for p, m in zip(ps, models)]
+    for h in hs:
+        h.wait(600)
+    dt = time.perf_counter() - t0
+    toks = sum(len(h.tokens) for h in hs)
+    errors = [h.error for h in hs if h.finish_reason not in ("length", "stop")]
+    return {"requests_per_s": len(ps) / dt, "tokens_per_s": toks / dt, "seconds": dt, "tokens": toks,
+            "ttft_p50_ms": 1000 * pct([h.ttft_seconds for h in hs if h.ttft_seconds is not None], 50),
+            "errors": errors[:3]}
+
+
+def step_time_ms(engine, batch: int = 32, steps: int = 200) -> float:
+    """Decode steps at ``batch`` rows (graph replays, context bucket of 96 positions), timed on the device."""
+    import torch
+
+    stepper = engine.stepper
+    tokens, positions, lora = [5] * batch, [95] * batch, [1] * batch
+    result = engine.call(lambda: _time_steps(stepper, tokens, positions, lora, steps))
+    torch.cuda.synchronize()
+    return result
+
+
+def _time_steps(stepper, tokens, positions, lora, steps):
+    import torch
+
+    for _ in range(10):
+        stepper.decode(tokens, positions, lora)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stepper.decode(tokens, positions, lora)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+# ----------------------------------------------------------------------------- stock arms
+
+
+class HFArm:
+    """One stock transformers/PEFT configuration; ``run(n, new)`` times one generate of n prompts."""
+
+    def __init__(self, kind: str):
+        import torch
+
+        self.kind = kind
+        self.warmup_s = None
+        if kind in ("hf_static", "hf_batched", "cb"):
+            self.model = model_()
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            k = 4 if kind.startswith("hf_mixed4") else 1
+            pm = get_peft_model(model_(), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                     init_lora_weights=False), adapter_name="v0")
+            for i in range(1, k):
+                pm.add_adapter(f"v{i}", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                   init_lora_weights=False))
+            self.model = pm.to(torch.bfloat16).eval()
+        if kind in ("hf_static", "hf_static_lora", "hf_mixed4_static"):
+            inner = self.model if kind == "hf_static" else self.model.base_model.model
+            inner.generation_config.cache_implementation = "static"  # transformers compiles the step itself
+
+    def run(self, n: int, new: int = NEW) -> dict:
+        import torch
+
+        ps = prompts(n)
+        t0 = time.perf_counter()
+        if self.kind == "cb":
+            from transformers import GenerationConfig
+
+            gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=2)
+            res = self.model.generate_batch(inputs=ps, generation_config=gc)  # not under inference_mode
+            torch.cuda.synchronize()
+            toks = sum(len(r.generated_tokens) for r in res.values())
+        else:
+            kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
+            if self.kind.startswith("hf_mixed4"):
+                kw["adapter_names"] = [f"v{i % 4}" for i in range(n)]
+            if self.kind in ("hf_static_lora", "hf_mixed4_static"):
+                kw["cache_implementation"] = "static"
+            ids = torch.tensor(ps, device="cuda")
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            torch.cuda.synchronize()
+            toks = (out.shape[1] - PROMPT) * n
+        dt = time.perf_counter() - t0
+        return {"requests_per_s": n / dt, "tokens_per_s": toks / dt, "seconds": dt, "tokens": toks}
+
+    def warm(self, sizes: list[int]) -> None:
+        t0 = time.perf_counter()
+        for n in sizes:
+            self.run(n, 4 if self.kind == "cb" else NEW)
+        if self.kind == "hf_static":  # a static cache of another length compiles again: warm it too
+            self.run(32, 2 * NEW)
+        self.warmup_s = time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_engine(args, out: dict) -> None:
+    import torch
+
+    root = Path(tempfile.mkdtemp(prefix="serve-speed-"))
+    world = make_world(root)
+    v = world["versions"]
+    t0 = time.perf_counter()
+    eng = engine_(world).start()
+    eng.load_champion()
+    eng.swap(v[0])
+    ready = time.perf_counter() - t0
+    for x in v:
+        eng.preload(x, stage=True)
+    out["ready_s"] = ready
+    out["engine_config"] = eng.snapshot()
+    ps32 = prompts(32)
+    arms = {
+        "ours_lora/32": lambda: run_engine(eng, ps32, ["lorad"] * 32),
+        "ours_4_versions/32": lambda: run_engine(eng, ps32, [v[i % 4] for i in range(32)]),
+        "ours_lora/1": lambda: run_engine(eng, ps32[:1], ["lorad"]),
+        "ours_base/32": lambda: run_engine(eng, ps32, ["base"] * 32),
+        "ours_lora_64new/32": lambda: run_engine(eng, ps32, ["lorad"] * 32, new=64),
+    }
+    run_engine(eng, ps32, [v[i % 4] for i in range(32)])  # warm-up
+    stock = {}
+    kinds = [k for k in args.stock.split(",") if k]
+    for kind in kinds:
+        t1 = time.perf_counter()
+        try:
+            arm = HFArm(kind)
+            arm.warm([32, 1] if kind in args.alone.split(",") else [32])
+            stock[kind] = arm
+            out.setdefault("stock_warmup_s", {})[kind] = arm.warmup_s
+        except Exception as e:  # noqa: BLE001 - a failing stock arm is recorded, the run goes on
+            out.setdefault("stock_errors", {})[kind] = f"{type(e).__name__}: {e}"[:400]
+        print(f"stock {kind} ready in {time.perf_counter() - t1:.1f}s", flush=True)
+    for kind, arm in stock.items():
+        arms[f"{kind}/32"] = lambda arm=arm: arm.run(32)
+        if kind in args.alone.split(","):
+            arms[f"{kind}/1"] = lambda arm=arm: arm.run(1)
+        if kind == "hf_static":
+            arms[f"{kind}_64new/32"] = lambda arm=arm: arm.run(32, 2 * NEW)
+    results: dict[str, list] = {k: [] for k in arms}
+    for r in range(args.rounds):
+        for key, fn in arms.items():
+            if r > 0 and key.startswith(("hf_mixed4", "cb")) and args.quick_slow_arms:
+                continue
+            res = fn()
+            results[key].append(res)
+            print(f"round {r} {key}: {res['requests_per_s']:.1f} req/s", flush=True)
+    out["arms"] = {k: {"requests_per_s": stats([x["requests_per_s"] for x in xs]),
+                       "tokens_per_s": stats([x["tokens_per_s"] for x in xs]), "last": xs[-1]}
+                   for k, xs in results.items() if xs}
+    out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
+    out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["compilations"] = eng.compilations()
+    if args.compare_eager:  # the same engine without torch.compile: graphs of eager kernels
+        t0 = time.perf_counter()
+        plain = engine_(world, compile=False).start()
+        plain.load_champion()
+        plain.swap(v[0])
+        out["eager_graphs"] = {"ready_s": time.perf_counter() - t0, "step_ms_32": step_time_ms(plain, 32),
+                               "step_ms_1": step_time_ms(plain, 1),
+                               "ours_lora/32": run_engine(plain, ps32, ["lorad"] * 32)}
+        out["eager_graphs"]["ours_lora/32"] = run_engine(plain, ps32, ["lorad"] * 32)
+        plain.stop(timeout=10)
+
+    def per_step(k64: str, k32: str) -> float | None:
+        if k64 not in out["arms"] or k32 not in out["arms"]:
+            return None
+        t64 = 32 / out["arms"][k64]["requests_per_s"]["median"]
+        t32 = 32 / out["arms"][k32]["requests_per_s"]["median"]
+        return (t64 - t32) / 32 * 1000
+    out["decode_step_ms_32_from_64_vs_32"] = per_step("ours_lora_64new/32", "ours_lora/32")
+    out["hf_static_decode_step_ms_32"] = per_step("hf_static_64new/32", "hf_static/32")
+    out["hf_static_lora_decode_step_ms_32"] = per_step("hf_static_lora_64new/32", "hf_static_lora/32")
+    m = eng.metrics.registry
+    out["engine_step_metric_mean_ms"] = 1000 * m.get_sample_value("lorad_serve_decode_step_seconds_sum") / max(
+        1, m.get_sample_value("lorad_serve_decode_step_seconds_count"))
+    eng.stop(timeout=10)
+    del stock, eng
+    torch.cuda.empty_cache()
+    out["swaps"] = swaps_under_load(world, args.swaps)
+
+
+def swaps_under_load(world: dict, n_swaps: int) -> dict:
+    """``n_swaps`` champion swaps among 4 versions while 32 clients request 'lorad' back to back."""
+    from daemon.engine import SamplingParams
+
+    v = world["versions"]
+    t0 = time.perf_counter()
+    eng = engine_(world, batch_invariant=True, max_context=128).start()
+    eng.load_champion()
+    ready = time.perf_counter() - t0
+    ps = prompts(8, seed=7)
+    params = SamplingParams(max_tokens=16, temperature=0)
+    refs = {(x, i): eng.generate(p, model=x, max_tokens=16, temperature=0).tokens for x in v for i, p in enumerate(ps)}
+    eng.swap(v[0])
+    captures0, comp0 = eng.stepper.captures, eng.compilations()
+    stop = threading.Event()
+    failed, mixed, done, ttft_swap = [], [], [0], []
+
+    def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            p = i % len(ps)
+            h = eng.submit(ps[p], model="lorad", params=params)
+            h.wait(120)
+            if h.finish_reason not in ("length", "stop"):
+                failed.append(h.error or h.finish_reason)
+            elif h.tokens != refs[(h.version, p)]:
+                mixed.append(h.version)
+            else:
+                done[0] += 1
+                ttft_swap.append(h.ttft_seconds)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(32)]
+    for t in threads:
+        t.start()
+    swap_ms, preload_ms = [], []
+    rng = random.Random(0)
+    for k in range(n_swaps):
+        target = rng.choice([x for x in v if x != eng.champion])
+        res = eng.swap(target)
+        swap_ms.append(res.swap_seconds * 1000)
+        preload_ms.append(res.preload_seconds * 1000)
+        time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    out = {"swaps": n_swaps, "requests_ok": done[0], "failed": len(failed), "mixed": len(mixed),
+           "failed_examples": failed[:3], "graph_captures_during_swaps": eng.stepper.captures - captures0,
+           "compilations_during_swaps": eng.compilations() - comp0,
+           "swap_ms_p50": pct(swap_ms, 50), "swap_ms_p99": pct(swap_ms, 99),
+           "preload_ms_p50": pct(preload_ms, 50), "preload_ms_p99": pct(preload_ms, 99),
+           "ttft_during_swaps_ms_p50": 1000 * (pct(ttft_swap, 50) or 0), "ttft_during_swaps_ms_p99":
+               1000 * (pct(ttft_swap, 99) or 0), "ready_s_batch_invariant": ready}
+    eng.stop(timeout=10)
+    return out
+
+
+def part_step(args, out: dict) -> None:
+    """Only our decode step (135M shape, LoRA tables live): ready time and graph replays at 32 and 1 rows."""
+    t0 = time.perf_counter()
+    eng = engine_(None).start()
+    eng.load_champion()
+    out["ready_s"] = time.perf_counter() - t0
+    out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
+    out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["compilations"], out["graph_captures"] = eng.compilations(), eng.stepper.captures
+    eng.stop(timeout=10)
+
+
+def part_7b(args, out: dict) -> None:
+    import torch
+
+    n = 256 * 2**20  # 1 GiB copies: HBM bandwidth as read + write bytes per second
+    a = torch.empty(n, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bandwidth = 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
+    del a, b
+    eng = engine_(None, SHAPE_7B, max_context=512, adapter_slots=4, lora_max_rank=16).start()
+    eng.load_champion()
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in eng.model.named_parameters()
+                       if "embed_tokens" not in name)
+    ps = prompts(32)
+    run_engine(eng, ps[:4], ["base"] * 4, new=8)
+    r64 = run_engine(eng, ps, ["base"] * 32, new=64)
+    r256 = run_engine(eng, ps, ["base"] * 32, new=256)
+    step_s = (r256["seconds"] - r64["seconds"]) / 192
+    direct_ms = step_time_ms(eng, 32, 50)
+    bound_s = weight_bytes / bandwidth
+    out.update({"hbm_bandwidth_gb_s_measured": bandwidth / 1e9, "weight_bytes": weight_bytes,
+                "memory_bound_step_ms": bound_s * 1000, "decode_step_ms_from_256_vs_64": step_s * 1000,
+                "decode_step_ms_direct": direct_ms, "decode_tokens_per_s": 32 / step_s,
+                "fraction_of_memory_bound": bound_s / step_s, "fraction_direct": bound_s / (direct_ms / 1000),
+                "run_256": r256, "note": "weights exclude the input embedding (a gather, not streamed); LoRA tables "
+                                          "(4 slots x r16) are extra bytes the bound does not count"})
+    eng.stop(timeout=10)
+
+
+def part_http(args, out: dict) -> None:
+    import subprocess
+    from types import SimpleNamespace
+
+    from daemon.config import build_config
+    from daemon.server import create_app
+
+    root = Path(tempfile.mkdtemp(prefix="serve-speed-http-"))
+    world = make_world(root)
+    v = world["versions"]
+    t0 = time.perf_counter()
+    eng = engine_(world).start()
+    eng.load_champion()
+    out["ready_s"] = time.perf_counter() - t0
+    eng.swap(v[0])
+    for x in v:
+        eng.preload(x, stage=True)
+    cfg = build_config({"model": {"base_model": BASE},
+                        "serve": {"max_queue": 1024, "max_prompt_tokens": 256, "max_new_tokens": 256,
+                                  "request_timeout_seconds": 600}})
+    ready = threading.Event()
+    ready.set()
+    daemon = SimpleNamespace(cfg=cfg, store=world["store"], metrics=eng.metrics, ready=ready, model_error=None,
+                             engine=eng, started_at=time.time(), status=lambda: {})
+    server = _Server(create_app(daemon))
+    try:
+        for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
+            for warm in (True, False):
+                cmd = [sys.executable, __file__, "--client", server.url, "--models", models,
+                       "--clients", str(args.http_clients), "--requests", "2" if warm else str(args.http_requests)]
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+                if res.returncode != 0:
+                    raise RuntimeError(res.stderr[-2000:])
+                if not warm:
+                    out[label] = json.loads(res.stdout.strip().splitlines()[-1])
+                    print(label, out[label], flush=True)
+        out["graph_captures"] = eng.stepper.captures
+    finally:
+        server.stop()
+        eng.stop(timeout=10)
+
+
+class _Server:
+    """uvicorn in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                                    access_log=False, lifespan="off", backlog=4096))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def client_main(args) -> None:
+    """Load generator (own process): ``--clients`` streaming clients, ``--requests`` each; prints one JSON line."""
+    import asyncio
+
+    import httpx
+
+    models = args.models.split(",")
+    ps = prompts(64, seed=3)
+
+    async def one(http, k: int, i: int, ttfts: list, errors: list) -> None:
+        body = {"model": models[k % len(models)], "prompt": ps[(k * 7 + i) % len(ps)], "max_tokens": NEW,
+                "temperature": 0, "stream": True}
+        t0 = time.perf_counter()
+        first = None
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                errors.append(r.status_code)
+                await r.aread()
+                return
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.perf_counter() - t0
+        ttfts.append(first)
+
+    async def main() -> dict:
+        ttfts, errors = [], []
+        limits = httpx.Limits(max_connections=args.clients * 2, max_keepalive_connections=args.clients * 2)
+        async with httpx.AsyncClient(base_url=args.client, timeout=600, limits=limits) as http:
+            async def worker(k: int) -> None:
+                for i in range(args.requests):
+                    await one(http, k, i, ttfts, errors)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(k) for k in range(args.clients)))
+            dt = time.perf_counter() - t0
+        good = [t for t in ttfts if t is not None]
+        return {"requests_per_s": len(ttfts) / dt, "requests": len(ttfts), "errors": len(errors),
+                "seconds": dt, "ttft_p50_ms": 1000 * (pct(good, 50) or 0), "ttft_p99_ms": 1000 * (pct(good, 99) or 0)}
+
+    print(json.dumps(asyncio.run(main())))
+
+
+def part_cpu(args, out: dict) -> None:
+    import torch
+
+    from daemon.engine import Engine, SamplingParams
+    from pipelines.models import load_base_model
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    cache = Path(args.cache)
+    model, tok = load_base_model("embedded:SmolLM2-135M-Instruct", cache, dtype="float32", device="cpu")
+    reference, _ = load_base_model("embedded:SmolLM2-135M-Instruct", cache, dtype="float32", device="cpu")
+    eng = Engine(model, tok, max_batch_size=8, max_context=1024).start()
+    eng.eos_ids = set()  # EOS ignored, as min_new_tokens does for HF generate
+    eng.load_champion()
+    p200 = prompts(6, 200, seed=5)
+    ttft = []
+    for p in p200:
+        h = eng.generate(p, max_tokens=1, temperature=0)
+        ttft.append(h.ttft_seconds)
+    new = 32
+    p64 = prompts(8, 64, seed=6)
+    one = [run_engine(eng, [p], ["base"], new) for p in p64[:3]]
+    ours_tps = statistics.median(r["tokens_per_s"] for r in one)
+    hf = []
+    with torch.no_grad():
+        reference.generate(torch.tensor([p64[0]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
+        for p in p64[:3]:
+            t0 = time.perf_counter()
+            reference.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               pad_token_id=2)
+            hf.append(new / (time.perf_counter() - t0))
+    hf_tps = statistics.median(hf)
+    t0 = time.perf_counter()
+    for p in p64:
+        eng.generate(p, max_tokens=new, temperature=0)
+    rps_1 = len(p64) / (time.perf_counter() - t0)
+    r8 = run_engine(eng, p64, ["base"] * 8, new)
+    out.update({"ttft_p50_ms_200_tokens": 1000 * statistics.median(ttft), "ttft_ms_all": [1000 * t for t in ttft],
+                "one_stream_tokens_per_s": ours_tps, "hf_generate_one_stream_tokens_per_s": hf_tps,
+                "rps_1_at_a_time": rps_1, "rps_8_concurrent": r8["requests_per_s"],
+                "rps_8_vs_1": r8["requests_per_s"] / rps_1, "threads": torch.get_num_threads(),
+                "cpu": _common.cpu_name()})
+    _ = SamplingParams
+    eng.stop(timeout=10)
+
+
+# ----------------------------------------------------------------------------- summary + main
+
+
+def summarize(result: dict) -> dict:
+    e, h, s7, c = (result.get(k, {}) for k in ("engine", "http", "7b", "cpu"))
+    arms = e.get("arms", {})
+
+    def med(key: str) -> float | None:
+        return arms[key]["requests_per_s"]["median"] if key in arms else None
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = med(a), med(b)
+        return x / y if x and y else None
+
+    swaps = e.get("swaps", {})
+    return {
+        "card": result.get("card"), "commit": result.get("commit"), "dirty": result.get("dirty"),
+        "gpu_http_rps_32": h.get("http_32", {}).get("requests_per_s"),
+        "gpu_http_rps_32_4_versions": h.get("http_32_4_versions", {}).get("requests_per_s"),
+        "gpu_ttft_p50_ms_32": h.get("http_32", {}).get("ttft_p50_ms"),
+        "engine_rps_32_lora": med("ours_lora/32"),
+        "engine_vs_hf_static_lora": ratio("ours_lora/32", "hf_static_lora/32"),
+        "engine_vs_hf_static_base": ratio("ours_lora/32", "hf_static/32"),
+        "engine_4_versions_vs_hf_static_lora": ratio("ours_4_versions/32", "hf_static_lora/32"),
+        "engine_4_versions_vs_hf_mixed4": ratio("ours_4_versions/32", "hf_mixed4/32"),
+        "engine_alone_vs_hf_static_lora_alone": ratio("ours_lora/1", "hf_static_lora/1"),
+        "engine_vs_continuous_batching": ratio("ours_lora/32", "cb/32"),
+        "decode_step_ms_32": e.get("decode_step_ms_32_direct"),
+        "hf_static_decode_step_ms_32": e.get("hf_static_decode_step_ms_32"),
+        "decode_fraction_of_memory_bound_7b": s7.get("fraction_of_memory_bound"),
+        "ready_s": e.get("ready_s", h.get("ready_s")),
+        "recompiles_in_swaps": (swaps.get("graph_captures_during_swaps", 0) + swaps.get("compilations_during_swaps", 0)
+                                if swaps else None),
+        "swaps_failed": swaps.get("failed"), "swaps_mixed": swaps.get("mixed"),
+        "cpu_ttft_p50_ms": c.get("ttft_p50_ms_200_tokens"), "cpu_rps_8_vs_1": c.get("rps_8_vs_1"),
+        "cpu_one_stream_vs_hf": (c["one_stream_tokens_per_s"] / c["hf_generate_one_stream_tokens_per_s"]
+                                 if c else None),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("engine", "http", "7b", "cpu", "step"), action="append")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stock", default="hf_static,hf_static_lora,hf_mixed4,hf_batched,cb",
+                    help="stock arms (add hf_mixed4_static for the static-cache mixed arm, ~4 min warm-up)")
+    ap.add_argument("--alone", default="hf_static,hf_static_lora",
+                    help="stock arms also timed with one request alone (each costs one more compile)")
+    ap.add_argument("--quick-slow-arms", action="store_true", help="run hf_mixed4 and cb in the first round only")
+    ap.add_argument("--swaps", type=int, default=100)
+    ap.add_argument("--compare-eager", action="store_true", help="also time the engine without torch.compile")
+    ap.add_argument("--http-requests", type=int, default=40, help="requests per HTTP client")
+    ap.add_argument("--http-clients", type=int, default=32)
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "lorad-test"), help="model cache for the CPU part")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_speed.json"))
+    ap.add_argument("--merge", action="store_true", help="keep the other parts already in --out")
+    ap.add_argument("--client", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="lorad", help=argparse.SUPPRESS)
+    ap.add_argument("--clients", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--requests", type=int, default=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        client_main(args)
+        return 0
+    import torch
+    import transformers
+
+    path = Path(args.out)
+    result = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    here = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench/serve_speed.py"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        result.update(here, card=torch.cuda.get_device_name())
+    else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top
+        result["cpu_machine"] = _common.cpu_name()
+        if "commit" not in result:
+            result.update(here)
+    fns = {"engine": part_engine, "http": part_http, "7b": part_7b, "cpu": part_cpu, "step": part_step}
+    for part in args.part or ["engine"]:
+        section: dict = {}
+        t0 = time.perf_counter()
+        try:
+            fns[part](args, section)
+        except Exception as e:  # noqa: BLE001 - the parts measured so far are still written
+            import traceback
+
+            section["error"] = f"{type(e).__name__}: {e}"[:500]
+            section["trace"] = traceback.format_exc()[-3000:]
+            print(section["trace"], flush=True)
+        section["wall_s"] = time.perf_counter() - t0
+        section.update(here)
+        result[part] = section
+        result["summary"] = summarize(result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["summary"], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Per-row LoRA: every adapter slot's A and B stacked in one table per layer; each row picks its slot.
+
+``SlotLoRA`` wraps one Linear. Its tables are ``A [slots * r_max, in]`` and ``B [slots * r_max, out]``
+(the adapter's scale folded into B, ranks below ``r_max`` zero-padded). A forward computes
+``base(x) + ((x @ A^T) * select) @ B`` where ``select [rows, 1, slots * r_max]`` is 1 on the columns of the
+row's slot and 0 elsewhere (row index 0 = no adapter = the base model): every version in the batch in
+two small matmuls, fixed shapes, so the step can be captured once as a CUDA graph. Loading a version is
+a copy into its slot's columns: no module changes, no recompilation, no new capture.
+
+Punica and S-LoRA gather each row's A and B (BGMV); the masked dense product reads every slot once
+instead of once per row, which is cheaper while slots are few (a handful of versions live at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class _Selection:
+    """The current forward's ``select`` tensor (set by the step, read by every SlotLoRA)."""
+
+    mask: Any = None
+
+
+SELECTION = _Selection()
+
+
+class AdapterFormatError(ValueError):
+    """An adapter the slot tables cannot hold; the message says what and why."""
+
+
+def _slot_lora_class():
+    import torch
+    import torch.nn.functional as F
+
+    class SlotLoRA(torch.nn.Module):
+        """A Linear plus per-row LoRA from stacked slot tables (see the module docstring).
+
+        Where the Linear holds a plain floating-point weight, its weight and the A table are one tensor
+        ``[out + slots * r_max, in]`` (the weight a view of its first rows): one matmul gives the base output
+        and every slot's ``x @ A`` together, which halves the matmuls a step launches.
+        """
+
+        def __init__(self, base: Any, slots: int, r_max: int):
+            super().__init__()
+            self.base = base
+            self.in_features, self.out_features = base.in_features, base.out_features
+            weight = base.weight
+            self.fused = type(base) is torch.nn.Linear and weight.dtype.is_floating_point
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
+            columns = slots * r_max
+            with torch.no_grad():
+                if self.fused:
+                    joint = torch.zeros(self.out_features + columns, self.in_features, dtype=dtype,
+                                        device=weight.device)
+                    joint[:self.out_features].copy_(weight)
+                    base.weight = torch.nn.Parameter(joint[:self.out_features], requires_grad=False)
+                    self.register_buffer("joint", joint, persistent=False)
+                    lora_a = joint[self.out_features:]
+                else:
+                    lora_a = torch.zeros(columns, self.in_features, dtype=dtype, device=weight.device)
+            self.register_buffer("lora_a", lora_a, persistent=False)  # [slots * r_max, in]: A per slot
+            self.register_buffer("lora_b", torch.zeros(columns, self.out_features, dtype=dtype,
+                                                       device=weight.device), persistent=False)
+
+        @property
+        def weight(self):  # code that inspects the wrapped Linear (dtype, device) keeps working
+            return self.base.weight
+
+        def forward(self, x):
+            select = SELECTION.mask
+            if select is None:
+                return self.base(x)
+            if self.fused:
+                joint = F.linear(x, self.joint)
+                y, h = joint[..., :self.out_features], joint[..., self.out_features:]
+                if self.base.bias is not None:
+                    y = y + self.base.bias
+            else:
+                y = self.base(x)
+                h = F.linear(x.to(self.lora_a.dtype), self.lora_a)
+            return y + ((h * select) @ self.lora_b).to(y.dtype)
+
+    return SlotLoRA
+
+
+def wrap_linears(model: Any, *, slots: int, r_max: int) -> dict[str, Any]:
+    """Replace every Linear inside the model's layers (not the output head) by a SlotLoRA; return them by name."""
+    import torch
+
+    cls = _slot_lora_class()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and ".layers." in f".{name}"]
+    wrapped = {}
+    for name, module in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = cls(module, slots, r_max)
+        setattr(parent, leaf, lora)
+        wrapped[name] = lora
+    return wrapped
+
+
+def read_adapter(path: Path, wrapped: dict[str, Any], r_max: int) -> dict[str, tuple[Any, Any]]:
+    """Read a PEFT LoRA adapter folder into ``{module name: (A [r, in], scaled B^T [r, out])}`` (CPU tensors).
+
+    Raises:
+        AdapterFormatError: a feature the slot tables cannot hold (DoRA, LoRA bias, modules_to_save, rank
+            above ``r_max``, a target that is not a wrapped Linear, shapes that do not match, non-finite values).
+    """
+    from safetensors.torch import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be served")
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora) adapters are not supported by the serving engine; train without DoRA")
+    if config.get("lora_bias"):
+        problems.append("lora_bias adapters are not supported by the serving engine")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']} cannot be served per row; train without it")
+    if problems:
+        raise AdapterFormatError("; ".join(problems))
+    alpha_default, alpha_pattern = float(config.get("lora_alpha", 8)), config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    tensors = load_file(str(path / "adapter_model.safetensors"), device="cpu")
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0]
+                module = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+                pairs.setdefault(module, {})[part] = value
+                break
+        else:
+            raise AdapterFormatError(f"tensor {key!r} is not a LoRA A/B matrix; only plain LoRA adapters can be served")
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        if module not in wrapped:
+            raise AdapterFormatError(f"the adapter targets {module!r}, which is not a Linear layer of this model's "
+                                     f"decoder layers; the engine serves LoRA on those only")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"{module}: lora_A or lora_B is missing")
+        a, b = ab["lora_A"].float(), ab["lora_B"].float()
+        r = a.shape[0]
+        layer = wrapped[module]
+        if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
+            raise AdapterFormatError(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
+                                     f"{layer.in_features}->{layer.out_features} Linear")
+        if r > r_max:
+            raise AdapterFormatError(f"{module}: rank {r} exceeds serve.lora_max_rank={r_max}; raise it")
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise AdapterFormatError(f"{module}: the adapter holds NaN or infinite values")
+        alpha = _pattern_value(module, alpha_pattern, alpha_default)
+        scale = alpha / math.sqrt(r) if rslora else alpha / r  # PEFT's scaling, from the module's own rank
+        out[module] = (a.contiguous(), (b * scale).t().contiguous())
+    if not out:
+        raise AdapterFormatError("the adapter holds no LoRA weights")
+    return out
+
+
+def _pattern_value(module: str, pattern: dict, default: float) -> float:
+    """PEFT's alpha_pattern: the value of the longest key the module name ends with."""
+    hits = [k for k in pattern if module == k or module.endswith(f".{k}")]
+    return float(pattern[max(hits, key=len)]) if hits else float(default)
+
+
+def write_slot(wrapped: dict[str, Any], slot: int, weights: dict[str, tuple[Any, Any]], r_max: int) -> None:
+    """Copy ``weights`` into table slot ``slot`` of every wrapped Linear (zeros where the adapter has none).
+
+    The columns of a free slot are read by every forward but always multiplied by 0, so writing them
+    while steps run is safe (values are checked finite on read).
+    """
+    import torch
+
+    rows = slice(slot * r_max, (slot + 1) * r_max)
+    with torch.no_grad():
+        for name, layer in wrapped.items():
+            a_rows, b_rows = layer.lora_a[rows], layer.lora_b[rows]
+            pair = weights.get(name)
+            if pair is None:
+                a_rows.zero_()
+                b_rows.zero_()
+                continue
+            a, b = pair
+            r = a.shape[0]
+            a_rows[:r].copy_(a)
+            a_rows[r:].zero_()
+            b_rows[:r].copy_(b)
+            b_rows[r:].zero_()
+
+
+def selection(lora_index: Any, slots: int, r_max: int, dtype: Any) -> Any:
+    """``[rows, 1, slots * r_max]``: 1 on the columns of each row's slot (index 1..slots), 0 for index 0 (base)."""
+    import torch
+
+    column_slot = torch.arange(slots * r_max, device=lora_index.device) // r_max + 1
+    return (column_slot[None, :] == lora_index[:, None]).to(dtype)[:, None, :]

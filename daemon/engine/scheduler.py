@@ -1,0 +1,550 @@
+"""The Engine: admission, continuous batching and the decode thread.
+
+One decode thread owns the model. Between steps it runs queued commands (``call``), expires cancelled
+and timed-out requests (freeing their cache slot), admits waiting requests into free slots (their
+prompts prefilled together, left-padded, up to PREFILL_TOKEN_BUDGET tokens a forward), then advances
+every running request by one token in ONE forward whatever versions they are pinned to.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
+                               GenerationHandle, InvalidRequest, QueueFull, SamplingParams, batched_events, label)
+from daemon.engine.versions import VersionsMixin
+
+log = logging.getLogger("lorad.engine")
+
+# Prompt tokens (padded) prefilled in one forward; a longer prompt is prefilled alone, in chunks of this size.
+PREFILL_TOKEN_BUDGET = 2048
+# How often an idle decode thread wakes up to expire requests that waited past their deadline.
+IDLE_TICK_SECONDS = 0.05
+
+
+@dataclass
+class _Sequence:
+    """Decode-thread state of one request."""
+
+    handle: GenerationHandle
+    deadline: float
+    lora_index: int  # LoRA table slot of its version (0 = base)
+    generator: Any = None  # random.Random of a sampling request (seeded when the request has a seed)
+    slot: int | None = None  # its KV cache slot while running
+    length: int = 0  # positions cached
+    next_token: int | None = None
+
+
+class Engine(VersionsMixin):
+    """The serving engine. All arguments are plain values so tests can build one.
+
+    Args:
+        model: a loaded causal LM (eval mode). The engine owns it from now on: it wraps its Linears for per-row
+            LoRA and switches its attention implementation. Other code must not run it concurrently; use ``call``.
+        tokenizer: its tokenizer (end-of-sequence ids come from it and the generation config).
+        store: the state store (for the registry), or None for a base-only engine.
+        state_dir: the state folder; adapters are loaded only from ``<state_dir>/adapters``.
+        base_model: the configured base model spec; adapters trained on another base are refused.
+        max_batch_size: requests decoded together (the KV cache's slots, fewer if memory runs short).
+        max_queue: requests waiting for a slot beyond this are refused with QueueFull.
+        request_timeout: seconds from submission after which a request is cut off (finish reason ``timeout``).
+        batch_invariant: decode at one fixed shape and prefill prompts alone, so a greedy output is bit-for-bit
+            the same whatever else runs (slower at low load); off, outputs equal up to float rounding.
+        metrics: a LoradMetrics (or None).
+        clock: monotonic clock (tests pass a fake one).
+        live: a ``daemon.watch.LiveStats`` fed with every finished request (version, finish reason, TTFT), or None.
+        max_context: positions per request (prompt + new tokens); None = the model's limit.
+        kv_cache_fraction: share of free GPU memory the KV cache may take.
+        kv_cache_tokens: CPU KV cache budget in positions, all slots together.
+        adapter_slots: adapter versions loaded at once (champion, previous, pinned and staged ones).
+        lora_max_rank: the largest adapter rank a slot holds.
+        cuda_graphs: capture decode steps as CUDA graphs on a GPU.
+        compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
+                 base_model: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
+                 request_timeout: float = 120.0, batch_invariant: bool = False, metrics: Any = None,
+                 clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
+                 kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
+                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True):
+        if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
+            raise ValueError(f"max_batch_size, max_queue, adapter_slots and lora_max_rank must be >= 1 and "
+                             f"request_timeout > 0, got {max_batch_size}, {max_queue}, {adapter_slots}, "
+                             f"{lora_max_rank}, {request_timeout}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.adapters_dir = (Path(state_dir) / "adapters").resolve() if state_dir is not None else None
+        self.base_model = base_model
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.batch_invariant = batch_invariant
+        self.metrics = metrics
+        self.clock = clock
+        self.live = live
+        self.adapter_slots, self.lora_max_rank = adapter_slots, lora_max_rank
+        # ``listener(event, old, new)`` after promote_and_swap ("promoted") and rollback_and_swap ("rolled_back")
+        self.champion_listeners: list[Callable[[str, str | None, str | None], None]] = []
+        self.device = next(model.parameters()).device
+        model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
+        self.max_context = min(model_context, max_context or model_context)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile)
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self._lock = threading.Condition()  # guards everything below; decode thread waits on it when idle
+        self._swap_lock = threading.Lock()  # one swap at a time
+        self._load_lock = threading.Lock()  # one adapter load at a time
+        self._champion: str | None = None
+        self._previous: str | None = None
+        self._adapters: dict = {}
+        self._staged: collections.Counter[str] = collections.Counter()  # preloaded for a swap or request to come
+        self._free_slots: list[int] = list(range(1, adapter_slots + 1))
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []  # index = KV cache slot
+        self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._closing = False  # stop(): refuse new requests
+        self._stop_thread = False  # stop(): the decode thread ends after the drain
+        self._warm = False
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+
+    def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
+                          cuda_graphs: bool, compile: bool) -> None:
+        """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
+        import torch
+
+        from daemon.engine import cache as cache_mod
+        from daemon.engine import lora, step
+
+        model = self.model
+        if getattr(model.config, "attn_logit_softcapping", None):
+            raise EngineError(f"{type(model).__name__} uses attention logit soft-capping, which the engine's "
+                              "attention does not implement")
+        step.register_attention()
+        model.set_attn_implementation(step.ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != step.ATTN_IMPLEMENTATION:
+            raise EngineError(f"{type(model).__name__} does not route attention through transformers' "
+                              "AttentionInterface, so the engine cannot keep its KV cache")
+        model.eval()
+        layers = step.probe_layers(model, self.device)
+        self._wrapped = lora.wrap_linears(model, slots=self.adapter_slots, r_max=self.lora_max_rank)
+        dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+        element = torch.empty((), dtype=dtype).element_size()
+        per_token = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers.values()) * element
+        free = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+        try:
+            slots = cache_mod.plan_slots(bytes_per_token=per_token, context=self.max_context,
+                                         max_batch_size=max_batch_size, device_type=self.device.type,
+                                         free_bytes=free, kv_cache_fraction=kv_cache_fraction,
+                                         kv_cache_tokens=kv_cache_tokens)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        if slots < max_batch_size:
+            log.warning("KV cache holds fewer requests than serve.max_batch_size",
+                        extra={"slots": slots, "max_batch_size": max_batch_size, "context": self.max_context})
+        self.max_batch_size = slots
+        self.cache = cache_mod.KVCache(layers, slots=slots, context=self.max_context, dtype=dtype,
+                                       device=self.device)
+        self.stepper = step.Stepper(model, self.cache, lora_slots=self.adapter_slots, r_max=self.lora_max_rank,
+                                    use_graphs=cuda_graphs, compile=compile, on_capture=self._captured)
+        self._compilations = step.compilations()
+        if self.metrics is not None:
+            self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
+        log.info("KV cache allocated", extra={"slots": slots, "context": self.max_context,
+                                              "gib": round(self.cache.nbytes / 2**30, 3)})
+
+    def _captured(self, seconds: float) -> None:
+        from daemon.engine import step
+
+        if self.metrics is not None:
+            self.metrics.serve_graph_captures.inc()
+            now = step.compilations()
+            self.metrics.serve_compilations.inc(max(0, now - self._compilations))
+            self._compilations = now
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        """Start the decode thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lorad-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def warm_up(self) -> int:
+        """Capture the decode step's CUDA graphs now (no-op on a CPU); returns the number captured."""
+        self.start()
+        if self._warm:
+            return 0
+        if self.batch_invariant:
+            n = self.call(lambda: self.stepper.warm_up(self.cache.context, [self.cache.slots]))
+        else:
+            n = self.call(lambda: self.stepper.warm_up(min(self.cache.context, 1024)))
+        self._warm = True
+        return n
+
+    def load_champion(self) -> str | None:
+        """Warm up, load the registry's champion (and previous champion, best effort) and mark the engine ready.
+
+        Raises:
+            AdapterUnavailable: the champion cannot be verified or loaded; the engine stays not ready.
+        """
+        from daemon import registry
+
+        self.warm_up()
+        champion = registry.champion(self.store) if self.store is not None else None
+        previous = self.store.get_alias(registry.PREVIOUS) if self.store is not None else None
+        self.swap(champion, previous=previous)
+        self._ready.set()
+        if self.metrics is not None:
+            self.metrics.model_ready.set(1)
+        log.info("engine ready", extra={"champion": label(champion)})
+        return champion
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish for up to ``timeout`` seconds, cut off the rest."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._waiting and not self._running:
+                    break
+            time.sleep(0.02)
+        with self._lock:
+            for seq in list(self._waiting) + self._running:
+                seq.handle.cancel()
+            self._stop_thread = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._ready.clear()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], *, model: str | None = None, params: SamplingParams | None = None,
+               loop: Any = None) -> GenerationHandle:
+        """Pin a request to a version and queue it; blocks only to load a pinned version on demand.
+
+        Raises:
+            InvalidRequest: empty prompt, or a prompt that leaves no room in the per-request context.
+            UnknownModel / AdapterUnavailable: the model name cannot be served.
+            QueueFull: ``max_queue`` requests are already waiting.
+            EngineClosed: the engine is shutting down.
+        """
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_context} "
+                                 f"tokens (the model's, or serve.max_prompt_tokens + serve.max_new_tokens)")
+        name = (model or "").strip()
+        with self._lock:  # resolving the champion and pinning it are one step: a swap cannot slip in between
+            version = self._champion if name in CHAMPION_ALIASES else None if name == BASE_LABEL else name
+            if version is None or version in self._adapters:
+                return self._enqueue(prompt_ids, version, params, loop)
+        self.resolve(name)  # raises UnknownModel for names the registry does not know
+        self.preload(version, stage=True)  # a named version not in memory: load it now, held until pinned
+        try:
+            with self._lock:
+                if version not in self._adapters:
+                    raise AdapterUnavailable(f"adapter {version} was unloaded while the request was queued; retry")
+                return self._enqueue(prompt_ids, version, params, loop)
+        finally:
+            self.unstage(version)
+
+    def _enqueue(self, prompt_ids: list[int], version: str | None, params: SamplingParams,
+                 loop: Any) -> GenerationHandle:
+        """Queue a request pinned to a loaded ``version``; caller holds the lock."""
+        if self._closing:
+            raise EngineClosed("the server is shutting down; retry on another instance")
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting (serve.max_queue); retry later")
+        lora_index = 0
+        if version is not None:
+            adapter = self._adapters[version]
+            adapter.refs += 1
+            lora_index = adapter.slot
+        handle = GenerationHandle(list(prompt_ids), version, params, loop=loop, clock=self.clock)
+        generator = None
+        if params.temperature > 0:
+            generator = random.Random(params.seed if params.seed is not None else self._rng.getrandbits(64))
+        self._waiting.append(_Sequence(handle, deadline=handle.submitted_at + self.request_timeout,
+                                       lora_index=lora_index, generator=generator))
+        self._gauges()
+        self._lock.notify_all()
+        return handle
+
+    def generate(self, prompt_ids: list[int], *, model: str | None = None, timeout: float | None = None,
+                 **params: Any) -> GenerationHandle:
+        """Submit and wait: the finished handle (``.tokens``, ``.finish_reason``, ``.label``)."""
+        handle = self.submit(prompt_ids, model=model, params=SamplingParams(**params))
+        handle.wait(timeout)
+        return handle
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` in the decode thread between steps (exclusive use of the model) and return its result."""
+        if threading.get_ident() == self._thread_id or self._thread is None:
+            return fn()
+        future: Future = Future()
+        with self._lock:
+            if not self._thread.is_alive():
+                raise EngineClosed("the engine has stopped")
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        return future.result(timeout)
+
+    def snapshot(self) -> dict:
+        """Plain values for status pages: versions, reference counts, queue, cache."""
+        with self._lock:
+            return {"ready": self.ready, "champion": label(self._champion),
+                    "previous": label(self._previous) if self._previous else None,
+                    "loaded": {v: {"refs": a.refs, "slot": a.slot} for v, a in sorted(self._adapters.items())},
+                    "waiting": len(self._waiting), "running": len(self._running),
+                    "max_batch_size": self.max_batch_size, "batch_invariant": self.batch_invariant,
+                    "kv_cache": {"slots": self.cache.slots, "context": self.cache.context,
+                                 "used_tokens": sum(s.length for s in self._running)},
+                    "graph_captures": self.stepper.captures, "compiled_layers": self.stepper.compiled,
+                    "compilations": self.compilations(), "adapter_slots": self.adapter_slots}
+
+    def compilations(self) -> int:
+        """torch.compile graphs built so far (process-wide dynamo count; flat across swaps)."""
+        from daemon.engine import step
+
+        return step.compilations()
+
+    # -- decode thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._thread_id = threading.get_ident()
+        while True:
+            with self._lock:
+                if self._stop_thread:
+                    break
+                if not (self._waiting or self._running or self._commands):
+                    self._lock.wait(IDLE_TICK_SECONDS)
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # handed to the caller, who decides
+                        future.set_exception(e)
+            self._expire()
+            self._admit()
+            self._decode_step()
+            self._collect()
+        for seq in list(self._waiting) + list(self._running):
+            self._finish(seq, "cancelled")
+        with self._lock:
+            for fn, future in self._commands:
+                future.set_exception(EngineClosed("the engine has stopped"))
+            self._commands.clear()
+
+    def _expire(self) -> None:
+        now = self.clock()
+        with self._lock:
+            waiting = list(self._waiting)
+        for seq in waiting + list(self._running):
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+            elif now >= seq.deadline:
+                self._finish(seq, "timeout")
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots and prefill them (several prompts per forward)."""
+        admitted: list[_Sequence] = []
+        with self._lock:
+            budget = PREFILL_TOKEN_BUDGET
+            longest = 0
+            while self._waiting and len(self._running) < self.max_batch_size and not self._commands:
+                size = len(self._waiting[0].handle.prompt_ids)
+                width = max(longest, size)
+                if admitted and (width * (len(admitted) + 1) > budget or self.batch_invariant):
+                    break
+                seq = self._waiting.popleft()
+                seq.slot = len(self._running)
+                self._running.append(seq)
+                admitted.append(seq)
+                longest = width
+            if admitted:
+                self._gauges()
+        if admitted:
+            self._prefill(admitted)
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Prefill ``seqs`` (contiguous new slots), chunked when one prompt alone exceeds the budget."""
+        start = seqs[0].slot
+        t0 = time.perf_counter()
+        try:
+            while True:
+                chunks = []
+                for seq in seqs:
+                    prompt = seq.handle.prompt_ids
+                    piece, first = prompt[seq.length:seq.length + PREFILL_TOKEN_BUDGET], seq.length
+                    if not piece:  # done in an earlier chunk: its last token again, same position, same result
+                        piece, first = prompt[-1:], len(prompt) - 1
+                    chunks.append((piece, first, seq.lora_index))
+                logits, greedy, finite = self.stepper.prefill(chunks, start)
+                for seq, (piece, first, _) in zip(seqs, chunks):
+                    seq.length = first + len(piece)
+                if all(seq.length == len(seq.handle.prompt_ids) for seq in seqs):
+                    break
+        except Exception as e:  # these requests fail; the others and the server go on
+            log.exception("prefill failed")
+            for seq in seqs:
+                self._finish(seq, "error", f"prefill failed: {type(e).__name__}: {e}", clear=True)
+            return
+        if self.metrics is not None:
+            self.metrics.serve_prompt_tokens.inc(sum(s.length for s in seqs))
+            self.metrics.serve_prefill_seconds.observe(time.perf_counter() - t0)
+        self._sample_and_accept(seqs, logits, greedy, finite)
+        if self.metrics is not None:
+            for seq in seqs:
+                if seq.handle.first_token_at is not None:
+                    self.metrics.serve_ttft_seconds.observe(seq.handle.first_token_at - seq.handle.submitted_at)
+
+    def _decode_step(self) -> None:
+        rows = list(self._running)  # row i is cache slot i; every running row has its next token by now
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        shape = {"batch": self.cache.slots, "context": self.cache.context} if self.batch_invariant else {}
+        try:
+            logits, greedy, finite = self.stepper.decode([s.next_token for s in rows], [s.length for s in rows],
+                                                         [s.lora_index for s in rows], **shape)
+        except Exception as e:  # the forward itself broke: its rows fail, the server goes on
+            log.exception("decode step failed")
+            for seq in rows:
+                self._finish(seq, "error", f"decode step failed: {type(e).__name__}: {e}", clear=True)
+            return
+        for seq in rows:
+            seq.length += 1
+        self._sample_and_accept(rows, logits, greedy, finite)
+        if self.metrics is not None:
+            self.metrics.serve_decode_step_seconds.observe(time.perf_counter() - t0)
+            self.metrics.serve_batch_rows.observe(len(rows))
+            self.metrics.serve_kv_cache_used.set(sum(s.length for s in self._running))
+
+    def _sample_and_accept(self, seqs: list[_Sequence], logits: Any, greedy: Any, finite: Any) -> None:
+        """Sample each row's next token on the device; a row with non-finite logits ends alone."""
+        from daemon.engine import step
+
+        params = [s.handle.params for s in seqs]
+        uniform = [s.generator.random() if s.generator is not None else 0.0 for s in seqs]
+        try:
+            import torch
+
+            tokens = step.sample(logits, greedy, [p.temperature for p in params], [p.top_p for p in params],
+                                 uniform)
+            host = torch.stack([tokens, finite.to(tokens.dtype)]).cpu().tolist()
+        except Exception as e:  # sampling broke for the batch: its rows end, the server goes on
+            log.exception("sampling failed")
+            for seq in seqs:
+                self._finish(seq, "error", f"sampling failed: {type(e).__name__}: {e}")
+            return
+        with batched_events():
+            for seq, token, ok in zip(seqs, host[0], host[1]):
+                if not ok:
+                    self._finish(seq, "error", "the model produced non-finite logits for this request "
+                                               "(NaN or infinity); other requests are unaffected", clear=True)
+                else:
+                    self._accept(seq, int(token))
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        handle = seq.handle
+        if token in self.eos_ids:
+            self._finish(seq, "stop")
+            return
+        handle._token(token)
+        seq.next_token = token
+        if self.metrics is not None:
+            self.metrics.serve_generated_tokens.inc()
+        if len(handle.tokens) >= handle.params.max_tokens or seq.length + 1 >= self.max_context:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None, *, clear: bool = False) -> None:
+        """End a request and free its slot (decode thread only): the last running row moves into it."""
+        with self._lock:
+            if seq.slot is not None and seq.slot < len(self._running) and self._running[seq.slot] is seq:
+                slot = seq.slot
+                if clear:
+                    self.cache.clear(slot)
+                last = self._running.pop()
+                if last is not seq:
+                    self.cache.move(last.slot, slot, last.length)
+                    last.slot = slot
+                    self._running[slot] = last
+                seq.slot = None
+            elif seq in self._waiting:
+                self._waiting.remove(seq)
+            else:
+                return
+            version = seq.handle.version
+            if version is not None and version in self._adapters:
+                self._adapters[version].refs -= 1
+            self._gauges()
+        seq.handle._finish(reason, error)
+        if self.metrics is not None:
+            self.metrics.serve_finished.labels(reason=reason).inc()
+        if self.live is not None:
+            self.live.record(seq.handle.label, reason, seq.handle.ttft_seconds)
+
+    def _champion_changed(self, event: str, old: str | None, new: str | None) -> None:
+        for listener in self.champion_listeners:
+            try:
+                listener(event, old, new)
+            except Exception:  # a listener (the rollback watch) must never undo a finished swap
+                log.exception("champion listener failed", extra={"event": event})
+
+    def _collect(self) -> None:
+        with self._lock:
+            self._collect_locked()
+
+    def _collect_locked(self) -> None:
+        """Free the slots of versions that are neither champion nor previous and that no request holds."""
+        keep = {self._champion, self._previous, *self._staged}
+        idle = [v for v, a in self._adapters.items() if v not in keep and a.refs == 0]
+        for version in idle:
+            self._free_slots.append(self._adapters.pop(version).slot)
+            log.info("adapter unloaded", extra={"version": version})
+        if idle:
+            self._gauges()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.serve_queue_depth.set(len(self._waiting))
+            self.metrics.serve_active.set(len(self._running))
+            self.metrics.serve_batch_occupancy.set(len(self._running) / self.max_batch_size)
+            self.metrics.adapters_loaded.set(len(self._adapters))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
