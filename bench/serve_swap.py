@@ -95,7 +95,7 @@ def machine_info(args: argparse.Namespace) -> dict:
 
 def git_commit() -> dict:
     return {"commit": _common.commit(),
-            "serving_code_dirty": _common.dirty("daemon/engine.py", "daemon/server", "bench/serve_swap.py")}
+            "serving_code_dirty": _common.dirty("daemon/engine", "daemon/server", "bench/serve_swap.py")}
 
 
 def load() -> list[float]:

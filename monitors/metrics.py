@@ -24,7 +24,7 @@ class LoradMetrics:
         self.model_ready = Gauge("lorad_model_ready", "1 once the base model (and champion) is loaded", registry=r)
         self.model_load_seconds = Gauge("lorad_model_load_seconds", "time the last base-model load took", registry=r)
 
-        # Serving (daemon/engine.py, daemon/server/). Latency buckets span CPU (seconds) to GPU (milliseconds).
+        # Serving (daemon/engine/, daemon/server/). Latency buckets span CPU (seconds) to GPU (milliseconds).
         from prometheus_client import Histogram
 
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
