@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+COMMIT_ID = re.compile(r"[0-9a-f]{7,40}")   # a full or abbreviated git commit id (device runs carry the short one)
 
 # (file under bench/results, JSON path of the object naming the commit): why it breaks the rule.
 ALLOWED = {
@@ -61,7 +61,7 @@ def provenance_problems(obj, path: str = "$") -> list[tuple[str, str]]:
         if "commit" in obj and not isinstance(obj["commit"], (dict, list)):
             commit = obj["commit"]
             if not (isinstance(commit, str) and COMMIT_ID.fullmatch(commit)):
-                out.append((path, f"commit {str(commit)[:60]!r} is not a 40-hex commit id"))
+                out.append((path, f"commit {str(commit)[:60]!r} is not a git commit id"))
             elif obj.get("dirty") is not False:
                 out.append((path, f"dirty is {obj.get('dirty', 'missing')!r}, not false"))
         for key, value in obj.items():

@@ -2,11 +2,11 @@
 
 Map (arrows point down):
   api.py        what callers touch: errors (HTTP status each), SamplingParams, SwapResult, GenerationHandle
-  scheduler.py  Engine: submit/queue (429 beyond serve.max_queue), the decode thread, continuous batching:
+  scheduler.py  Engine and build_engine: submit/queue (429 beyond serve.max_queue), the decode thread, continuous batching:
                 admit waiting requests into free cache slots, prefill them together, then one decode
                 forward for every running row whatever version it is pinned to; a row that fails ends alone
   versions.py   champion pointer, preload into a LoRA slot, swap/activate/rollback, registry glue
-                (promote_and_swap, rollback_and_swap, build_engine)
+                (promote_and_swap, rollback_and_swap)
   step.py       the attention function (transformers' AttentionInterface) over the slot cache, prefill and
                 decode forwards, CUDA graphs per (batch, context) bucket, sampling on the device
   lora.py       SlotLoRA: every Linear of the decoder gets stacked A/B tables, one column block per adapter
@@ -28,8 +28,8 @@ torch, transformers and safetensors are imported inside functions: ``lorad --hel
 from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
                                GenerationHandle, InvalidRequest, QueueFull, SamplingParams, SwapResult,
                                UnknownModel, label)
-from daemon.engine.scheduler import Engine
-from daemon.engine.versions import build_engine, promote_and_swap, rollback_and_swap
+from daemon.engine.scheduler import Engine, build_engine
+from daemon.engine.versions import promote_and_swap, rollback_and_swap
 
 __all__ = ["BASE_LABEL", "CHAMPION_ALIASES", "AdapterUnavailable", "Engine", "EngineClosed", "EngineError",
            "GenerationHandle", "InvalidRequest", "QueueFull", "SamplingParams", "SwapResult", "UnknownModel",
