@@ -305,7 +305,8 @@ def compare_scores(items: list[dict], candidate: list[float], incumbent: list[fl
     """Candidate vs incumbent scores of one set, per metric and per category and metric.
 
     Returns:
-        {"metrics": {metric: cmp}, "categories": {category: {metric: cmp}}, "kinds": {kind: n}} where cmp is
+        {"metrics": {metric: cmp}, "categories": {category: {metric: cmp}}, "uncategorized": {metric: cmp}
+        (the records without a category), "kinds": {kind: n}} where cmp is
         {"candidate", "incumbent", "n", "drop" (incumbent - candidate), "ci95" (of the drop),
         "p_value" (bootstrap probability that the candidate is not worse; small = a significant drop)}.
     """
@@ -323,12 +324,11 @@ def compare_scores(items: list[dict], candidate: list[float], incumbent: list[fl
     for k, it in enumerate(items):
         metric = METRIC_OF_KIND[it["kind"]]
         by_metric.setdefault(metric, []).append(k)
-        if it["category"]:
-            by_cat.setdefault(it["category"], {}).setdefault(metric, []).append(k)
+        by_cat.setdefault(it["category"], {}).setdefault(metric, []).append(k)
         kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
     return {"metrics": {m: cmp(idx) for m, idx in sorted(by_metric.items())},
-            "categories": {c: {m: cmp(idx) for m, idx in sorted(ms.items())} for c, ms in sorted(by_cat.items())},
-            "kinds": kinds}
+            "categories": {c: {m: cmp(idx) for m, idx in sorted(ms.items())} for c, ms in sorted(by_cat.items()) if c},
+            "uncategorized": {m: cmp(idx) for m, idx in sorted(by_cat.get("", {}).items())}, "kinds": kinds}
 
 
 def category_losses(payloads: list[dict], candidate: list[float], incumbent: list[float]) -> dict:
