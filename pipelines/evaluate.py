@@ -196,12 +196,13 @@ def answer_items(payloads: list[dict], tokenizer: Any, max_seq_len: int, *, scor
 
     Records without an answer (text records, or a prompt longer than ``max_seq_len``) are left out.
     """
-    from pipelines.scoring import options_of, prompt_and_answer, record_kind
+    from pipelines.scoring import options_of, prompt_and_answer, record_kind, repeated_answers
 
     items = []
+    labels = repeated_answers(payloads)
     for p in payloads:
         category = str(p.get("category") or "")
-        kind = record_kind(p, score_kinds.get(category))
+        kind = record_kind(p, score_kinds.get(category), labels)
         if kind is None:
             continue
         ex = tokenize_record(p, tokenizer, max_seq_len)

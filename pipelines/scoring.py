@@ -2,7 +2,7 @@
 
 Pure Python (no model, no numpy), so every metric is tested with known answers:
 
-- *choice* records (a prompt listing options "A. ..", "B. .." and a one-letter answer): accuracy, the
+- *choice* records (a prompt listing options "A. ..", "B. .." up to "Z. .." and a one-letter answer): accuracy, the
   option with the highest log-likelihood being the model's answer (as lm-evaluation-harness scores
   multiple choice; the likelihoods come from pipelines/evaluate.py);
 - *label* records (a short answer: "正确", a class name): accuracy, exact match of the normalised
@@ -27,9 +27,10 @@ METRIC_OF_KIND = {"choice": "accuracy", "label": "accuracy", "extraction": "f1",
 METRICS = ("accuracy", "f1", "rouge_l")
 
 # Option lines: "A. text", "(B) text", "C、text", "D：text" at the start of a line.
-_OPTION = re.compile(r"^\s*[(（]?([A-H])[)）]?\s*[.．、:：)]\s*(\S.*)$", re.M)
-_LETTER = re.compile(r"(?<![A-Za-z])([A-H])(?![A-Za-z])")
+_OPTION = re.compile(r"^\s*[(（]?([A-Z])[)）]?\s*[.．、:：)]\s*(\S.*)$", re.M)
+_LETTER = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
 _ITEM_SPLIT = re.compile(r"[\n;；,，、|]+")
+_LIST_MARK = re.compile(r"[\n;；、|]")
 _SENTENCE_END = re.compile(r"[.!?。！？]\s*\S")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+")
@@ -47,10 +48,13 @@ def prompt_and_answer(payload: dict) -> tuple[list[dict], str] | None:
 
 
 def options_of(prompt: str) -> list[str]:
-    """The option letters a prompt lists ("A".."H", consecutive from A), or [] when it lists fewer than two."""
-    letters = [m.group(1) for m in _OPTION.finditer(prompt)]
+    """The option letters a prompt lists, consecutive from A (or from B: LawBench lost some A options), or []
+    when it lists fewer than two."""
+    letters = {m.group(1) for m in _OPTION.finditer(prompt)}
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    start = 0 if "A" in letters else 1
     out = []
-    for want in "ABCDEFGH":
+    for want in alphabet[start:]:
         if want not in letters:
             break
         out.append(want)
@@ -59,8 +63,8 @@ def options_of(prompt: str) -> list[str]:
 
 def _gold_letter(gold: str) -> str | None:
     """The option letter a gold answer is ("B", "(B)", "b."), or None."""
-    m = re.fullmatch(r"\s*[(（]?([A-Ha-h])[)）.．]?\s*", unicodedata.normalize("NFKC", gold))
-    return m.group(1).upper() if m else None
+    m = re.fullmatch(r"\s*[(（]?([A-Z])[)）.．]?\s*", unicodedata.normalize("NFKC", gold))
+    return m.group(1) if m else None
 
 
 def answer_letter(text: str) -> str | None:
@@ -69,11 +73,25 @@ def answer_letter(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def record_kind(payload: dict, override: str | None = None) -> str | None:
+def repeated_answers(payloads: list[dict]) -> set[str]:
+    """The normalised final answers that occur more than once in a set: class labels repeat, replies in a
+    conversation rarely do (``record_kind``'s ``labels``)."""
+    seen: dict[str, int] = {}
+    for p in payloads:
+        pa = prompt_and_answer(p)
+        if pa is not None:
+            key = normalize(pa[1])
+            seen[key] = seen.get(key, 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def record_kind(payload: dict, override: str | None = None, labels: set[str] | None = None) -> str | None:
     """How a record's answer is scored: one of KINDS, or None when it has no answer to score (text records).
 
     Args:
         override: a kind forced for the record's category (eval.score_kinds); "choice" still needs options.
+        labels: the answers that repeat in the record's set (``repeated_answers``); when given, a short answer
+            is a label only if it is one of them (so "hi there" in a chat set is free text, "positive" is not).
     """
     pa = prompt_and_answer(payload)
     if pa is None:
@@ -92,10 +110,13 @@ def record_kind(payload: dict, override: str | None = None) -> str | None:
     if _SENTENCE_END.search(answer):
         return "free"
     items = [s for s in (x.strip() for x in _ITEM_SPLIT.split(answer)) if s]
-    if len(items) >= 2 and all(len(tokens(s)) <= 8 for s in items):
+    # a list: spans separated by 、 ; | or lines, or at least three comma-separated ones ("yes, I am" is a reply)
+    listed = len(items) >= 3 or (len(items) == 2 and _LIST_MARK.search(answer.strip()) is not None)
+    if listed and all(len(tokens(s)) <= 8 for s in items):
         return "extraction"
     cjk = sum(1 for w in words if _CJK.fullmatch(w))
-    if len(words) - cjk <= 4 and cjk <= 8:   # a few words, or a short Chinese phrase
+    short = len(words) - cjk <= 4 and cjk <= 8   # a few words, or a short Chinese phrase
+    if short and (labels is None or normalize(answer) in labels):
         return "label"
     return "free"
 

@@ -22,10 +22,23 @@ MCQ = "下列哪项正确？\nA. 合同有效\nB. 合同无效\nC. 效力待定\
     (chat("What happens when a contract is void?", "A void contract has no legal effect. Neither party can "
                                                    "enforce it, and any performance may be restituted."), "free"),
     (chat("A. only one option\n", "A"), "label"),            # one option is not a choice
+    (chat("Which?\nB. two\nC. three\nD. four", "C"), "choice"),   # LawBench's rows that lost option A
     ({"text": "raw text has no answer"}, None),
 ])
 def test_record_kind(payload, kind):
     assert scoring.record_kind(payload) == kind
+
+
+def test_short_answers_are_labels_only_where_they_repeat_in_their_set():
+    chat_set = [chat("hello", "hi there"), chat("how are you", "fine thanks"), chat("bye", "see you")]
+    labels = scoring.repeated_answers(chat_set)
+    assert labels == set() and scoring.record_kind(chat_set[0], labels=labels) == "free"
+    cls = [chat("I loved it", "Positive"), chat("awful", "negative"), chat("great!", "positive.")]
+    labels = scoring.repeated_answers(cls)
+    assert labels == {"positive"}
+    assert [scoring.record_kind(p, labels=labels) for p in cls] == ["label", "free", "label"]
+    assert scoring.record_kind(chat("Are you a robot?", "Yes, I am")) == "label"     # a reply, not a list
+    assert scoring.record_kind(chat("Are you a robot?", "Yes, I am"), labels=set()) == "free"
 
 
 def test_kind_override_per_category():
