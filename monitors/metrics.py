@@ -98,7 +98,7 @@ class LoradMetrics:
         self.eval_loss = Gauge("lorad_eval_loss", "mean response loss of the last evaluation, by role and set",
                                ["role", "set"], registry=r)
         self.eval_score = Gauge("lorad_eval_score", "answer score of the last evaluation in [0, 1], by metric "
-                                "(accuracy | f1 | rouge_l), role (candidate | incumbent) and set (holdout or a "
+                                "(accuracy, f1, rouge_l), role (candidate, incumbent) and set (holdout or a "
                                 "regression set's name)", ["metric", "role", "set"], registry=r)
         self.records_parked = Counter("lorad_records_parked_total", "train records parked after promote.max_refusals "
                                       "refused candidates (no longer pending; `lorad status` lists them)", registry=r)
