@@ -285,13 +285,17 @@ class EvalConfig:
     latency_prompts: int = _f(8, "prompts used to measure time to first token", ge=0)
     task_metrics: bool = _f(True, "also score answers: accuracy (choice/label records), token F1 (extraction), "
                             "ROUGE-L (free text), each kind decided per record from its data")
-    answer_examples: int = _f(64, "examples per set whose answers are scored (a sample of the loss examples); "
+    answer_examples: int = _f(32, "examples per set whose answers are scored (a sample of the loss examples); "
                               "bounds the generation time", ge=1)
+    free_text_sets: str = _f("holdout", "where free-text answers are generated for ROUGE-L: holdout = the new-data "
+                             "holdout only (the regression sets keep their loss and their label/extraction "
+                             "scores; chat replies are the slowest answers to generate on a CPU), all, or none",
+                             choices=("holdout", "all", "none"))
     score_kinds: list = _f([], "per-category kind overrides as 'category=kind' (choice, label, extraction, free); "
                            "unlisted categories are decided per record", check=_check_map(SCORE_KINDS))
     label_new_tokens: int = _f(8, "new tokens generated for a label answer (greedy)", ge=1, le=512)
     extraction_new_tokens: int = _f(48, "new tokens generated for an extraction answer (greedy)", ge=1, le=2048)
-    free_new_tokens: int = _f(64, "new tokens generated for a free-text answer (greedy); ROUGE-L compares this "
+    free_new_tokens: int = _f(32, "new tokens generated for a free-text answer (greedy); ROUGE-L compares this "
                               "much with the reference", ge=1, le=4096)
 
 

@@ -88,7 +88,7 @@ def answer_options(cfg: Config) -> dict:
     e = cfg.eval
     return {"examples": e.answer_examples, "score_kinds": parse_category_map(e.score_kinds, SCORE_KINDS),
             "new_tokens": {"label": e.label_new_tokens, "extraction": e.extraction_new_tokens,
-                           "free": e.free_new_tokens}}
+                           "free": e.free_new_tokens}, "free_text_sets": e.free_text_sets}
 
 
 def read_answer_cache(path: Path, base_model: str) -> dict:

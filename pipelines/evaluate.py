@@ -366,7 +366,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
 
     Args:
         answers: score answers too: {"examples": per set, "score_kinds": {category: kind},
-            "new_tokens": {kind: n}}; None = losses only.
+            "new_tokens": {kind: n}[, "free_text_sets": "holdout" | "all" | "none"]}; None = losses only.
         answer_cache: the incumbent's answers from earlier evaluations (read and filled in place).
 
     Returns:
@@ -451,6 +451,9 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         for name, payloads in named.items():
             items = answer_items(payloads[:answers["examples"]], tokenizer, max_seq_len,
                                  score_kinds=answers.get("score_kinds") or {}, new_tokens=answers["new_tokens"])
+            free = answers.get("free_text_sets", "all")
+            if free == "none" or (free == "holdout" and name != "holdout"):
+                items = [it for it in items if it["kind"] != "free"]
             if not items:
                 continue
             with use("candidate"):
