@@ -90,6 +90,16 @@ def test_a_refused_candidates_records_join_the_next_run_and_are_parked_after_max
     assert status["n_parked"] == len(second.new) and status["parked"][0]["version"] == "v3"
     assert "2 refused candidates" in status["parked"][0]["reason"]
 
+    # `lorad status` says which records wait and why, and which are parked
+    from daemon.cli import _format_status
+    from daemon.config import build_config
+    from daemon.service import status_snapshot
+
+    text = _format_status(status_snapshot(build_config({"paths": {"state_dir": str(tmp_path / "state")}}), store))
+    assert f"waiting    {len(set(third.new) - set(second.new))} records of refused v3 join the next run: " \
+           "holdout accuracy collapsed" in text
+    assert f"parked     {len(second.new)} records" in text and "last: holdout accuracy collapsed" in text
+
     # a refused candidate promoted by hand afterwards: its records were learned after all
     store.add_event("promote", subject="v3", ok=True, reason="by hand")
     assert store.counts()["records_pending"] == 0
