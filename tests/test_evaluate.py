@@ -176,3 +176,17 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_llama_dir):
     batched = generate_answers(model, tok, prompts, [5, 5, 5], batch_size=8)
     single = [generate_answers(model, tok, [p], [5])[0] for p in prompts]
     assert batched == single and all(batched)
+
+
+def test_free_text_answers_only_on_the_holdout_by_default(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.evaluate import evaluate
+
+    cand = _adapter(tiny_llama_dir, tmp_path / "cand", 1)
+    answers = {"examples": 64, "new_tokens": {"label": 2, "extraction": 2, "free": 2}, "free_text_sets": "holdout"}
+    report = evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), _tokenizer(), candidate=cand,
+                      incumbent=None, holdout=_records(), regression={"chat": _records()[6:]}, max_examples=50,
+                      bootstrap_samples=50, latency_prompts=0, max_seq_len=128, answers=answers)
+    assert report["scores"]["holdout"]["kinds"]["free"] == 4
+    assert report["scores"]["chat"]["kinds"] == {"label": 4}     # the chat set keeps its label records only
