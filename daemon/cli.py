@@ -238,6 +238,11 @@ def _format_status(s: dict) -> str:
     c = s["counts"]
     lines.append(f"data       {c.get('files', 0)} files, {c.get('records', 0)} records, "
                  f"{c.get('records_pending', 0)} pending for training")
+    refused = s.get("refused_records") or {}
+    for w in refused.get("waiting") or []:
+        lines.append(f"waiting    {w['records']} records of refused {w['version']} join the next run: {w['reason']}")
+    for p in refused.get("parked") or []:
+        lines.append(f"parked     {p['records']} records ({ts(p['ts'])}): {p['reason']}")
     lines.append(f"adapters   {c.get('adapters', 0)}")
     d = s.get("last_drift")
     if d:
@@ -386,12 +391,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=2, default=str))
     else:
-        m = out["metrics"]
-        print(f"{'PROMOTE' if out['decision'] == 'promote' else 'REJECT'}: {out['reason']}")
-        print(f"  holdout loss  candidate {m['candidate']['holdout_loss']:.4f}  "
-              f"incumbent ({out['incumbent']}) {m['incumbent']['holdout_loss']:.4f}")
-        for name, r in out["tests"]["regression"].items():
-            print(f"  {name:<14} candidate {r['candidate_loss']:.4f}  incumbent {r['incumbent_loss']:.4f}")
+        from daemon.evaluation import format_summary
+
+        print(format_summary(out))
     return EXIT_OK
 
 

@@ -117,6 +117,34 @@ def parse_category_weights(items: typing.Sequence[str]) -> dict[str, float]:
     return out
 
 
+SCORE_KINDS = ("choice", "label", "extraction", "free")   # pipelines/scoring.py's KINDS
+PRIMARY_METRICS = ("loss", "accuracy", "f1", "rouge_l")
+
+
+def parse_category_map(items: typing.Sequence[str], allowed: typing.Sequence[str]) -> dict[str, str]:
+    """``["contract=f1"]`` -> {"contract": "f1"}; raises ValueError naming the bad item and what is allowed."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or value not in allowed:
+            raise ValueError(f"{item!r} must look like 'category=value' with a value in {', '.join(allowed)}")
+        if name in out:
+            raise ValueError(f"category {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+def _check_map(allowed: typing.Sequence[str]) -> typing.Callable[[list[str]], str | None]:
+    def check(value: list[str]) -> str | None:
+        try:
+            parse_category_map(value, allowed)
+        except ValueError as e:
+            return str(e)
+        return None
+    return check
+
+
 def _check_category_weights(value: list[str]) -> str | None:
     try:
         parse_category_weights(value)
@@ -255,6 +283,20 @@ class EvalConfig:
     regression_sets: list = _f(["chatterbot-en", "chatterbot-zh"],
                                "general sets that guard against forgetting (built-in names or JSONL paths)")
     latency_prompts: int = _f(8, "prompts used to measure time to first token", ge=0)
+    task_metrics: bool = _f(True, "also score answers: accuracy (choice/label records), token F1 (extraction), "
+                            "ROUGE-L (free text), each kind decided per record from its data")
+    answer_examples: int = _f(32, "examples per set whose answers are scored (a sample of the loss examples); "
+                              "bounds the generation time", ge=1)
+    free_text_sets: str = _f("holdout", "where free-text answers are generated for ROUGE-L: holdout = the new-data "
+                             "holdout only (the regression sets keep their loss and their label/extraction "
+                             "scores; chat replies are the slowest answers to generate on a CPU), all, or none",
+                             choices=("holdout", "all", "none"))
+    score_kinds: list = _f([], "per-category kind overrides as 'category=kind' (choice, label, extraction, free); "
+                           "unlisted categories are decided per record", check=_check_map(SCORE_KINDS))
+    label_new_tokens: int = _f(8, "new tokens generated for a label answer (greedy)", ge=1, le=512)
+    extraction_new_tokens: int = _f(48, "new tokens generated for an extraction answer (greedy)", ge=1, le=2048)
+    free_new_tokens: int = _f(32, "new tokens generated for a free-text answer (greedy); ROUGE-L compares this "
+                              "much with the reference", ge=1, le=4096)
 
 
 @dataclass(frozen=True)
@@ -270,6 +312,15 @@ class PromoteConfig:
                                    "base = the base model (right for general-ability sets such as the built-in "
                                    "chatterbot ones: never worse than the model lorad started from)",
                                    choices=("incumbent", "base"))
+    primary_metric: list = _f([], "per-category metric the gate guards as 'category=metric' (loss, accuracy, f1, "
+                              "rouge_l); unlisted categories guard accuracy (choice/label records) and f1 "
+                              "(extraction), loss only for free text", check=_check_map(PRIMARY_METRICS))
+    max_score_drop: float = _f(0.02, "a candidate whose accuracy/F1 on the holdout or a regression set (per category) "
+                               "is lower than the incumbent's by more than this (absolute) and significantly "
+                               "(eval.confidence) is refused, even when its loss improved", ge=0.0, lt=1.0)
+    max_refusals: int = _f(3, "a record whose candidate has been refused this many times is parked (no longer "
+                           "pending; `lorad status` lists it with the reasons); before that it joins the next run",
+                           ge=1)
     max_latency_ratio: float = _f(1.25, "candidate time-to-first-token may be at most this multiple of the champion "
                                         "adapter's (the first adapter is not compared with the bare base: any "
                                         "adapter adds its LoRA matmuls)", ge=1.0)

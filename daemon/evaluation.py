@@ -61,11 +61,16 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
         raise EvalError(f"{candidate} has no data snapshot (trained with `lorad train --data`); pass --holdout FILE")
     regression = {name: load_regression_set(name) for name in cfg.eval.regression_sets}
     model, tokenizer, _, _ = load_for("eval", cfg)
+    cache_path = Path(cfg.paths.state_dir) / "cache" / "eval-answers" / f"{inc_version or 'base'}.json"
+    cache = read_answer_cache(cache_path, cfg.model.base_model) if cfg.eval.task_metrics else None
     report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
                       regression=regression, max_examples=cfg.eval.max_examples,
                       bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,
                       max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
-                      regression_base=cfg.promote.regression_reference == "base")
+                      regression_base=cfg.promote.regression_reference == "base",
+                      answers=answer_options(cfg) if cfg.eval.task_metrics else None, answer_cache=cache)
+    if cache is not None:
+        write_answer_cache(cache_path, cfg.model.base_model, cache)
     decision = should_promote(report, cfg.promote, confidence=cfg.eval.confidence)
     summary = {k: v for k, v in report.items() if k != "per_example"}
     with store.transaction() as tx:
@@ -73,6 +78,41 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
                    (json.dumps({**summary, "decision": decision.ok, "reason": decision.reason}), candidate))
         store.add_event("eval", subject=candidate, ok=decision.ok, reason=decision.reason,
                         data={"incumbent": inc_version or "base", "code": decision.code}, db=tx)
+    return summarize(report, decision, candidate, inc_version)
+
+
+def answer_options(cfg: Config) -> dict:
+    """What ``pipelines.evaluate.evaluate`` needs to score answers, from the eval section."""
+    from daemon.config import SCORE_KINDS, parse_category_map
+
+    e = cfg.eval
+    return {"examples": e.answer_examples, "score_kinds": parse_category_map(e.score_kinds, SCORE_KINDS),
+            "new_tokens": {"label": e.label_new_tokens, "extraction": e.extraction_new_tokens,
+                           "free": e.free_new_tokens}, "free_text_sets": e.free_text_sets}
+
+
+def read_answer_cache(path: Path, base_model: str) -> dict:
+    """The incumbent's cached answers (empty when missing, unreadable or made with another base model)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return dict(doc.get("answers") or {}) if doc.get("base_model") == base_model else {}
+
+
+def write_answer_cache(path: Path, base_model: str, answers: dict, keep: int = 4) -> None:
+    """Write the incumbent's answers atomically; keep the ``keep`` newest caches (older incumbents')."""
+    from pipelines.files import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump({"base_model": base_model, "answers": answers}, f, ensure_ascii=False)
+    for old in sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def summarize(report: dict, decision, candidate: str, inc_version: str | None) -> dict:
+    """`lorad eval --json`: the decision, losses and answer scores per set (and per category), the tests."""
     h = report["holdout"]
     return {
         "decision": "promote" if decision.ok else "reject", "reason": decision.reason, "code": decision.code,
@@ -87,4 +127,45 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
         },
         "tests": {"holdout": {k: h[k] for k in ("n", "p_value", "mean_diff", "ci95")},
                   "regression": report["regression"], "latency": report.get("latency")},
+        "categories": {"holdout": h.get("categories") or {},
+                       **{n: r.get("categories") or {} for n, r in report["regression"].items()}},
+        "scores": report.get("scores") or {},
+        "seconds": {"loss": report.get("loss_seconds"), "answers": report.get("answer_seconds"),
+                    "total": report.get("seconds")},
     }
+
+
+def format_summary(out: dict) -> str:
+    """`lorad eval`'s text: the decision, then per set (and category) loss, perplexity and answer scores with
+    their 95 % intervals, candidate vs incumbent."""
+    import math
+
+    lines = [f"{'PROMOTE' if out['decision'] == 'promote' else 'REJECT'}: {out['reason']}",
+             f"{'set / category':<28} {'metric':<10} {'candidate':>10} {'incumbent':>10}  {'95 % CI of the change':<22} n"]
+
+    def row(name: str, metric: str, c: float, i: float, ci: list | None = None, n: int | None = None) -> None:
+        band = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and all(math.isfinite(x) for x in ci) else ""
+        lines.append(f"{name:<28} {metric:<10} {c:>10.4f} {i:>10.4f}  {band:<22} {n if n is not None else ''}")
+
+    t = out["tests"]
+    m = out["metrics"]
+    ci = t["holdout"]["ci95"]   # of the loss gain (incumbent - candidate): shown as the candidate's change
+    row("holdout", "loss", m["candidate"]["holdout_loss"], m["incumbent"]["holdout_loss"], [-ci[1], -ci[0]],
+        t["holdout"]["n"])
+    row("holdout", "perplexity", m["candidate"]["holdout_perplexity"], m["incumbent"]["holdout_perplexity"])
+    for name, r in t["regression"].items():
+        row(name, "loss", r["candidate_loss"], r["incumbent_loss"], None, r["n"])
+    for set_name, cats in out["categories"].items():
+        for cat, r in cats.items():
+            row(f"{set_name} / {cat}", "loss", r["candidate_loss"], r["incumbent_loss"], None, r["n"])
+    for set_name, sc in out["scores"].items():
+        groups = [(set_name, sc["metrics"])] + [(f"{set_name} / {c}", ms) for c, ms in sc["categories"].items()]
+        for name, ms in groups:
+            for metric, cmp in ms.items():
+                drop = cmp["ci95"]
+                row(name, metric, cmp["candidate"], cmp["incumbent"], [-drop[1], -drop[0]], cmp["n"])
+    secs = out.get("seconds") or {}
+    if secs.get("total") is not None:
+        lines.append(f"time: {secs['total']:.1f} s (losses {secs.get('loss') or 0:.1f} s, "
+                     f"answers {secs.get('answers') or 0:.1f} s)")
+    return "\n".join(lines)

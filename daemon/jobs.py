@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.drift_check import reference_payloads
-from daemon.runs import (JobError, create_run, fail_run, finish_run, interrupt_run, job_config, last_step,
-                         last_train_created, latest_succeeded_run, mark_running, pending_payloads, record_progress,
-                         resumable_runs, runs_dir)
+from daemon.runs import (JobError, create_run, fail_run, finish_run, hold_refused, interrupt_run, job_config,
+                         last_step, last_train_created, latest_succeeded_run, mark_running, pending_payloads,
+                         record_progress, resumable_runs, runs_dir)
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
 
@@ -39,6 +39,19 @@ def publish_step(metrics: Any, step: dict) -> None:
     for kind in ("allocated", "reserved"):   # present when the run trains on a GPU
         if f"gpu_peak_{kind}_bytes" in step:
             metrics.training_gpu_peak.labels(kind).set(step[f"gpu_peak_{kind}_bytes"])
+
+
+def publish_eval(metrics: Any, report: dict) -> None:
+    """Set the evaluation gauges from `lorad eval --json`: losses per set, answer scores per metric and set."""
+    for role in ("candidate", "incumbent"):
+        for key, value in report["metrics"][role].items():
+            if key.endswith("_loss") and value is not None:
+                metrics.eval_loss.labels(role, key[:-len("_loss")]).set(value)
+    for set_name, scores in (report.get("scores") or {}).items():
+        for metric, cmp in scores["metrics"].items():
+            for role in ("candidate", "incumbent"):
+                if cmp.get(role) is not None:
+                    metrics.eval_score.labels(metric, role, set_name).set(cmp[role])
 
 
 def write_job_config(cfg: Config, folder: Path) -> Path:
@@ -367,13 +380,14 @@ class JobRunner:
             self.store.add_event("eval", subject=version, ok=False, reason=reason)
             return {"trained": True, "version": version, "promoted": False, "reason": reason}
         report = json.loads(res.stdout)
-        for role in ("candidate", "incumbent"):
-            for key, value in report["metrics"][role].items():
-                if key.endswith("_loss") and value is not None:
-                    m.eval_loss.labels(role, key[:-len("_loss")]).set(value)
+        publish_eval(m, report)
         if report["decision"] != "promote":
             m.promotion_rejections.labels(report.get("code", "rejected")).inc()
-            return {"trained": True, "version": version, "promoted": False, "reason": report["reason"]}
+            held = hold_refused(self.store, version, report["reason"], max_refusals=self.cfg.promote.max_refusals)
+            m.records_pending.set(self.store.counts()["records_pending"])
+            m.records_parked.inc(len(held["parked"]))
+            return {"trained": True, "version": version, "promoted": False, "reason": report["reason"],
+                    "records_waiting": len(held["waiting"]), "records_parked": len(held["parked"])}
         if not self.cfg.promote.auto_promote:
             self.store.add_event("promote", subject=version, ok=False,
                                  reason="gate passed; waiting for manual promotion (promote.auto_promote = false)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from daemon.config import PromoteConfig, ScheduleConfig
+from daemon.config import PRIMARY_METRICS, PromoteConfig, ScheduleConfig, parse_category_map
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
             ``regression = {set_name: {"candidate_loss", "incumbent_loss", "n"[, "base_loss"]}}``, compared
             with ``base_loss`` when ``promote.regression_reference`` is "base" and the report has it;
             ``latency = {"candidate_ttft_s", "incumbent_ttft_s"[, "incumbent": "base"|"adapter"]}``
-            (optional; an incumbent "base" is the bare base model, which no adapter is compared with).
+            (optional; an incumbent "base" is the bare base model, which no adapter is compared with);
+            ``scores = {set_name: {"categories": {category: {metric: cmp}}, "uncategorized": {metric: cmp}}}``
+            (optional) with cmp ``{"candidate", "incumbent", "n", "p_value"}``: see ``answer_score_drop``.
         confidence: eval.confidence; the holdout p-value must be <= 1 - confidence.
     """
     holdout = report.get("holdout") or {}
@@ -108,6 +110,9 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
             return Decision(False, f"regression set {name} loss {change * 100:+.1f} % vs the "
                                    f"{'base model' if use_base else 'incumbent'} > "
                                    f"{cfg.regression_tolerance * 100:.0f} % tolerance", "regression")
+    dropped = answer_score_drop(report.get("scores") or {}, cfg, confidence=confidence)
+    if dropped is not None:
+        return dropped
     lat = report.get("latency") or {}
     ct, it = lat.get("candidate_ttft_s"), lat.get("incumbent_ttft_s")
     slower = ct is not None and it and ct / it > cfg.max_latency_ratio and ct * 1000 > cfg.latency_floor_ms
@@ -124,6 +129,37 @@ def should_promote(report: Mapping[str, Any], cfg: PromoteConfig, *, confidence:
             f"(the LoRA path's cost, not gated)" if slower else "")
     return Decision(True, f"holdout loss {cand:.4f} vs {inc:.4f} ({-gain * 100:+.1f} %, p = {_fmt_p(p)}), "
                           f"no regression beyond {cfg.regression_tolerance * 100:.0f} %{note}", "better")
+
+
+GUARDED_BY_DEFAULT = ("accuracy", "f1")   # ROUGE-L is reported; loss already guards free text
+
+
+def answer_score_drop(scores: Mapping[str, Any], cfg: PromoteConfig, *, confidence: float) -> Decision | None:
+    """A refusal when a guarded answer score dropped significantly on some set and category, else None.
+
+    Each category guards its ``promote.primary_metric`` (accuracy and F1 when unlisted, nothing for "loss");
+    records without a category guard accuracy and F1. A drop counts when the incumbent's mean exceeds the
+    candidate's by more than ``promote.max_score_drop`` and the paired bootstrap's ``p_value`` (the probability
+    that the candidate is not worse) is <= 1 - confidence. The first such drop (by set, then category) is named.
+    """
+    primary = parse_category_map(cfg.primary_metric, PRIMARY_METRICS)
+    for set_name, s in sorted(scores.items()):
+        groups = [(c, m, primary.get(c)) for c, m in sorted((s.get("categories") or {}).items())]
+        groups.append(("", s.get("uncategorized") or {}, None))
+        for category, metrics, chosen in groups:
+            guarded = (chosen,) if chosen else GUARDED_BY_DEFAULT
+            for metric in guarded:
+                cmp = metrics.get(metric)
+                if not cmp or not cmp.get("n"):
+                    continue
+                c, i, p = cmp["candidate"], cmp["incumbent"], cmp.get("p_value", 1.0)
+                if _finite(c) and _finite(i) and i - c > cfg.max_score_drop and p <= 1 - confidence:
+                    where = f"{set_name}" + (f" category {category}" if category else "")
+                    return Decision(False, f"{where} {metric} {c:.3f} vs incumbent {i:.3f} ({(c - i) * 100:+.1f} "
+                                           f"points, p = {_fmt_p(p)}, n = {cmp['n']}): a significant drop of more "
+                                           f"than promote.max_score_drop {cfg.max_score_drop:g}, whatever the loss "
+                                           f"says", "answer_drop")
+    return None
 
 
 def should_rollback(*, seconds_since_promotion: float, requests: int, errors: int,

@@ -2,8 +2,11 @@
 
 Snapshots. The choice of a snapshot's records is pure (``pipelines.data.select_snapshot``); this module
 reads its inputs and writes the result, each in one transaction. A record is *pending* for a role while no
-live snapshot holds it in that role; a snapshot whose every training run failed is not live: its records
-were never learned and become pending again. ``pending_sql`` is the one query that says so.
+live snapshot holds it in that role. A snapshot is not live when its every training run failed, or when the
+gate refused its every candidate (and none was promoted by hand): its records were never learned and become
+pending again, to join the next run. A train record refused ``promote.max_refusals`` times is *parked*: a
+``park`` event names it with the reasons, and it is pending no more. ``pending_sql`` is the one query that
+says all this.
 
 Runs. A run is recorded before it starts (``runs`` row, status ``running``, with its pid) and after it
 ends (``succeeded`` + adapter version, or ``failed`` + reason), each in one transaction. The
@@ -39,18 +42,23 @@ log = logging.getLogger("lorad.jobs")
 # Snapshots whose every training run failed give their records back: those records were never learned.
 FAILED_SNAPSHOTS = ("SELECT snapshot_id FROM runs WHERE snapshot_id IS NOT NULL GROUP BY snapshot_id "
                     "HAVING SUM(status != 'failed') = 0")
+# Snapshots whose every candidate the gate refused, none of them promoted since (by hand): not learned either.
+REFUSED_SNAPSHOTS = ("SELECT a.snapshot_id FROM adapters a WHERE a.snapshot_id IS NOT NULL GROUP BY a.snapshot_id "
+                     "HAVING SUM(json_extract(a.eval_report, '$.decision') = 0 AND NOT EXISTS (SELECT 1 FROM events e "
+                     "WHERE e.kind = 'promote' AND e.ok = 1 AND e.subject = a.version)) = COUNT(*)")
 _IN_LIVE_SNAPSHOT = ("EXISTS (SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = ? "
-                     f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS}))")
+                     f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS}) AND s.snapshot_id NOT IN ({REFUSED_SNAPSHOTS}))")
+PARKED_RECORDS = "SELECT j.value FROM events e, json_each(e.data, '$.record_ids') j WHERE e.kind = 'park'"
 
 
 def pending_sql(columns: str, *, split: str = "train", role: str = "new", since: float | None = None,
                 limit: int | None = None) -> tuple[str, tuple]:
     """SQL and parameters: ``columns`` (over ``records r``) of the ``split`` records no live snapshot holds
-    as ``role``, by id. The default asks which train records are not learned yet; ``since`` keeps only
-    records ingested at or after that time."""
+    as ``role`` and that are not parked, by id. The default asks which train records are not learned yet;
+    ``since`` keeps only records ingested at or after that time."""
     since_sql, since_args = ("AND r.ingested_at >= ? ", (since,)) if since is not None else ("", ())
     sql = (f"SELECT {columns} FROM records r WHERE r.split = ? {since_sql}AND NOT {_IN_LIVE_SNAPSHOT} "
-           "ORDER BY r.id" + (f" LIMIT {int(limit)}" if limit else ""))
+           f"AND r.id NOT IN ({PARKED_RECORDS}) ORDER BY r.id" + (f" LIMIT {int(limit)}" if limit else ""))
     return sql, (split, *since_args, role)
 
 
@@ -161,6 +169,65 @@ def snapshot_payloads(store: Store, snapshot_id: str, roles: Sequence[str] = ("n
         if row[3] is not None:  # rides along into the run's data.jsonl, for train.category_weights
             payload["category"] = row[3]
         yield row[0], row[1], payload
+
+
+def hold_refused(store: Store, version: str, reason: str, *, max_refusals: int) -> dict:
+    """After the gate refused ``version``: its snapshot's new records stay pending for the next run, and those
+    now refused ``max_refusals`` times are parked; both are recorded as events ('records', 'park').
+
+    Returns:
+        {"waiting": [record ids], "parked": [record ids], "reasons": the refusal reasons of the parked records}.
+    """
+    with store.transaction() as tx:
+        row = tx.execute("SELECT snapshot_id FROM adapters WHERE version = ?", (version,)).fetchone()
+        if row is None or row[0] is None:
+            return {"waiting": [], "parked": [], "reasons": []}
+        counts = tx.execute(
+            "SELECT s.record_id, COUNT(DISTINCT o.snapshot_id) FROM snapshot_records s JOIN snapshot_records o "
+            f"ON o.record_id = s.record_id AND o.role = 'new' AND o.snapshot_id IN ({REFUSED_SNAPSHOTS}) "
+            f"WHERE s.snapshot_id = ? AND s.role = 'new' AND s.record_id NOT IN ({PARKED_RECORDS}) "
+            "GROUP BY s.record_id ORDER BY s.record_id", (row[0],)).fetchall()
+        parked = [rid for rid, n in counts if n >= max_refusals]
+        waiting = [rid for rid, n in counts if n < max_refusals]
+        reasons = [r[0] for r in tx.execute(
+            "SELECT DISTINCT json_extract(a.eval_report, '$.reason') FROM adapters a WHERE a.snapshot_id IN "
+            f"(SELECT snapshot_id FROM snapshot_records WHERE role = 'new' AND record_id IN "
+            f"({','.join(map(str, parked)) or 'NULL'})) AND a.snapshot_id IN ({REFUSED_SNAPSHOTS}) "
+            "ORDER BY a.created_at")] if parked else []
+        if waiting:
+            store.add_event("records", subject=version, ok=False, db=tx,
+                            reason=f"{len(waiting)} new records stay pending: the gate refused {version} ({reason}); "
+                                   f"they join the next run",
+                            data={"record_ids": waiting, "snapshot_id": row[0], "refusal": reason})
+        if parked:
+            store.add_event("park", subject=version, ok=False, db=tx,
+                            reason=f"{len(parked)} records parked after {max_refusals} refused candidates "
+                                   f"(promote.max_refusals); last: {reason}",
+                            data={"record_ids": parked, "snapshot_id": row[0], "reasons": reasons})
+    return {"waiting": waiting, "parked": parked, "reasons": reasons}
+
+
+def refused_records(store: Store) -> dict:
+    """Which records wait after a refusal and which are parked, for `lorad status`.
+
+    Returns:
+        {"waiting": [{"version", "records", "reason"}] (refused candidates whose new records are pending
+        again), "parked": [{"version", "records", "reason", "ts"}], "n_waiting", "n_parked"}.
+    """
+    pending = {r[0] for r in store.query(*pending_sql("r.id"))}
+    waiting = []
+    for a in store.query("SELECT a.version, a.snapshot_id, json_extract(a.eval_report, '$.reason') AS reason "
+                         f"FROM adapters a WHERE a.snapshot_id IN ({REFUSED_SNAPSHOTS}) ORDER BY a.created_at"):
+        held = {r[0] for r in store.query("SELECT record_id FROM snapshot_records WHERE snapshot_id = ? "
+                                          "AND role = 'new'", (a["snapshot_id"],))} & pending
+        if held:
+            waiting.append({"version": a["version"], "records": len(held), "reason": a["reason"]})
+    parked = [{"version": e["subject"], "records": len(e["data"].get("record_ids") or []), "reason": e["reason"],
+               "ts": e["ts"]} for e in store.events(limit=1000, kind="park")]
+    n_waiting = len(pending & {r[0] for r in store.query(
+        f"SELECT record_id FROM snapshot_records WHERE role = 'new' AND snapshot_id IN ({REFUSED_SNAPSHOTS})")})
+    return {"waiting": waiting, "parked": parked, "n_waiting": n_waiting,
+            "n_parked": store.query_one(f"SELECT COUNT(DISTINCT value) FROM ({PARKED_RECORDS})")[0]}
 
 
 # ----------------------------------------------------------------------------- runs

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from daemon.config import Config
-from daemon.runs import recover_runs
+from daemon.runs import recover_runs, refused_records
 from daemon.store import Store, ensure_state_dir, open_store
 
 log = logging.getLogger("lorad.daemon")
@@ -117,6 +117,7 @@ def status_snapshot(cfg: Config, store: Store | None, *, daemon_info: dict | Non
         "created_at": adapter["created_at"] if adapter else None,
     } if champion else None
     out["counts"] = store.counts()
+    out["refused_records"] = refused_records(store)   # records that wait after a refusal, and parked ones
     now = time.time()
     runs = []
     for r in store.query("SELECT id, kind, status, trigger, step, total_steps, started_at, reason FROM runs "

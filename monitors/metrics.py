@@ -110,6 +110,11 @@ class LoradMetrics:
                                          "when the last training run started (0 = never)", registry=r)
         self.eval_loss = Gauge("lorad_eval_loss", "mean response loss of the last evaluation, by role and set",
                                ["role", "set"], registry=r)
+        self.eval_score = Gauge("lorad_eval_score", "answer score of the last evaluation in [0, 1], by metric "
+                                "(accuracy, f1, rouge_l), role (candidate, incumbent) and set (holdout or a "
+                                "regression set's name)", ["metric", "role", "set"], registry=r)
+        self.records_parked = Counter("lorad_records_parked_total", "train records parked after promote.max_refusals "
+                                      "refused candidates (no longer pending; `lorad status` lists them)", registry=r)
         self.promotions = Counter("lorad_promotions_total", "promotions by reason code", ["reason"], registry=r)
         self.promotion_rejections = Counter("lorad_promotion_rejections_total", "candidates refused by reason code",
                                             ["reason"], registry=r)
@@ -136,6 +141,8 @@ class LoradMetrics:
         self.rollbacks.labels("none")
         for role in ("candidate", "incumbent"):
             self.eval_loss.labels(role, "holdout").set(float("nan"))
+            for metric in ("accuracy", "f1"):
+                self.eval_score.labels(metric, role, "holdout").set(float("nan"))
         self.set_champion(None)
         for result in ("ok", "failed"):
             self.adapter_swaps.labels(result)

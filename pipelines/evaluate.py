@@ -2,12 +2,15 @@
 
 The base model is loaded once; the candidate and the incumbent are named PEFT adapters on it
 (the incumbent may be the bare base model). Every example is scored by both, so the comparison
-is paired: the bootstrap resamples examples, not models. The report feeds
-``daemon.policy.should_promote``.
+is paired: the bootstrap resamples examples, not models. Besides the loss, a sample of each set is
+scored on its answers (pipelines/scoring.py decides each record's kind: accuracy by the options'
+log-likelihood or the generated label, token F1, ROUGE-L), per set and per category. The report
+feeds ``daemon.policy.should_promote``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -172,6 +175,173 @@ def time_to_first_token(model: Any, tokenizer: Any, prompts: list[list[int]], *,
     return times[len(times) // 2]
 
 
+# ----------------------------------------------------------------------------- answers
+
+
+def _last_answer_start(labels: list[int]) -> int | None:
+    """Index of the first token of the last labelled run (the last assistant turn), or None."""
+    start = None
+    for k in range(len(labels) - 1, -1, -1):
+        if labels[k] != IGNORE_INDEX:
+            start = k
+        elif start is not None:
+            break
+    return start
+
+
+def answer_items(payloads: list[dict], tokenizer: Any, max_seq_len: int, *, score_kinds: dict[str, str],
+                 new_tokens: dict[str, int]) -> list[dict]:
+    """What scoring the answers of ``payloads`` needs: kind, category, prompt ids, gold answer, and for
+    choice records one tokenized example per option (the last answer replaced by the option's letter).
+
+    Records without an answer (text records, or a prompt longer than ``max_seq_len``) are left out.
+    """
+    from pipelines.scoring import options_of, prompt_and_answer, record_kind, repeated_answers
+
+    items = []
+    labels = repeated_answers(payloads)
+    for p in payloads:
+        category = str(p.get("category") or "")
+        kind = record_kind(p, score_kinds.get(category), labels)
+        if kind is None:
+            continue
+        ex = tokenize_record(p, tokenizer, max_seq_len)
+        start = _last_answer_start(ex["labels"])
+        if not start:
+            continue
+        prompt, gold = prompt_and_answer(p)
+        item = {"kind": kind, "category": category, "gold": gold, "prompt_ids": ex["input_ids"][:start],
+                "new_tokens": new_tokens.get(kind, 1)}
+        if kind == "choice":
+            letters = options_of("\n".join(str(m.get("content") or "") for m in prompt))
+            item["options"] = {}
+            for letter in letters:
+                messages = [*prompt, {"role": "assistant", "content": letter}]
+                item["options"][letter] = tokenize_record({"messages": messages}, tokenizer, max_seq_len)
+        items.append(item)
+    return items
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: list[int], *,
+                     batch_size: int = 16, batch_tokens: int = 0, pad_id: int = 0,
+                     autocast: str | None = None) -> list[str]:
+    """Greedy answers to token-id prompts, in input order: left-padded batches of similar length and the same
+    token budget, each stopping when every row has ended (EOS) or spent its ``new_tokens``."""
+    import contextlib
+
+    import torch
+
+    device = next(model.parameters()).device
+    out = [""] * len(prompts)
+    cast = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast
+            else contextlib.nullcontext())
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(new_tokens):
+        groups.setdefault(n, []).append(i)
+    model.eval()
+    with torch.inference_mode(), cast:
+        for budget, members in sorted(groups.items()):
+            lengths = [len(prompts[i]) + budget for i in members]
+            for batch in _length_batches(lengths, batch_size, batch_tokens):
+                rows = [prompts[members[j]] for j in batch]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for k, r in enumerate(rows):   # left padding: every row's answer starts at the same column
+                    ids[k, width - len(r):] = torch.tensor(r)
+                    mask[k, width - len(r):] = 1
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=budget, pad_token_id=pad_id, num_beams=1)
+                for k, j in enumerate(batch):
+                    out[members[j]] = tokenizer.decode(gen[k, width:], skip_special_tokens=True)
+    return out
+
+
+def _key(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def score_answers(model: Any, tokenizer: Any, items: list[dict], *, cache: dict | None = None,
+                  loss_kw: dict, gen_kw: dict) -> list[float]:
+    """Each item's score in [0, 1]: choice records by the option with the highest log-likelihood, the
+    others on their greedy answer. ``cache`` (the incumbent's: answers keyed by prompt and budget) is read
+    and filled, so an unchanged incumbent's answers on an unchanged set are generated once."""
+    from pipelines.scoring import choose_option, score_answer
+
+    cache = {} if cache is None else cache
+    answers: dict[int, str] = {}
+    todo_gen = []
+    todo_choice = []
+    for i, it in enumerate(items):
+        key = _key(it["kind"], it["prompt_ids"], it["new_tokens"],
+                   {k: v["input_ids"] for k, v in (it.get("options") or {}).items()})
+        it["_key"] = key
+        if key in cache:
+            answers[i] = cache[key]
+        elif it["kind"] == "choice":
+            todo_choice.append(i)
+        else:
+            todo_gen.append(i)
+    if todo_choice:
+        flat = [(i, letter, ex) for i in todo_choice for letter, ex in items[i]["options"].items()]
+        losses = example_losses(model, [ex for _, _, ex in flat], **loss_kw)
+        ll: dict[int, dict[str, float]] = {}
+        for (i, letter, ex), loss in zip(flat, losses):
+            count = sum(1 for lab in ex["labels"][1:] if lab != IGNORE_INDEX)
+            ll.setdefault(i, {})[letter] = -loss * count if math.isfinite(loss) else -math.inf
+        for i in todo_choice:
+            answers[i] = cache[items[i]["_key"]] = choose_option(ll[i])
+    if todo_gen:
+        texts = generate_answers(model, tokenizer, [items[i]["prompt_ids"] for i in todo_gen],
+                                 [items[i]["new_tokens"] for i in todo_gen], **gen_kw)
+        for i, text in zip(todo_gen, texts):
+            answers[i] = cache[items[i]["_key"]] = text
+    return [score_answer(it["kind"], answers[i], it["gold"]) for i, it in enumerate(items)]
+
+
+def compare_scores(items: list[dict], candidate: list[float], incumbent: list[float], *,
+                   samples: int, seed: int) -> dict:
+    """Candidate vs incumbent scores of one set, per metric and per category and metric.
+
+    Returns:
+        {"metrics": {metric: cmp}, "categories": {category: {metric: cmp}}, "uncategorized": {metric: cmp}
+        (the records without a category), "kinds": {kind: n}} where cmp is
+        {"candidate", "incumbent", "n", "drop" (incumbent - candidate), "ci95" (of the drop),
+        "p_value" (bootstrap probability that the candidate is not worse; small = a significant drop)}.
+    """
+    from pipelines.scoring import METRIC_OF_KIND
+
+    def cmp(idx: list[int]) -> dict:
+        c, i = [candidate[k] for k in idx], [incumbent[k] for k in idx]
+        test = paired_bootstrap(c, i, samples=samples, seed=seed)
+        return {"candidate": _mean(c), "incumbent": _mean(i), "n": len(idx), "drop": test["mean_diff"],
+                "ci95": [test["ci_low"], test["ci_high"]], "p_value": test["p_value"]}
+
+    by_metric: dict[str, list[int]] = {}
+    by_cat: dict[str, dict[str, list[int]]] = {}
+    kinds: dict[str, int] = {}
+    for k, it in enumerate(items):
+        metric = METRIC_OF_KIND[it["kind"]]
+        by_metric.setdefault(metric, []).append(k)
+        by_cat.setdefault(it["category"], {}).setdefault(metric, []).append(k)
+        kinds[it["kind"]] = kinds.get(it["kind"], 0) + 1
+    return {"metrics": {m: cmp(idx) for m, idx in sorted(by_metric.items())},
+            "categories": {c: {m: cmp(idx) for m, idx in sorted(ms.items())} for c, ms in sorted(by_cat.items()) if c},
+            "uncategorized": {m: cmp(idx) for m, idx in sorted(by_cat.get("", {}).items())}, "kinds": kinds}
+
+
+def category_losses(payloads: list[dict], candidate: list[float], incumbent: list[float]) -> dict:
+    """{category: {"candidate_loss", "incumbent_loss", "n"}} over the examples that have a category."""
+    groups: dict[str, list[int]] = {}
+    for k, p in enumerate(payloads):
+        if p.get("category"):
+            groups.setdefault(str(p["category"]), []).append(k)
+    return {c: {"candidate_loss": _mean(candidate[k] for k in idx), "incumbent_loss": _mean(incumbent[k] for k in idx),
+                "n": len(idx)} for c, idx in sorted(groups.items())}
+
+
 # ----------------------------------------------------------------------------- the comparison
 
 
@@ -190,26 +360,34 @@ def _sample(payloads: list[dict], k: int, seed: int) -> list[dict]:
 
 def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | None, holdout: list[dict],
              regression: dict[str, list[dict]], max_examples: int = 200, bootstrap_samples: int = 1000,
-             latency_prompts: int = 8, max_seq_len: int = 1024, seed: int = 0, regression_base: bool = False) -> dict:
+             latency_prompts: int = 8, max_seq_len: int = 1024, seed: int = 0, regression_base: bool = False,
+             answers: dict | None = None, answer_cache: dict | None = None) -> dict:
     """Score candidate and incumbent (None = the base model) on the holdout and every regression set.
 
+    Args:
+        answers: score answers too: {"examples": per set, "score_kinds": {category: kind},
+            "new_tokens": {kind: n}[, "free_text_sets": "holdout" | "all" | "none"]}; None = losses only.
+        answer_cache: the incumbent's answers from earlier evaluations (read and filled in place).
+
     Returns:
-        An EvalReport dict: ``holdout`` {candidate_loss, incumbent_loss, p_value, n, ci...},
-        ``regression`` {name: {candidate_loss, incumbent_loss, n, base_loss}} (``base_loss``: the base model's,
-        with ``regression_base`` or when the incumbent is the base), ``latency`` {candidate_ttft_s, incumbent_ttft_s},
-        and ``per_example`` losses for the holdout.
+        An EvalReport dict: ``holdout`` {candidate_loss, incumbent_loss, p_value, n, ci..., categories},
+        ``regression`` {name: {candidate_loss, incumbent_loss, n, categories[, base_loss]}} (``base_loss``: the
+        base model's, with ``regression_base`` or when the incumbent is the base), ``scores`` {set: answer
+        scores (``compare_scores``)} with ``answers``, ``latency`` {candidate_ttft_s, incumbent_ttft_s},
+        ``per_example`` losses for the holdout, and the seconds spent on losses and on answers.
     """
     from peft import PeftModel
 
-    def tokenize(payloads: list[dict]) -> list[dict]:
-        out = []
+    def tokenize(payloads: list[dict]) -> tuple[list[dict], list[dict]]:
+        kept, out = [], []
         for p in payloads:
             ex = tokenize_record(p, tokenizer, max_seq_len)
             if ex is not None and any(lab != IGNORE_INDEX for lab in ex["labels"][1:]):
+                kept.append(p)
                 out.append(ex)
-        return out
+        return kept, out
 
-    holdout_ex = tokenize(_sample(holdout, max_examples, seed))
+    holdout_p, holdout_ex = tokenize(_sample(holdout, max_examples, seed))
     if not holdout_ex:
         raise EvalError("the new-data holdout is empty: nothing to judge the candidate on")
     sets = {name: tokenize(_sample(p, max_examples, seed)) for name, p in regression.items()}
@@ -229,11 +407,16 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
 
         kw.update(batch_size=64, batch_tokens=8192, autocast=cpu_autocast(model))
 
-    def score(which: str, examples: list[dict]) -> list[float]:
+    def use(which: str):
+        import contextlib
+
         if which == "candidate" or (which == "incumbent" and incumbent is not None):
             peft_model.set_adapter(which)
-            return example_losses(peft_model, examples, **kw)
-        with peft_model.disable_adapter():
+            return contextlib.nullcontext()
+        return peft_model.disable_adapter()
+
+    def score(which: str, examples: list[dict]) -> list[float]:
+        with use(which):
             return example_losses(peft_model, examples, **kw)
 
     t0 = time.perf_counter()
@@ -243,32 +426,61 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         "holdout": {"candidate_loss": _mean(cand_h), "incumbent_loss": _mean(inc_h), "n": test["n"],
                     "p_value": test["p_value"], "mean_diff": test["mean_diff"],
                     "ci95": [test["ci_low"], test["ci_high"]],
-                    "candidate_perplexity": math.exp(_mean(cand_h)), "incumbent_perplexity": math.exp(_mean(inc_h))},
+                    "candidate_perplexity": math.exp(_mean(cand_h)), "incumbent_perplexity": math.exp(_mean(inc_h)),
+                    "categories": category_losses(holdout_p, cand_h, inc_h)},
         "regression": {},
         "per_example": {"candidate": cand_h, "incumbent": inc_h},
     }
-    for name, examples in sets.items():
+    for name, (payloads, examples) in sets.items():
         if examples:
             c, i = score("candidate", examples), score("incumbent", examples)
-            report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i), "n": len(examples)}
+            r = report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i),
+                                              "n": len(examples), "candidate_perplexity": math.exp(_mean(c)),
+                                              "incumbent_perplexity": math.exp(_mean(i)),
+                                              "categories": category_losses(payloads, c, i)}
             if incumbent is None:
-                report["regression"][name]["base_loss"] = _mean(i)
+                r["base_loss"] = _mean(i)
             elif regression_base:
-                report["regression"][name]["base_loss"] = _mean(score("base", examples))
-    prompts = []
-    for ex in holdout_ex[:latency_prompts]:
-        first_label = next((k for k, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
-        prompts.append(ex["input_ids"][:max(1, first_label)])
-    if prompts:
-        peft_model.set_adapter("candidate")
-        cand_ttft = time_to_first_token(peft_model, tokenizer, prompts)
-        if incumbent is not None:
-            peft_model.set_adapter("incumbent")
-            inc_ttft = time_to_first_token(peft_model, tokenizer, prompts)
-        else:
-            with peft_model.disable_adapter():
-                inc_ttft = time_to_first_token(peft_model, tokenizer, prompts)
-        report["latency"] = {"candidate_ttft_s": cand_ttft, "incumbent_ttft_s": inc_ttft,
-                             "incumbent": "base" if incumbent is None else "adapter"}
+                r["base_loss"] = _mean(score("base", examples))
+    report["loss_seconds"] = time.perf_counter() - t0
+    if answers is not None:
+        t1 = time.perf_counter()
+        gen_kw = {"pad_id": pad, "batch_size": 32 if on_cpu else 64, "autocast": kw.get("autocast")}
+        named = {"holdout": holdout_p, **{name: payloads for name, (payloads, _) in sets.items()}}
+        report["scores"] = {}
+        for name, payloads in named.items():
+            items = answer_items(payloads[:answers["examples"]], tokenizer, max_seq_len,
+                                 score_kinds=answers.get("score_kinds") or {}, new_tokens=answers["new_tokens"])
+            free = answers.get("free_text_sets", "all")
+            if free == "none" or (free == "holdout" and name != "holdout"):
+                items = [it for it in items if it["kind"] != "free"]
+            if not items:
+                continue
+            with use("candidate"):
+                cs = score_answers(peft_model, tokenizer, items, loss_kw=kw, gen_kw=gen_kw)
+            with use("incumbent"):
+                ins = score_answers(peft_model, tokenizer, items, cache=answer_cache, loss_kw=kw, gen_kw=gen_kw)
+            report["scores"][name] = compare_scores(items, cs, ins, samples=bootstrap_samples, seed=seed)
+        report["answer_seconds"] = time.perf_counter() - t1
+    report["latency"] = _latency(peft_model, tokenizer, holdout_ex[:latency_prompts], use)
+    if report["latency"] is None:
+        del report["latency"]
+    else:
+        report["latency"]["incumbent"] = "base" if incumbent is None else "adapter"
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _latency(peft_model: Any, tokenizer: Any, examples: list[dict], use: Any) -> dict | None:
+    """Median time to first token of candidate and incumbent on the prompts of ``examples``."""
+    prompts = []
+    for ex in examples:
+        first_label = next((k for k, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), len(ex["labels"]))
+        prompts.append(ex["input_ids"][:max(1, first_label)])
+    if not prompts:
+        return None
+    with use("candidate"):
+        cand_ttft = time_to_first_token(peft_model, tokenizer, prompts)
+    with use("incumbent"):
+        inc_ttft = time_to_first_token(peft_model, tokenizer, prompts)
+    return {"candidate_ttft_s": cand_ttft, "incumbent_ttft_s": inc_ttft}

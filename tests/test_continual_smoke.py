@@ -61,6 +61,18 @@ def test_the_stream_runs_through_the_daemon_and_every_arm(tmp_path, tiny_llama_d
         assert set(second[arm]["holdout_loss"]) == {"classification", "statutes"}
         assert set(second[arm]["regression_loss"]) == {"chatterbot-en", "chatterbot-zh"}
     assert second["base"]["forgetting"] == 0.0, "the base model cannot forget"
+    # Answers as well as losses: per task, group and month, the multiple-choice sets, forgetting in answer form.
+    for arm in continual.ARMS:
+        a = second[arm]
+        assert set(a["answer_score"]) == {"classification", "statutes"}
+        assert a["answer_score_by_task"]["classification/2-4问题主题识别"]["metric"] == "accuracy"
+        assert a["answer_score_by_task"]["statutes/1-1法条背诵"]["metric"] == "rouge_l"
+        assert 0.0 <= a["domain_accuracy"] <= 1.0 and a["accuracy"]["classification"] is not None
+        assert len(a["mcq_accuracy"]) == 6 and all(0.0 <= v <= 1.0 for v in a["mcq_accuracy"].values())
+        assert set(a["answer_forgetting_by_group"]) == {"classification"}
+    assert second["base"]["answer_forgetting"] == 0.0, "the base model's answers cannot change"
+    for name in ("domain_accuracy_gain_vs_base", "domain_accuracy_gap_vs_retrain", "answer_forgetting_ratio_vs_naive"):
+        assert name in result["goals"]
 
     # Holdouts are never trained on: not by the daemon's snapshots, not by the baselines.
     db = sqlite3.connect(work / "state" / "lorad.db")

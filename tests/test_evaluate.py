@@ -70,3 +70,123 @@ def test_token_budget_batching_and_autocast_keep_the_losses(tiny_llama_dir):
     assert example_losses(model, examples, batch_size=64, batch_tokens=80) == pytest.approx(plain, rel=1e-4)
     bf16 = example_losses(model, examples, batch_size=64, batch_tokens=80, autocast="bfloat16")
     assert bf16 == pytest.approx(plain, rel=0.05) and bf16 != pytest.approx(plain, rel=1e-7)
+
+
+EXTRA = "A B C valid void clause rule binds explain one two three four five six".split()
+NUM = "one two three four five six".split()
+
+
+def _tokenizer():
+    """The tiny word-level tokenizer with option letters and a few more words (ids stay below the model's 128)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CHAT_TEMPLATE, TINY_WORDS
+
+    specials = ["<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+    vocab = {t: i for i, t in enumerate(specials + list("\n?.,!") + list(TINY_WORDS) + EXTRA)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _records():
+    mcq = [{"messages": [{"role": "user", "content": f"question {NUM[i]} ?\nA. yes\nB. no\nC. law"},
+                         {"role": "assistant", "content": "ABC"[i % 3]}], "category": "mcq"} for i in range(6)]
+    label = [{"messages": [{"role": "user", "content": f"is clause {NUM[i]} valid ?"},
+                           {"role": "assistant", "content": "valid" if i % 2 else "void"}], "category": "cls"}
+             for i in range(4)]
+    free = [{"messages": [{"role": "user", "content": f"explain rule {NUM[i]} ."},
+                          {"role": "assistant", "content": f"rule {NUM[i]} binds the party. it is law."}]}
+            for i in range(4)]
+    return mcq + label + free
+
+
+def test_answers_are_scored_per_set_and_category_and_cached(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.evaluate import evaluate
+
+    cand, inc = _adapter(tiny_llama_dir, tmp_path / "cand", 1), _adapter(tiny_llama_dir, tmp_path / "inc", 2)
+    tok = _tokenizer()
+    answers = {"examples": 64, "score_kinds": {}, "new_tokens": {"label": 4, "extraction": 6, "free": 6}}
+    cache: dict = {}
+    kw = dict(candidate=cand, incumbent=inc, holdout=_records(), regression={"chat": _records()[6:]},
+              max_examples=50, bootstrap_samples=50, latency_prompts=0, max_seq_len=128, answers=answers)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    report = evaluate(model, tok, answer_cache=cache, **kw)
+    scores = report["scores"]["holdout"]
+    assert scores["kinds"] == {"choice": 6, "label": 4, "free": 4}
+    assert set(scores["metrics"]) == {"accuracy", "rouge_l"} and scores["metrics"]["accuracy"]["n"] == 10
+    assert set(scores["categories"]) == {"mcq", "cls"} and scores["categories"]["mcq"]["accuracy"]["n"] == 6
+    assert 0.0 <= scores["metrics"]["accuracy"]["candidate"] <= 1.0
+    assert set(report["scores"]) == {"holdout", "chat"}
+    assert report["holdout"]["categories"]["mcq"]["n"] == 6 and report["answer_seconds"] > 0
+    assert len(cache) == 14          # the incumbent's answers, once each (chat's records are holdout records too)
+
+    # a second evaluation of the same incumbent on the same sets generates nothing for it
+    import pipelines.evaluate as ev
+
+    calls = []
+    real = ev.generate_answers
+    ev_generate = lambda *a, **k: calls.append(len(a[2])) or real(*a, **k)   # noqa: E731
+    try:
+        ev.generate_answers = ev_generate
+        again = evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tok, answer_cache=cache, **kw)
+    finally:
+        ev.generate_answers = real
+    assert calls == [8, 8]           # only the candidate's label + free answers were generated, once per set
+    assert again["scores"] == report["scores"]
+
+
+def test_choice_is_the_option_with_the_highest_log_likelihood(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.evaluate import answer_items, score_answers
+
+    tok = _tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    items = answer_items(_records()[:6], tok, 128, score_kinds={}, new_tokens={"label": 2, "extraction": 2,
+                                                                               "free": 2})
+    got = score_answers(model, tok, items, loss_kw={}, gen_kw={})
+    for item, score in zip(items, got):          # the same choice, one option at a time, summed by hand
+        ll = {}
+        for letter, ex in item["options"].items():
+            ids = torch.tensor([ex["input_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            ll[letter] = sum(float(logp[k, ex["input_ids"][k + 1]]) for k in range(len(ex["labels"]) - 1)
+                             if ex["labels"][k + 1] != -100)
+        assert len(set(ll.values())) == 3             # distinct options, so the choice means something
+        assert score == float(max(ll, key=ll.get) == item["gold"])
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.evaluate import generate_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    prompts = [tok(t)["input_ids"] for t in ("a short one", "a much longer prompt with many more words in it",
+                                             "mid length prompt here")]
+    batched = generate_answers(model, tok, prompts, [5, 5, 5], batch_size=8)
+    single = [generate_answers(model, tok, [p], [5])[0] for p in prompts]
+    assert batched == single and all(batched)
+
+
+def test_free_text_answers_only_on_the_holdout_by_default(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.evaluate import evaluate
+
+    cand = _adapter(tiny_llama_dir, tmp_path / "cand", 1)
+    answers = {"examples": 64, "new_tokens": {"label": 2, "extraction": 2, "free": 2}, "free_text_sets": "holdout"}
+    report = evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), _tokenizer(), candidate=cand,
+                      incumbent=None, holdout=_records(), regression={"chat": _records()[6:]}, max_examples=50,
+                      bootstrap_samples=50, latency_prompts=0, max_seq_len=128, answers=answers)
+    assert report["scores"]["holdout"]["kinds"]["free"] == 4
+    assert report["scores"]["chat"]["kinds"] == {"label": 4}     # the chat set keeps its label records only

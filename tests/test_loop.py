@@ -12,7 +12,7 @@ import pytest
 from daemon import registry
 from daemon.config import build_config
 from daemon.jobs import JobRunner
-from daemon.runs import create_run
+from daemon.runs import create_run, snapshot_payloads
 from daemon.store import open_store
 from pipelines.ingest import ingest_file
 
@@ -119,6 +119,25 @@ def test_a_damaging_candidate_is_rejected_with_the_reason(tmp_path, expressive_l
     assert f"regression set {old_style} loss +" in out["reason"] and "> 2 % tolerance" in out["reason"], out["reason"]
     assert registry.champion(store) == first["version"]
     assert store.events(kind="eval", limit=1)[0]["reason"] == out["reason"]
+
+    # The refused candidate's records are not lost: they stay pending and the next run trains them.
+    refused_new = {rid for rid, role, _ in snapshot_payloads(store, report_snapshot(store, out["version"]),
+                                                             roles=("new",))}
+    assert out["records_waiting"] == len(refused_new) > 0
+    assert store.counts()["records_pending"] == len(refused_new)
+    assert store.events(kind="records", limit=1)[0]["subject"] == out["version"]
+    ingest_file(write_data(tmp_path / "c.jsonl", 30, 3), store, cfg.data)
+    cfg = config(tmp_path, expressive_llama_dir, eval={"regression_sets": [str(old_style)]},
+                 data={"replay_fraction": 0.0}, train={"max_steps": 4}, promote={"regression_tolerance": 0.9})
+    nxt = JobRunner(cfg, store).cycle("manual")
+    assert nxt["trained"] is True, nxt
+    trained = {rid for rid, role, _ in snapshot_payloads(store, report_snapshot(store, nxt["version"]),
+                                                         roles=("new",))}
+    assert refused_new < trained, "the refused records joined the next run with the new ones"
+
+
+def report_snapshot(store, version):
+    return registry.get_adapter(store, version)["snapshot_id"]
 
 
 @pytest.mark.integration

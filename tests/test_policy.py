@@ -131,6 +131,44 @@ def test_min_improvement_is_a_floor():
     assert should_promote(report(cand=1.6, inc=2.0), cfg, confidence=0.95)
 
 
+def cmp(cand, inc, p, n=40):
+    return {"candidate": cand, "incumbent": inc, "p_value": p, "n": n}
+
+
+def scored(scores, **kw):
+    return {**report(**kw), "scores": scores}
+
+
+COLLAPSE = {"holdout": {"categories": {"mcq": {"accuracy": cmp(0.25, 0.90, 0.001)}}, "uncategorized": {}}}
+
+
+@pytest.mark.parametrize("rep, cfg, ok, code, needle", [
+    # the loss improves by 10 % and is significant, but the answers collapse: refused, and the reason says where
+    (scored(COLLAPSE), PROMOTE, False, "answer_drop", "holdout category mcq accuracy 0.250 vs incumbent 0.900"),
+    # the same drop, not significant (p = 0.2): promoted
+    (scored({"holdout": {"categories": {"mcq": {"accuracy": cmp(0.25, 0.90, 0.2)}}}}), PROMOTE, True, "better", ""),
+    # significant but within promote.max_score_drop: promoted
+    (scored({"holdout": {"categories": {"mcq": {"accuracy": cmp(0.89, 0.90, 0.001)}}}}), PROMOTE, True, "better", ""),
+    # a regression set's F1 (records without a category) collapses
+    (scored({"chatterbot-zh": {"categories": {}, "uncategorized": {"f1": cmp(0.10, 0.50, 0.001)}}}), PROMOTE,
+     False, "answer_drop", "chatterbot-zh f1 0.100 vs incumbent 0.500"),
+    # ROUGE-L is reported, not guarded, unless a category's primary metric says so
+    (scored({"holdout": {"categories": {"qa": {"rouge_l": cmp(0.1, 0.5, 0.001)}}}}), PROMOTE, True, "better", ""),
+    (scored({"holdout": {"categories": {"qa": {"rouge_l": cmp(0.1, 0.5, 0.001)}}}}),
+     PromoteConfig(primary_metric=["qa=rouge_l"]), False, "answer_drop", "category qa rouge_l"),
+    # primary metric "loss": the category's accuracy is not guarded
+    (scored(COLLAPSE), PromoteConfig(primary_metric=["mcq=loss"]), True, "better", ""),
+    # candidates that answer better pass
+    (scored({"holdout": {"categories": {"mcq": {"accuracy": cmp(0.9, 0.5, 1.0)}}}}), PROMOTE, True, "better", ""),
+    # a loss refusal still comes first
+    (scored(COLLAPSE, cand=2.1), PROMOTE, False, "not_better", "not better"),
+])
+def test_should_promote_guards_answer_scores(rep, cfg, ok, code, needle):
+    d = should_promote(rep, cfg, confidence=0.95)
+    assert (d.ok, d.code) == (ok, code), d.reason
+    assert needle in d.reason
+
+
 @pytest.mark.parametrize("kw, ok, code", [
     (dict(seconds_since_promotion=10, requests=100, errors=10), True, "errors"),
     (dict(seconds_since_promotion=10, requests=100, errors=5), False, "healthy"),

@@ -25,3 +25,81 @@ def test_resumable_latest_and_interrupted_runs(tmp_path):
     assert runs.last_train_created(store) == 4.0
     assert runs.latest_succeeded_run(store)["id"] == "r-new"
     assert store.events(kind="train")[0]["subject"] == "r-cut"
+
+
+# ----------------------------------------------------------------------------- refused candidates
+
+
+def _ingest(store, tmp_path, name, start, n):
+    import json
+
+    from daemon.config import DataConfig
+    from pipelines.ingest import ingest_file
+
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"input": f"question {start + i}", "output": f"answer {start + i}"}) + "\n"
+                            for i in range(n)))
+    ingest_file(path, store, DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2))
+
+
+def _candidate(store, version, snapshot_id, decision, reason="holdout loss not better"):
+    import json
+
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO adapters (version, path, sha256, base_model, snapshot_id, eval_report, created_at) "
+                   "VALUES (?, '/x', 'h', 'b', ?, ?, 1.0)",
+                   (version, snapshot_id, json.dumps({"decision": decision, "reason": reason})))
+
+
+def test_a_refused_candidates_records_join_the_next_run_and_are_parked_after_max_refusals(tmp_path):
+    from daemon.config import DataConfig
+
+    cfg = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2, replay_fraction=0.0)
+    store = open_store(tmp_path / "state")
+    _ingest(store, tmp_path, "m1.jsonl", 0, 40)
+    first = runs.build_snapshot(store, cfg, seed=1)
+    _candidate(store, "v1", first.id, decision=True)
+    runs.hold_refused(store, "v1", "never called for an accepted one", max_refusals=2)   # no-op: not refused
+    assert store.counts()["records_pending"] == 0
+
+    _ingest(store, tmp_path, "m2.jsonl", 100, 40)
+    second = runs.build_snapshot(store, cfg, seed=1)
+    _candidate(store, "v2", second.id, decision=False, reason="holdout loss +24.8 %")
+    held = runs.hold_refused(store, "v2", "holdout loss +24.8 %", max_refusals=2)
+    assert sorted(held["waiting"]) == sorted(second.new) and held["parked"] == []
+    assert store.counts()["records_pending"] == len(second.new)        # refused: not learned, still pending
+    assert "the gate refused v2" in store.events(kind="records", limit=1)[0]["reason"]
+    waiting = runs.refused_records(store)
+    assert waiting["n_waiting"] == len(second.new) and waiting["waiting"][0]["version"] == "v2"
+
+    # the next month's run trains them with whatever arrived since, and judges on both holdouts
+    _ingest(store, tmp_path, "m3.jsonl", 200, 40)
+    third = runs.build_snapshot(store, cfg, seed=1)
+    assert set(second.new) < set(third.new) and set(second.holdout) < set(third.holdout)
+    assert not set(first.new) & set(third.new)
+
+    # refused again: month 2's records reach promote.max_refusals = 2 and are parked with both reasons
+    _candidate(store, "v3", third.id, decision=False, reason="holdout accuracy collapsed")
+    held = runs.hold_refused(store, "v3", "holdout accuracy collapsed", max_refusals=2)
+    assert sorted(held["parked"]) == sorted(second.new)
+    assert sorted(held["waiting"]) == sorted(set(third.new) - set(second.new))
+    assert held["reasons"] == ["holdout loss +24.8 %", "holdout accuracy collapsed"]
+    pending = {r[0] for r in store.query(*runs.pending_sql("r.id"))}
+    assert pending == set(third.new) - set(second.new)
+    status = runs.refused_records(store)
+    assert status["n_parked"] == len(second.new) and status["parked"][0]["version"] == "v3"
+    assert "2 refused candidates" in status["parked"][0]["reason"]
+
+    # `lorad status` says which records wait and why, and which are parked
+    from daemon.cli import _format_status
+    from daemon.config import build_config
+    from daemon.service import status_snapshot
+
+    text = _format_status(status_snapshot(build_config({"paths": {"state_dir": str(tmp_path / "state")}}), store))
+    assert f"waiting    {len(set(third.new) - set(second.new))} records of refused v3 join the next run: " \
+           "holdout accuracy collapsed" in text
+    assert f"parked     {len(second.new)} records" in text and "last: holdout accuracy collapsed" in text
+
+    # a refused candidate promoted by hand afterwards: its records were learned after all
+    store.add_event("promote", subject="v3", ok=True, reason="by hand")
+    assert store.counts()["records_pending"] == 0
