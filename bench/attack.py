@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"attack": "fuzz", "passed": fuzz_result["passed"], "detail": fuzz_result["detail"]})
         print(f"{'fuzz':20s} {'held' if fuzz_result['passed'] else 'FAILED'}: {fuzz_result['detail']}")
     finite = [ms for ms in observers.healthz_ms if ms != float("inf")]
+    dirty_files = _common.changed_files("daemon", "pipelines", "bench/attack.py") or []
     out = {
         "attacks": results,
         "passed": sum(r["passed"] for r in results),
@@ -487,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                     "hangup_free_s": HANGUP_TARGET_S, "fuzz_cases": 1000},
         "machine": machine_info(),
         "commit": _common.commit(),
-        "dirty_files": _common.changed_files("daemon", "pipelines", "bench/attack.py") or [],
+        "dirty": bool(dirty_files),
+        "dirty_files": dirty_files,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
