@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from typing import Any, Callable
 from types import SimpleNamespace
 
 import httpx
@@ -29,14 +30,17 @@ def free_port() -> int:
 class Server:
     """uvicorn in a thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
+    def __init__(self, app, config: Callable[[int], Any] | None = None):
+        """``config(port)`` builds the uvicorn.Config (default: plain uvicorn settings)."""
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                lifespan="off")
-        self.server = uvicorn.Server(config)
+        if config is None:
+            def config(port: int) -> Any:
+                return uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                      lifespan="off")
+        self.server = uvicorn.Server(config(self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from types import SimpleNamespace
 from typing import Iterator
 
 from test_engine import make_engine, make_world
-from test_server import TOKEN, fake_daemon, free_port
+from test_server import TOKEN, Server, fake_daemon
 
 API_KEY = "k-0123456789abcdef-api"
 OTHER_KEY = "k-fedcba9876543210-api"
 
 
-class LiveServer:
+def live_server(app, serve) -> Server:
     """uvicorn in a thread with lorad's own settings (daemon.server.uvicorn_config)."""
+    from daemon.server import uvicorn_config
 
-    def __init__(self, app, serve):
-        import uvicorn
+    def config(port: int):
+        settings = SimpleNamespace(**{**vars(serve), "port": port, "host": "127.0.0.1"})
+        return uvicorn_config(app, settings, log_config=None, access_log=False, lifespan="off")
 
-        from daemon.server import uvicorn_config
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        serve = SimpleNamespace(**{**vars(serve), "port": self.port, "host": "127.0.0.1"})
-        self.server = uvicorn.Server(uvicorn_config(app, serve, log_config=None, access_log=False, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+    return Server(app, config)
 
 
 @contextlib.contextmanager
@@ -51,7 +36,7 @@ def live(root, *, max_batch_size: int = 4, **serve) -> Iterator[SimpleNamespace]
     engine.load_champion()
     daemon = fake_daemon(world, engine, **{"max_body_bytes": 1_000_000, **serve})
     daemon.live = LiveStats()
-    server = LiveServer(create_app(daemon), daemon.cfg.serve)
+    server = live_server(create_app(daemon), daemon.cfg.serve)
     try:
         yield SimpleNamespace(world=world, engine=engine, daemon=daemon, server=server, url=server.url,
                               admin={"Authorization": f"Bearer {TOKEN}"})
