@@ -79,6 +79,7 @@ class HardwarePlan:
     reason: str
     train_compute: str = ""    # the dtype training matmuls run in (bf16 autocast over fp32/bf16 weights, or dtype)
     gradient_checkpointing: bool = False   # needed for one sequence to fit (CPU; a GPU turns it on at an OOM)
+    serve_prefill: str = ""    # the dtype serving's prompt prefill runs its matmuls in (decode keeps ``dtype``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +96,10 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
     """Pick dtype, quantization and micro-batch size for training/serving on ``hw``.
 
     CPU: float32 weights (half-precision matmuls are slow or missing on most CPUs), no quantization;
-    training matmuls in bf16 autocast where the CPU has bf16 matrix units (AMX: several times its fp32
-    matmul rate, see docs/hardware.md), else fp32; micro-batch 4 (larger gains nothing on a few
+    training matmuls, and serving's prompt prefill, in bf16 autocast where the CPU has bf16 matrix units
+    (AMX: several times its fp32 matmul rate, see docs/hardware.md), else fp32; serving's decode steps stay
+    fp32 (one token a row: autocast would cast every weight each step for matmuls too small to gain);
+    micro-batch 4 (larger gains nothing on a few
     cores) or fewer: at most 4096 tokens, and as many sequences as the available memory holds; gradient
     checkpointing when even one does not fit (``cpu_defaults``).
     CUDA: bfloat16 where the GPU supports it (compute capability >= 8), else float16; 4-bit NF4 when
@@ -114,7 +117,8 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
         mb = 8 if hw.gpu_memory_bytes >= 70 * GiB else 4 if hw.gpu_memory_bytes >= 32 * GiB else \
             2 if hw.gpu_memory_bytes >= 16 * GiB else 1
         return HardwarePlan("cuda", dtype, "none", mb, f"{mem}, model size unknown: {dtype}, no quantization, "
-                                                       f"micro-batch {mb} by card size", train_compute=dtype)
+                                                       f"micro-batch {mb} by card size", train_compute=dtype,
+                            serve_prefill=dtype)
     full_seq, checkpointed = _sequence_bytes(shape, max_seq_len, ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
                                              CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER)
     weights16 = 2 * shape.params
@@ -129,7 +133,7 @@ def choose_defaults(hw: Hardware, shape: ModelShape | None = None, *, max_seq_le
     if headroom < per_seq:
         why += "; even one sequence may not fit: lower data.max_seq_len or use train.distributed fsdp"
     return HardwarePlan("cuda", dtype, quantization, mb, f"{mem}: {why}; micro-batch {mb} at {max_seq_len} tokens",
-                        train_compute=dtype)
+                        train_compute=dtype, serve_prefill=dtype)
 
 
 def _sequence_bytes(shape: ModelShape, max_seq_len: int, full_per: int, checkpointed_per: int) -> tuple[int, int]:
@@ -142,15 +146,16 @@ def _sequence_bytes(shape: ModelShape, max_seq_len: int, full_per: int, checkpoi
 
 
 def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwarePlan:
-    """The CPU plan: float32 weights, bf16 autocast with AMX, and the micro-batch the memory holds."""
+    """The CPU plan: float32 weights, bf16 autocast with AMX (training, serving's prefill), and the micro-batch
+    the memory holds."""
     compute = "bfloat16" if hw.bf16 else "float32"
     matmuls = "bf16 autocast (the CPU has AMX bf16 units)" if hw.bf16 else "float32 (no AMX)"
-    head = f"no CUDA GPU: float32, no quantization, training matmuls in {matmuls}"
+    head = f"no CUDA GPU: float32, no quantization, training matmuls and serving's prefill in {matmuls}"
     cap = max(1, min(CPU_MICRO_BATCH, CPU_MICRO_BATCH_TOKENS // max_seq_len))
     if not hw.memory_bytes or not shape.params:
         return HardwarePlan("cpu", "float32", "none", cap,
                             f"{head}; micro-batch {cap} ({CPU_MICRO_BATCH_TOKENS} tokens at most; memory or model "
-                            f"size unknown)", train_compute=compute)
+                            f"size unknown)", train_compute=compute, serve_prefill=compute)
     per_seq, checkpointed = _sequence_bytes(shape, max_seq_len, CPU_ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER,
                                             CPU_CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN_LAYER)
     weights = shape.params * (6 if hw.bf16 else 4)
@@ -160,12 +165,13 @@ def cpu_defaults(hw: Hardware, shape: ModelShape, max_seq_len: int) -> HardwareP
         mb = min(cap, _pow2_floor(headroom / per_seq))
         return HardwarePlan("cpu", "float32", "none", mb,
                             f"{head}; micro-batch {mb} ({mem}; ~{per_seq / GiB:.1f} GiB per {max_seq_len}-token "
-                            f"sequence)", train_compute=compute)
+                            f"sequence)", train_compute=compute, serve_prefill=compute)
     why = (f"{head}; micro-batch 1 with gradient checkpointing ({mem}; one {max_seq_len}-token sequence needs "
            f"~{per_seq / GiB:.1f} GiB without it")
     if headroom < checkpointed:
         why += f", ~{checkpointed / GiB:.1f} GiB with it: may not fit, lower data.max_seq_len"
-    return HardwarePlan("cpu", "float32", "none", 1, why + ")", train_compute=compute, gradient_checkpointing=True)
+    return HardwarePlan("cpu", "float32", "none", 1, why + ")", train_compute=compute, gradient_checkpointing=True,
+                        serve_prefill=compute)
 
 
 # ----------------------------------------------------------------------------- gathering the inputs
@@ -239,6 +245,28 @@ def cpu_autocast(model: Any) -> str | None:
     if is_quantized(model) or dtype not in (torch.float32, torch.bfloat16) or not cpu_bf16_matmul():
         return None
     return "bfloat16"
+
+
+SERVE_PREFILL_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def serve_prefill_autocast(model: Any, setting: str = "auto") -> str | None:
+    """"bfloat16" when serving should prefill prompts under bf16 autocast, else None (the weights' own dtype).
+
+    Only float32 weights on a CPU qualify (a GPU serves 16-bit weights already). ``setting`` is
+    ``serve.cpu_prefill_dtype``: "float32" never, "bfloat16" always, "auto" as the hardware plan says
+    (``choose_defaults``: where the CPU has AMX bf16 units).
+    """
+    import torch
+
+    if setting not in SERVE_PREFILL_CHOICES:
+        raise ValueError(f"serve.cpu_prefill_dtype must be one of {SERVE_PREFILL_CHOICES}, got {setting!r}")
+    weight = next(model.parameters())
+    if setting == "float32" or weight.device.type != "cpu" or weight.dtype != torch.float32 or is_quantized(model):
+        return None
+    if setting == "bfloat16":
+        return "bfloat16"
+    return "bfloat16" if choose_defaults(detect_hardware("cpu")).serve_prefill == "bfloat16" else None
 
 
 def detect_hardware(device: str = "auto") -> Hardware:

@@ -541,3 +541,50 @@ def test_swap_invariants_under_concurrent_load(world):
         assert engine.stepper.captures == 0
     finally:
         engine.stop(timeout=5)
+
+
+def test_cpu_warm_up_runs_forwards_before_ready_and_changes_no_output(world):
+    """The warm-up runs prefill and decode forwards in the decode thread, zeroes the cache after, and the first
+    request's answer equals the answer of an engine that skipped it."""
+    cold = make_engine(world, max_batch_size=4)
+    warm = make_engine(world, max_batch_size=4)
+    try:
+        calls = []
+        hook = warm.model.register_forward_hook(lambda m, args, out: calls.append(threading.get_ident()))
+        warm.load_champion()
+        hook.remove()
+        cold.load_champion(warm_up=False)
+        assert cold.warm_up_seconds is None and warm.warm_up_seconds > 0
+        # a prefill and one decode step per batch bucket (1, 2, 4), base rows then adapter rows
+        assert len(calls) == 2 * (1 + len(warm.cache.batch_buckets)) and set(calls) == {warm._thread_id}
+        assert all(not bool(t.any()) for t in (*warm.cache.keys.values(), *warm.cache.values.values()))
+        assert warm.warm_up() == 0  # once only
+        ids = prompt_ids(world, PROMPTS[2])
+        assert warm.generate(ids, max_tokens=8, temperature=0).tokens == \
+            cold.generate(ids, max_tokens=8, temperature=0).tokens
+    finally:
+        cold.stop(timeout=5)
+        warm.stop(timeout=5)
+
+
+def test_bf16_prefill_runs_prompt_matmuls_in_bf16_and_decode_in_float32(world):
+    import torch
+
+    from daemon.engine import Engine
+
+    engine = make_engine(world, max_batch_size=2, prefill_dtype="bfloat16")
+    try:
+        seen = []  # (prompt tokens in the forward, output dtype of one decoder Linear)
+        layer = engine.model.model.layers[0].mlp.down_proj
+        hook = layer.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], out.dtype)))
+        ids = prompt_ids(world, PROMPTS[2])
+        h = engine.generate(ids, max_tokens=4, temperature=0)
+        hook.remove()
+        assert h.finish_reason in ("length", "stop") and h.tokens
+        assert seen[0] == (len(ids), torch.bfloat16)  # the prompt
+        assert seen[1:] and all(s == (1, torch.float32) for s in seen[1:])  # decode steps
+        assert engine.cache.keys[0].dtype == torch.float32 and engine.snapshot()["prefill_dtype"] == "bfloat16"
+    finally:
+        engine.stop(timeout=5)
+    with pytest.raises(ValueError, match="prefill_dtype"):
+        Engine(engine.model, world["tokenizer"], prefill_dtype="float16")

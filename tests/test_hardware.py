@@ -133,7 +133,8 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
         ("cpu", "float32", "none", 1)   # data.max_seq_len 4096: one sequence a micro-batch on a CPU
     assert plans[0].train_compute in ("bfloat16", "float32")   # bf16 autocast where the CPU has AMX
     labels = {"device": "cpu", "dtype": "float32", "quantization": "none", "micro_batch_size": "1",
-              "train_compute": plans[0].train_compute, "gradient_checkpointing": "False"}
+              "train_compute": plans[0].train_compute, "gradient_checkpointing": "False",
+              "serve_prefill": plans[0].train_compute}   # bf16 prompt prefill where training gets bf16 autocast
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
 
@@ -173,3 +174,34 @@ def test_cpu_autocast_is_bf16_only_for_unquantized_fp32_or_bf16_weights_on_amx(m
     monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda: True)
     model.is_loaded_in_4bit = True   # what transformers sets on a bitsandbytes-quantized model
     assert hardware.is_quantized(model) and hardware.cpu_autocast(model) is None
+
+
+@pytest.mark.parametrize("hw, expected", [
+    (CPU, "float32"),            # no AMX: bf16 autocast would only add casts
+    (CPU_24G, "bfloat16"),       # AMX: the prompt's matmuls on the bf16 units
+    (H200, "bfloat16"),
+    (T4, "float16"),             # a GPU prefills in the weights' own 16-bit dtype
+])
+def test_serving_prefill_dtype_follows_the_machine(hw, expected):
+    plan = choose_defaults(hw, SMOL_135M, max_seq_len=1024)
+    assert plan.serve_prefill == expected
+    assert plan.dtype == ("float32" if hw.device == "cpu" else expected)   # decode keeps the weights' dtype
+
+
+def test_serve_prefill_autocast_obeys_the_setting_and_the_weights(monkeypatch):
+    import torch
+
+    from pipelines import hardware
+
+    model = torch.nn.Linear(4, 4)
+    for amx in (True, False):
+        monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda amx=amx: amx)
+        assert hardware.serve_prefill_autocast(model, "auto") == ("bfloat16" if amx else None)
+        assert hardware.serve_prefill_autocast(model, "bfloat16") == "bfloat16"    # the override wins
+        assert hardware.serve_prefill_autocast(model, "float32") is None
+        assert hardware.serve_prefill_autocast(model.to(torch.bfloat16), "bfloat16") is None   # already bf16
+        model = model.to(torch.float32)
+    model.is_loaded_in_4bit = True
+    assert hardware.serve_prefill_autocast(model, "bfloat16") is None
+    with pytest.raises(ValueError, match="serve.cpu_prefill_dtype"):
+        hardware.serve_prefill_autocast(model, "fp8")

@@ -29,6 +29,8 @@ log = logging.getLogger("lorad.engine")
 PREFILL_TOKEN_BUDGET = 2048
 # How often an idle decode thread wakes up to expire requests that waited past their deadline.
 IDLE_TICK_SECONDS = 0.05
+# Prompt length of the CPU warm-up's prefills (the shapes of a typical chat prompt).
+CPU_WARM_UP_TOKENS = 128
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Engine(VersionsMixin):
         lora_max_rank: the largest adapter rank a slot holds.
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
+        prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with AMX: the
+            prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
@@ -76,7 +80,10 @@ class Engine(VersionsMixin):
                  request_timeout: float = 120.0, batch_invariant: bool = False, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
-                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True):
+                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True,
+                 prefill_dtype: str | None = None):
+        if prefill_dtype not in (None, "bfloat16"):
+            raise ValueError(f"prefill_dtype must be None or 'bfloat16', got {prefill_dtype!r}")
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
             raise ValueError(f"max_batch_size, max_queue, adapter_slots and lora_max_rank must be >= 1 and "
                              f"request_timeout > 0, got {max_batch_size}, {max_queue}, {adapter_slots}, "
@@ -96,6 +103,10 @@ class Engine(VersionsMixin):
         # ``listener(event, old, new)`` after promote_and_swap ("promoted") and rollback_and_swap ("rolled_back")
         self.champion_listeners: list[Callable[[str, str | None, str | None], None]] = []
         self.device = next(model.parameters()).device
+        if prefill_dtype is not None and self.device.type != "cpu":
+            raise ValueError(f"prefill_dtype is for float32 weights on a CPU; this model is on {self.device}")
+        self.prefill_dtype = prefill_dtype
+        self.warm_up_seconds: float | None = None
         model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -186,26 +197,71 @@ class Engine(VersionsMixin):
         return self
 
     def warm_up(self) -> int:
-        """Capture the decode step's CUDA graphs now (no-op on a CPU); returns the number captured."""
+        """Run the first forwards now, before the engine reports ready, so no request pays for them.
+
+        GPU: capture the decode step's CUDA graphs (and first-chunk prefills). CPU: one prefill and one decode step
+        per batch bucket, base and adapter path, in the decode thread (its OpenMP and MKL thread pools, oneDNN's
+        primitives and the allocator's first growth happen here instead of in the first request).
+
+        Returns:
+            graphs captured (GPU) or forwards run (CPU).
+        """
         self.start()
         if self._warm:
             return 0
-        if self.batch_invariant:
+        t0 = time.perf_counter()
+        if self.device.type != "cuda":
+            n = self.call(self._warm_up_cpu)
+        elif self.batch_invariant:
             n = self.call(lambda: self.stepper.warm_up(self.cache.context, [self.cache.slots]))
         else:
             n = self.call(lambda: self.stepper.warm_up(min(self.cache.context, 1024)))
         self._warm = True
+        self.warm_up_seconds = time.perf_counter() - t0
+        log.info("engine warmed up", extra={"seconds": round(self.warm_up_seconds, 3), "device": self.device.type,
+                                            "count": n})
         return n
 
-    def load_champion(self) -> str | None:
+    def _warm_up_cpu(self) -> int:
+        """Prefill one prompt and decode one step per batch bucket (base rows, then adapter rows); the cache slots
+        it wrote are zeroed again. Skipped while requests run: their rows hold those slots."""
+        if self._running:
+            return 0
+        width = min(CPU_WARM_UP_TOKENS, self.cache.context - 1)
+        forwards = 0
+        for lora_index in (0, 1):  # 0 = base; slot 1's tables are the per-row LoRA path a champion takes
+            with self._prefill_precision():
+                self.stepper.prefill([([0] * width, 0, lora_index)], 0)
+            forwards += 1
+            for batch in self.cache.batch_buckets:
+                self.stepper.decode([0] * batch, [width] * batch, [lora_index] * batch)
+                forwards += 1
+        for slot in range(self.cache.slots):
+            self.cache.clear(slot)
+        return forwards
+
+    def _prefill_precision(self) -> Any:
+        """bf16 autocast around a prefill when ``prefill_dtype`` asks for it, else nothing."""
+        import contextlib
+
+        if self.prefill_dtype is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.prefill_dtype))
+
+    def load_champion(self, *, warm_up: bool = True) -> str | None:
         """Warm up, load the registry's champion (and previous champion, best effort) and mark the engine ready.
 
+        Args:
+            warm_up: run ``warm_up`` first (benchmarks turn it off to measure what it saves).
         Raises:
             AdapterUnavailable: the champion cannot be verified or loaded; the engine stays not ready.
         """
         from daemon import registry
 
-        self.warm_up()
+        if warm_up:
+            self.warm_up()
         champion = registry.champion(self.store) if self.store is not None else None
         previous = self.store.get_alias(registry.PREVIOUS) if self.store is not None else None
         self.swap(champion, previous=previous)
@@ -324,7 +380,8 @@ class Engine(VersionsMixin):
                     "kv_cache": {"slots": self.cache.slots, "context": self.cache.context,
                                  "used_tokens": sum(s.length for s in self._running)},
                     "graph_captures": self.stepper.captures, "compiled_layers": self.stepper.compiled,
-                    "compilations": self.compilations(), "adapter_slots": self.adapter_slots}
+                    "compilations": self.compilations(), "adapter_slots": self.adapter_slots,
+                    "prefill_dtype": self.prefill_dtype, "warm_up_seconds": self.warm_up_seconds}
 
     def compilations(self) -> int:
         """torch.compile graphs built so far (process-wide dynamo count; flat across swaps)."""
@@ -405,7 +462,8 @@ class Engine(VersionsMixin):
                     if not piece:  # done in an earlier chunk: its last token again, same position, same result
                         piece, first = prompt[-1:], len(prompt) - 1
                     chunks.append((piece, first, seq.lora_index))
-                logits, greedy, finite = self.stepper.prefill(chunks, start)
+                with self._prefill_precision():
+                    logits, greedy, finite = self.stepper.prefill(chunks, start)
                 for seq, (piece, first, _) in zip(seqs, chunks):
                     seq.length = first + len(piece)
                 if all(seq.length == len(seq.handle.prompt_ids) for seq in seqs):
@@ -557,6 +615,8 @@ def build_engine(daemon: Any) -> Any:
         AdapterUnavailable: the champion cannot be loaded. ``daemon.engine`` is set but not ready: inference
             answers 503 until ``/admin/reload`` (or a promotion) succeeds.
     """
+    from pipelines.hardware import serve_prefill_autocast
+
     s = daemon.cfg.serve
     engine = Engine(daemon.model, daemon.tokenizer, store=daemon.store, state_dir=daemon.state_dir,
                     base_model=daemon.cfg.model.base_model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
@@ -564,7 +624,8 @@ def build_engine(daemon: Any) -> Any:
                     live=getattr(daemon, "live", None), batch_invariant=s.batch_invariant,
                     max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
                     kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
-                    cuda_graphs=s.cuda_graphs, compile=s.compile)
+                    cuda_graphs=s.cuda_graphs, compile=s.compile,
+                    prefill_dtype=serve_prefill_autocast(daemon.model, s.cpu_prefill_dtype))
     listener = getattr(daemon, "_champion_changed", None)
     if listener is not None:
         engine.champion_listeners.append(listener)
