@@ -574,15 +574,18 @@ def test_bf16_prefill_runs_prompt_matmuls_in_bf16_and_decode_in_float32(world):
 
     engine = make_engine(world, max_batch_size=2, prefill_dtype="bfloat16")
     try:
-        seen = []  # (prompt tokens in the forward, output dtype of one decoder Linear)
+        seen, logits = [], []  # (prompt tokens in the forward, output dtype of one decoder Linear); head outputs
         layer = engine.model.model.layers[0].mlp.down_proj
-        hook = layer.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], out.dtype)))
+        hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], out.dtype))),
+                 engine.model.get_output_embeddings().register_forward_hook(lambda m, a, out: logits.append(out.dtype))]
         ids = prompt_ids(world, PROMPTS[2])
         h = engine.generate(ids, max_tokens=4, temperature=0)
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         assert h.finish_reason in ("length", "stop") and h.tokens
         assert seen[0] == (len(ids), torch.bfloat16)  # the prompt
         assert seen[1:] and all(s == (1, torch.float32) for s in seen[1:])  # decode steps
+        assert logits and set(logits) == {torch.float32}  # the head runs outside autocast, even for the prompt
         assert engine.cache.keys[0].dtype == torch.float32 and engine.snapshot()["prefill_dtype"] == "bfloat16"
     finally:
         engine.stop(timeout=5)

@@ -111,6 +111,8 @@ class Engine(VersionsMixin):
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile)
+        if prefill_dtype is not None:
+            _float32_head(model)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._lock = threading.Condition()  # guards everything below; decode thread waits on it when idle
         self._swap_lock = threading.Lock()  # one swap at a time
@@ -595,6 +597,35 @@ class Engine(VersionsMixin):
             self.metrics.serve_active.set(len(self._running))
             self.metrics.serve_batch_occupancy.set(len(self._running) / self.max_batch_size)
             self.metrics.adapters_loaded.set(len(self._adapters))
+
+
+def _float32_head(model: Any) -> None:
+    """Run the output head outside autocast, in float32: bf16 logits keep 8 bits of mantissa, so the top two tokens
+    of a small model tie or swap (SmolLM2-135M, 8 chat prompts: one first-token tie, one answer changed). Only the last
+    position reaches the head (``logits_to_keep=1``), so this costs one float32 matrix-vector product per row."""
+    import torch
+
+    head = model.get_output_embeddings()
+
+    class Float32Head(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def weight(self):
+            return self.inner.weight
+
+        def forward(self, hidden: Any) -> Any:
+            with torch.autocast(hidden.device.type, enabled=False):
+                return self.inner(hidden.float())
+
+    for name, child in model.named_children():
+        if child is head and head is not None:
+            setattr(model, name, Float32Head(head))
+            return
+    log.warning("output head not found; prefill logits stay in the autocast dtype",
+                extra={"model": type(model).__name__})
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
