@@ -19,13 +19,17 @@ all-linear (alpha 32, A and B random) registered in a temporary state folder.
   7b      DeepSeek-LLM-7B shape (random bf16 weights), 32 concurrent, 256 new tokens: decode tokens/s against
           the memory bound (weight bytes / HBM bandwidth per step; bandwidth measured in the run by a device copy).
   step    only our decode step at 32 and 1 rows and the ready time (a short GPU check between full runs).
-  cpu     the real SmolLM2-135M-Instruct (fp32, 2 cores): TTFT p50 for a 200-token prompt, one stream vs HF
-          generate, 8 concurrent clients vs one at a time (requests/s), at engine level.
+  cpu     the real SmolLM2-135M-Instruct (float32 weights) at engine level, rounds interleaved, load average
+          recorded: first requests after ready in fresh processes (with and without the warm-up), TTFT of a
+          200-token prompt, one stream against HF generate (float32 and bf16 weights), 8 concurrent clients
+          against one at a time (requests/s), each for float32 prefill and (where the CPU has AMX) bf16-autocast
+          prefill, and the greedy answers of both against HF's on 8 chat prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -529,49 +533,169 @@ def client_main(args) -> None:
     print(json.dumps(asyncio.run(main())))
 
 
-def part_cpu(args, out: dict) -> None:
-    import torch
+CPU_SPEC = "embedded:SmolLM2-135M-Instruct"
+CPU_PROMPT, CPU_NEW = 200, 32  # TTFT prompt length; one-stream and 8-client arms: 64-token prompts, 32 new tokens
+AGREEMENT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                     "Explain what a contract is in one sentence.", "List three prime numbers.",
+                     "Who wrote Hamlet?", "Translate 'good morning' into French.", "What is 12 times 7?",
+                     "Give one tip for sleeping better."]
 
-    from daemon.engine import Engine, SamplingParams
+
+def cpu_engine(args, prefill_dtype: str | None, warm_up: bool = True):
+    """A fresh SmolLM2-135M-Instruct (float32 weights) engine as ``lorad serve`` builds it on a CPU; returns
+    (engine, tokenizer, seconds from model loaded to ready)."""
+    from daemon.engine import Engine
     from pipelines.models import load_base_model
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    cache = Path(args.cache)
-    model, tok = load_base_model("embedded:SmolLM2-135M-Instruct", cache, dtype="float32", device="cpu")
-    reference, _ = load_base_model("embedded:SmolLM2-135M-Instruct", cache, dtype="float32", device="cpu")
-    eng = Engine(model, tok, max_batch_size=8, max_context=1024).start()
-    eng.eos_ids = set()  # EOS ignored, as min_new_tokens does for HF generate
-    eng.load_champion()
-    p200 = prompts(6, 200, seed=5)
-    ttft = []
-    for p in p200:
-        h = eng.generate(p, max_tokens=1, temperature=0)
-        ttft.append(h.ttft_seconds)
-    new = 32
-    p64 = prompts(8, 64, seed=6)
-    one = [run_engine(eng, [p], ["base"], new) for p in p64[:3]]
-    ours_tps = statistics.median(r["tokens_per_s"] for r in one)
-    hf = []
-    with torch.no_grad():
-        reference.generate(torch.tensor([p64[0]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
-        for p in p64[:3]:
-            t0 = time.perf_counter()
-            reference.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               pad_token_id=2)
-            hf.append(new / (time.perf_counter() - t0))
-    hf_tps = statistics.median(hf)
+    model, tok = load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")
     t0 = time.perf_counter()
-    for p in p64:
-        eng.generate(p, max_tokens=new, temperature=0)
-    rps_1 = len(p64) / (time.perf_counter() - t0)
-    r8 = run_engine(eng, p64, ["base"] * 8, new)
-    out.update({"ttft_p50_ms_200_tokens": 1000 * statistics.median(ttft), "ttft_ms_all": [1000 * t for t in ttft],
-                "one_stream_tokens_per_s": ours_tps, "hf_generate_one_stream_tokens_per_s": hf_tps,
-                "rps_1_at_a_time": rps_1, "rps_8_concurrent": r8["requests_per_s"],
-                "rps_8_vs_1": r8["requests_per_s"] / rps_1, "threads": torch.get_num_threads(),
-                "cpu": _common.cpu_name()})
-    _ = SamplingParams
+    eng = Engine(model, tok, max_batch_size=8, max_context=1024, prefill_dtype=prefill_dtype).start()
+    eng.load_champion(warm_up=warm_up)
+    return eng, tok, time.perf_counter() - t0
+
+
+def cpu_first_request(args) -> None:
+    """Own process (``--cpu-first-request warm|cold``): ready time, then the TTFT of the first 200-token requests a
+    fresh engine serves, with or without the warm-up. Prints one JSON line."""
+    import torch
+
+    from pipelines.hardware import serve_prefill_autocast
+
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    dtype = serve_prefill_autocast(torch.nn.Linear(1, 1), args.cpu_prefill)
+    eng, _, ready = cpu_engine(args, dtype, warm_up=args.cpu_first_request == "warm")
+    ttft = [eng.generate(p, max_tokens=1, temperature=0).ttft_seconds * 1000
+            for p in prompts(3, CPU_PROMPT, seed=11 + os.getpid() % 1000)]
+    print(json.dumps({"ready_s": ready, "warm_up_s": eng.warm_up_seconds, "ttft_ms": ttft}))
     eng.stop(timeout=10)
+
+
+def part_cpu(args, out: dict) -> None:
+    """The default model on this CPU: TTFT, one stream against HF generate, 8 clients against one at a time.
+
+    Engine variants: float32 throughout, and (where the hardware plan picks it) bf16-autocast prefill with float32
+    decode, the ``lorad serve`` default on a CPU with AMX. Every arm runs once per round, rounds interleaved, so
+    the load other processes put on the machine spreads over all arms; the load average is recorded per round.
+    """
+    import subprocess
+
+    import torch
+
+    from pipelines.hardware import serve_prefill_autocast
+    from pipelines.models import load_base_model
+
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    out.update({"threads": torch.get_num_threads(), "cpu": _common.cpu_name(), "cpu_count": os.cpu_count(),
+                "load_at_start": os.getloadavg()})
+    # 1. First requests after ready, each in a fresh process (first-call costs are per process): warm-up vs none.
+    first: dict[str, list] = {"warm": [], "cold": []}
+    for _ in range(args.cpu_cold_rounds):
+        for kind in first:
+            cmd = [sys.executable, __file__, "--cpu-first-request", kind, "--cache", args.cache,
+                   "--cpu-threads", str(args.cpu_threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            first[kind].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    out["first_requests"] = {
+        kind: {"ready_s": stats([r["ready_s"] for r in rs]),
+               "warm_up_s": stats([r["warm_up_s"] for r in rs]) if kind == "warm" else None,
+               "ttft_first_ms": stats([r["ttft_ms"][0] for r in rs]),
+               "ttft_next_ms": stats([t for r in rs for t in r["ttft_ms"][1:]]), "runs": rs}
+        for kind, rs in first.items() if rs}
+    # 2. Steady state, in this process.
+    auto = serve_prefill_autocast(torch.nn.Linear(1, 1), "auto")
+    variants = {"fp32": None, **({"bf16_prefill": auto} if auto else {})}
+    out["default_variant"] = "bf16_prefill" if auto else "fp32"
+    engines, ready = {}, {}
+    for name, dtype in variants.items():
+        engines[name], tok, ready[name] = cpu_engine(args, dtype)
+    out["ready_s"] = ready
+    out["warm_up_s"] = {name: e.warm_up_seconds for name, e in engines.items()}
+    out["agreement"] = cpu_agreement(args, engines, tok)
+    hf = {"hf_fp32": load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")[0],
+          "hf_bf16": load_base_model(CPU_SPEC, Path(args.cache), dtype="bfloat16", device="cpu")[0]}
+    for eng in engines.values():
+        eng.eos_ids = set()  # EOS ignored, as min_new_tokens does for HF generate
+    p64 = prompts(8, 64, seed=6)
+    with torch.no_grad():
+        for model in hf.values():
+            model.generate(torch.tensor([p64[0]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
+    results: dict[str, list] = collections.defaultdict(list)
+    loads = []
+    for r in range(args.rounds):
+        p200 = prompts(len(variants), CPU_PROMPT, seed=100 + r)  # a new prompt each round
+        for (name, eng), p in zip(engines.items(), p200):
+            results[f"{name}/ttft_ms"].append(eng.generate(p, max_tokens=1, temperature=0).ttft_seconds * 1000)
+        p = p64[r % len(p64)]
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            h = eng.generate(p, max_tokens=CPU_NEW, temperature=0)
+            results[f"{name}/one_stream_tokens_per_s"].append(len(h.tokens) / (time.perf_counter() - t0))
+            results[f"{name}/decode_tokens_per_s"].append(
+                (len(h.tokens) - 1) / (h.finished_at - h.first_token_at))
+        for name, model in hf.items():
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model.generate(torch.tensor([p]), max_new_tokens=CPU_NEW, min_new_tokens=CPU_NEW, do_sample=False,
+                               pad_token_id=2)
+            results[f"{name}/one_stream_tokens_per_s"].append(CPU_NEW / (time.perf_counter() - t0))
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            for q in p64:
+                eng.generate(q, max_tokens=CPU_NEW, temperature=0)
+            one = len(p64) / (time.perf_counter() - t0)
+            eight = run_engine(eng, p64, ["base"] * len(p64), CPU_NEW)["requests_per_s"]
+            results[f"{name}/rps_1_at_a_time"].append(one)
+            results[f"{name}/rps_8_concurrent"].append(eight)
+            results[f"{name}/rps_8_vs_1"].append(eight / one)
+        loads.append(os.getloadavg())
+        print(f"cpu round {r}: load {loads[-1][0]:.1f}", {k: round(v[-1], 1) for k, v in results.items()}, flush=True)
+    out["arms"] = {k: {**stats(v), "all": v} for k, v in results.items()}
+    out["load_per_round"] = loads
+    d = out["default_variant"]
+    best_hf = max(statistics.median(results[f"{k}/one_stream_tokens_per_s"]) for k in hf)
+    out.update({"ttft_p50_ms_200_tokens": statistics.median(results[f"{d}/ttft_ms"]),
+                "one_stream_tokens_per_s": statistics.median(results[f"{d}/one_stream_tokens_per_s"]),
+                "hf_generate_one_stream_tokens_per_s": best_hf,
+                "rps_8_vs_1": statistics.median(results[f"{d}/rps_8_vs_1"])})
+    for eng in engines.values():
+        eng.stop(timeout=10)
+
+
+def cpu_agreement(args, engines: dict, tok) -> dict:
+    """Greedy answers (24 new tokens, chat template) of each engine variant against HF generate in float32."""
+    import torch
+
+    from pipelines.models import load_base_model
+
+    reference = load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")[0]
+    answers: dict[str, list] = {name: [] for name in ("hf_fp32", *engines)}
+    for text in AGREEMENT_PROMPTS:
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=False), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        answers["hf_fp32"].append([t for t in out if t not in engines["fp32"].eos_ids])
+        for name, eng in engines.items():
+            answers[name].append(eng.generate(ids, max_tokens=24, temperature=0).tokens)
+
+    def common(a: list, b: list) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    result = {"prompts": len(AGREEMENT_PROMPTS), "new_tokens": 24,
+              "texts": {name: [tok.decode(a) for a in ans] for name, ans in answers.items()}}
+    for x, y in (("fp32", "hf_fp32"), *((n, "hf_fp32") for n in engines if n != "fp32"),
+                 *((n, "fp32") for n in engines if n != "fp32")):
+        pairs = list(zip(answers[x], answers[y]))
+        result[f"{x}_vs_{y}"] = {"identical": sum(a == b for a, b in pairs),
+                                 "mean_common_prefix_tokens": statistics.mean(common(a, b) for a, b in pairs)}
+    return result
 
 
 # ----------------------------------------------------------------------------- summary + main
@@ -609,8 +733,9 @@ def summarize(result: dict) -> dict:
                                 if swaps else None),
         "swaps_failed": swaps.get("failed"), "swaps_mixed": swaps.get("mixed"),
         "cpu_ttft_p50_ms": c.get("ttft_p50_ms_200_tokens"), "cpu_rps_8_vs_1": c.get("rps_8_vs_1"),
+        "cpu_ready_s": (c.get("ready_s") or {}).get(c.get("default_variant")),
         "cpu_one_stream_vs_hf": (c["one_stream_tokens_per_s"] / c["hf_generate_one_stream_tokens_per_s"]
-                                 if c else None),
+                                 if c.get("hf_generate_one_stream_tokens_per_s") else None),
     }
 
 
@@ -628,6 +753,11 @@ def main() -> int:
     ap.add_argument("--http-requests", type=int, default=40, help="requests per HTTP client")
     ap.add_argument("--http-clients", type=int, default=32)
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "lorad-test"), help="model cache for the CPU part")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="torch threads for the CPU part (0 = torch's default)")
+    ap.add_argument("--cpu-cold-rounds", type=int, default=2,
+                    help="CPU part: fresh processes timing the first requests, with and without the warm-up")
+    ap.add_argument("--cpu-first-request", choices=("warm", "cold"), help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-prefill", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_speed.json"))
     ap.add_argument("--merge", action="store_true", help="keep the other parts already in --out")
     ap.add_argument("--client", help=argparse.SUPPRESS)
@@ -637,6 +767,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.client:
         client_main(args)
+        return 0
+    if args.cpu_first_request:
+        cpu_first_request(args)
         return 0
     import torch
     import transformers
