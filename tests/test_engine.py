@@ -555,8 +555,8 @@ def test_cpu_warm_up_runs_forwards_before_ready_and_changes_no_output(world):
         hook.remove()
         cold.load_champion(warm_up=False)
         assert cold.warm_up_seconds is None and warm.warm_up_seconds > 0
-        # a prefill and one decode step per batch bucket (1, 2, 4), base rows then adapter rows
-        assert len(calls) == 2 * (1 + len(warm.cache.batch_buckets)) and set(calls) == {warm._thread_id}
+        # a prefill and decode steps at batch 1 and 4 (the slots), base rows then adapter rows
+        assert warm.cache.slots == 4 and len(calls) == 2 * 3 and set(calls) == {warm._thread_id}
         assert all(not bool(t.any()) for t in (*warm.cache.keys.values(), *warm.cache.values.values()))
         assert warm.warm_up() == 0  # once only
         ids = prompt_ids(world, PROMPTS[2])

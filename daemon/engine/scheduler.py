@@ -201,9 +201,9 @@ class Engine(VersionsMixin):
     def warm_up(self) -> int:
         """Run the first forwards now, before the engine reports ready, so no request pays for them.
 
-        GPU: capture the decode step's CUDA graphs (and first-chunk prefills). CPU: one prefill and one decode step
-        per batch bucket, base and adapter path, in the decode thread (its OpenMP and MKL thread pools, oneDNN's
-        primitives and the allocator's first growth happen here instead of in the first request).
+        GPU: capture the decode step's CUDA graphs (and first-chunk prefills). CPU: one prefill and decode steps at
+        the smallest and largest batch, base and adapter path, in the decode thread (its OpenMP and MKL thread pools,
+        oneDNN's primitives and the allocator's first growth happen here instead of in the first request).
 
         Returns:
             graphs captured (GPU) or forwards run (CPU).
@@ -225,8 +225,8 @@ class Engine(VersionsMixin):
         return n
 
     def _warm_up_cpu(self) -> int:
-        """Prefill one prompt and decode one step per batch bucket (base rows, then adapter rows); the cache slots
-        it wrote are zeroed again. Skipped while requests run: their rows hold those slots."""
+        """Prefill one prompt and decode one step at the smallest and the largest batch (base rows, then adapter
+        rows); the cache positions it wrote are zeroed again. Skipped while requests run: their rows hold the slots."""
         if self._running:
             return 0
         width = min(CPU_WARM_UP_TOKENS, self.cache.context - 1)
@@ -235,11 +235,12 @@ class Engine(VersionsMixin):
             with self._prefill_precision():
                 self.stepper.prefill([([0] * width, 0, lora_index)], 0)
             forwards += 1
-            for batch in self.cache.batch_buckets:
+            for batch in sorted({1, self.cache.slots}):
                 self.stepper.decode([0] * batch, [width] * batch, [lora_index] * batch)
                 forwards += 1
-        for slot in range(self.cache.slots):
-            self.cache.clear(slot)
+        for store in (self.cache.keys, self.cache.values):
+            for t in store.values():
+                t[:, :, :width + 1].zero_()
         return forwards
 
     def _prefill_precision(self) -> Any:
