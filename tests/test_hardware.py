@@ -115,6 +115,7 @@ def test_resolve_config_fills_only_auto_values(tmp_path):
 
 
 def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir, caplog):
+    import dataclasses
     import logging
 
     from daemon.service import Daemon
@@ -137,6 +138,15 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
               "serve_prefill": plans[0].train_compute}   # bf16 prompt prefill where training gets bf16 autocast
     assert daemon.metrics.registry.get_sample_value("lorad_hardware_plan_info", labels) == 1.0
     assert daemon.model is not None and next(daemon.model.parameters()).dtype.is_floating_point
+    # the serving engine prefills as the plan says (bf16 autocast on an AMX CPU), unless the config overrides it
+    assert daemon.engine.prefill_dtype == ("bfloat16" if plans[0].serve_prefill == "bfloat16" else None)
+    daemon.engine.stop(timeout=5)
+    override = "float32" if daemon.engine.prefill_dtype else "bfloat16"   # the opposite of the plan's choice
+    forced = Daemon(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, cpu_prefill_dtype=override)))
+    forced.metrics = LoradMetrics()
+    forced._load_model()
+    assert forced.engine.prefill_dtype == (None if override == "float32" else "bfloat16")
+    forced.engine.stop(timeout=5)
 
 
 def test_training_gpu_peak_reaches_the_metrics_from_the_run_records():
