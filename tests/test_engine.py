@@ -591,3 +591,25 @@ def test_bf16_prefill_runs_prompt_matmuls_in_bf16_and_decode_in_float32(world):
         engine.stop(timeout=5)
     with pytest.raises(ValueError, match="prefill_dtype"):
         Engine(engine.model, world["tokenizer"], prefill_dtype="float16")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident memory is read from /proc")
+def test_cpu_kv_cache_takes_memory_only_as_its_positions_are_written():
+    import torch
+
+    from daemon.engine.cache import KVCache, LayerShape
+
+    def resident_bytes() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+    before = resident_bytes()
+    cache = KVCache({i: LayerShape(4, 64, 64) for i in range(8)}, slots=16, context=4096, dtype=torch.float32,
+                    device="cpu")
+    assert cache.nbytes == 2**30
+    assert resident_bytes() - before < 64 * 2**20  # allocated, not yet touched
+    cache.keys[3][5, :, :10] = 1.0
+    cache.move(5, 0, 10)
+    assert float(cache.keys[3][0].sum()) == 4 * 10 * 64 and float(cache.keys[3][1].abs().sum()) == 0.0
+    assert cache.values[7].dtype == torch.float32 and cache.values[7].shape == (16, 4, 4096, 64)
+    del cache
