@@ -117,13 +117,17 @@ def make_world(root: Path, n_adapters: int = 4) -> dict:
     return {"state": state, "store": store, "versions": versions}
 
 
+# Engine options every engine of this run gets (--decode-kernel); --group-projections off empties lora.GROUPS.
+ENGINE_OPTIONS: dict = {}
+
+
 def engine_(world: dict, shape: dict = SHAPE_135M, **kw):
     from daemon.engine import Engine
     from monitors.metrics import LoradMetrics
 
     model = model_(shape)
     kw = {"max_batch_size": 32, "max_queue": 1024, "request_timeout": 600, "max_context": 512,
-          "adapter_slots": 6, **kw}
+          "adapter_slots": 6, **ENGINE_OPTIONS, **kw}
     return Engine(model, word_tokenizer(), store=world["store"] if world else None,
                   state_dir=world["state"] if world else None, base_model=BASE, metrics=LoradMetrics(), **kw)
 
@@ -144,12 +148,12 @@ def run_engine(engine, ps: list[list[int]], models: list[str], new: int = NEW) -
             "errors": errors[:3]}
 
 
-def step_time_ms(engine, batch: int = 32, steps: int = 200) -> float:
-    """Decode steps at ``batch`` rows (graph replays, context bucket of 96 positions), timed on the device."""
+def step_time_ms(engine, batch: int = 32, steps: int = 200, position: int = 95) -> float:
+    """Decode steps at ``batch`` rows each holding ``position`` positions (graph replays), timed on the device."""
     import torch
 
     stepper = engine.stepper
-    tokens, positions, lora = [5] * batch, [95] * batch, [1] * batch
+    tokens, positions, lora = [5] * batch, [position] * batch, [1] * batch
     result = engine.call(lambda: _time_steps(stepper, tokens, positions, lora, steps))
     torch.cuda.synchronize()
     return result
@@ -383,6 +387,7 @@ def part_step(args, out: dict) -> None:
     out["ready_s"] = time.perf_counter() - t0
     out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
     out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["decode_step_ms_32_at_400_direct"] = step_time_ms(eng, 32, position=400)
     out["compilations"], out["graph_captures"] = eng.compilations(), eng.stepper.captures
     eng.stop(timeout=10)
 
@@ -634,7 +639,16 @@ def main() -> int:
     ap.add_argument("--models", default="lorad", help=argparse.SUPPRESS)
     ap.add_argument("--clients", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--requests", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--decode-kernel", choices=("on", "off"), default="on",
+                    help="the engine's Triton decode attention (serve.decode_kernel); off = the PyTorch path")
+    ap.add_argument("--group-projections", choices=("on", "off"), default="on",
+                    help="merge q/k/v and gate/up into one matmul each (daemon/engine/lora.py GROUPS)")
     args = ap.parse_args()
+    ENGINE_OPTIONS["decode_kernel"] = args.decode_kernel == "on"
+    if args.group_projections == "off":
+        from daemon.engine import lora
+
+        lora.GROUPS = ()
     if args.client:
         client_main(args)
         return 0
@@ -645,7 +659,8 @@ def main() -> int:
     result = json.loads(path.read_text()) if args.merge and path.exists() else {}
     here = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench/serve_speed.py"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

@@ -541,3 +541,50 @@ def test_swap_invariants_under_concurrent_load(world):
         assert engine.stepper.captures == 0
     finally:
         engine.stop(timeout=5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_projections_give_the_separate_linears_results(arch):
+    """q/k/v and gate/up merged into one matmul each (with a block-diagonal B) change no number: same logits as
+    the ungrouped SlotLoRAs for rows on different slots, with adapters on every projection (Qwen2: q/k/v bias)."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from daemon.engine import lora
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    separate, grouped = model, copy.deepcopy(model)
+    slots, r_max = 3, 4
+    wrapped_s = lora.wrap_linears(separate, slots=slots, r_max=r_max, group=False)
+    wrapped_g = lora.wrap_linears(grouped, slots=slots, r_max=r_max)
+    groups = {id(m.group) for m in wrapped_g.values() if m.group is not None}
+    assert len(groups) == 2 * 2, "two groups (qkv, gate-up) per layer"
+    gen = torch.Generator().manual_seed(1)
+    for slot in range(slots):
+        weights = {name: (torch.randn(r_max, m.in_features, generator=gen) * 0.3,
+                          torch.randn(r_max, m.out_features, generator=gen) * 0.3) for name, m in wrapped_s.items()}
+        lora.write_slot(wrapped_s, slot, weights, r_max)
+        lora.write_slot(wrapped_g, slot, weights, r_max)
+    ids = torch.randint(0, 128, (4, 6), generator=gen)
+    rows_slot = torch.tensor([0, 1, 2, 3])  # 0 = base, 1..3 = the slots
+    with torch.no_grad():
+        outs = []
+        for m in (separate, grouped):
+            lora.SELECTION.mask = lora.selection(rows_slot, slots, r_max, torch.float32)
+            try:
+                outs.append(m(input_ids=ids).logits)
+            finally:
+                lora.SELECTION.mask = None
+        plain = [m(input_ids=ids).logits for m in (separate, grouped)]  # no adapter: the base path
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[1], plain[0], rtol=1e-5, atol=1e-5)
+    assert (outs[0][1:] - plain[0][1:]).abs().max() > 1e-2, "the adapters must change the output"
+    assert all(m.group.pending is None for m in wrapped_g.values() if m.group is not None)

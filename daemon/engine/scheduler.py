@@ -69,6 +69,7 @@ class Engine(VersionsMixin):
         lora_max_rank: the largest adapter rank a slot holds.
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
+        decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, store: Any = None, state_dir: str | os.PathLike | None = None,
@@ -76,7 +77,8 @@ class Engine(VersionsMixin):
                  request_timeout: float = 120.0, batch_invariant: bool = False, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
-                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True):
+                 lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True,
+                 decode_kernel: bool = True):
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
             raise ValueError(f"max_batch_size, max_queue, adapter_slots and lora_max_rank must be >= 1 and "
                              f"request_timeout > 0, got {max_batch_size}, {max_queue}, {adapter_slots}, "
@@ -99,7 +101,8 @@ class Engine(VersionsMixin):
         model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile)
+        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile,
+                               decode_kernel)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._lock = threading.Condition()  # guards everything below; decode thread waits on it when idle
         self._swap_lock = threading.Lock()  # one swap at a time
@@ -120,7 +123,7 @@ class Engine(VersionsMixin):
         self._thread_id: int | None = None
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
-                          cuda_graphs: bool, compile: bool) -> None:
+                          cuda_graphs: bool, compile: bool, decode_kernel: bool) -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
@@ -160,7 +163,8 @@ class Engine(VersionsMixin):
         self.cache = cache_mod.KVCache(layers, slots=slots, context=self.max_context, dtype=dtype,
                                        device=self.device)
         self.stepper = step.Stepper(model, self.cache, lora_slots=self.adapter_slots, r_max=self.lora_max_rank,
-                                    use_graphs=cuda_graphs, compile=compile, on_capture=self._captured)
+                                    use_graphs=cuda_graphs, compile=compile, decode_kernel=decode_kernel,
+                                    on_capture=self._captured)
         self._compilations = step.compilations()
         if self.metrics is not None:
             self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
@@ -564,7 +568,7 @@ def build_engine(daemon: Any) -> Any:
                     live=getattr(daemon, "live", None), batch_invariant=s.batch_invariant,
                     max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
                     kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
-                    cuda_graphs=s.cuda_graphs, compile=s.compile)
+                    cuda_graphs=s.cuda_graphs, compile=s.compile, decode_kernel=s.decode_kernel)
     listener = getattr(daemon, "_champion_changed", None)
     if listener is not None:
         engine.champion_listeners.append(listener)
