@@ -175,8 +175,8 @@ def test_mixed_version_batch_gives_each_row_its_own_versions_output(world):
         for v in world["versions"]:
             engine.preload(v, stage=True)
         steps = []
-        decode = engine.stepper.decode
-        engine.stepper.decode = lambda tokens, *a, **k: steps.append(len(tokens)) or decode(tokens, *a, **k)
+        launch = engine.stepper.launch_decode
+        engine.stepper.launch_decode = lambda n, *a, **k: steps.append(n) or launch(n, *a, **k)
         handles = []
         with Blocker(engine):
             for i in range(8):
@@ -588,3 +588,31 @@ def test_grouped_projections_give_the_separate_linears_results(arch):
     torch.testing.assert_close(plain[1], plain[0], rtol=1e-5, atol=1e-5)
     assert (outs[0][1:] - plain[0][1:]).abs().max() > 1e-2, "the adapters must change the output"
     assert all(m.group.pending is None for m in wrapped_g.values() if m.group is not None)
+
+
+def test_rows_ending_while_the_next_step_is_in_flight_leave_the_others_exact(world):
+    """The host reads step N while step N+1 runs: a row that stops at step N (end-of-sequence) was already in
+    N+1, and its slot is compacted under the launched step. Every other row must still equal its lone run."""
+    from daemon.engine import SamplingParams
+
+    engine = make_engine(world, max_batch_size=8)
+    try:
+        ref = references(engine, world, ["base"], max_tokens=12)
+        # End-of-sequence = a token that some rows produce early and others never: those stop mid-batch
+        stopper = ref[("base", PROMPTS[1])][2]
+        engine.eos_ids = {stopper}
+        stopping = [t for t in PROMPTS if stopper in ref[("base", t)]]
+        assert 0 < len(stopping) < len(PROMPTS), "the chosen token must end some rows and not others"
+        with Blocker(engine):
+            handles = [(t, engine.submit(prompt_ids(world, t), model="base",
+                                         params=SamplingParams(max_tokens=12, temperature=0))) for t in PROMPTS]
+        for text, h in handles:
+            assert h.wait(30)
+            expected = ref[("base", text)]
+            if stopper in expected:
+                assert (h.finish_reason, h.tokens) == ("stop", expected[:expected.index(stopper)]), text
+            else:
+                assert (h.finish_reason, h.tokens) == ("length", expected), text
+        assert engine.snapshot()["running"] == 0 and not engine._inflight
+    finally:
+        engine.stop(timeout=5)

@@ -327,6 +327,54 @@ class Stepper:
                 out = self._replay(("decode", batch, 1, context))
         return tuple(t[:n] for t in out)
 
+    def launch_decode(self, n: int, positions: int, *, batch: int | None = None, context: int | None = None) -> tuple:
+        """One decode step for rows in slots [0, n) from the inputs already on the device (``advance``,
+        ``admit_rows`` and ``move_row`` keep them), so the host need not know the previous step's tokens yet.
+
+        Args:
+            positions: the largest position a row holds, plus one (picks the context bucket).
+            batch / context: fixed shapes (batch invariance); by default the smallest buckets that fit.
+        Returns:
+            (logits, greedy tokens, finite flags) on the device, rows [0, n).
+        """
+        import torch
+
+        batch = batch or bucket(n, self.cache.batch_buckets)
+        context = context or self._decode_context(positions)
+        with torch.no_grad():
+            if batch > n:  # padding rows decode in free slots at position 0; their output is dropped
+                self.positions[n:batch].zero_()
+            key = ("decode", batch, 1, context)
+            out = self._replay(key) if self.use_graphs else self._body(key)
+        return tuple(t[:n] for t in out)
+
+    def advance(self, tokens: Any, n: int) -> None:
+        """After a decode step of rows [0, n): each row's chosen token is its next input, one position on."""
+        import torch
+
+        with torch.no_grad():
+            self.ids[:n, 0].copy_(tokens)
+            self.positions[:n] += 1
+
+    def admit_rows(self, start: int, tokens: Any, positions: list[int], lora_index: list[int]) -> None:
+        """Rows just prefilled into slots [start, start + k): their first tokens (on the device), positions, slots."""
+        import torch
+
+        k = len(positions)
+        host = torch.tensor([positions, lora_index], dtype=torch.long)
+        with torch.no_grad():
+            self.ids[start:start + k, 0].copy_(tokens)
+            self.positions[start:start + k, 0].copy_(host[0], non_blocking=True)
+            self.lora_index[start:start + k].copy_(host[1], non_blocking=True)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """A row moved from slot ``src`` to ``dst`` (compaction): its device-side inputs move with it."""
+        import torch
+
+        with torch.no_grad():
+            for t in (self.ids, self.positions, self.lora_index):
+                t[dst].copy_(t[src])
+
     def _decode_context(self, positions: int) -> int:
         """The context bucket a decode step of rows holding up to ``positions`` runs at (the kernel: one for all)."""
         return self.cache.context if self.decode_kernel else bucket(positions, self.cache.context_buckets)
