@@ -51,8 +51,9 @@ SHAPE_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num
 SHAPE_7B = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
                 rope_theta=10000.0, bos_token_id=1, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
-SHAPE_TINY = dict(SHAPE_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+# The engine's step costs little here (2 layers, 4096 words): what an HTTP request costs the host shows.
+SHAPE_TINY = dict(SHAPE_135M, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
 SHAPES = {"135m": SHAPE_135M, "tiny": SHAPE_TINY}
 BASE = "bench:random-135m"
 PROMPT, NEW = 64, 32
@@ -72,9 +73,9 @@ def pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def prompts(n: int, length: int = PROMPT, seed: int = 1) -> list[list[int]]:
+def prompts(n: int, length: int = PROMPT, seed: int = 1, vocab: int = 49152) -> list[list[int]]:
     r = random.Random(seed)
-    return [[r.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
+    return [[r.randrange(100, vocab - 152) for _ in range(length)] for _ in range(n)]
 
 
 def model_(shape: dict = SHAPE_135M, device: str | None = None, dtype: str | None = None):
@@ -133,7 +134,7 @@ def engine_(world: dict, shape: dict = SHAPE_135M, device: str | None = None, **
     model = model_(shape, device)
     kw = {"max_batch_size": 32, "max_queue": 1024, "request_timeout": 600, "max_context": 512,
           "adapter_slots": 6, **kw}
-    return Engine(model, word_tokenizer(), store=world["store"] if world else None,
+    return Engine(model, word_tokenizer(shape["vocab_size"]), store=world["store"] if world else None,
                   state_dir=world["state"] if world else None, base_model=BASE, metrics=LoradMetrics(), **kw)
 
 
@@ -460,7 +461,8 @@ def part_http(args, out: dict) -> None:
     out["client_ceiling"] = sse_load.ceiling(args.http_clients, 100, args.http_procs)
     print("load generator ceiling", out["client_ceiling"], flush=True)
     runs: dict[str, list] = {"http_32": [], "http_32_4_versions": []}
-    ps32 = prompts(32, seed=3)
+    vocab = shape["vocab_size"]
+    ps32 = prompts(32, seed=3, vocab=vocab)
     engine_runs = []
     try:
         for r in range(args.rounds):
@@ -469,7 +471,7 @@ def part_http(args, out: dict) -> None:
             for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
                 cpu0 = server.loop_cpu_s()
                 res = sse_load.run(server.url, clients=args.http_clients, requests=args.http_requests,
-                                   procs=args.http_procs, models=models)
+                                   procs=args.http_procs, models=models, vocab=vocab)
                 cpu = server.loop_cpu_s() - cpu0  # includes the warm-up requests: an upper bound
                 res["server_loop_cpu_ms_per_request"] = 1000 * cpu / res["requests"] if cpu >= 0 else None
                 runs[label].append(res)

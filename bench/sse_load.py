@@ -37,10 +37,10 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def bodies(models: list[str], n_prompts: int = 64, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS,
-           vocab: tuple[int, int] = (100, 49000), seed: int = 3) -> list[list[bytes]]:
+           vocab: int = 49152, seed: int = 3) -> list[list[bytes]]:
     """Request bodies per model (random token-id prompts, greedy, streaming), JSON-encoded once."""
     r = random.Random(seed)
-    ps = [[r.randrange(*vocab) for _ in range(prompt_tokens)] for _ in range(n_prompts)]
+    ps = [[r.randrange(100, vocab - 152) for _ in range(prompt_tokens)] for _ in range(n_prompts)]
     return [[json.dumps({"model": m, "prompt": p, "max_tokens": new_tokens, "temperature": 0,
                          "stream": True}).encode() for p in ps] for m in models]
 
@@ -117,7 +117,7 @@ async def _worker(args) -> dict:
 
     url = urlsplit(args.url)
     models = args.models.split(",")
-    bodies_ = bodies(models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    bodies_ = bodies(models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, vocab=args.vocab)
     go, ready = asyncio.Event(), []
     out = {"requests": 0, "errors": [], "ttfts": [], "events": 0}
     ks = range(args.first_client, args.first_client + args.clients)
@@ -140,7 +140,8 @@ async def _worker(args) -> dict:
 
 
 def run(url: str, *, clients: int = 32, requests: int = 40, procs: int | None = None, models: str = "lorad",
-        warm: int = 1, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS, timeout: float = 600) -> dict:
+        warm: int = 1, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS, vocab: int = 49152,
+        timeout: float = 600) -> dict:
     """``clients`` streaming clients split over ``procs`` processes; merged requests/s and TTFT percentiles.
 
     Args:
@@ -153,7 +154,7 @@ def run(url: str, *, clients: int = 32, requests: int = 40, procs: int | None = 
     for n in share:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--url", url, "--clients", str(n),
                "--first-client", str(first), "--requests", str(requests), "--warm", str(warm), "--models", models,
-               "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+               "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--vocab", str(vocab)]
         workers.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         first += n
     try:
@@ -248,6 +249,7 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--vocab", type=int, default=49152, help="prompt token ids are drawn from [100, vocab - 152)")
     ap.add_argument("--ceiling", action="store_true", help="measure this generator against a trivial server")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--first-client", type=int, default=0, help=argparse.SUPPRESS)
@@ -265,7 +267,7 @@ def main() -> int:
             ap.error("--url (or --ceiling) is required")
         print(json.dumps(run(args.url, clients=args.clients, requests=args.requests, procs=args.procs,
                              models=args.models, warm=args.warm, prompt_tokens=args.prompt_tokens,
-                             new_tokens=args.new_tokens)))
+                             new_tokens=args.new_tokens, vocab=args.vocab)))
     return 0
 
 
