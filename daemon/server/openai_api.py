@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from daemon.server.auth import require_api_key
-from daemon.server.context import ServerContext
+from daemon.server.context import INLINE_BYTES, ServerContext
 from daemon.server.protocol import ApiError, Shape, finish_error, prompt_ids, sampling, sse, usage_of
 from daemon.server.text import Detokenizer
 
@@ -64,7 +64,8 @@ def _public_name(base_model: str) -> str:
 
 
 async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:
-    """Authenticate, parse, tokenize (in the request pool) and submit: (engine, handle, stops, body).
+    """Authenticate, parse, tokenize (in the request pool when the body is large) and submit: (engine, handle,
+    stops, body).
 
     Raises:
         ApiError: whatever is wrong with the request, or the engine's refusal (429, 404, 503).
@@ -78,16 +79,21 @@ async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:
     serve = ctx.serve
     require_api_key(serve, request)
     engine = ctx.engine_or_503()
-    body = await ctx.json_body(request)
+    body, size = await ctx.json_body_sized(request)
     params, stops = sampling(body, chat=chat, max_new_tokens=serve.max_new_tokens)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
-    ids = await ctx.cpu(prompt_ids, engine.tokenizer, body, chat=chat, max_prompt_tokens=serve.max_prompt_tokens)
+    if size <= INLINE_BYTES:  # a small body tokenizes faster than a trip through the pool
+        ids = prompt_ids(engine.tokenizer, body, chat=chat, max_prompt_tokens=serve.max_prompt_tokens)
+    else:
+        ids = await ctx.cpu(prompt_ids, engine.tokenizer, body, chat=chat,
+                            max_prompt_tokens=serve.max_prompt_tokens)
+    loop = asyncio.get_running_loop()
     try:
-        # Not the request pool: submit may block for seconds loading a pinned adapter.
-        handle = await run_in_threadpool(engine.submit, ids, model=model, params=params,
-                                         loop=asyncio.get_running_loop())
+        handle = engine.submit(ids, model=model, params=params, loop=loop, load=False)
+        if handle is None:  # the pinned version must be loaded first: seconds, so not on the event loop
+            handle = await run_in_threadpool(engine.submit, ids, model=model, params=params, loop=loop)
     except eng.EngineError as e:
         headers = {"Retry-After": "1"} if isinstance(e, eng.QueueFull) else None
         raise ApiError(e.status, str(e), code=e.code, param="model" if e.status == 404 else None,
