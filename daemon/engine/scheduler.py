@@ -271,8 +271,11 @@ class Engine(VersionsMixin):
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], *, model: str | None = None, params: SamplingParams | None = None,
-               loop: Any = None) -> GenerationHandle:
+               loop: Any = None, load: bool = True) -> GenerationHandle | None:
         """Pin a request to a version and queue it; blocks only to load a pinned version on demand.
+
+        With ``load=False`` it never blocks: None when the version would have to be loaded first (an event
+        loop calls it so, and again with ``load=True`` from a thread when it gets None).
 
         Raises:
             InvalidRequest: empty prompt, or a prompt that leaves no room in the per-request context.
@@ -291,6 +294,8 @@ class Engine(VersionsMixin):
             version = self._champion if name in CHAMPION_ALIASES else None if name == BASE_LABEL else name
             if version is None or version in self._adapters:
                 return self._enqueue(prompt_ids, version, params, loop)
+        if not load:
+            return None
         self.resolve(name)  # raises UnknownModel for names the registry does not know
         self.preload(version, stage=True)  # a named version not in memory: load it now, held until pinned
         try:
