@@ -14,8 +14,11 @@ all-linear (alpha 32, A and B random) registered in a temporary state folder.
           warm-up), HF dynamic cache batched, transformers' generate_batch. Then ready time (engine build +
           graph capture), and 100 swaps under load (batch-invariant engine, so every response can be checked
           exactly against its version's lone output): failed, mixed, captures and compilations before/after.
-  http    the real server (daemon.server.create_app under uvicorn on 127.0.0.1), 32 streaming clients in a
-          separate process (httpx): requests/s and time to first token; the same with clients pinned to 4 versions.
+  http    the real server (daemon.server.create_app under lorad's uvicorn settings on 127.0.0.1), 32 streaming
+          clients spread over several processes (bench/sse_load.py, raw asyncio HTTP/1.1): requests/s and time to
+          first token, the same with clients pinned to 4 versions, interleaved rounds (median); the load
+          generator's own ceiling against a trivial server, and the server thread's CPU per request.
+          --shape tiny --device cpu runs it on a CPU with a 2-layer model, where the HTTP path dominates.
   7b      DeepSeek-LLM-7B shape (random bf16 weights), 32 concurrent, 256 new tokens: decode tokens/s against
           the memory bound (weight bytes / HBM bandwidth per step; bandwidth measured in the run by a device copy).
   step    only our decode step at 32 and 1 rows and the ready time (a short GPU check between full runs).
@@ -40,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,6 +55,10 @@ SHAPE_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num
 SHAPE_7B = dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
                 rope_theta=10000.0, bos_token_id=1, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
+# The engine's step costs little here (2 layers, 4096 words): what an HTTP request costs the host shows.
+SHAPE_TINY = dict(SHAPE_135M, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+SHAPES = {"135m": SHAPE_135M, "tiny": SHAPE_TINY}
 BASE = "bench:random-135m"
 PROMPT, NEW = 64, 32
 
@@ -69,16 +77,18 @@ def pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def prompts(n: int, length: int = PROMPT, seed: int = 1) -> list[list[int]]:
+def prompts(n: int, length: int = PROMPT, seed: int = 1, vocab: int = 49152) -> list[list[int]]:
     r = random.Random(seed)
-    return [[r.randrange(100, 49000) for _ in range(length)] for _ in range(n)]
+    return [[r.randrange(100, vocab - 152) for _ in range(length)] for _ in range(n)]
 
 
-def model_(shape: dict = SHAPE_135M, device: str | None = None, dtype: str = "bfloat16"):
+def model_(shape: dict = SHAPE_135M, device: str | None = None, dtype: str | None = None):
+    """Random weights of ``shape``: bf16 on a GPU, fp32 on a CPU unless ``dtype`` says otherwise."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     torch.manual_seed(0)
     with torch.device(device):
         m = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=getattr(torch, dtype))
@@ -98,7 +108,7 @@ def word_tokenizer(vocab: int = 49152):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", pad_token="<pad>")
 
 
-def make_world(root: Path, n_adapters: int = 4) -> dict:
+def make_world(root: Path, n_adapters: int = 4, shape: dict = SHAPE_135M) -> dict:
     """A state folder with ``n_adapters`` registered LoRA adapters (r16, all-linear, random A and B) for BASE."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -108,7 +118,7 @@ def make_world(root: Path, n_adapters: int = 4) -> dict:
 
     state = root / "state"
     store = open_store(state)
-    base = model_(device="cpu", dtype="float32")
+    base = model_(shape, device="cpu", dtype="float32")
     versions = []
     for i in range(n_adapters):
         torch.manual_seed(100 + i)
@@ -121,14 +131,18 @@ def make_world(root: Path, n_adapters: int = 4) -> dict:
     return {"state": state, "store": store, "versions": versions}
 
 
-def engine_(world: dict, shape: dict = SHAPE_135M, **kw):
+# Engine options every engine of this run gets (--decode-kernel); --group-projections off empties lora.GROUPS.
+ENGINE_OPTIONS: dict = {}
+
+
+def engine_(world: dict, shape: dict = SHAPE_135M, device: str | None = None, **kw):
     from daemon.engine import Engine
     from monitors.metrics import LoradMetrics
 
-    model = model_(shape)
+    model = model_(shape, device)
     kw = {"max_batch_size": 32, "max_queue": 1024, "request_timeout": 600, "max_context": 512,
-          "adapter_slots": 6, **kw}
-    return Engine(model, word_tokenizer(), store=world["store"] if world else None,
+          "adapter_slots": 6, **ENGINE_OPTIONS, **kw}
+    return Engine(model, word_tokenizer(shape["vocab_size"]), store=world["store"] if world else None,
                   state_dir=world["state"] if world else None, base_model=BASE, metrics=LoradMetrics(), **kw)
 
 
@@ -148,12 +162,12 @@ def run_engine(engine, ps: list[list[int]], models: list[str], new: int = NEW) -
             "errors": errors[:3]}
 
 
-def step_time_ms(engine, batch: int = 32, steps: int = 200) -> float:
-    """Decode steps at ``batch`` rows (graph replays, context bucket of 96 positions), timed on the device."""
+def step_time_ms(engine, batch: int = 32, steps: int = 200, position: int = 95) -> float:
+    """Decode steps at ``batch`` rows each holding ``position`` positions (graph replays), timed on the device."""
     import torch
 
     stepper = engine.stepper
-    tokens, positions, lora = [5] * batch, [95] * batch, [1] * batch
+    tokens, positions, lora = [5] * batch, [position] * batch, [1] * batch
     result = engine.call(lambda: _time_steps(stepper, tokens, positions, lora, steps))
     torch.cuda.synchronize()
     return result
@@ -387,6 +401,7 @@ def part_step(args, out: dict) -> None:
     out["ready_s"] = time.perf_counter() - t0
     out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
     out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
+    out["decode_step_ms_32_at_400_direct"] = step_time_ms(eng, 32, position=400)
     out["compilations"], out["graph_captures"] = eng.compilations(), eng.stepper.captures
     eng.stop(timeout=10)
 
@@ -427,17 +442,17 @@ def part_7b(args, out: dict) -> None:
 
 
 def part_http(args, out: dict) -> None:
-    import subprocess
-    from types import SimpleNamespace
-
+    """The real server (lorad's app and uvicorn settings) in this process, the load generator in others."""
+    from bench import sse_load
     from daemon.config import build_config
     from daemon.server import create_app
 
+    shape = SHAPES[args.shape]
     root = Path(tempfile.mkdtemp(prefix="serve-speed-http-"))
-    world = make_world(root)
+    world = make_world(root, shape=shape)
     v = world["versions"]
     t0 = time.perf_counter()
-    eng = engine_(world).start()
+    eng = engine_(world, shape, device=args.device).start()
     eng.load_champion()
     out["ready_s"] = time.perf_counter() - t0
     eng.swap(v[0])
@@ -450,18 +465,32 @@ def part_http(args, out: dict) -> None:
     ready.set()
     daemon = SimpleNamespace(cfg=cfg, store=world["store"], metrics=eng.metrics, ready=ready, model_error=None,
                              engine=eng, started_at=time.time(), status=lambda: {})
-    server = _Server(create_app(daemon))
+    server = _Server(create_app(daemon), cfg.serve)
+    out.update(shape=args.shape, device=str(eng.device), server=server.describe())
+    out["client_ceiling"] = sse_load.ceiling(args.http_clients, 100, args.http_procs)
+    print("load generator ceiling", out["client_ceiling"], flush=True)
+    runs: dict[str, list] = {"http_32": [], "http_32_4_versions": []}
+    vocab = shape["vocab_size"]
+    ps32 = prompts(32, seed=3, vocab=vocab)
+    engine_runs = []
     try:
-        for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
-            for warm in (True, False):
-                cmd = [sys.executable, __file__, "--client", server.url, "--models", models,
-                       "--clients", str(args.http_clients), "--requests", "2" if warm else str(args.http_requests)]
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
-                if res.returncode != 0:
-                    raise RuntimeError(res.stderr[-2000:])
-                if not warm:
-                    out[label] = json.loads(res.stdout.strip().splitlines()[-1])
-                    print(label, out[label], flush=True)
+        for r in range(args.rounds):
+            engine_runs.append(run_engine(eng, ps32, ["lorad"] * 32))  # what the engine alone does, same round
+            print(f"round {r} engine_32", engine_runs[-1], flush=True)
+            for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
+                cpu0 = server.loop_cpu_s()
+                res = sse_load.run(server.url, clients=args.http_clients, requests=args.http_requests,
+                                   procs=args.http_procs, models=models, vocab=vocab)
+                cpu = server.loop_cpu_s() - cpu0  # includes the warm-up requests: an upper bound
+                res["server_loop_cpu_ms_per_request"] = 1000 * cpu / res["requests"] if cpu >= 0 else None
+                runs[label].append(res)
+                print(f"round {r} {label}", res, flush=True)
+        for label, xs in runs.items():
+            out[label] = dict(xs[-1], requests_per_s=statistics.median(x["requests_per_s"] for x in xs),
+                              ttft_p50_ms=statistics.median(x["ttft_p50_ms"] for x in xs),
+                              rounds={k: [x[k] for x in xs] for k in ("requests_per_s", "ttft_p50_ms", "ttft_p99_ms",
+                                                                       "server_loop_cpu_ms_per_request")})
+        out["engine_32"] = dict(engine_runs[-1], requests_per_s=stats([x["requests_per_s"] for x in engine_runs]))
         out["graph_captures"] = eng.stepper.captures
     finally:
         server.stop()
@@ -469,68 +498,52 @@ def part_http(args, out: dict) -> None:
 
 
 class _Server:
-    """uvicorn in a thread on a free port of 127.0.0.1."""
+    """uvicorn with lorad's settings (daemon.server.uvicorn_config) in a thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
+    def __init__(self, app, serve):
         import socket
 
         import uvicorn
+
+        from daemon.server import uvicorn_config
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                                    access_log=False, lifespan="off", backlog=4096))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        settings = SimpleNamespace(**{**vars(serve), "host": "127.0.0.1", "port": port})
+        self.config = uvicorn_config(app, settings, log_config=None, access_log=False, lifespan="off", backlog=4096)
+        self.server = uvicorn.Server(self.config)
+        self.tid = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
 
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        self.server.run()
+
+    def describe(self) -> dict:
+        """What serves: the event loop and HTTP protocol uvicorn picked."""
+        import asyncio
+
+        loop = getattr(self.config, "loop", None)
+        http = self.config.http
+        return {"loop": loop, "loop_class": type(asyncio.get_event_loop_policy()).__module__,
+                "http": http if isinstance(http, str) else f"{http.__module__}.{http.__qualname__}"}
+
+    def loop_cpu_s(self) -> float:
+        """CPU seconds the server's thread (event loop, HTTP, detokenization) has used; -1 where unknown."""
+        try:
+            fields = Path(f"/proc/self/task/{self.tid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return -1.0
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def client_main(args) -> None:
-    """Load generator (own process): ``--clients`` streaming clients, ``--requests`` each; prints one JSON line."""
-    import asyncio
-
-    import httpx
-
-    models = args.models.split(",")
-    ps = prompts(64, seed=3)
-
-    async def one(http, k: int, i: int, ttfts: list, errors: list) -> None:
-        body = {"model": models[k % len(models)], "prompt": ps[(k * 7 + i) % len(ps)], "max_tokens": NEW,
-                "temperature": 0, "stream": True}
-        t0 = time.perf_counter()
-        first = None
-        async with http.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                errors.append(r.status_code)
-                await r.aread()
-                return
-            async for line in r.aiter_lines():
-                if first is None and line.startswith("data: {"):
-                    first = time.perf_counter() - t0
-        ttfts.append(first)
-
-    async def main() -> dict:
-        ttfts, errors = [], []
-        limits = httpx.Limits(max_connections=args.clients * 2, max_keepalive_connections=args.clients * 2)
-        async with httpx.AsyncClient(base_url=args.client, timeout=600, limits=limits) as http:
-            async def worker(k: int) -> None:
-                for i in range(args.requests):
-                    await one(http, k, i, ttfts, errors)
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(k) for k in range(args.clients)))
-            dt = time.perf_counter() - t0
-        good = [t for t in ttfts if t is not None]
-        return {"requests_per_s": len(ttfts) / dt, "requests": len(ttfts), "errors": len(errors),
-                "seconds": dt, "ttft_p50_ms": 1000 * (pct(good, 50) or 0), "ttft_p99_ms": 1000 * (pct(good, 99) or 0)}
-
-    print(json.dumps(asyncio.run(main())))
 
 
 CPU_SPEC = "embedded:SmolLM2-135M-Instruct"
@@ -763,6 +776,11 @@ def main() -> int:
     ap.add_argument("--compare-eager", action="store_true", help="also time the engine without torch.compile")
     ap.add_argument("--http-requests", type=int, default=40, help="requests per HTTP client")
     ap.add_argument("--http-clients", type=int, default=32)
+    ap.add_argument("--http-procs", type=int, default=None,
+                    help="load generator processes (default min(4, clients); bench/sse_load.py)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="135m",
+                    help="model shape of the http part (tiny: a 2-layer model, so the HTTP path dominates on a CPU)")
+    ap.add_argument("--device", default=None, help="device of the http part's engine (default cuda if available)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "lorad-test"), help="model cache for the CPU part")
     ap.add_argument("--cpu-threads", type=int, default=0, help="torch threads for the CPU part (0 = torch's default)")
     ap.add_argument("--cpu-cold-rounds", type=int, default=2,
@@ -771,17 +789,19 @@ def main() -> int:
     ap.add_argument("--cpu-prefill", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_speed.json"))
     ap.add_argument("--merge", action="store_true", help="keep the other parts already in --out")
-    ap.add_argument("--client", help=argparse.SUPPRESS)
-    ap.add_argument("--models", default="lorad", help=argparse.SUPPRESS)
-    ap.add_argument("--clients", type=int, default=32, help=argparse.SUPPRESS)
-    ap.add_argument("--requests", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--decode-kernel", choices=("on", "off"), default="on",
+                    help="the engine's Triton decode attention (serve.decode_kernel); off = the PyTorch path")
+    ap.add_argument("--group-projections", choices=("on", "off"), default="on",
+                    help="merge q/k/v and gate/up into one matmul each (daemon/engine/lora.py GROUPS)")
     args = ap.parse_args()
-    if args.client:
-        client_main(args)
-        return 0
     if args.cpu_first_request:
         cpu_first_request(args)
         return 0
+    ENGINE_OPTIONS["decode_kernel"] = args.decode_kernel == "on"
+    if args.group_projections == "off":
+        from daemon.engine import lora
+
+        lora.GROUPS = ()
     import torch
     import transformers
 
@@ -789,7 +809,8 @@ def main() -> int:
     result = json.loads(path.read_text()) if args.merge and path.exists() else {}
     here = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench/serve_speed.py"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

@@ -368,6 +368,8 @@ class ServeConfig:
     lora_max_rank: int = _f(64, "largest adapter rank the LoRA tables hold; higher ranks are refused", ge=1, le=1024)
     cuda_graphs: bool = _f(True, "capture the decode step as CUDA graphs on a GPU (off: eager, for debugging)")
     compile: bool = _f(True, "torch.compile the decoder layers on a GPU before capture (fewer kernels per step)")
+    decode_kernel: bool = _f(True, "on a GPU, decode attention as one Triton kernel that appends the step's keys "
+                                   "and reads only each request's own positions (off: the PyTorch path)")
     cpu_prefill_dtype: str = _f("auto", "matmul dtype of prompt prefill for float32 weights on a CPU; auto = bf16 "
                                         "autocast where the CPU has AMX bf16 units, else float32 (decode stays "
                                         "float32)", choices=("auto", "float32", "bfloat16"))

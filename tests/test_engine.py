@@ -175,8 +175,8 @@ def test_mixed_version_batch_gives_each_row_its_own_versions_output(world):
         for v in world["versions"]:
             engine.preload(v, stage=True)
         steps = []
-        decode = engine.stepper.decode
-        engine.stepper.decode = lambda tokens, *a, **k: steps.append(len(tokens)) or decode(tokens, *a, **k)
+        launch = engine.stepper.launch_decode
+        engine.stepper.launch_decode = lambda n, *a, **k: steps.append(n) or launch(n, *a, **k)
         handles = []
         with Blocker(engine):
             for i in range(8):
@@ -539,6 +539,81 @@ def test_swap_invariants_under_concurrent_load(world):
             t.join(30)
         assert not bad and ok[0] >= 6
         assert engine.stepper.captures == 0
+    finally:
+        engine.stop(timeout=5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_projections_give_the_separate_linears_results(arch):
+    """q/k/v and gate/up merged into one matmul each (with a block-diagonal B) change no number: same logits as
+    the ungrouped SlotLoRAs for rows on different slots, with adapters on every projection (Qwen2: q/k/v bias)."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from daemon.engine import lora
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).eval()
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    separate, grouped = model, copy.deepcopy(model)
+    slots, r_max = 3, 4
+    wrapped_s = lora.wrap_linears(separate, slots=slots, r_max=r_max, group=False)
+    wrapped_g = lora.wrap_linears(grouped, slots=slots, r_max=r_max)
+    groups = {id(m.group) for m in wrapped_g.values() if m.group is not None}
+    assert len(groups) == 2 * 2, "two groups (qkv, gate-up) per layer"
+    gen = torch.Generator().manual_seed(1)
+    for slot in range(slots):
+        weights = {name: (torch.randn(r_max, m.in_features, generator=gen) * 0.3,
+                          torch.randn(r_max, m.out_features, generator=gen) * 0.3) for name, m in wrapped_s.items()}
+        lora.write_slot(wrapped_s, slot, weights, r_max)
+        lora.write_slot(wrapped_g, slot, weights, r_max)
+    ids = torch.randint(0, 128, (4, 6), generator=gen)
+    rows_slot = torch.tensor([0, 1, 2, 3])  # 0 = base, 1..3 = the slots
+    with torch.no_grad():
+        outs = []
+        for m in (separate, grouped):
+            lora.SELECTION.mask = lora.selection(rows_slot, slots, r_max, torch.float32)
+            try:
+                outs.append(m(input_ids=ids).logits)
+            finally:
+                lora.SELECTION.mask = None
+        plain = [m(input_ids=ids).logits for m in (separate, grouped)]  # no adapter: the base path
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[1], plain[0], rtol=1e-5, atol=1e-5)
+    assert (outs[0][1:] - plain[0][1:]).abs().max() > 1e-2, "the adapters must change the output"
+    assert all(m.group.pending is None for m in wrapped_g.values() if m.group is not None)
+
+
+def test_rows_ending_while_the_next_step_is_in_flight_leave_the_others_exact(world):
+    """The host reads step N while step N+1 runs: a row that stops at step N (end-of-sequence) was already in
+    N+1, and its slot is compacted under the launched step. Every other row must still equal its lone run."""
+    from daemon.engine import SamplingParams
+
+    engine = make_engine(world, max_batch_size=8)
+    try:
+        ref = references(engine, world, ["base"], max_tokens=12)
+        # End-of-sequence = a token that some rows produce early and others never: those stop mid-batch
+        stopper = ref[("base", PROMPTS[1])][2]
+        engine.eos_ids = {stopper}
+        stopping = [t for t in PROMPTS if stopper in ref[("base", t)]]
+        assert 0 < len(stopping) < len(PROMPTS), "the chosen token must end some rows and not others"
+        with Blocker(engine):
+            handles = [(t, engine.submit(prompt_ids(world, t), model="base",
+                                         params=SamplingParams(max_tokens=12, temperature=0))) for t in PROMPTS]
+        for text, h in handles:
+            assert h.wait(30)
+            expected = ref[("base", text)]
+            if stopper in expected:
+                assert (h.finish_reason, h.tokens) == ("stop", expected[:expected.index(stopper)]), text
+            else:
+                assert (h.finish_reason, h.tokens) == ("length", expected), text
+        assert engine.snapshot()["running"] == 0 and not engine._inflight
     finally:
         engine.stop(timeout=5)
 

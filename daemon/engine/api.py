@@ -110,8 +110,17 @@ class batched_events:
 
 
 def _deliver(pairs: list) -> None:
+    """On the handle's loop: append each event to its handle and wake each waiting consumer once."""
+    woken = []
     for handle, event in pairs:
-        handle._aqueue.put_nowait(event)
+        handle._pending.append(event)
+        waiter = handle._waiter
+        if waiter is not None:
+            handle._waiter = None
+            woken.append(waiter)
+    for waiter in woken:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def label(version: str | None) -> str:
@@ -144,7 +153,10 @@ class GenerationHandle:
         self.finished_at: float | None = None
         self._clock = clock
         self._loop = loop
-        self._aqueue = asyncio.Queue() if loop is not None else None
+        # With a loop: events wait in _pending (touched only on the loop) until the consumer takes them all.
+        self._pending: list[tuple] = []
+        self._waiter: asyncio.Future | None = None
+        self._interrupted = False
         self._queue = queue.SimpleQueue() if loop is None else None
         self._cancelled = threading.Event()
         self._done = threading.Event()
@@ -159,7 +171,7 @@ class GenerationHandle:
             _BATCH.items.append((self, event))
             return
         try:
-            self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            self._loop.call_soon_threadsafe(_deliver, [(self, event)])
         except RuntimeError:  # the event loop is closed: nobody listens any more
             self._cancelled.set()
 
@@ -187,6 +199,11 @@ class GenerationHandle:
         return self._cancelled.is_set()
 
     @property
+    def interrupted(self) -> bool:
+        """``interrupt()`` was called (the client hung up)."""
+        return self._interrupted
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 
@@ -201,13 +218,41 @@ class GenerationHandle:
             if event[0] == "end":
                 return
 
+    async def abatches(self):
+        """Async iterator over lists of events (handles submitted with ``loop=``): everything that arrived
+        since the last list, so a consumer that falls behind catches up in one go. Ends after the ``end``
+        event, or early once ``interrupt()`` was called."""
+        import asyncio
+
+        while True:
+            if not self._pending:
+                if self._interrupted:
+                    return
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            batch, self._pending = self._pending, []
+            yield batch
+            if batch[-1][0] == "end":
+                return
+
     async def aevents(self):
         """Async iterator over events (handles submitted with ``loop=``)."""
-        while True:
-            event = await self._aqueue.get()
-            yield event
-            if event[0] == "end":
-                return
+        async for batch in self.abatches():
+            for event in batch:
+                yield event
+
+    def interrupt(self) -> None:
+        """Cancel, and end ``abatches``/``aevents`` now instead of at the engine's next step (the client is
+        gone). Call it on the handle's event loop."""
+        self._cancelled.set()
+        self._interrupted = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def ttft_seconds(self) -> float | None:

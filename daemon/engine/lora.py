@@ -9,6 +9,13 @@ a copy into its slot's columns: no module changes, no recompilation, no new capt
 
 Punica and S-LoRA gather each row's A and B (BGMV); the masked dense product reads every slot once
 instead of once per row, which is cheaper while slots are few (a handful of versions live at a time).
+
+Sibling Linears that read the same input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``) are
+grouped as vLLM's merged QKV and gate-up layers are: one tensor holds every member's weight and A table, one
+block-diagonal table holds their B, and the first member's call computes the whole group in one matmul
+for the base outputs and A products and one for the B products; the other members return their slices.
+A step then launches a third of the projection kernels. A member called with another input (or before the
+first) computes alone from views of the same tensors, so grouping never changes a result.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ class _Selection:
 
 
 SELECTION = _Selection()
+
+
+# Sibling projections a decoder layer calls on the same input, in call order (Llama, Qwen2, Mistral, DeepSeek
+# dense layers; Phi-3 and GPT-style models already hold them merged and have no such siblings).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class AdapterFormatError(ValueError):
@@ -61,20 +73,35 @@ def _slot_lora_class():
                     self.register_buffer("joint", joint, persistent=False)
                     lora_a = joint[self.out_features:]
                 else:
+                    self.register_buffer("joint", None, persistent=False)
                     lora_a = torch.zeros(columns, self.in_features, dtype=dtype, device=weight.device)
             self.register_buffer("lora_a", lora_a, persistent=False)  # [slots * r_max, in]: A per slot
             self.register_buffer("lora_b", torch.zeros(columns, self.out_features, dtype=dtype,
                                                        device=weight.device), persistent=False)
+
+        group: Any = None  # the _Group this Linear belongs to (set by group_linears), or None
+        member = 0  # its index in the group
 
         @property
         def weight(self):  # code that inspects the wrapped Linear (dtype, device) keeps working
             return self.base.weight
 
         def forward(self, x):
+            group = self.group
+            if group is not None:
+                if self.member == 0:
+                    outs = group.forward(x, SELECTION.mask)
+                    group.pending = (x, outs)
+                    return outs[0]
+                pending = group.pending
+                if pending is not None and pending[0] is x:
+                    if self.member == len(group.members) - 1:
+                        group.pending = None
+                    return pending[1][self.member]
             select = SELECTION.mask
             if select is None:
                 return self.base(x)
-            if self.fused:
+            if self.joint is not None:
                 joint = F.linear(x, self.joint)
                 y, h = joint[..., :self.out_features], joint[..., self.out_features:]
                 if self.base.bias is not None:
@@ -87,8 +114,86 @@ def _slot_lora_class():
     return SlotLoRA
 
 
-def wrap_linears(model: Any, *, slots: int, r_max: int) -> dict[str, Any]:
-    """Replace every Linear inside the model's layers (not the output head) by a SlotLoRA; return them by name."""
+class _Group:
+    """Sibling SlotLoRAs on one input: one joint ``[sum(out) + n * columns, in]`` tensor (every member's weight,
+    then every member's A table) and one block-diagonal B ``[n * columns, sum(out)]``."""
+
+    def __init__(self, members: list[Any]):
+        import torch
+
+        self.members = members
+        self.pending: Any = None  # (input, outputs) between the first member's call and the last's
+        first = members[0]
+        outs = [m.out_features for m in members]
+        columns = first.lora_a.shape[0]
+        total = sum(outs)
+        self.total_out, self.columns = total, columns
+        dtype, device = first.joint.dtype, first.joint.device
+        with torch.no_grad():
+            joint = torch.empty(total + len(members) * columns, first.in_features, dtype=dtype, device=device)
+            lora_b = torch.zeros(len(members) * columns, total, dtype=dtype, device=device)
+            offset = 0
+            for i, (m, out) in enumerate(zip(members, outs)):
+                joint[offset:offset + out].copy_(m.joint[:out])
+                rows = slice(total + i * columns, total + (i + 1) * columns)
+                joint[rows].copy_(m.lora_a)
+                block = lora_b[i * columns:(i + 1) * columns, offset:offset + out]
+                block.copy_(m.lora_b)
+                # The member's own tensors become views of the group's: adapters written into a member's
+                # slot land in the group's tables, and a member computing alone reads the same numbers.
+                m.base.weight = torch.nn.Parameter(joint[offset:offset + out], requires_grad=False)
+                m.joint = None
+                m.lora_a = joint[rows]
+                m.lora_b = block
+                m.group, m.member = self, i
+                offset += out
+            biases = [m.base.bias for m in members]
+            self.bias = torch.cat([b.to(dtype) for b in biases]) if all(b is not None for b in biases) else None
+            if any(b is not None for b in biases) and self.bias is None:
+                raise ValueError("a projection group mixes Linears with and without bias")
+        self.joint, self.lora_b = joint, lora_b
+        self.splits = outs
+
+    def forward(self, x: Any, select: Any) -> tuple:
+        """Every member's output for input ``x`` (``select``: the rows' slot columns, or None for no adapter)."""
+        import torch.nn.functional as F
+
+        if select is None:
+            y = F.linear(x, self.joint[:self.total_out], self.bias)
+        else:
+            both = F.linear(x, self.joint)
+            y, h = both[..., :self.total_out], both[..., self.total_out:]
+            if self.bias is not None:
+                y = y + self.bias
+            y = y + (h * select.repeat(1, 1, len(self.members))) @ self.lora_b
+        return tuple(y.split(self.splits, dim=-1))
+
+
+def group_linears(model: Any, wrapped: dict[str, Any]) -> int:
+    """Group sibling projections that read the same input (``GROUPS``); returns the number of groups made.
+
+    Only fused SlotLoRAs (plain floating-point Linears) of one parent with one input size, dtype and device group.
+    """
+    made = 0
+    by_name = dict(wrapped)
+    parents = {name.rpartition(".")[0] for name in wrapped}
+    for parent in sorted(parents):
+        for names in GROUPS:
+            members = [by_name.get(f"{parent}.{leaf}" if parent else leaf) for leaf in names]
+            if any(m is None or not m.fused or m.group is not None for m in members):
+                continue
+            if len({(m.in_features, m.joint.dtype, m.joint.device, m.base.bias is None) for m in members}) != 1:
+                continue
+            _Group(members)
+            made += 1
+    return made
+
+
+def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True) -> dict[str, Any]:
+    """Replace every Linear inside the model's layers (not the output head) by a SlotLoRA; return them by name.
+
+    ``group``: merge sibling projections on one input (see ``group_linears``).
+    """
     import torch
 
     cls = _slot_lora_class()
@@ -102,6 +207,8 @@ def wrap_linears(model: Any, *, slots: int, r_max: int) -> dict[str, Any]:
         lora = cls(module, slots, r_max)
         setattr(parent, leaf, lora)
         wrapped[name] = lora
+    if group:
+        group_linears(model, wrapped)
     return wrapped
 
 

@@ -4,6 +4,13 @@ One decode thread owns the model. Between steps it runs queued commands (``call`
 and timed-out requests (freeing their cache slot), admits waiting requests into free slots (their
 prompts prefilled together, left-padded, up to PREFILL_TOKEN_BUDGET tokens a forward), then advances
 every running request by one token in ONE forward whatever versions they are pinned to.
+
+The host runs one step behind the device. Each step's inputs stay on the device (the step writes its
+chosen tokens back as the next inputs; admission and compaction update them there too), so step N+1 is
+launched before the host reads step N's tokens, and the device computes while the host delivers tokens,
+checks stops and admits requests. A row that ends at step N (end-of-sequence, a cancel) was already in
+step N+1: that one token is computed and dropped. Rows that reach their token or context limit leave the
+batch before the launch that would exceed it. Commands run only once every launched step is read back.
 """
 
 from __future__ import annotations
@@ -42,8 +49,20 @@ class _Sequence:
     lora_index: int  # LoRA table slot of its version (0 = base)
     generator: Any = None  # random.Random of a sampling request (seeded when the request has a seed)
     slot: int | None = None  # its KV cache slot while running
-    length: int = 0  # positions cached
-    next_token: int | None = None
+    length: int = 0  # positions cached once every launched step has run
+    pending: int = 0  # launched steps whose token the host has not read yet
+    retired: bool = False  # left the batch at its limit; ends when its last launched token is read
+
+
+@dataclass
+class _Launch:
+    """A forward launched on the device whose chosen tokens the host has not read yet."""
+
+    kind: str  # "prefill" or "decode"
+    rows: list[_Sequence]
+    host: Any  # [2, >= len(rows)] tokens and finite flags: a pinned buffer (GPU) or lists (CPU)
+    event: Any  # CUDA event recorded after the copy into ``host``; None on a CPU
+    started: float
 
 
 class Engine(VersionsMixin):
@@ -71,6 +90,7 @@ class Engine(VersionsMixin):
         lora_max_rank: the largest adapter rank a slot holds.
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
+        decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
         prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with AMX: the
             prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
@@ -81,7 +101,7 @@ class Engine(VersionsMixin):
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
                  lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True,
-                 prefill_dtype: str | None = None):
+                 decode_kernel: bool = True, prefill_dtype: str | None = None):
         if prefill_dtype not in (None, "bfloat16"):
             raise ValueError(f"prefill_dtype must be None or 'bfloat16', got {prefill_dtype!r}")
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
@@ -110,7 +130,8 @@ class Engine(VersionsMixin):
         model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile)
+        self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile,
+                               decode_kernel)
         if prefill_dtype is not None:
             _float32_head(model)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
@@ -124,6 +145,9 @@ class Engine(VersionsMixin):
         self._free_slots: list[int] = list(range(1, adapter_slots + 1))
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # index = KV cache slot
+        self._inflight: collections.deque[_Launch] = collections.deque()  # launched, not read back (oldest first)
+        self._readback = 0  # next pinned read-back buffer (GPU)
+        self._last_step_read = 0.0  # perf_counter when the last decode step was read back
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closing = False  # stop(): refuse new requests
         self._stop_thread = False  # stop(): the decode thread ends after the drain
@@ -133,7 +157,7 @@ class Engine(VersionsMixin):
         self._thread_id: int | None = None
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
-                          cuda_graphs: bool, compile: bool) -> None:
+                          cuda_graphs: bool, compile: bool, decode_kernel: bool) -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
@@ -173,8 +197,12 @@ class Engine(VersionsMixin):
         self.cache = cache_mod.KVCache(layers, slots=slots, context=self.max_context, dtype=dtype,
                                        device=self.device)
         self.stepper = step.Stepper(model, self.cache, lora_slots=self.adapter_slots, r_max=self.lora_max_rank,
-                                    use_graphs=cuda_graphs, compile=compile, on_capture=self._captured)
+                                    use_graphs=cuda_graphs, compile=compile, decode_kernel=decode_kernel,
+                                    on_capture=self._captured)
         self._compilations = step.compilations()
+        # Read-back buffers for the launches in flight (at most a decode, a prefill and the next decode).
+        self._pinned = ([torch.empty(2, slots, dtype=torch.long, pin_memory=True) for _ in range(4)]
+                        if self.device.type == "cuda" else [])
         if self.metrics is not None:
             self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
         log.info("KV cache allocated", extra={"slots": slots, "context": self.max_context,
@@ -301,8 +329,11 @@ class Engine(VersionsMixin):
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], *, model: str | None = None, params: SamplingParams | None = None,
-               loop: Any = None) -> GenerationHandle:
+               loop: Any = None, load: bool = True) -> GenerationHandle | None:
         """Pin a request to a version and queue it; blocks only to load a pinned version on demand.
+
+        With ``load=False`` it never blocks: None when the version would have to be loaded first (an event
+        loop calls it so, and again with ``load=True`` from a thread when it gets None).
 
         Raises:
             InvalidRequest: empty prompt, or a prompt that leaves no room in the per-request context.
@@ -321,6 +352,8 @@ class Engine(VersionsMixin):
             version = self._champion if name in CHAMPION_ALIASES else None if name == BASE_LABEL else name
             if version is None or version in self._adapters:
                 return self._enqueue(prompt_ids, version, params, loop)
+        if not load:
+            return None
         self.resolve(name)  # raises UnknownModel for names the registry does not know
         self.preload(version, stage=True)  # a named version not in memory: load it now, held until pinned
         try:
@@ -400,10 +433,12 @@ class Engine(VersionsMixin):
             with self._lock:
                 if self._stop_thread:
                     break
-                if not (self._waiting or self._running or self._commands):
+                if not (self._waiting or self._running or self._commands or self._inflight):
                     self._lock.wait(IDLE_TICK_SECONDS)
                 commands = list(self._commands)
                 self._commands.clear()
+            if commands:
+                self._drain()  # commands see a quiet device: every launched step read back
             for fn, future in commands:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -411,15 +446,27 @@ class Engine(VersionsMixin):
                     except BaseException as e:  # handed to the caller, who decides
                         future.set_exception(e)
             self._expire()
+            self._retire()
             self._admit()
-            self._decode_step()
+            launched = self._decode_step()
+            # Keep the newest launch in flight: the device computes it while the host reads the ones before.
+            while len(self._inflight) > (1 if launched else 0):
+                self._process(self._inflight.popleft())
             self._collect()
-        for seq in list(self._waiting) + list(self._running):
+        self._drain()
+        for seq in list(self._waiting) + list(self._running) + self._retired_rows():
             self._finish(seq, "cancelled")
         with self._lock:
             for fn, future in self._commands:
                 future.set_exception(EngineClosed("the engine has stopped"))
             self._commands.clear()
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._process(self._inflight.popleft())
+
+    def _retired_rows(self) -> list[_Sequence]:
+        return [seq for launch in self._inflight for seq in launch.rows if seq.retired and not seq.handle.done]
 
     def _expire(self) -> None:
         now = self.clock()
@@ -430,6 +477,18 @@ class Engine(VersionsMixin):
                 self._finish(seq, "cancelled")
             elif now >= seq.deadline:
                 self._finish(seq, "timeout")
+
+    def _retire(self) -> None:
+        """Rows whose launched tokens reach ``max_tokens``, or whose next position is past the context, leave
+        the batch now; each ends when its last launched token is read (or now, if none is in flight)."""
+        done = [seq for seq in self._running
+                if len(seq.handle.tokens) + seq.pending >= seq.handle.params.max_tokens
+                or seq.length + 1 >= self.max_context]
+        for seq in done:
+            self._release(seq)
+            seq.retired = True
+            if seq.pending == 0:
+                self._finish(seq, "length")
 
     def _admit(self) -> None:
         """Move waiting requests into free slots and prefill them (several prompts per forward)."""
@@ -453,7 +512,10 @@ class Engine(VersionsMixin):
             self._prefill(admitted)
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Prefill ``seqs`` (contiguous new slots), chunked when one prompt alone exceeds the budget."""
+        """Prefill ``seqs`` (contiguous new slots), chunked when one prompt alone exceeds the budget; their first
+        tokens become their next inputs on the device and are read back with the next step."""
+        from daemon.engine import step
+
         start = seqs[0].slot
         t0 = time.perf_counter()
         try:
@@ -471,66 +533,100 @@ class Engine(VersionsMixin):
                     seq.length = first + len(piece)
                 if all(seq.length == len(seq.handle.prompt_ids) for seq in seqs):
                     break
+            tokens = step.sample(logits, greedy, *self._sampling(seqs))
+            self.stepper.admit_rows(start, tokens, [s.length for s in seqs], [s.lora_index for s in seqs])
+            launch = self._read_back("prefill", seqs, tokens, finite, t0)
         except Exception as e:  # these requests fail; the others and the server go on
             log.exception("prefill failed")
             for seq in seqs:
                 self._finish(seq, "error", f"prefill failed: {type(e).__name__}: {e}", clear=True)
             return
+        for seq in seqs:
+            seq.pending += 1
+        self._inflight.append(launch)
         if self.metrics is not None:
             self.metrics.serve_prompt_tokens.inc(sum(s.length for s in seqs))
             self.metrics.serve_prefill_seconds.observe(time.perf_counter() - t0)
-        self._sample_and_accept(seqs, logits, greedy, finite)
-        if self.metrics is not None:
-            for seq in seqs:
-                if seq.handle.first_token_at is not None:
-                    self.metrics.serve_ttft_seconds.observe(seq.handle.first_token_at - seq.handle.submitted_at)
 
-    def _decode_step(self) -> None:
-        rows = list(self._running)  # row i is cache slot i; every running row has its next token by now
+    def _decode_step(self) -> bool:
+        """Launch one decode step of every running row (row i is cache slot i); False if there is none."""
+        from daemon.engine import step
+
+        rows = list(self._running)
         if not rows:
-            return
+            return False
         t0 = time.perf_counter()
         shape = {"batch": self.cache.slots, "context": self.cache.context} if self.batch_invariant else {}
         try:
-            logits, greedy, finite = self.stepper.decode([s.next_token for s in rows], [s.length for s in rows],
-                                                         [s.lora_index for s in rows], **shape)
+            logits, greedy, finite = self.stepper.launch_decode(len(rows), max(s.length for s in rows) + 1,
+                                                                **shape)
+            tokens = step.sample(logits, greedy, *self._sampling(rows))
+            self.stepper.advance(tokens, len(rows))
+            launch = self._read_back("decode", rows, tokens, finite, t0)
         except Exception as e:  # the forward itself broke: its rows fail, the server goes on
             log.exception("decode step failed")
             for seq in rows:
                 self._finish(seq, "error", f"decode step failed: {type(e).__name__}: {e}", clear=True)
-            return
+            return False
         for seq in rows:
             seq.length += 1
-        self._sample_and_accept(rows, logits, greedy, finite)
+            seq.pending += 1
+        self._inflight.append(launch)
         if self.metrics is not None:
-            self.metrics.serve_decode_step_seconds.observe(time.perf_counter() - t0)
             self.metrics.serve_batch_rows.observe(len(rows))
             self.metrics.serve_kv_cache_used.set(sum(s.length for s in self._running))
+        return True
 
-    def _sample_and_accept(self, seqs: list[_Sequence], logits: Any, greedy: Any, finite: Any) -> None:
-        """Sample each row's next token on the device; a row with non-finite logits ends alone."""
-        from daemon.engine import step
-
+    @staticmethod
+    def _sampling(seqs: list[_Sequence]) -> tuple[list[float], list[float], list[float]]:
+        """Temperatures, top-p values and one uniform number per row (from the row's own generator)."""
         params = [s.handle.params for s in seqs]
         uniform = [s.generator.random() if s.generator is not None else 0.0 for s in seqs]
-        try:
-            import torch
+        return [p.temperature for p in params], [p.top_p for p in params], uniform
 
-            tokens = step.sample(logits, greedy, [p.temperature for p in params], [p.top_p for p in params],
-                                 uniform)
-            host = torch.stack([tokens, finite.to(tokens.dtype)]).cpu().tolist()
-        except Exception as e:  # sampling broke for the batch: its rows end, the server goes on
-            log.exception("sampling failed")
-            for seq in seqs:
-                self._finish(seq, "error", f"sampling failed: {type(e).__name__}: {e}")
-            return
+    def _read_back(self, kind: str, rows: list[_Sequence], tokens: Any, finite: Any, started: float) -> _Launch:
+        """Start copying the launch's tokens and finite flags to the host (asynchronously on a GPU)."""
+        import torch
+
+        both = torch.stack([tokens, finite.to(tokens.dtype)])
+        if not self._pinned:
+            return _Launch(kind, rows, both.tolist(), None, started)
+        buffer = self._pinned[self._readback % len(self._pinned)][:, :len(rows)]
+        self._readback += 1
+        buffer.copy_(both, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Launch(kind, rows, buffer, event, started)
+
+    def _process(self, launch: _Launch) -> None:
+        """Read a launch's tokens back: deliver them, end rows at a stop, a limit or non-finite logits."""
+        if launch.event is not None:
+            launch.event.synchronize()
+            tokens, finite = launch.host.tolist()
+        else:
+            tokens, finite = launch.host
         with batched_events():
-            for seq, token, ok in zip(seqs, host[0], host[1]):
+            for seq, token, ok in zip(launch.rows, tokens, finite):
+                seq.pending -= 1
+                if seq.handle.done:  # ended (cancel, stop) while this step was in flight: its token is dropped
+                    continue
                 if not ok:
                     self._finish(seq, "error", "the model produced non-finite logits for this request "
                                                "(NaN or infinity); other requests are unaffected", clear=True)
                 else:
                     self._accept(seq, int(token))
+        if self.metrics is None:
+            return
+        if launch.kind == "decode":
+            # The step's period: from its launch, or from the previous step's read-back when the device was
+            # still busy with that one (steps overlap).
+            now = time.perf_counter()
+            self.metrics.serve_decode_step_seconds.observe(now - max(launch.started, self._last_step_read))
+            self._last_step_read = now
+        else:
+            for seq in launch.rows:
+                if seq.handle.first_token_at is not None and len(seq.handle.tokens) == 1:
+                    self.metrics.serve_ttft_seconds.observe(seq.handle.first_token_at - seq.handle.submitted_at)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         handle = seq.handle
@@ -538,29 +634,35 @@ class Engine(VersionsMixin):
             self._finish(seq, "stop")
             return
         handle._token(token)
-        seq.next_token = token
         if self.metrics is not None:
             self.metrics.serve_generated_tokens.inc()
-        if len(handle.tokens) >= handle.params.max_tokens or seq.length + 1 >= self.max_context:
+        if len(handle.tokens) >= handle.params.max_tokens or (seq.retired and seq.pending == 0):
             self._finish(seq, "length")
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None, *, clear: bool = False) -> None:
-        """End a request and free its slot (decode thread only): the last running row moves into it."""
+    def _release(self, seq: _Sequence, *, clear: bool = False) -> None:
+        """Free a running row's slot (decode thread only): the last running row moves into it, on the device too."""
         with self._lock:
-            if seq.slot is not None and seq.slot < len(self._running) and self._running[seq.slot] is seq:
-                slot = seq.slot
-                if clear:
-                    self.cache.clear(slot)
-                last = self._running.pop()
-                if last is not seq:
-                    self.cache.move(last.slot, slot, last.length)
-                    last.slot = slot
-                    self._running[slot] = last
-                seq.slot = None
-            elif seq in self._waiting:
+            slot = seq.slot
+            if clear:
+                self.cache.clear(slot)
+            last = self._running.pop()
+            if last is not seq:
+                self.cache.move(last.slot, slot, last.length)
+                self.stepper.move_row(last.slot, slot)
+                last.slot = slot
+                self._running[slot] = last
+            seq.slot = None
+            self._gauges()
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None, *, clear: bool = False) -> None:
+        """End a request: free its slot if it holds one, release its version, tell the client."""
+        if seq.handle.done:
+            return
+        if seq.slot is not None and seq.slot < len(self._running) and self._running[seq.slot] is seq:
+            self._release(seq, clear=clear)
+        with self._lock:
+            if seq in self._waiting:
                 self._waiting.remove(seq)
-            else:
-                return
             version = seq.handle.version
             if version is not None and version in self._adapters:
                 self._adapters[version].refs -= 1
@@ -656,7 +758,7 @@ def build_engine(daemon: Any) -> Any:
                     live=getattr(daemon, "live", None), batch_invariant=s.batch_invariant,
                     max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
                     kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
-                    cuda_graphs=s.cuda_graphs, compile=s.compile,
+                    cuda_graphs=s.cuda_graphs, compile=s.compile, decode_kernel=s.decode_kernel,
                     prefill_dtype=serve_prefill_autocast(daemon.model, s.cpu_prefill_dtype))
     listener = getattr(daemon, "_champion_changed", None)
     if listener is not None:

@@ -40,6 +40,7 @@ class _Plan:
     mask: Any = None  # [rows, 1, T, context] True where a query may attend
     bias: Any = None  # decode: [rows, context] 0 where a row may attend, -inf elsewhere
     probe: dict | None = None  # layer index -> LayerShape, filled by a probing forward
+    kernel = False  # decode: the Triton kernel appends and attends (kernels.py); no mask, bias or scatter
 
 
 PLAN = _Plan()
@@ -61,6 +62,12 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = module.layer_idx
+    if plan.kernel:
+        from daemon.engine import kernels
+
+        return kernels.decode_attention(query, key, value, plan.cache.keys[layer], plan.cache.values[layer],
+                                        plan.positions, plan.start,
+                                        scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if plan.slots is None:  # decode: the running rows are one contiguous block of slots
         rows = slice(plan.start, plan.start + plan.rows)
         k_cache, v_cache = plan.cache.keys[layer][rows], plan.cache.values[layer][rows]
@@ -174,12 +181,18 @@ class Stepper:
         lora_slots / r_max: the LoRA table geometry.
         use_graphs: capture decode steps as CUDA graphs (GPU only).
         compile: torch.compile the decoder layers first (GPU only).
+        decode_kernel: decode attention through the Triton kernel of ``kernels.py`` (GPU with Triton, no sliding
+            window): each row reads only its own positions, so one decode graph per batch bucket serves every
+            context.
         on_capture: called with the seconds each capture took (metrics).
     """
 
     def __init__(self, model: Any, cache: KVCache, *, lora_slots: int, r_max: int, use_graphs: bool,
-                 compile: bool = False, on_capture: Callable[[float], None] | None = None):
+                 compile: bool = False, decode_kernel: bool = True,
+                 on_capture: Callable[[float], None] | None = None):
         import torch
+
+        from daemon.engine import kernels
 
         self.model, self.cache = model, cache
         self.lora_slots, self.r_max = lora_slots, r_max
@@ -193,6 +206,8 @@ class Stepper:
             self.positions = torch.zeros(s, 1, dtype=torch.long, device=self.device)
             self.lora_index = torch.zeros(s, dtype=torch.long, device=self.device)
         self.compiled = compile_layers(model) if compile and self.device.type == "cuda" else 0
+        self.decode_kernel = (decode_kernel and self.device.type == "cuda" and kernels.available() and
+                              not any(shape.sliding_window for shape in cache.layers.values()))
         self.graphs: dict[tuple, tuple[Any, tuple]] = {}
         # Prompts up to this many tokens (padded to a power of two) prefill through captured graphs too.
         self.prefill_graph_tokens = min(512, cache.context)
@@ -212,8 +227,10 @@ class Stepper:
         k_pos = torch.arange(context, device=ids.device)
         PLAN.cache, PLAN.start, PLAN.rows, PLAN.context, PLAN.slots = self.cache, start, ids.shape[0], context, slots
         PLAN.positions = positions
-        PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
-        if ids.shape[1] == 1:
+        PLAN.kernel = self.decode_kernel and ids.shape[1] == 1 and slots is None
+        if not PLAN.kernel:
+            PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
+        if ids.shape[1] == 1 and not PLAN.kernel:
             PLAN.bias = torch.zeros(PLAN.mask.shape[0], context, device=ids.device).masked_fill_(
                 ~PLAN.mask[:, 0, 0, :], float("-inf"))
         if self.use_graphs or bool(lora_index.any()):
@@ -223,6 +240,7 @@ class Stepper:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
         finally:
             PLAN.cache = PLAN.positions = PLAN.mask = PLAN.slots = PLAN.bias = None
+            PLAN.kernel = False
             lora_mod.SELECTION.mask = None
         logits = out.logits[:, -1].float()
         return logits, logits.argmax(-1), logits.isfinite().all(-1)
@@ -296,7 +314,7 @@ class Stepper:
 
         n = len(tokens)
         batch = batch or bucket(n, self.cache.batch_buckets)
-        context = context or bucket(max(positions) + 1, self.cache.context_buckets)
+        context = context or self._decode_context(max(positions) + 1)
         pad = [0] * (batch - n)  # padding rows decode in free slots at position 0; their output is dropped
         host = torch.tensor([tokens + pad, positions + pad, lora_index + pad], dtype=torch.long)
         with torch.no_grad():
@@ -308,6 +326,58 @@ class Stepper:
             else:
                 out = self._replay(("decode", batch, 1, context))
         return tuple(t[:n] for t in out)
+
+    def launch_decode(self, n: int, positions: int, *, batch: int | None = None, context: int | None = None) -> tuple:
+        """One decode step for rows in slots [0, n) from the inputs already on the device (``advance``,
+        ``admit_rows`` and ``move_row`` keep them), so the host need not know the previous step's tokens yet.
+
+        Args:
+            positions: the largest position a row holds, plus one (picks the context bucket).
+            batch / context: fixed shapes (batch invariance); by default the smallest buckets that fit.
+        Returns:
+            (logits, greedy tokens, finite flags) on the device, rows [0, n).
+        """
+        import torch
+
+        batch = batch or bucket(n, self.cache.batch_buckets)
+        context = context or self._decode_context(positions)
+        with torch.no_grad():
+            if batch > n:  # padding rows decode in free slots at position 0; their output is dropped
+                self.positions[n:batch].zero_()
+            key = ("decode", batch, 1, context)
+            out = self._replay(key) if self.use_graphs else self._body(key)
+        return tuple(t[:n] for t in out)
+
+    def advance(self, tokens: Any, n: int) -> None:
+        """After a decode step of rows [0, n): each row's chosen token is its next input, one position on."""
+        import torch
+
+        with torch.no_grad():
+            self.ids[:n, 0].copy_(tokens)
+            self.positions[:n] += 1
+
+    def admit_rows(self, start: int, tokens: Any, positions: list[int], lora_index: list[int]) -> None:
+        """Rows just prefilled into slots [start, start + k): their first tokens (on the device), positions, slots."""
+        import torch
+
+        k = len(positions)
+        host = torch.tensor([positions, lora_index], dtype=torch.long)
+        with torch.no_grad():
+            self.ids[start:start + k, 0].copy_(tokens)
+            self.positions[start:start + k, 0].copy_(host[0], non_blocking=True)
+            self.lora_index[start:start + k].copy_(host[1], non_blocking=True)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """A row moved from slot ``src`` to ``dst`` (compaction): its device-side inputs move with it."""
+        import torch
+
+        with torch.no_grad():
+            for t in (self.ids, self.positions, self.lora_index):
+                t[dst].copy_(t[src])
+
+    def _decode_context(self, positions: int) -> int:
+        """The context bucket a decode step of rows holding up to ``positions`` runs at (the kernel: one for all)."""
+        return self.cache.context if self.decode_kernel else bucket(positions, self.cache.context_buckets)
 
     def _body(self, key: tuple) -> tuple:
         """The forward a graph captures: ``("decode", rows, 1, context)`` or ``("prefill", rows, width, context)``."""
@@ -355,6 +425,8 @@ class Stepper:
         before = self.captures
         limit = max_context or self.cache.context
         contexts = [c for c in self.cache.context_buckets if c <= limit] or self.cache.context_buckets[:1]
+        if self.decode_kernel:
+            contexts = [self.cache.context]
         for batch in batches or self.cache.batch_buckets:
             for context in contexts:
                 if ("decode", batch, 1, context) not in self.graphs:

@@ -51,16 +51,25 @@ def create_app(daemon: Any) -> Any:
 
 
 def uvicorn_config(app: Any, serve: Any, **kwargs: Any) -> Any:
-    """uvicorn settings for lorad: the h11 protocol with a deadline on the request head, and a warning when
-    the API is reachable from other hosts without API keys."""
+    """uvicorn settings for lorad: uvloop and the httptools parser where installed (uvicorn's ``standard`` extra;
+    asyncio and h11 otherwise), a deadline on the request head, and a warning when the API is reachable from
+    other hosts without API keys."""
     import uvicorn
 
     if not _loopback(serve.host) and not serve.api_keys:
         log.warning("serving on a non-loopback address without API keys: anyone who reaches the port may use the "
                     "API; set serve.api_keys (LORAD_SERVE__API_KEYS) or keep serve.host 127.0.0.1 behind a proxy",
                     extra={"host": serve.host})
+    kwargs.setdefault("loop", "uvloop" if _installed("uvloop") else "asyncio")
     return uvicorn.Config(app, host=serve.host, port=serve.port,
-                          http=_head_deadline_protocol(serve.header_timeout_seconds), **kwargs)
+                          http=_head_deadline_protocol(serve.header_timeout_seconds, _installed("httptools")),
+                          **kwargs)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _loopback(host: str) -> bool:
@@ -72,12 +81,16 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _head_deadline_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request head is not complete ``seconds`` after the
-    connection opened or the previous response ended (uvicorn itself waits forever for a slow head)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def _head_deadline_protocol(seconds: float, httptools: bool = False) -> type:
+    """uvicorn's httptools (or h11) protocol, closing a connection whose request head is not complete
+    ``seconds`` after the connection opened or the previous response ended (uvicorn itself waits forever for a
+    slow head). Both protocols create ``cycle`` when a head is complete and call ``on_response_complete``."""
+    if httptools:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class HeadDeadlineH11(H11Protocol):
+    class HeadDeadline(Base):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_head_deadline()
@@ -95,4 +108,5 @@ def _head_deadline_protocol(seconds: float) -> type:
             if self.cycle is cycle and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeadDeadlineH11
+    HeadDeadline.__name__ = HeadDeadline.__qualname__ = f"HeadDeadline{Base.__name__}"
+    return HeadDeadline

@@ -1,18 +1,17 @@
 """OpenAI-compatible inference: /v1/models, /v1/completions and /v1/chat/completions (streaming or not)."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at definition time.
+import functools
 import logging
 import time
 from typing import Any
 
 from daemon.server.auth import require_api_key
-from daemon.server.context import ServerContext
+from daemon.server.context import INLINE_BYTES, ServerContext
 from daemon.server.protocol import ApiError, Shape, finish_error, prompt_ids, sampling, sse, usage_of
 from daemon.server.text import Detokenizer
 
 log = logging.getLogger("lorad.server")
-
-DISCONNECT_POLL_SECONDS = 0.25  # a hung-up client's row is freed within this plus one engine step
 
 
 def routes(ctx: ServerContext) -> Any:
@@ -65,7 +64,8 @@ def _public_name(base_model: str) -> str:
 
 
 async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:
-    """Authenticate, parse, tokenize (in the request pool) and submit: (engine, handle, stops, body).
+    """Authenticate, parse, tokenize (in the request pool when the body is large) and submit: (engine, handle,
+    stops, body).
 
     Raises:
         ApiError: whatever is wrong with the request, or the engine's refusal (429, 404, 503).
@@ -79,16 +79,21 @@ async def _admit(ctx: ServerContext, request: Any, *, chat: bool) -> tuple:
     serve = ctx.serve
     require_api_key(serve, request)
     engine = ctx.engine_or_503()
-    body = await ctx.json_body(request)
+    body, size = await ctx.json_body_sized(request)
     params, stops = sampling(body, chat=chat, max_new_tokens=serve.max_new_tokens)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
-    ids = await ctx.cpu(prompt_ids, engine.tokenizer, body, chat=chat, max_prompt_tokens=serve.max_prompt_tokens)
+    if size <= INLINE_BYTES:  # a small body tokenizes faster than a trip through the pool
+        ids = prompt_ids(engine.tokenizer, body, chat=chat, max_prompt_tokens=serve.max_prompt_tokens)
+    else:
+        ids = await ctx.cpu(prompt_ids, engine.tokenizer, body, chat=chat,
+                            max_prompt_tokens=serve.max_prompt_tokens)
+    loop = asyncio.get_running_loop()
     try:
-        # Not the request pool: submit may block for seconds loading a pinned adapter.
-        handle = await run_in_threadpool(engine.submit, ids, model=model, params=params,
-                                         loop=asyncio.get_running_loop())
+        handle = engine.submit(ids, model=model, params=params, loop=loop, load=False)
+        if handle is None:  # the pinned version must be loaded first: seconds, so not on the event loop
+            handle = await run_in_threadpool(engine.submit, ids, model=model, params=params, loop=loop)
     except eng.EngineError as e:
         headers = {"Retry-After": "1"} if isinstance(e, eng.QueueFull) else None
         raise ApiError(e.status, str(e), code=e.code, param="model" if e.status == 404 else None,
@@ -100,7 +105,7 @@ async def generate(ctx: ServerContext, request: Any, *, chat: bool) -> Any:
     """One completion request: validate, submit to the engine pinned to a version, answer or stream."""
     import asyncio
 
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
 
     route = "/v1/chat/completions" if chat else "/v1/completions"
     t0 = time.perf_counter()
@@ -117,14 +122,14 @@ async def generate(ctx: ServerContext, request: Any, *, chat: bool) -> Any:
                                          "prompt_tokens": len(handle.prompt_ids), "stream": stream})
     shape = Shape(chat=chat, id=request_id, model=handle.label, created=int(time.time()))
     if stream:
-        return StreamingResponse(_stream(ctx, handle, engine, stops, shape, include_usage, route, t0),
-                                 media_type="text/event-stream", headers=headers)
+        return event_stream(_stream(ctx, handle, engine, stops, shape, include_usage, route, t0), handle, headers)
     detok = Detokenizer(engine.tokenizer, stops)
-    hangup = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    hangup = asyncio.get_running_loop().create_task(_interrupt_on_disconnect(request.receive, handle))
     try:
-        async for event in handle.aevents():
-            if event[0] == "token":
-                detok.push(event[1])
+        async for batch in handle.abatches():
+            ids = [e[1] for e in batch if e[0] == "token"]
+            if ids:
+                detok.push_many(ids)
                 if detok.stopped:
                     handle.cancel()
                     break
@@ -132,7 +137,7 @@ async def generate(ctx: ServerContext, request: Any, *, chat: bool) -> Any:
         hangup.cancel()
         if not handle.done:
             handle.cancel()
-    if hangup.done() and not hangup.cancelled() and hangup.exception() is None and hangup.result():
+    if handle.interrupted:
         ctx.count(route, 499, t0)  # nobody reads the answer
         return ApiError(499, "the client closed the connection", code="client_disconnected").response()
     error = finish_error(handle, detok)
@@ -145,51 +150,88 @@ async def generate(ctx: ServerContext, request: Any, *, chat: bool) -> Any:
     return JSONResponse(shape.full(detok.text, reason, usage_of(handle)), headers=headers)
 
 
-async def _cancel_on_disconnect(request: Any, handle: Any) -> bool:
-    """Cancel ``handle`` as soon as the client hangs up (the engine frees its row at its next step).
+async def _interrupt_on_disconnect(receive: Any, handle: Any) -> None:
+    """Interrupt ``handle`` as soon as the client hangs up (the engine frees its row at its next step).
 
-    Returns True when it did; a streaming response notices the hang-up itself when a write fails.
+    Waits on the connection's ASGI ``http.disconnect``: nothing polls. Runs beside the request until it answers.
     """
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not handle.done:
+        handle.interrupt()
+        log.info("client disconnected: request cancelled", extra={"id": handle.id})
+
+
+def event_stream(body: Any, handle: Any, headers: dict) -> Any:
+    """A ``text/event-stream`` response that writes each chunk of ``body`` (bytes) as it comes, with one task
+    beside it that interrupts ``handle`` when the client hangs up (Starlette's StreamingResponse starts an anyio
+    task group per response for the same)."""
+    return _event_stream_class()(body, handle, headers)
+
+
+@functools.cache
+def _event_stream_class() -> type:
     import asyncio
 
-    while not handle.done:
-        if await request.is_disconnected():
-            handle.cancel()
-            log.info("client disconnected: request cancelled", extra={"id": handle.id})
-            return True
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-    return False
+    from starlette.responses import Response
+
+    class EventStream(Response):
+        media_type = "text/event-stream"
+
+        def __init__(self, body: Any, handle: Any, headers: dict):
+            self.body_iterator, self.handle, self.status_code, self.background = body, handle, 200, None
+            self.init_headers(headers)
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            hangup = asyncio.get_running_loop().create_task(_interrupt_on_disconnect(receive, self.handle))
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                hangup.cancel()
+                await self.body_iterator.aclose()
+
+    return EventStream
 
 
 async def _stream(ctx: ServerContext, handle: Any, engine: Any, stops: list, shape: Shape, include_usage: bool,
                   route: str, t0: float):
+    """The chunks of one streamed answer: everything that arrived since the last chunk goes out as one event
+    (a client or loop that falls behind catches up in fewer, larger chunks)."""
     detok = Detokenizer(engine.tokenizer, stops)
-    code = 200
+    code = 499  # until the answer is complete: the client hung up
     try:
         if shape.chat:
-            yield sse(shape.chunk({"role": "assistant", "content": ""}, None))
-        async for event in handle.aevents():
-            if event[0] == "token":
-                text = detok.push(event[1])
+            yield sse(shape.chunk({"role": "assistant", "content": ""}, None)).encode()
+        async for batch in handle.abatches():
+            ids = [e[1] for e in batch if e[0] == "token"]
+            if ids:
+                text = detok.push_many(ids)
                 if text:
-                    yield sse(shape.chunk(text, None))
+                    yield shape.text_event(text)
                 if detok.stopped:
                     handle.cancel()
                     break
+        if handle.interrupted:
+            return
         error = finish_error(handle, detok)
         if error is not None:  # headers are gone: the error travels as an event, as OpenAI does
             code = error.status
             yield sse({"error": {"message": error.message, "type": ApiError.TYPES.get(error.status),
-                                 "param": None, "code": error.code}})
+                                 "param": None, "code": error.code}}).encode()
             return
         tail = detok.flush()
         if tail:
-            yield sse(shape.chunk(tail, None))
+            yield shape.text_event(tail)
         reason = "stop" if detok.stopped else handle.finish_reason
-        yield sse(shape.chunk("" if not shape.chat else None, reason, usage=usage_of(handle)))
+        usage = usage_of(handle)
+        final = sse(shape.chunk("" if not shape.chat else None, reason, usage=usage))
         if include_usage:
-            yield sse(shape.usage_chunk(usage_of(handle)))
-        yield "data: [DONE]\n\n"
+            final += sse(shape.usage_chunk(usage))
+        code = 200
+        yield (final + "data: [DONE]\n\n").encode()
     finally:
         if not handle.done:
             handle.cancel()  # the client went away, or a stop string matched

@@ -173,6 +173,19 @@ class Shape:
 
     def __init__(self, *, chat: bool, id: str, model: str, created: int):
         self.chat, self.id, self.model, self.created = chat, id, model, created
+        self._text_event: tuple[bytes, bytes] | None = None
+
+    def text_event(self, text: str) -> bytes:
+        """``sse(self.chunk(text, None))`` as bytes, from a template encoded once per request: only the text
+        is JSON-encoded per chunk."""
+        if self._text_event is None:
+            marker = "\x00lorad-text\x00"
+            parts = sse(self.chunk(marker, None)).encode().split(json.dumps(marker).encode())
+            self._text_event = (parts[0], parts[1]) if len(parts) == 2 else (b"", b"")
+        head, tail = self._text_event
+        if not head:  # the id or model held the marker itself: no template
+            return sse(self.chunk(text, None)).encode()
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
 
     def full(self, text: str, reason: str, usage: dict) -> dict:
         if self.chat:

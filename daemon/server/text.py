@@ -39,6 +39,29 @@ class _StopMatcher:
         return False
 
 
+def fast_backend(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer whose ``decode(ids,
+    skip_special_tokens=True, clean_up_tokenization_spaces=False)`` is exactly the backend's decode, or None.
+
+    Calling the backend directly skips transformers' per-call argument conversion, which cost more than the
+    decode itself for the two-token windows decoded per streamed chunk.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (isinstance(backend, Tokenizer) and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is TokenizersBackend._decode):
+        return backend
+    return None
+
+
 class Detokenizer:
     """Incremental detokenization with stop strings: releases only text that can no longer change or be cut.
 
@@ -55,21 +78,51 @@ class Detokenizer:
         self.stopped = False
         self._prefix = 0
         self._read = 0
+        self._prefix_text: str | None = ""  # decode of ids[_prefix:_read], kept until the window moves
+        self._backend = fast_backend(tokenizer)
         self._matchers = [_StopMatcher(s) for s in self.stops]
         self._scanned = 0  # characters of self.text the matchers have seen
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text it releases (may be empty)."""
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self._prefix:self._read])
+        return self.push_many((token_id,))
+
+    def push_many(self, token_ids: list[int] | tuple[int, ...]) -> str:
+        """Add generated tokens (all that arrived since the last call); return the text they release.
+
+        Costs two decodes of the short window, whatever the number of tokens (token by token only when the
+        last one ends inside a multi-byte character, so that the complete ones before it are released).
+        """
+        if self.stopped:
+            self.ids.extend(token_ids)
+            return ""
+        n = len(self.ids)
+        self.ids.extend(token_ids)
+        if self._advance() and len(token_ids) > 1:
+            del self.ids[n:]
+            for token_id in token_ids:
+                self.ids.append(token_id)
+                self._advance()
+        return self._release(final=False)
+
+    def _advance(self) -> bool:
+        """Decode the tokens past the window into ``text``; True when they end inside a character (held)."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        prefix = self._prefix_text
         full = self._decode(self.ids[self._prefix:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if full.endswith("\ufffd"):
+            return True
+        if len(full) > len(prefix):
             self.text += full[len(prefix):]
             self._prefix, self._read = self._read, len(self.ids)
-        return self._release(final=False)
+            self._prefix_text = None
+        return False
 
     def flush(self) -> str:
         """The generation ended: release whatever is held back."""

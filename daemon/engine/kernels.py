@@ -1,0 +1,167 @@
+"""The decode attention as one Triton kernel per layer (GPU): append the step's key and value, attend.
+
+A first kernel runs one program per (row, KV head, split of the context): split 0 writes the row's new key and
+value at the row's position in the slot cache and starts from that token; every split attends the group of
+query heads sharing the KV head over its share of the row's cached positions ``[0, position)``, with an
+online softmax in float32, and stops at the row's own length (read from device memory). A second kernel
+merges the splits (flash decoding). So a step reads the keys and values the rows hold, not a padded context
+bucket, needs neither a mask nor the two cache scatters of the PyTorch path, and spreads a long context over
+many programs. Rows never share a program and the split layout depends only on the cache size, so a row's
+output is the same whatever else runs (batch invariant). Both kernels are captured in the step's CUDA graph
+like any other launch.
+
+Used for decode steps on CUDA when Triton imports and the layer has no sliding window; everything else takes
+the PyTorch path in ``step.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+MAX_SPLITS = 16  # programs sharing one (row, KV head)'s positions
+POSITIONS_PER_SPLIT = 64  # splits = context // this, at most MAX_SPLITS
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Triton imports and a CUDA device is present."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_kernel(
+            q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale,
+            first_slot, chunk, sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_s, skc_h, skc_t, svc_s, svc_h, svc_t,
+            GROUP: tl.constexpr, GROUP_P: tl.constexpr, DK: tl.constexpr, DK_P: tl.constexpr, DV: tl.constexpr,
+            DV_P: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+        """One (row, KV head, split): softmax state over the split's cached positions below the row's own."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        slot = row + first_slot
+        pos = tl.load(pos_ptr + row)
+        g = tl.arange(0, GROUP_P)
+        dk = tl.arange(0, DK_P)
+        dv = tl.arange(0, DV_P)
+        g_ok, dk_ok, dv_ok = g < GROUP, dk < DK, dv < DV
+        q_heads = head * GROUP + g
+        q = tl.load(q_ptr + row * sq_b + q_heads[:, None] * sq_h + dk[None, :],
+                    mask=g_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)       # [G, DK]
+        k_row = k_cache_ptr + slot * skc_s + head * skc_h
+        v_row = v_cache_ptr + slot * svc_s + head * svc_h
+        if split == 0:
+            # The new token: split 0 appends it to the cache and starts its softmax state with it. Its key and
+            # value are rounded to the cache's dtype, as later steps will read them. No program reads position
+            # ``pos`` from memory in this step, so the store races with nothing.
+            k_new = tl.load(k_new_ptr + row * skn_b + head * skn_h + dk, mask=dk_ok, other=0.0)
+            v_new = tl.load(v_new_ptr + row * svn_b + head * svn_h + dv, mask=dv_ok, other=0.0)
+            k_self = k_new.to(k_cache_ptr.dtype.element_ty)
+            v_self = v_new.to(v_cache_ptr.dtype.element_ty)
+            tl.store(k_row + pos * skc_t + dk, k_self, mask=dk_ok)
+            tl.store(v_row + pos * svc_t + dv, v_self, mask=dv_ok)
+            m = tl.sum(q * k_self.to(tl.float32)[None, :], axis=1) * scale               # [G]
+            norm = tl.full([GROUP_P], 1.0, tl.float32)
+            acc = tl.zeros([GROUP_P, DV_P], tl.float32) + v_self.to(tl.float32)[None, :]  # [G, DV]
+        else:
+            m = tl.full([GROUP_P], float("-inf"), tl.float32)
+            norm = tl.zeros([GROUP_P], tl.float32)
+            acc = tl.zeros([GROUP_P, DV_P], tl.float32)
+        lo = split * chunk
+        hi = tl.minimum(pos, lo + chunk)
+        for start in range(lo, hi, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            t_ok = t < hi
+            k = tl.load(k_row + t[:, None] * skc_t + dk[None, :], mask=t_ok[:, None] & dk_ok[None, :],
+                        other=0.0).to(tl.float32)                                          # [B, DK]
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                      # [G, B]
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_next = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_next[:, None])
+            alpha = tl.exp(m - m_next)
+            v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
+                        other=0.0).to(tl.float32)                                          # [B, DV]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            norm = norm * alpha + tl.sum(p, axis=1)
+            m = m_next
+        state = (row * (GROUP * tl.num_programs(1)) + q_heads) * SPLITS + split             # [G]
+        tl.store(m_ptr + state, m, mask=g_ok)
+        tl.store(l_ptr + state, norm, mask=g_ok)
+        tl.store(acc_ptr + state[:, None] * DV + dv[None, :], acc, mask=g_ok[:, None] & dv_ok[None, :])
+
+    @triton.jit
+    def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, DV: tl.constexpr, DV_P: tl.constexpr,
+                       SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
+        """One (row, query head): merge its splits' softmax states into the output."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_P)
+        dv = tl.arange(0, DV_P)
+        sp_ok, dv_ok = sp < SPLITS, dv < DV
+        state = (row * tl.num_programs(1) + head) * SPLITS + sp
+        m = tl.load(m_ptr + state, mask=sp_ok, other=float("-inf"))
+        norm = tl.load(l_ptr + state, mask=sp_ok, other=0.0)
+        acc = tl.load(acc_ptr + state[:, None] * DV + dv[None, :], mask=sp_ok[:, None] & dv_ok[None, :], other=0.0)
+        weight = tl.exp(m - tl.max(m, axis=0))         # split 0 always holds the new token: the max is finite
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(norm * weight, axis=0)
+        tl.store(out_ptr + row * so_b + head * so_h + dv, out.to(out_ptr.dtype.element_ty), mask=dv_ok)
+
+    return partial_kernel, combine_kernel
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: Any, positions: Any,
+                     first_slot: int, scale: float) -> Any:
+    """Append ``key``/``value`` at each row's position and attend.
+
+    Args:
+        query: ``[rows, q_heads, 1, dk]``; key / value: ``[rows, kv_heads, 1, dk / dv]`` (the step's new token).
+        k_cache / v_cache: the layer's ``[slots, kv_heads, context, dk / dv]`` cache; row ``i`` is slot
+            ``first_slot + i``.
+        positions: ``[rows, 1]`` (or ``[rows]``) int64 position of each row's new token.
+    Returns:
+        ``[rows, 1, q_heads, dv]`` in the query's dtype (the layout transformers' attention returns).
+    """
+    import torch
+
+    rows, q_heads, _, dk = query.shape
+    kv_heads, dv = key.shape[1], value.shape[-1]
+    group = q_heads // kv_heads
+    for t in (query, key, value, k_cache, v_cache):
+        if t.stride(-1) != 1:
+            raise ValueError("decode attention needs the head dimension contiguous")
+    context = k_cache.shape[2]
+    # Split the positions across programs (flash decoding): a long context is read by many programs at once,
+    # and splits past a row's own length exit at once. One program per (row, head) would read serially.
+    splits = max(1, min(MAX_SPLITS, context // POSITIONS_PER_SPLIT))
+    block = max(16, min(128, _pow2(8192 // (_pow2(group) * _pow2(max(dk, dv))))))
+    chunk = -(-context // splits)
+    chunk = -(-chunk // block) * block
+    m = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=query.device)
+    norm = torch.empty_like(m)
+    acc = torch.empty(rows, q_heads, splits, dv, dtype=torch.float32, device=query.device)
+    out = torch.empty(rows, 1, q_heads, dv, dtype=query.dtype, device=query.device)
+    partial_kernel, combine_kernel = _kernels()
+    partial_kernel[(rows, kv_heads, splits)](
+        query, key, value, k_cache, v_cache, positions, m, norm, acc, scale, first_slot, chunk,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2),
+        GROUP=group, GROUP_P=_pow2(group), DK=dk, DK_P=_pow2(dk), DV=dv, DV_P=_pow2(dv), BLOCK=block,
+        SPLITS=splits, num_warps=4)
+    combine_kernel[(rows, q_heads)](m, norm, acc, out, out.stride(0), out.stride(2), DV=dv, DV_P=_pow2(dv),
+                                    SPLITS=splits, SPLITS_P=_pow2(splits), num_warps=1)
+    return out
