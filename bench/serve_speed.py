@@ -599,8 +599,6 @@ def part_cpu(args, out: dict) -> None:
     decode, the ``lorad serve`` default on a CPU with AMX. Every arm runs once per round, rounds interleaved, so
     the load other processes put on the machine spreads over all arms; the load average is recorded per round.
     """
-    import subprocess
-
     import torch
 
     from pipelines.hardware import serve_prefill_autocast
@@ -610,29 +608,10 @@ def part_cpu(args, out: dict) -> None:
         torch.set_num_threads(args.cpu_threads)
     out.update({"threads": torch.get_num_threads(), "cpu": _common.cpu_name(), "cpu_count": os.cpu_count(),
                 "load_at_start": os.getloadavg()})
-    # 1. First requests after ready, each in a fresh process (first-call costs are per process): warm-up vs none.
-    first: dict[str, list] = {"warm": [], "cold": []}
-    for _ in range(args.cpu_cold_rounds):
-        for kind in first:
-            cmd = [sys.executable, __file__, "--cpu-first-request", kind, "--cache", args.cache,
-                   "--cpu-threads", str(args.cpu_threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr[-2000:])
-            first[kind].append(json.loads(res.stdout.strip().splitlines()[-1]))
-    out["first_requests"] = {
-        kind: {"ready_s": stats([r["ready_s"] for r in rs]),
-               "warm_up_s": stats([r["warm_up_s"] for r in rs]) if kind == "warm" else None,
-               "ttft_first_ms": stats([r["ttft_ms"][0] for r in rs]),
-               "ttft_next_ms": stats([t for r in rs for t in r["ttft_ms"][1:]]),
-               "decode_thread_cpu_first_ms": stats([r["decode_thread_cpu_ms"][0] for r in rs]),
-               "decode_thread_cpu_next_ms": stats([t for r in rs for t in r["decode_thread_cpu_ms"][1:]]),
-               "runs": rs}
-        for kind, rs in first.items() if rs}
-    # 2. Steady state, in this process.
+    out["first_requests"] = cpu_first_requests(args)
     auto = serve_prefill_autocast(torch.nn.Linear(1, 1), "auto")
     variants = {"fp32": None, **({"bf16_prefill": auto} if auto else {})}
-    out["default_variant"] = "bf16_prefill" if auto else "fp32"
+    out["default_variant"] = d = "bf16_prefill" if auto else "fp32"
     engines, ready = {}, {}
     for name, dtype in variants.items():
         engines[name], tok, ready[name] = cpu_engine(args, dtype)
@@ -648,45 +627,74 @@ def part_cpu(args, out: dict) -> None:
         for model in hf.values():
             model.generate(torch.tensor([p64[0]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
     results: dict[str, list] = collections.defaultdict(list)
-    loads = []
+    out["load_per_round"] = []
     for r in range(args.rounds):
-        p200 = prompts(len(variants), CPU_PROMPT, seed=100 + r)  # a new prompt each round
-        for (name, eng), p in zip(engines.items(), p200):
-            results[f"{name}/ttft_ms"].append(eng.generate(p, max_tokens=1, temperature=0).ttft_seconds * 1000)
-        p = p64[r % len(p64)]
-        for name, eng in engines.items():
-            t0 = time.perf_counter()
-            h = eng.generate(p, max_tokens=CPU_NEW, temperature=0)
-            results[f"{name}/one_stream_tokens_per_s"].append(len(h.tokens) / (time.perf_counter() - t0))
-            results[f"{name}/decode_tokens_per_s"].append(
-                (len(h.tokens) - 1) / (h.finished_at - h.first_token_at))
-        for name, model in hf.items():
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                model.generate(torch.tensor([p]), max_new_tokens=CPU_NEW, min_new_tokens=CPU_NEW, do_sample=False,
-                               pad_token_id=2)
-            results[f"{name}/one_stream_tokens_per_s"].append(CPU_NEW / (time.perf_counter() - t0))
-        for name, eng in engines.items():
-            t0 = time.perf_counter()
-            for q in p64:
-                eng.generate(q, max_tokens=CPU_NEW, temperature=0)
-            one = len(p64) / (time.perf_counter() - t0)
-            eight = run_engine(eng, p64, ["base"] * len(p64), CPU_NEW)["requests_per_s"]
-            results[f"{name}/rps_1_at_a_time"].append(one)
-            results[f"{name}/rps_8_concurrent"].append(eight)
-            results[f"{name}/rps_8_vs_1"].append(eight / one)
-        loads.append(os.getloadavg())
-        print(f"cpu round {r}: load {loads[-1][0]:.1f}", {k: round(v[-1], 1) for k, v in results.items()}, flush=True)
+        cpu_round(r, engines, hf, p64, results)
+        out["load_per_round"].append(os.getloadavg())
+        print(f"cpu round {r}: load {os.getloadavg()[0]:.1f}", {k: round(v[-1], 1) for k, v in results.items()},
+              flush=True)
     out["arms"] = {k: {**stats(v), "all": v} for k, v in results.items()}
-    out["load_per_round"] = loads
-    d = out["default_variant"]
-    best_hf = max(statistics.median(results[f"{k}/one_stream_tokens_per_s"]) for k in hf)
     out.update({"ttft_p50_ms_200_tokens": statistics.median(results[f"{d}/ttft_ms"]),
                 "one_stream_tokens_per_s": statistics.median(results[f"{d}/one_stream_tokens_per_s"]),
-                "hf_generate_one_stream_tokens_per_s": best_hf,
+                "hf_generate_one_stream_tokens_per_s":
+                    max(statistics.median(results[f"{k}/one_stream_tokens_per_s"]) for k in hf),
                 "rps_8_vs_1": statistics.median(results[f"{d}/rps_8_vs_1"])})
     for eng in engines.values():
         eng.stop(timeout=10)
+
+
+def cpu_first_requests(args) -> dict:
+    """First requests after ready, each engine in a fresh process (first-call costs are per process), with the
+    warm-up and without, alternating."""
+    import subprocess
+
+    first: dict[str, list] = {"warm": [], "cold": []}
+    for _ in range(args.cpu_cold_rounds):
+        for kind in first:
+            cmd = [sys.executable, __file__, "--cpu-first-request", kind, "--cache", args.cache,
+                   "--cpu-threads", str(args.cpu_threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            first[kind].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return {kind: {"ready_s": stats([r["ready_s"] for r in rs]),
+                   "warm_up_s": stats([r["warm_up_s"] for r in rs]) if kind == "warm" else None,
+                   "ttft_first_ms": stats([r["ttft_ms"][0] for r in rs]),
+                   "ttft_next_ms": stats([t for r in rs for t in r["ttft_ms"][1:]]),
+                   "decode_thread_cpu_first_ms": stats([r["decode_thread_cpu_ms"][0] for r in rs]),
+                   "decode_thread_cpu_next_ms": stats([t for r in rs for t in r["decode_thread_cpu_ms"][1:]]),
+                   "runs": rs}
+            for kind, rs in first.items() if rs}
+
+
+def cpu_round(r: int, engines: dict, hf: dict, p64: list[list[int]], results: dict) -> None:
+    """One round of every CPU arm: TTFT of a new 200-token prompt per engine variant; one stream of 32 new tokens
+    (engines, then HF generate); eight 64-token requests one at a time, then all at once."""
+    import torch
+
+    for (name, eng), p in zip(engines.items(), prompts(len(engines), CPU_PROMPT, seed=100 + r)):
+        results[f"{name}/ttft_ms"].append(eng.generate(p, max_tokens=1, temperature=0).ttft_seconds * 1000)
+    p = p64[r % len(p64)]
+    for name, eng in engines.items():
+        t0 = time.perf_counter()
+        h = eng.generate(p, max_tokens=CPU_NEW, temperature=0)
+        results[f"{name}/one_stream_tokens_per_s"].append(len(h.tokens) / (time.perf_counter() - t0))
+        results[f"{name}/decode_tokens_per_s"].append((len(h.tokens) - 1) / (h.finished_at - h.first_token_at))
+    for name, model in hf.items():
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model.generate(torch.tensor([p]), max_new_tokens=CPU_NEW, min_new_tokens=CPU_NEW, do_sample=False,
+                           pad_token_id=2)
+        results[f"{name}/one_stream_tokens_per_s"].append(CPU_NEW / (time.perf_counter() - t0))
+    for name, eng in engines.items():
+        t0 = time.perf_counter()
+        for q in p64:
+            eng.generate(q, max_tokens=CPU_NEW, temperature=0)
+        one = len(p64) / (time.perf_counter() - t0)
+        eight = run_engine(eng, p64, ["base"] * len(p64), CPU_NEW)["requests_per_s"]
+        results[f"{name}/rps_1_at_a_time"].append(one)
+        results[f"{name}/rps_8_concurrent"].append(eight)
+        results[f"{name}/rps_8_vs_1"].append(eight / one)
 
 
 def cpu_agreement(args, engines: dict, tok) -> dict:
