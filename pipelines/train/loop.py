@@ -240,6 +240,9 @@ def _resume(run_dir: Path, model: Any, optimizer: Any, data: _Data, dist: Any, u
     """The state of the newest checkpoint in ``run_dir`` (weights, optimizer and RNG restored), or a fresh one."""
     state = _State(use_gc=use_gc)
     ckpt = latest_checkpoint(run_dir)
+    # Every rank must resume from the same step of the same data (hosts without shared storage may differ).
+    dist.check_same(checkpoint_step=int(ckpt.name.split("-")[-1]) if ckpt else 0, total_steps=data.total_steps,
+                    sequences=len(data.sequences))
     if ckpt is None:
         return state
     saved = load_checkpoint(ckpt, model, optimizer, sharded=dist.sharded)
