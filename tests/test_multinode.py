@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,8 @@ from bench import multinode as M
 from daemon.config import ConfigError, build_config
 from pipelines.train import distributed as D
 from pipelines.train.protocol import DistributedError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- pure
 
@@ -124,17 +130,33 @@ def _ok(results: list[tuple[int, str]], node0: int) -> None:
 
 @pytest.mark.integration
 def test_two_nodes_match_one_process_and_resume_across_topologies(tmp_path, tiny_llama_dir):
-    """2 nodes x 1 process (shared run folder) to step 2, 1 process to step 4, then 2 nodes again where node 1
-    has only its own copy of the folder (no shared storage): every step's loss within 1e-5 of the 1-process run."""
+    """2 nodes x 1 process to step 2 (the daemon's command and `lorad train-node`, one shared folder), 1 process to
+    step 4, then 2 nodes again where node 1 has only its own copy of the folder (no shared storage): every step's
+    loss within 1e-5 of the 1-process run."""
     from pipelines import train as T
 
     steps = 5
     reference = T.run_job(M.write_run(tmp_path / "ref" / "run", tiny_llama_dir, steps=steps, nproc=1),
                           progress=False).history
-    run_dir = M.write_run(tmp_path / "moved" / "run", tiny_llama_dir, steps=steps, nproc=1)
+    state = tmp_path / "state"   # the daemon's state folder, shared by both nodes (as over NFS)
+    run_dir = M.write_run(state / "runs" / "cycle-1", tiny_llama_dir, steps=steps, nproc=1, nnodes=2,
+                          rdzv_endpoint=f"127.0.0.1:{M.free_port()}", rdzv_timeout_seconds=60)
 
-    # 2 nodes on one shared folder (as on NFS); node 1 starts first, so c10d's rank 0 is likely node 1's process
-    _ok(M.run_on_nodes([run_dir, run_dir], 1, extra=("--stop-at-step", "2")), node0=T.EXIT_INTERRUPTED)
+    # 2x1 as the daemon runs it: node 0 = the job runner's command, node 1 = `lorad train-node` following the runs
+    agent = subprocess.Popen([sys.executable, "-m", "daemon.cli", "train-node", "--state", str(state), "--node-rank",
+                              "1"], cwd=ROOT, env=M.node_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        cfg = build_config(json.loads((run_dir / "job.json").read_text())["config"])
+        argv = D.train_argv(cfg.train, run_dir, extra=["--no-progress", "--stop-at-step", "2"])
+        node0 = subprocess.run(argv, cwd=ROOT, env=M.node_env(), capture_output=True, text=True, timeout=600,
+                               check=False)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        followed = agent.communicate(timeout=120)[0]
+    assert node0.returncode == T.EXIT_INTERRUPTED, node0.stdout[-3000:] + node0.stderr[-3000:]
+    assert '"event": "join", "run": "cycle-1", "node_rank": 1, "nnodes": 2' in followed, followed[-3000:]
+    assert agent.returncode == 0 and not (run_dir / D.RENDEZVOUS_FILE).exists()
     assert M.losses(run_dir) == pytest.approx(reference[:2], rel=1e-5)
     assert len(M.losses(run_dir)) == 2, "exactly one rank (node 0's first) writes metrics"
 
@@ -170,3 +192,57 @@ def test_a_node_that_never_joins_fails_the_run_with_the_reason(tmp_path, tiny_ll
     reason = json.loads((run_dir / "error.json").read_text())["reason"]
     assert "not all 2 nodes joined rendezvous 'run'" in reason and "within 10 s" in reason
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- lorad train-node
+
+
+def test_follow_joins_each_fresh_announcement_once(tmp_path):
+    """`lorad train-node` runs this node's launcher for each announced attempt: not twice, not a stale one, not
+    a run with fewer nodes than this node's rank."""
+    import os
+    import time
+
+    runs = tmp_path / "runs"
+    nodes = D.Nodes(2, 0, "127.0.0.1:29400", "fresh", 60)
+    for name in ("fresh", "stale", "small"):
+        (runs / name).mkdir(parents=True)
+    D.announce(runs / "fresh", "ddp", 2, nodes)
+    old = D.announce(runs / "stale", "ddp", 2, D.Nodes(2, 0, "127.0.0.1:29400", "stale", 60))
+    os.utime(old, (time.time() - 120, time.time() - 120))   # node 0 died before closing it, 2 minutes ago
+    D.announce(runs / "small", "ddp", 2, D.Nodes(1, 0, "127.0.0.1:29400", "small", 60))
+    calls = tmp_path / "calls.jsonl"
+    stub = tmp_path / "python-stub"   # stands in for the launcher: records its argv
+    stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    stub.chmod(0o755)
+    events = []
+    deadline = time.monotonic() + 3   # the stub's run, then many more polls of the announcements left in place
+    D.follow(runs, 1, python=str(stub), poll_seconds=0.01, should_stop=lambda: time.monotonic() > deadline,
+             log=events.append)
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(argvs) == 1, argvs
+    assert argvs[0] == ["-m", "pipelines.train", str(runs / "fresh"), "--no-progress", "--launch", "ddp", "--nproc",
+                        "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id",
+                        "fresh", "--rdzv-timeout", "60"]
+    assert [e["event"] for e in events] == ["join", "left"] and events[1]["exit"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--node-rank", "0"], "node rank >= 1"),
+    ([], "node rank >= 1"),
+])
+def test_train_node_needs_a_rank_other_than_the_daemons(tmp_path, monkeypatch, capsys, args, message):
+    from daemon.cli import main
+
+    monkeypatch.delenv("LORAD_NODE_RANK", raising=False)
+    (tmp_path / "runs").mkdir()
+    assert main(["train-node", "--state", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_node_needs_the_shared_state_folder(tmp_path, capsys):
+    from daemon.cli import main
+
+    assert main(["train-node", "--state", str(tmp_path / "not-mounted"), "--node-rank", "1"]) == 2
+    assert "mount the daemon's state folder" in capsys.readouterr().err

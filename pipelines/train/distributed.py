@@ -661,6 +661,70 @@ def _die_with_parent() -> None:
         pass
 
 
+RENDEZVOUS_FILE = "rendezvous.json"   # node 0's announcement of a run the other nodes join (``follow``)
+
+
+def announce(run_dir: Path, mode: str, nproc: int, nodes: Nodes) -> Path:
+    """Node 0: write ``RUN_DIR/rendezvous.json``, what ``follow`` on the other nodes needs to join this attempt."""
+    import secrets
+
+    info = {"mode": mode, "nproc": nproc, "nnodes": nodes.nnodes, "endpoint": nodes.endpoint,
+            "rdzv_id": nodes.rdzv_id, "timeout_s": nodes.timeout_s, "attempt": secrets.token_hex(8)}
+    path = Path(run_dir) / RENDEZVOUS_FILE
+    tmp = path.with_name(f".{RENDEZVOUS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+    return path
+
+
+def close_announcement(run_dir: Path) -> None:
+    """The world is formed (called by the writing rank after joining): a node that comes later must not join."""
+    (Path(run_dir) / RENDEZVOUS_FILE).unlink(missing_ok=True)
+
+
+def follow(runs_dir: Path, node_rank: int, *, python: str = sys.executable, poll_seconds: float = 2.0,
+           should_stop: Callable[[], bool] = lambda: False, log: Callable[[dict], None] = print) -> None:
+    """``lorad train-node``: on a host other than the daemon's, join every multi-node run node 0 announces.
+
+    Watches ``runs_dir/*/rendezvous.json`` (the daemon's runs folder on shared storage) and runs this node's
+    launcher for each new attempt, one at a time, with its output in ``RUN_DIR/train-node<R>.log``. An
+    announcement older than its rendezvous timeout is stale (node 0 died before closing it) and skipped.
+    Once ``should_stop`` answers true, a running launcher gets SIGTERM (every rank checkpoints and the run
+    stops, resumable) and this returns.
+    """
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    joined: set[str] = set()
+    while not should_stop():
+        for path in sorted(Path(runs_dir).glob(f"*/{RENDEZVOUS_FILE}")):
+            try:
+                info, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+                nodes = Nodes(nnodes=int(info["nnodes"]), node_rank=node_rank, endpoint=str(info["endpoint"]),
+                              rdzv_id=str(info["rdzv_id"]), timeout_s=int(info["timeout_s"]))
+                attempt, mode, nproc = str(info["attempt"]), str(info["mode"]), int(info["nproc"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue   # being replaced, closed, or not an announcement: look again next time
+            if attempt in joined or age > nodes.timeout_s or node_rank >= nodes.nnodes:
+                continue
+            joined.add(attempt)
+            argv = launch_argv(mode, nproc, path.parent, python=python, extra=["--no-progress"], nodes=nodes)
+            log({"event": "join", "run": path.parent.name, "node_rank": node_rank, "nnodes": nodes.nnodes})
+            with open(path.parent / f"train-node{node_rank}.log", "ab") as out:
+                proc = subprocess.Popen(argv, cwd=str(root), stdout=out, stderr=subprocess.STDOUT)
+                while proc.poll() is None:
+                    if should_stop():
+                        proc.send_signal(signal.SIGTERM)   # the launcher passes it on once; the ranks checkpoint
+                        proc.wait()
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=poll_seconds)
+            log({"event": "left", "run": path.parent.name, "node_rank": node_rank, "exit": proc.returncode})
+        if not should_stop():
+            time.sleep(poll_seconds)
+
+
 def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: Nodes | None = None) -> int:
     """Run the job under torchrun and return the plain job's exit code (``python -m pipelines.train --launch``).
 
@@ -682,6 +746,7 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: No
         error.write_text(json.dumps({"reason": "train.num_processes 0 means one process per GPU, and this host has "
                                                "none: set train.num_processes (CPU processes, gloo)"}))
         return 1
+    announced = announce(run_dir, mode, nproc, nodes) if nodes is not None and nodes.node_rank == 0 else None
     proc = subprocess.Popen(torchrun_argv(mode, nproc, run_dir, python=sys.executable, extra=rank_args, nodes=nodes),
                             env=env, start_new_session=True, preexec_fn=_die_with_parent)
     forwarded = []
@@ -694,6 +759,8 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: No
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
+    if announced is not None:
+        announced.unlink(missing_ok=True)   # the ranks never formed a world (or one exited early)
     if marker.is_file():
         return EXIT_INTERRUPTED
     if rc != 0 and not error.is_file():

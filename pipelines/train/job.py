@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = distributed.init(args.distributed)
         main_rank = dist is None or dist.is_main
+        if dist is not None and dist.is_main:
+            distributed.close_announcement(args.run_dir)
         outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=should_stop, on_step=on_step,
                           dist=dist, own_process=True)
     except Interrupted as e:
