@@ -14,7 +14,9 @@ over gloo, and every per-step loss is compared with the one-process run:
 
 Each extra node works on its own copy of the run folder, as a host without shared storage would: it gets
 job.json and data.jsonl, and before a resume the checkpoints/ the previous segment wrote (node 0 writes
-every file). The nodes are started highest rank first, so c10d's rank order is not node 0 first.
+every file). The nodes are started highest rank first, and node 0 joins under the address "localhost", the others
+under "127.0.0.1": c10d orders ranks by address, so global rank 0 is never node 0's and the run's files must still
+be written by node 0 (``writer_rank`` is the global rank that wrote them).
 
 What this does not cover: several real hosts (the nodes here share the machine and its loopback), NCCL
 (CPU processes use gloo), GPUs. Writes ``multinode_loss_max_rel_diff`` (target 1e-5), the per-step losses
@@ -73,9 +75,18 @@ def write_run(run_dir: Path, model_dir: Path, *, steps: int, nproc: int, grad_ac
     return run_dir
 
 
-def node_env() -> dict:
-    # One thread per process: the nodes share this machine's cores (torchrun sets it only for nproc > 1).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def node_env(node_rank: int | None = None) -> dict:
+    """The environment of a node's launcher. One thread per process: the nodes share this machine's cores
+    (torchrun sets it only for nproc > 1).
+
+    With ``node_rank``, the node's address in the rendezvous (torchrun's --local-addr, as $PET_LOCAL_ADDR) is
+    "localhost" for node 0 and "127.0.0.1" for the others: c10d numbers the ranks in the order of those
+    addresses, so global rank 0 is never node 0's and the writing rank must be found by node rank.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if node_rank is not None:
+        env["PET_LOCAL_ADDR"] = "localhost" if node_rank == 0 else "127.0.0.1"
+    return env
 
 
 def copy_for_node(run_dir: Path, node_dir: Path) -> Path:
@@ -112,7 +123,8 @@ def run_on_nodes(run_dirs: list[Path], nproc: int, *, extra: tuple[str, ...] = (
             argv = D.launch_argv("ddp", nproc, run_dirs[rank], extra=["--no-progress", *extra], nodes=nodes)
             log = run_dirs[rank].parent / f"node{rank}-{time.monotonic_ns()}.log"
             with open(log, "wb") as out:
-                procs[rank] = subprocess.Popen(argv, cwd=ROOT, env=node_env(), stdout=out, stderr=subprocess.STDOUT), log
+                procs[rank] = (subprocess.Popen(argv, cwd=ROOT, env=node_env(rank), stdout=out,
+                                                stderr=subprocess.STDOUT), log)
         deadline = time.monotonic() + wall_timeout
         return [(procs[r][0].wait(timeout=max(1.0, deadline - time.monotonic())), procs[r][1].read_text()[-4000:])
                 for r in range(len(run_dirs))]
@@ -180,6 +192,7 @@ def measure(work: Path, steps: int) -> dict:
         extra_files = sorted(p.name for r in range(1, 3) for p in (work / name / f"node{r}" / "run").glob("*")
                              if p.name not in ("job.json", "data.jsonl", "checkpoints", "error.json"))
         runs[name] = {"segments": done, "losses": losses(run_dir), "steps": result["steps"],
+                      "writer_rank": result["speed"].get("distributed", {}).get("writer_rank"),
                       "resumed_from_step": result["resumed_from_step"], "wall_s": round(time.monotonic() - started, 1),
                       "files_on_other_nodes": extra_files}
         print(f"{name:14s} {runs[name]['wall_s']:6.1f} s  losses {[round(x, 6) for x in runs[name]['losses']]}",
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "multinode_loss_max_rel_diff": worst,
         "target_rel_diff": TARGET_REL_DIFF,
         "passed": worst <= TARGET_REL_DIFF and all(not r["files_on_other_nodes"] for r in runs.values()),
+        "writer_ranks": {name: r["writer_rank"] for name, r in runs.items()},
         "topologies": list(runs),
         "runs": runs,
         "setup": {"model": "tiny random Llama (2 layers, hidden 64), float32", "backend": "gloo (CPU)",

@@ -112,7 +112,8 @@ def test_a_rank_takes_every_world_size_th_micro_batch(mode, rank, world, accum, 
     assert steps == D.plan_world(accum, world)[1]
     assert dist.share([[i] for i in range(steps)]) == share
     assert dist.speed_limits("auto", "auto") == limits and not dist.can_retry
-    assert dist.describe(steps) == {"distributed": {"mode": mode, "world_size": world, "micro_batches_per_step": steps}}
+    assert dist.describe(steps) == {"distributed": {"mode": mode, "world_size": world, "micro_batches_per_step": steps,
+                                                    "writer_rank": 0}}
 
 
 def test_peft_key_drops_the_adapter_name():

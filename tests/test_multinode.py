@@ -120,6 +120,18 @@ def test_a_node_without_its_rank_fails_with_the_reason(tmp_path, tiny_llama_dir,
     assert "needs this node's rank" in json.loads((run_dir / "error.json").read_text())["reason"]
 
 
+def test_one_process_per_gpu_on_a_host_without_one_says_what_to_set(tmp_path, tiny_llama_dir):
+    import torch
+
+    from pipelines.train import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    run_dir = M.write_run(tmp_path / "run", tiny_llama_dir, steps=2, nproc=0)
+    assert main([str(run_dir), "--launch", "ddp", "--nproc", "0", "--no-progress"]) == 1
+    assert "set train.num_processes" in json.loads((run_dir / "error.json").read_text())["reason"]
+
+
 # ----------------------------------------------------------------------------- real nodes on 127.0.0.1 (gloo)
 
 
@@ -143,13 +155,14 @@ def test_two_nodes_match_one_process_and_resume_across_topologies(tmp_path, tiny
                           rdzv_endpoint=f"127.0.0.1:{M.free_port()}", rdzv_timeout_seconds=60)
 
     # 2x1 as the daemon runs it: node 0 = the job runner's command, node 1 = `lorad train-node` following the runs
+    # (node_env: node 1's process becomes c10d's global rank 0, node 0's the writer)
     agent = subprocess.Popen([sys.executable, "-m", "daemon.cli", "train-node", "--state", str(state), "--node-rank",
-                              "1"], cwd=ROOT, env=M.node_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              "1"], cwd=ROOT, env=M.node_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     try:
         cfg = build_config(json.loads((run_dir / "job.json").read_text())["config"])
         argv = D.train_argv(cfg.train, run_dir, extra=["--no-progress", "--stop-at-step", "2"])
-        node0 = subprocess.run(argv, cwd=ROOT, env=M.node_env(), capture_output=True, text=True, timeout=600,
+        node0 = subprocess.run(argv, cwd=ROOT, env=M.node_env(0), capture_output=True, text=True, timeout=600,
                                check=False)
     finally:
         agent.send_signal(signal.SIGTERM)
@@ -177,6 +190,7 @@ def test_two_nodes_match_one_process_and_resume_across_topologies(tmp_path, tiny
     _ok(M.run_on_nodes([run_dir, node1], 1), node0=0)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == steps and result["resumed_from_step"] == 4
+    assert result["speed"]["distributed"]["writer_rank"] == 1, "node 1's process was rank 0; node 0's wrote"
     assert M.losses(run_dir) == pytest.approx(reference, rel=1e-5)
     assert M.max_rel_diff(M.losses(run_dir), reference) <= M.TARGET_REL_DIFF
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

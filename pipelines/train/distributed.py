@@ -283,7 +283,7 @@ class Dist:
 
     def describe(self, micro_batches_per_step: int) -> dict:
         return {"distributed": {"mode": self.mode, "world_size": self.world_size,
-                                "micro_batches_per_step": micro_batches_per_step}}
+                                "micro_batches_per_step": micro_batches_per_step, "writer_rank": self.main_rank}}
 
 
 class OneProcess:
