@@ -699,6 +699,8 @@ def follow(runs_dir: Path, node_rank: int, *, python: str = sys.executable, poll
     joined: set[str] = set()
     while not should_stop():
         for path in sorted(Path(runs_dir).glob(f"*/{RENDEZVOUS_FILE}")):
+            if should_stop():
+                break
             try:
                 info, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
                 nodes = Nodes(nnodes=int(info["nnodes"]), node_rank=node_rank, endpoint=str(info["endpoint"]),
@@ -768,8 +770,8 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: No
         if nodes is not None:
             why += (f", or not all {nodes.nnodes} nodes joined rendezvous {nodes.rdzv_id!r} at {nodes.endpoint} "
                     f"within {nodes.timeout_s} s")
-        error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} ({why}); see this node's train.log "
-                                               f"({run_dir / 'train.log'})"}))
+        log = run_dir / ("train.log" if nodes is None or nodes.node_rank == 0 else f"train-node{nodes.node_rank}.log")
+        error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} ({why}); see {log}"}))
     return 0 if rc == 0 else 1
 
 
