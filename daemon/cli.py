@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("train-node", parents=[common],
+                       help="on another host: join the multi-node training runs the daemon starts (train.nnodes)")
+    p.add_argument("--node-rank", type=int, metavar="R",
+                   help="this host's node rank, 1 .. train.nnodes-1 (default: $LORAD_NODE_RANK; 0 is the daemon's)")
+    p.set_defaults(func=cmd_train_node)
+
     p = sub.add_parser("export", parents=[common],
                        help="export an adapter version merged into the base model (merged, bnb4 or onnx)")
     p.add_argument("version", metavar="VERSION", help="adapter version, or 'champion'")
@@ -434,6 +440,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{out['version']}: loss {out['loss_first']:.4f} -> {out['loss_last']:.4f}, {out['tokens']} tokens "
               f"at {out['tokens_per_second']:.0f} tokens/s\n  {out['path']}")
+    return EXIT_OK
+
+
+def cmd_train_node(args: argparse.Namespace) -> int:
+    """Join every multi-node run the daemon announces in its runs folder (shared storage) until SIGTERM/SIGINT."""
+    import os
+    import signal
+    import threading
+
+    from daemon.runs import runs_dir
+    from pipelines.train.distributed import NODE_RANK_ENV, follow
+
+    cfg = _load(args)
+    raw = args.node_rank if args.node_rank is not None else os.environ.get(NODE_RANK_ENV, "")
+    try:
+        rank = int(raw)
+    except ValueError:
+        rank = -1
+    if rank < 1:
+        print(f"lorad: train-node needs this host's node rank >= 1 (--node-rank or ${NODE_RANK_ENV}; node 0 is the "
+              f"daemon's host); got {raw!r}", file=sys.stderr)
+        return EXIT_USAGE
+    runs = runs_dir(cfg)
+    if not runs.is_dir():
+        print(f"lorad: {runs} does not exist: mount the daemon's state folder at {cfg.paths.state_dir} "
+              f"(or pass --state) on this host", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"event": "follow", "runs": str(runs), "node_rank": rank}), flush=True)
+    follow(runs, rank, should_stop=stop.is_set, log=lambda r: print(json.dumps(r), flush=True))
     return EXIT_OK
 
 

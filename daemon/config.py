@@ -153,6 +153,33 @@ def _check_category_weights(value: list[str]) -> str | None:
     return None
 
 
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """``"node0.example:29400"`` / ``"[fd00::1]:29400"`` -> (host, port); raises ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port in 1-65535 (e.g. 'node0.example:29400'); got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", host):
+        raise ValueError(f"host {host!r} must be a host name or an IP address")
+    return host, int(port)
+
+
+def _check_endpoint(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        parse_endpoint(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_rdzv_id(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", value):
+        return None
+    return f"must be 1-128 letters, digits, '_', '.' or '-' (or empty = the run's id); got {value!r}"
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -267,10 +294,20 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)
     seed: int = _f(1234, "random seed (data order, LoRA init, dropout)", ge=0)
-    distributed: str = _f("none", "multi-GPU training under torchrun: ddp = base replicated on every GPU, fsdp = "
-                          "base sharded across GPUs (FSDP2; for models that do not fit one card)",
+    distributed: str = _f("none", "training in several processes under torchrun (GPUs, hosts, or CPU processes "
+                          "over gloo): ddp = base replicated on every GPU, fsdp = base sharded across GPUs (FSDP2; "
+                          "for models that do not fit one card)",
                           choices=("none", "ddp", "fsdp"))
-    num_processes: int = _f(0, "GPUs (processes) when distributed is ddp or fsdp; 0 = every visible GPU", ge=0)
+    num_processes: int = _f(0, "processes per node when distributed is ddp or fsdp: GPUs, or CPU processes (gloo) "
+                            "on a host without one; 0 = every visible GPU", ge=0)
+    nnodes: int = _f(1, "hosts one distributed run spans (torchrun --nnodes); more than 1 needs rdzv_endpoint, and "
+                     "every other node runs the join command (docs/multi-machine.md)", ge=1, le=1024)
+    rdzv_endpoint: str = _f("", "HOST:PORT of the c10d rendezvous when nnodes > 1: this (the daemon's) node's address "
+                            "as the other nodes reach it, and a free port", check=_check_endpoint)
+    rdzv_id: str = _f("", "rendezvous id every node of a run passes; empty = the run's id (its folder's name)",
+                      check=_check_rdzv_id)
+    rdzv_timeout_seconds: int = _f(600, "how long the nodes of a run wait for each other to join before the run "
+                                   "fails", ge=10, le=86400)
 
 
 @dataclass(frozen=True)
@@ -492,6 +529,13 @@ def _cross_checks(cfg: Config) -> list[str]:
     if d.max_seq_len < min(d.max_prompt_tokens, d.max_response_tokens):
         problems.append(f"data.max_seq_len ({d.max_seq_len}) must be at least min(data.max_prompt_tokens, "
                         f"data.max_response_tokens) = {min(d.max_prompt_tokens, d.max_response_tokens)}")
+    t = cfg.train
+    if t.nnodes > 1 and t.distributed == "none":
+        problems.append(f"train.nnodes is {t.nnodes} but train.distributed is 'none'; set train.distributed to "
+                        f"ddp or fsdp, or train.nnodes to 1")
+    if t.nnodes > 1 and not t.rdzv_endpoint:
+        problems.append(f"train.nnodes is {t.nnodes} but train.rdzv_endpoint is empty; set it to HOST:PORT of this "
+                        f"node as the other nodes reach it (e.g. 'node0.example:29400')")
     if cfg.train.distributed == "fsdp" and cfg.model.quantization == "8bit":
         problems.append("train.distributed 'fsdp' cannot shard 8-bit weights; use model.quantization '4bit' "
                         "(FSDP-QLoRA) or 'none', or train.distributed 'ddp'")
