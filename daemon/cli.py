@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual rollback", help="recorded with the alias change")
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser("unpark", parents=[common],
+                       help="make parked records (refused promote.max_refusals times) pending again")
+    p.add_argument("records", nargs="*", type=int, metavar="RECORD_ID", help="record ids (see `lorad status --json`)")
+    p.add_argument("--all", action="store_true", help="every parked record")
+    p.add_argument("--reason", default="unparked by hand", help="recorded with the event")
+    p.set_defaults(func=cmd_unpark)
+
     p = sub.add_parser("config", help="show or check the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
@@ -598,6 +605,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     return _admin_change(args, "rollback", {"reason": args.reason},
                          lambda store, cfg, actor: rollback(store, reason=args.reason, actor=actor))
+
+
+def cmd_unpark(args: argparse.Namespace) -> int:
+    """Parked records become pending again and join the next training run; their past refusals are forgotten."""
+    from daemon.runs import unpark_records
+    from daemon.store import open_store
+
+    if bool(args.records) == bool(args.all):
+        print("lorad: name the RECORD_IDs to unpark, or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _load(args)
+    with open_store(cfg.paths.state_dir) as store:
+        done = unpark_records(store, None if args.all else args.records, reason=args.reason)
+    missing = sorted(set(args.records) - set(done))
+    print(json.dumps({"unparked": done, "not_parked": missing}))
+    return EXIT_OK if done or args.all else EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
