@@ -417,3 +417,31 @@ def test_detokenizer_uses_the_tokenizers_backend_only_where_decode_is_exactly_th
     finally:
         tok.__class__ = Custom.__mro__[1]
     assert fast_backend(ByteTokenizer()) is None
+
+
+def test_a_bug_in_the_completion_path_is_a_counted_500_in_openai_shape(served, world, monkeypatch, caplog):
+    """The completion routes are answered in front of FastAPI: its catch-all handler must still hold there."""
+    import asyncio
+
+    from daemon.server import create_app
+
+    daemon = fake_daemon(world, served.engine)
+    app = create_app(daemon)
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(served.engine, "submit", broken)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return [await http.post(path, json={"model": "lorad", "prompt": "hi", "messages": [
+                {"role": "user", "content": "hi"}]}) for path in ("/v1/completions", "/v1/chat/completions")]
+
+    answers = asyncio.run(run())
+    for r, route in zip(answers, ("/v1/completions", "/v1/chat/completions")):
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        value = daemon.metrics.registry.get_sample_value("lorad_serve_requests_total", {"route": route, "code": "500"})
+        assert value and value >= 1
+    assert any("unhandled error" in rec.getMessage() and rec.exc_info for rec in caplog.records)
