@@ -13,6 +13,7 @@ from daemon.server.protocol import ApiError, Shape, finish_error, prompt_ids, sa
 from daemon.server.text import Detokenizer
 
 log = logging.getLogger("lorad.server")
+COMPLETION_PATHS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> chat?
 
 
 def routes(ctx: ServerContext) -> Any:
@@ -62,15 +63,13 @@ class Completions:
     ``generate`` (behind the same body limit, with the same answer to an unexpected error); every other request
     goes to ``app``. Saves FastAPI's routing, middleware stack and per-chunk send wrappers on the hot path."""
 
-    PATHS = {"/v1/completions": False, "/v1/chat/completions": True}
-
     def __init__(self, app: Any, ctx: ServerContext):
         self.app, self.ctx = app, ctx
         self.limited = BodySizeLimit(self._generate, max_bytes=ctx.serve.max_body_bytes,
                                      timeout=ctx.serve.body_timeout_seconds, on_refused=ctx.count)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in COMPLETION_PATHS:
             await self.limited(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -80,7 +79,7 @@ class Completions:
 
         path = scope["path"]
         try:
-            response = await generate(self.ctx, Request(scope, receive, send), chat=self.PATHS[path])
+            response = await generate(self.ctx, Request(scope, receive, send), chat=COMPLETION_PATHS[path])
         except BodyRefused:
             raise  # the body limit answers 413 / 408 itself
         except Exception as exc:  # a bug, not the client's fault: as the app's own handler answers it
