@@ -4,7 +4,7 @@
 import logging
 from typing import Any
 
-from daemon.server import admin, feedback, health, openai_api
+from daemon.server import admin, feedback, health, lora_admin, openai_api
 from daemon.server.context import ServerContext
 from daemon.server.middleware import BodySizeLimit
 from daemon.server.protocol import ApiError
@@ -45,7 +45,7 @@ def create_app(daemon: Any) -> Any:
         return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details",
                         code="internal_error").response()
 
-    for concern in (health, openai_api, feedback, admin):
+    for concern in (health, openai_api, feedback, admin, lora_admin):
         app.include_router(concern.routes(ctx))
     return app
 
