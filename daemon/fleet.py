@@ -155,7 +155,8 @@ class Fleet:
             return {**result, "fleet": {"replicas": len(self.replicas), "unsynced": unsynced, "seconds": seconds}}
 
     def reconcile(self) -> None:
-        """Ask every replica what it serves; bring each one that is not on the champion to it; free stale slots."""
+        """Ask every replica what it serves; bring each one that is not on the champion to it (and free its stale
+        versions)."""
         with self._lock:
             desired = registry.champion(self.store)
             self._each(self._check)
@@ -176,12 +177,16 @@ class Fleet:
                 self._record("catch_up", desired, True, f"{r.url} caught up to {desired or BASE} (it served "
                                                         f"{r.champion})", {"replica": r.url})
                 self._check(r)
-            self._unload_stale()
+            self._unload_stale(behind)
 
-    def _unload_stale(self) -> None:
-        """Unload what is neither the registry's champion nor previous champion (it drains first on the replica)."""
+    def _unload_stale(self, replicas: list[Replica] | None = None) -> None:
+        """Unload what is neither the registry's champion nor previous champion (it drains first on the replica).
+
+        Run after a change of champion (and on a replica that just caught up), not on every pass: a version an
+        operator loads by hand on one replica stays until the next change.
+        """
         keep = {registry.champion(self.store), self.store.get_alias(registry.PREVIOUS)}
-        for r in self.replicas:
+        for r in self.replicas if replicas is None else replicas:
             stale = [v for v in r.loaded if v not in keep and v != r.champion] if r.up else []
             for version in stale:
                 try:
