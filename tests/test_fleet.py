@@ -267,7 +267,7 @@ def test_a_replica_restarted_empty_catches_up_with_the_champion(fleet):
 
 
 def test_rollback_moves_every_replica_back(fleet):
-    d, a, b, (v1, v2, v3) = fleet["daemon"], fleet["a"], fleet["b"], fleet["versions"]
+    d, a, b, (_, v2, v3) = fleet["daemon"], fleet["a"], fleet["b"], fleet["versions"]
     for version in (v2, v3):
         status, text = call(d.url + "/admin/promote", {"version": version})
         assert status == 200, text
