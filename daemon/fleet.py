@@ -17,6 +17,7 @@ the registry's champion is told to load and serve it. The same pass feeds the pe
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -83,6 +84,7 @@ class Fleet:
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(self.replicas))),
                                         thread_name_prefix="lorad-fleet")
+        self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorad-fleet-after")
         self._http = httpx.Client(timeout=cfg.fleet.request_timeout_seconds, follow_redirects=False,
                                   headers={"Authorization": f"Bearer {fleet_token(cfg)}"})
         self._last_catch_up_error: dict[str, str] = {}
@@ -100,6 +102,7 @@ class Fleet:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(self.cfg.fleet.request_timeout_seconds + 5)
+        self._after.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
@@ -139,20 +142,33 @@ class Fleet:
                           f"load it: " + "; ".join(f"{url}: {err}" for url, err in failed.items()))
                 self._record(action, version, False, reason, {"failed": failed})
                 raise FleetRefused(reason)
+            loaded = time.perf_counter()
             result = apply()
+            applied = time.perf_counter()
             target = result.get("to")
             target = None if target in (None, BASE) else target
             unsynced = self._each(lambda r: self._follow(r, target, f"{action} by the control plane"))
-            self._each(self._check)
-            self._unload_stale()
             seconds = round(time.perf_counter() - t0, 3)
+            phases = {"load_s": round(loaded - t0, 3), "apply_s": round(applied - loaded, 3),
+                      "flip_s": round(time.perf_counter() - applied, 3)}
+            # Freeing the versions no longer needed waits for nothing the caller needs: it runs after the
+            # answer, still under the lock, so the next change starts from a clean fleet.
+            self._after.submit(self._locked, self._unload_stale)
             if unsynced:  # the daemon moved; the reconcile loop brings these replicas along when they answer
                 reason = (f"{action} to {target or BASE}: {len(unsynced)} replicas did not take the new champion yet "
                           f"(catching up): " + "; ".join(f"{u}: {e}" for u, e in unsynced.items()))
             else:
                 reason = f"{action} to {target or BASE} on all {len(self.replicas)} replicas in {seconds} s"
-            self._record(action, target, not unsynced, reason, {"unsynced": unsynced, "seconds": seconds})
-            return {**result, "fleet": {"replicas": len(self.replicas), "unsynced": unsynced, "seconds": seconds}}
+            self._record(action, target, not unsynced, reason, {"unsynced": unsynced, "seconds": seconds, **phases})
+            return {**result, "fleet": {"replicas": len(self.replicas), "unsynced": unsynced, "seconds": seconds,
+                                        **phases}}
+
+    def _locked(self, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            try:
+                fn()
+            except Exception:
+                log.exception("fleet clean-up failed")
 
     def reconcile(self) -> None:
         """Ask every replica what it serves; bring each one that is not on the champion to it (and free its stale
@@ -214,8 +230,8 @@ class Fleet:
                 raise
 
     def _follow(self, r: Replica, version: str | None, reason: str) -> None:
-        self._post(r, "/admin/champion", {"version": version or BASE, "reason": reason})
-        r.champion = version or BASE
+        doc = json.loads(self._post(r, "/admin/champion", {"version": version or BASE, "reason": reason}))
+        self._update(r, doc.get("state") or {"champion": version or BASE})
 
     def _post(self, r: Replica, path: str, body: dict) -> str:
         import httpx
@@ -241,10 +257,17 @@ class Fleet:
             if doc is None:
                 r.ready, r.error = False, f"HTTP {resp.status_code}: {_message(resp)}"[:MAX_ERROR_CHARS]
             else:
-                r.ready, r.champion, r.previous = bool(doc["ready"]), doc["champion"], doc.get("previous")
-                r.loaded, r.pinned, r.error = list(doc["loaded"]), list(doc["pinned"]), None
+                self._update(r, doc)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             r.up, r.ready, r.error = False, False, f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
+        self._gauges(r)
+
+    def _update(self, r: Replica, doc: dict) -> None:
+        """Take a replica's own account of itself (GET /admin/champion, or the answer of POST /admin/champion)."""
+        r.champion = doc["champion"]
+        if "loaded" in doc:
+            r.ready, r.previous = bool(doc["ready"]), doc.get("previous")
+            r.loaded, r.pinned, r.error = list(doc["loaded"]), list(doc["pinned"]), None
         self._gauges(r)
 
     def _each(self, fn: Callable[[Replica], Any], replicas: list[Replica] | None = None) -> dict[str, str]:

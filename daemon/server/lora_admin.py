@@ -50,13 +50,10 @@ def routes(ctx: ServerContext) -> Any:
             raise ApiError(409 if isinstance(e, eng.AdapterUnavailable) else e.status, str(e), code=e.code) from None
         except registry.AdapterError as e:
             raise ApiError(409, str(e), code="registry_refused") from None
-        return JSONResponse({"ok": True, **result})
+        return JSONResponse({"ok": True, **result, "state": _state(engine)})
 
     def do_state(body: dict) -> Response:
-        engine = _engine(daemon)
-        return JSONResponse({"ready": engine.ready, "champion": eng.label(engine.champion),
-                             "previous": eng.label(engine.previous) if engine.previous else None,
-                             "loaded": engine.loaded_versions(), "pinned": engine.pinned()})
+        return JSONResponse(_state(_engine(daemon)))
 
     @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
@@ -105,6 +102,14 @@ def routes(ctx: ServerContext) -> Any:
         return await _call(ctx, request, FILES_ROUTE, _require_fleet, file, body=False)
 
     return router
+
+
+def _state(engine: Any) -> dict:
+    from daemon import engine as eng
+
+    return {"ready": engine.ready, "champion": eng.label(engine.champion),
+            "previous": eng.label(engine.previous) if engine.previous else None,
+            "loaded": engine.loaded_versions(), "pinned": engine.pinned()}
 
 
 def _engine(daemon: Any) -> Any:
