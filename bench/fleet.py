@@ -466,6 +466,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fleet.json")
     args = ap.parse_args()
 
+    git = {"commit": _common.commit(), "dirty": _common.dirty()}  # the code the processes start from
     load_before = [round(x, 2) for x in os.getloadavg()]
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="lorad-fleet-bench-"))
@@ -554,7 +555,7 @@ def main() -> int:
     loads = [c["load_s"] for c in ok]
     result = {
         "benchmark": "bench/fleet.py", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": {"commit": _common.commit(), "dirty": _common.dirty()},
+        "git": {**git, "dirty": git["dirty"] or _common.dirty() or _common.commit() != git["commit"]},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": _common.cpu_name(),
                     "cpu_count": os.cpu_count(), "load_before": load_before,
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
