@@ -561,8 +561,9 @@ def main() -> int:
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
         "setup": {"model": "tiny random Llama (2 layers, hidden 64) on the CPU, float32, serve.batch_invariant",
                   "adapters": len(versions), "distinct_reference_sets": distinct, "clients": args.clients,
-                  "max_tokens": args.max_tokens, "interval_s": args.interval, "front": "asyncio TCP round-robin "
-                  "per connection, health-checked on /readyz", "control_plane": "lorad run (fleet.replicas, "
+                  "max_tokens": args.max_tokens, "interval_s": args.interval, "front": "asyncio round-robin per "
+                  "connection (one request), health-checked on /readyz, a request without any response byte "
+                  "replayed on the next replica", "control_plane": "lorad run (fleet.replicas, "
                   "fleet.adapter_url: adapters fetched over HTTP, sha256 checked)"},
         "replicas": args.replicas, "promotions": done["promote"], "rollbacks": done["rollback"],
         "requests": churn["requests"], "failed_requests": churn["failed_requests"],

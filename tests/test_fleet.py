@@ -1,4 +1,4 @@
-"""A serving fleet with real processes on 127.0.0.1: a control-plane daemon and two `lorad serve` replicas.
+"""A serving fleet with real processes on 127.0.0.1: the daemon (`lorad run`) and two `lorad serve` replicas.
 
 Tiny random Llama and three tiny adapters registered in the daemon's state; the replicas start with empty
 state folders and get every adapter from the daemon's /fleet/adapters route (replica A may also read the
@@ -62,8 +62,8 @@ def wait_until(predicate, timeout: float, what: str, logs: list[Path] = ()):
 class Proc:
     """One `lorad serve` process on its own port and state folder (restartable)."""
 
-    def __init__(self, name: str, state: Path, env: dict):
-        self.name, self.state, self.env = name, state, env
+    def __init__(self, name: str, state: Path, env: dict, command: str = "serve"):
+        self.name, self.state, self.env, self.command = name, state, env, command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = state.parent / f"{name}.log"
@@ -71,9 +71,11 @@ class Proc:
 
     def start(self) -> "Proc":
         self.state.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--state", str(self.state),
-                                      "--port", str(self.port)], cwd=ROOT, env={**os.environ, **self.env},
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        argv = [sys.executable, "-m", "daemon.cli", self.command, "--state", str(self.state), "--port", str(self.port)]
+        if self.command == "run":
+            argv += ["--inbox", str(self.state.parent / "inbox")]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))
         return self
 
     def ready(self) -> bool:
@@ -102,7 +104,7 @@ def fleet(tmp_path_factory):
     base = {"LORAD_MODEL__BASE_MODEL": str(world["model_dir"]), "LORAD_SERVE__ADMIN_TOKEN": TOKEN,
             "LORAD_METRICS__LOG_FORMAT": "json", "LORAD_SERVE__KV_CACHE_TOKENS": "4096",
             "LORAD_SERVE__MAX_PROMPT_TOKENS": "64", "LORAD_SERVE__MAX_NEW_TOKENS": "32"}
-    daemon = Proc("daemon", world["state"], base)
+    daemon = Proc("daemon", world["state"], {**base, "LORAD_PROMOTE__ROLLBACK_WINDOW_SECONDS": "0"}, command="run")
     a = Proc("replica-a", root / "replica-a", {**base, "LORAD_FLEET__CONTROL_PLANE": daemon.url,
                                                "LORAD_FLEET__LOCAL_ADAPTER_ROOTS": str(world["state"] / "adapters")})
     b = Proc("replica-b", root / "replica-b", {**base, "LORAD_FLEET__CONTROL_PLANE": daemon.url})
