@@ -88,6 +88,7 @@ class Fleet:
         self._http = httpx.Client(timeout=cfg.fleet.request_timeout_seconds, follow_redirects=False,
                                   headers={"Authorization": f"Bearer {fleet_token(cfg)}"})
         self._last_catch_up_error: dict[str, str] = {}
+        self._stale_pending = False  # a change's clean-up (unloading what is no longer needed) is still to run
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -130,6 +131,9 @@ class Fleet:
 
     def _change(self, action: str, which: Callable[[], str | None], apply: Callable[[], dict]) -> dict:
         with self._lock:
+            if self._stale_pending:  # the last change's clean-up has not run yet: free those slots first
+                self._unload_stale()
+                self._stale_pending = False
             t0 = time.perf_counter()
             version = which()
             failed = self._each(lambda r: self._load(r, version)) if version is not None else {}
@@ -153,7 +157,8 @@ class Fleet:
                       "flip_s": round(time.perf_counter() - applied, 3)}
             # Freeing the versions no longer needed waits for nothing the caller needs: it runs after the
             # answer, still under the lock, so the next change starts from a clean fleet.
-            self._after.submit(self._locked, self._unload_stale)
+            self._stale_pending = True
+            self._after.submit(self._clean_up)
             if unsynced:  # the daemon moved; the reconcile loop brings these replicas along when they answer
                 reason = (f"{action} to {target or BASE}: {len(unsynced)} replicas did not take the new champion yet "
                           f"(catching up): " + "; ".join(f"{u}: {e}" for u, e in unsynced.items()))
@@ -163,10 +168,13 @@ class Fleet:
             return {**result, "fleet": {"replicas": len(self.replicas), "unsynced": unsynced, "seconds": seconds,
                                         **phases}}
 
-    def _locked(self, fn: Callable[[], Any]) -> None:
+    def _clean_up(self) -> None:
         with self._lock:
+            if not self._stale_pending:
+                return
+            self._stale_pending = False
             try:
-                fn()
+                self._unload_stale()
             except Exception:
                 log.exception("fleet clean-up failed")
 

@@ -178,15 +178,22 @@ def import_adapter(store: Store, state_dir: Path, version: str, src_dir: Path, f
 
     final = root / version
     atomic_dir(final, write)
-    parent = lineage.get("parent")
+    def text(key: str) -> str | None:  # the lineage came from another machine: only plain values reach a column
+        value = lineage.get(key)
+        return value[:256] if isinstance(value, str) else None
+
+    parent = text("parent")
     if parent is not None and store.query_one("SELECT 1 FROM adapters WHERE version = ?", (parent,)) is None:
         parent = None  # the lineage file keeps it; the column only links versions this registry holds
+    metrics = lineage.get("metrics") if isinstance(lineage.get("metrics"), dict) else {}
+    created = lineage.get("created_at")
+    created = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else clock()
     with store.transaction() as tx:
         tx.execute("INSERT INTO adapters (version, path, sha256, base_model, base_hash, parent, snapshot_id, run_id, "
                    "metrics, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (version, str(final), files["adapter_model.safetensors"], lineage["base_model"],
-                    lineage.get("base_hash"), parent, lineage.get("snapshot_id"), lineage.get("run_id"),
-                    json.dumps(lineage.get("metrics") or {}), float(lineage.get("created_at") or clock())))
+                    text("base_hash"), parent, text("snapshot_id"), text("run_id"),
+                    json.dumps(metrics, default=str), created))
         store.add_event("register", subject=version, ok=True, reason="imported from the control plane",
                         data={"parent": lineage.get("parent")}, db=tx)
     return True

@@ -13,7 +13,9 @@ configured root or the control plane's URL), the bytes read, and the time a load
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -138,6 +140,15 @@ def _import_from_folder(daemon: Any, name: str, lora_path: str) -> None:
     if not any(real.is_relative_to(root) for root in roots):
         raise LoadRefused(400, f"lora_path {lora_path!r} is outside fleet.local_adapter_roots")
     lineage_file = real / registry.LINEAGE
+    for f in (registry.LINEAGE, *registry.ADAPTER_FILES):  # plain files only: no link out of the root, no FIFO
+        try:
+            regular = stat.S_ISREG(os.lstat(real / f).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            raise LoadRefused(404 if not (real / f).exists() else 400,
+                              f"No adapter found for {lora_path}: {f} is missing or not a regular file (links are "
+                              f"not followed)", "NotFoundError" if not (real / f).exists() else "adapter_refused")
     try:
         if lineage_file.stat().st_size > MAX_MANIFEST_BYTES:
             raise LoadRefused(413, f"{lineage_file} is larger than {MAX_MANIFEST_BYTES} bytes")

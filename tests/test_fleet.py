@@ -211,6 +211,12 @@ def test_bad_names_paths_and_credentials_are_refused(fleet):
         # immutable names: v1's name with v2's folder (shared storage) is another content under an old name
         ({"lora_name": v1, "lora_path": str(d.state / "adapters" / v2)}, 400, "immutable"),
     ]
+    linked = d.state / "adapters" / "linked"  # under the allowed root, but its files are links (to anywhere)
+    linked.mkdir()
+    shutil.copy(d.state / "adapters" / v2 / "lineage.json", linked / "lineage.json")
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        (linked / f).symlink_to(d.state / "adapters" / v2 / f)
+    cases.append(({"lora_name": "v0042-11111111", "lora_path": str(linked)}, 400, "not a regular file"))
     for body, expected, words in cases:
         status, text = call(load, body)
         assert status == expected and words in text, (body, status, text)

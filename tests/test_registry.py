@@ -144,6 +144,11 @@ def test_import_keeps_the_name_checks_every_hash_and_refuses_other_content_under
         registry.import_adapter(replica, rstate, v1, state / "adapters" / v2, m2["files"], lineage=m2["lineage"])
     with pytest.raises(AdapterError, match="invalid adapter version"):
         registry.import_adapter(replica, rstate, "../x", state / "adapters" / v2, m2["files"], lineage=m2["lineage"])
+    # a lineage from another machine is data: odd values never reach a column as they are
+    odd = {**m2["lineage"], "created_at": "yesterday", "metrics": ["x"], "run_id": {"a": 1}, "parent": 5}
+    assert registry.import_adapter(replica, rstate, "v0009-0dd", state / "adapters" / v2, m2["files"], lineage=odd)
+    row = registry.get_adapter(replica, "v0009-0dd")
+    assert row["run_id"] is None and row["parent"] is None and row["metrics"] == {} and row["created_at"] > 0
 
 
 def test_set_champion_is_idempotent_and_follows_rollbacks_to_the_base(env):
