@@ -4,8 +4,9 @@ A request is pinned to one version when it is submitted (the champion pointer at
 model, or a named registry version) and keeps it for its whole life (reference counts). ``swap(version)``
 verifies and loads the version first (``preload``: read the PEFT safetensors, copy them into a free
 table slot, from the caller's thread while decoding goes on); only then it flips the champion pointer
-under a lock. The previous champion stays loaded for an instant rollback; other versions free their slot
-once no request holds them. A failed preload leaves the champion untouched.
+under a lock. The previous champion stays loaded for an instant rollback, and a version the control plane
+pinned (``pin``: vLLM's load_lora_adapter on a fleet replica) until it is unpinned; other versions free their
+slot once no request holds them. A failed preload leaves the champion untouched.
 """
 
 from __future__ import annotations
