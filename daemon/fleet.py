@@ -184,7 +184,7 @@ class Fleet:
         with self._lock:
             desired = registry.champion(self.store)
             self._each(self._check)
-            behind = [r for r in self.replicas if r.up and r.champion != (desired or BASE)]
+            behind = [r for r in self.replicas if r.up and r.champion is not None and r.champion != (desired or BASE)]
             for r in behind:
                 try:
                     if desired is not None:
@@ -262,8 +262,9 @@ class Fleet:
             resp = self._http.get(r.url + "/admin/champion", timeout=min(5.0, self.cfg.fleet.request_timeout_seconds))
             doc = resp.json() if resp.status_code == 200 else None
             r.up, r.last_contact = True, self.clock()
-            if doc is None:
-                r.ready, r.error = False, f"HTTP {resp.status_code}: {_message(resp)}"[:MAX_ERROR_CHARS]
+            if doc is None:  # up, but no engine yet (the model is loading): nothing to catch up with so far
+                r.ready, r.champion = False, None
+                r.error = f"HTTP {resp.status_code}: {_message(resp)}"[:MAX_ERROR_CHARS]
             else:
                 self._update(r, doc)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
