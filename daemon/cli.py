@@ -266,6 +266,11 @@ def _format_status(s: dict) -> str:
         progress = f"step {r['step']}/{r['total_steps'] or '?'}"
         eta = f" ETA {r['eta_seconds']:.0f} s" if r.get("eta_seconds") is not None else ""
         lines.append(f"run        {r['id']} {r['kind']} {r['status']} {progress}{eta} {r.get('reason') or ''}".rstrip())
+    for r in s.get("fleet") or []:
+        state = ("up" if r["up"] else "DOWN") + ("" if r.get("ready", True) or not r["up"] else ", not ready")
+        lines.append(f"replica    {r['url']} {state}, serving {r['champion'] or '?'}, loaded "
+                     f"{', '.join(r['loaded']) or '-'}, last contact {ts(r['last_contact'])}"
+                     + (f": {r['error']}" if r.get("error") else ""))
     for j in s.get("schedule") or []:
         lines.append(f"next       {j['name']}: {j['next_run']}")
     if s["events"]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "LORAD_"
-SECRET_FIELDS = {("serve", "admin_token"), ("serve", "api_keys"), ("serve", "feedback_token")}
+SECRET_FIELDS = {("serve", "admin_token"), ("serve", "api_keys"), ("serve", "feedback_token"), ("fleet", "token")}
 
 
 class ConfigError(ValueError):
@@ -409,6 +409,69 @@ class ServeConfig:
                                    "and reads only each request's own positions (off: the PyTorch path)")
 
 
+def _base_url(value: str) -> str | None:
+    """Why ``value`` is not an http(s) base URL (scheme and host, no query or fragment), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(value)
+        u.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        return f"{value!r} is not a URL: {e}"
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.username or u.password:
+        return f"{value!r} must be an http:// or https:// base URL such as 'http://10.0.0.7:8000' (no query, " \
+               f"fragment or credentials)"
+    if value.endswith("/"):
+        return f"{value!r} must not end with '/'"
+    return None
+
+
+def _check_urls(value: list[str]) -> str | None:
+    for url in value:
+        if (err := _base_url(url)) is not None:
+            return err
+    if len(set(value)) != len(value):
+        return "a replica is listed twice"
+    return None
+
+
+def _check_url_or_empty(value: str) -> str | None:
+    return _base_url(value) if value else None
+
+
+def _check_abs_dirs(value: list[str]) -> str | None:
+    bad = [p for p in value if not os.path.isabs(p)]
+    return f"must be absolute folders, got {bad}" if bad else None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Several `lorad serve` replicas following the champion this daemon promotes (docs/multi-machine.md)."""
+
+    # control-plane side (the daemon that promotes)
+    replicas: list = _f([], "base URLs of the `lorad serve` replicas this daemon drives (e.g. 'http://10.0.0.7:8000'); "
+                        "a promotion or rollback happens only once every one has the version loaded; empty = no fleet",
+                        check=_check_urls)
+    token: str = _f("", "bearer token sent to the replicas' admin API and accepted on this daemon's adapter-file "
+                        "route; empty = serve.admin_token (set via LORAD_FLEET__TOKEN)")
+    adapter_url: str = _f("", "this daemon's base URL as replicas reach it: they fetch an adapter's files from "
+                          "<adapter_url>/fleet/adapters/<version> and check their sha256; empty = send the registry "
+                          "folder's path (shared storage)", check=_check_url_or_empty)
+    request_timeout_seconds: float = _f(60.0, "longest wait for one replica to answer one call (a load includes "
+                                        "its download)", gt=0.0, le=3600.0)
+    reconcile_seconds: float = _f(2.0, "how often every replica is checked and a replica not on the champion (one "
+                                  "that was down or restarted) is brought to it", gt=0.0, le=3600.0)
+    # replica side (every `lorad serve`)
+    control_plane: str = _f("", "base URL of the daemon that drives this replica; a lora_path URL is accepted only "
+                            "under <control_plane>/fleet/adapters/; empty = URLs refused", check=_check_url_or_empty)
+    local_adapter_roots: list = _f([], "folders under which a local lora_path may lie (shared storage with the "
+                                   "daemon's adapters/); empty = local paths refused", check=_check_abs_dirs)
+    max_adapter_bytes: int = _f(1 << 30, "an adapter larger than this (all files together) is refused before or "
+                                "while it is read", ge=1024)
+    download_timeout_seconds: float = _f(300.0, "a load whose files have not all arrived by then is refused",
+                                         gt=0.0, le=86400.0)
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """When drift checks and training runs happen. All times in the configured time zone (UTC default)."""
@@ -448,6 +511,7 @@ class Config:
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -539,6 +603,8 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.train.distributed == "fsdp" and cfg.model.quantization == "8bit":
         problems.append("train.distributed 'fsdp' cannot shard 8-bit weights; use model.quantization '4bit' "
                         "(FSDP-QLoRA) or 'none', or train.distributed 'ddp'")
+    if cfg.fleet.replicas and not (cfg.fleet.token or cfg.serve.admin_token):
+        problems.append("fleet.replicas needs a token the replicas accept: set fleet.token or serve.admin_token")
     return problems
 
 
@@ -729,3 +795,8 @@ def render_markdown() -> str:
             out.append(f"| `{f.name}` | `{json.dumps(default, ensure_ascii=False)}` | {doc} |")
         out.append("")
     return "\n".join(out)
+
+
+def fleet_token(cfg: Config) -> str:
+    """The bearer token of fleet traffic (control plane -> replicas, replicas -> adapter files)."""
+    return cfg.fleet.token or cfg.serve.admin_token

@@ -672,3 +672,33 @@ def test_rows_ending_while_the_next_step_is_in_flight_leave_the_others_exact(wor
         assert engine.snapshot()["running"] == 0 and not engine._inflight
     finally:
         engine.stop(timeout=5)
+
+def test_pinned_version_stays_loaded_until_unpinned_then_leaves_after_its_requests_drain(world, engine):
+    """vLLM's load/unload_lora_adapter on a replica: load holds a slot; unload frees it only once drained."""
+    from daemon.engine import SamplingParams, follow_champion
+
+    v1, v2, v3 = world["versions"]
+    engine.swap(v1)
+    engine.pin(v2)
+    engine.pin(v2)  # one pin, however often it is asked
+    engine.swap(v3)
+    engine.swap(v1)  # v2 is neither champion nor previous: only the pin keeps it
+    engine._collect()
+    assert v2 in engine.loaded_versions() and engine.pinned() == [v2]
+    with Blocker(engine):
+        held = engine.submit(prompt_ids(world, PROMPTS[0]), model=v2, params=SamplingParams(max_tokens=20,
+                                                                                            temperature=0))
+        assert engine.unpin(v2) and engine.pinned() == []
+        assert v2 in engine.loaded_versions()  # `held` still decodes on it
+    assert held.wait(30) and held.label == v2
+    deadline = time.monotonic() + 5
+    while v2 in engine.loaded_versions() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert v2 not in engine.loaded_versions()
+    assert not engine.unpin("v0099-00000000")
+
+    # follow_champion: exactly the version named (base included), idempotent, the old one kept as previous
+    result = follow_champion(engine, world["store"], v3, reason="fleet")
+    assert result["changed"] and engine.champion == v3 and engine.previous == v1
+    assert not follow_champion(engine, world["store"], v3, reason="fleet")["changed"]
+    assert follow_champion(engine, world["store"], None, reason="fleet")["to"] == "base" and engine.champion is None

@@ -130,6 +130,7 @@ class Engine(VersionsMixin):
         self._previous: str | None = None
         self._adapters: dict = {}
         self._staged: collections.Counter[str] = collections.Counter()  # preloaded for a swap or request to come
+        self._pinned: set[str] = set()  # loaded by the control plane (load_lora_adapter) until it unloads them
         self._free_slots: list[int] = list(range(1, adapter_slots + 1))
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # index = KV cache slot
@@ -353,6 +354,7 @@ class Engine(VersionsMixin):
             return {"ready": self.ready, "champion": label(self._champion),
                     "previous": label(self._previous) if self._previous else None,
                     "loaded": {v: {"refs": a.refs, "slot": a.slot} for v, a in sorted(self._adapters.items())},
+                    "pinned": sorted(self._pinned),
                     "waiting": len(self._waiting), "running": len(self._running),
                     "max_batch_size": self.max_batch_size, "batch_invariant": self.batch_invariant,
                     "kv_cache": {"slots": self.cache.slots, "context": self.cache.context,

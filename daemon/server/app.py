@@ -4,7 +4,7 @@
 import logging
 from typing import Any
 
-from daemon.server import admin, feedback, health, openai_api
+from daemon.server import admin, feedback, health, lora_admin, openai_api
 from daemon.server.context import ServerContext
 from daemon.server.middleware import BodySizeLimit
 from daemon.server.protocol import ApiError
@@ -46,7 +46,7 @@ def create_app(daemon: Any) -> Any:
         return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details",
                         code="internal_error").response()
 
-    for concern in (health, openai_api, feedback, admin):
+    for concern in (health, openai_api, feedback, admin, lora_admin):
         app.include_router(concern.routes(ctx))
     return openai_api.Completions(app, ctx)  # the two completion routes skip FastAPI's stack
 
