@@ -190,8 +190,8 @@ class Engine(VersionsMixin):
                                     on_capture=self._captured)
         self._compilations = step.compilations()
         # Read-back buffers for the launches in flight (at most a decode, a prefill and the next decode).
-        self._pinned = ([torch.empty(2, slots, dtype=torch.long, pin_memory=True) for _ in range(4)]
-                        if self.device.type == "cuda" else [])
+        self._readback_buffers = ([torch.empty(2, slots, dtype=torch.long, pin_memory=True) for _ in range(4)]
+                                  if self.device.type == "cuda" else [])
         if self.metrics is not None:
             self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
         log.info("KV cache allocated", extra={"slots": slots, "context": self.max_context,
@@ -531,9 +531,9 @@ class Engine(VersionsMixin):
         import torch
 
         both = torch.stack([tokens, finite.to(tokens.dtype)])
-        if not self._pinned:
+        if not self._readback_buffers:
             return _Launch(kind, rows, both.tolist(), None, started)
-        buffer = self._pinned[self._readback % len(self._pinned)][:, :len(rows)]
+        buffer = self._readback_buffers[self._readback % len(self._readback_buffers)][:, :len(rows)]
         self._readback += 1
         buffer.copy_(both, non_blocking=True)
         event = torch.cuda.Event()
