@@ -478,18 +478,21 @@ def part_http(args, out: dict) -> None:
             engine_runs.append(run_engine(eng, ps32, ["lorad"] * 32))  # what the engine alone does, same round
             print(f"round {r} engine_32", engine_runs[-1], flush=True)
             for label, models in (("http_32", "lorad"), ("http_32_4_versions", ",".join(v))):
-                cpu0 = server.loop_cpu_s()
+                cpu0, process0 = server.loop_cpu_s(), time.process_time()
                 res = sse_load.run(server.url, clients=args.http_clients, requests=args.http_requests,
                                    procs=args.http_procs, models=models, vocab=vocab)
-                cpu = server.loop_cpu_s() - cpu0  # includes the warm-up requests: an upper bound
+                # both include the warm-up requests (one per client): upper bounds
+                cpu, process = server.loop_cpu_s() - cpu0, time.process_time() - process0
                 res["server_loop_cpu_ms_per_request"] = 1000 * cpu / res["requests"] if cpu >= 0 else None
+                res["server_process_cpu_ms_per_request"] = 1000 * process / res["requests"]
                 runs[label].append(res)
                 print(f"round {r} {label}", res, flush=True)
         for label, xs in runs.items():
             out[label] = dict(xs[-1], requests_per_s=statistics.median(x["requests_per_s"] for x in xs),
                               ttft_p50_ms=statistics.median(x["ttft_p50_ms"] for x in xs),
-                              rounds={k: [x[k] for x in xs] for k in ("requests_per_s", "ttft_p50_ms", "ttft_p99_ms",
-                                                                       "server_loop_cpu_ms_per_request")})
+                              rounds={k: [x[k] for x in xs] for k in (
+                                  "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "server_loop_cpu_ms_per_request",
+                                  "server_process_cpu_ms_per_request")})
         out["engine_32"] = dict(engine_runs[-1], requests_per_s=stats([x["requests_per_s"] for x in engine_runs]))
         out["graph_captures"] = eng.stepper.captures
     finally:
@@ -526,11 +529,8 @@ class _Server:
 
     def describe(self) -> dict:
         """What serves: the event loop and HTTP protocol uvicorn picked."""
-        import asyncio
-
-        loop = getattr(self.config, "loop", None)
         http = self.config.http
-        return {"loop": loop, "loop_class": type(asyncio.get_event_loop_policy()).__module__,
+        return {"loop": self.config.loop,
                 "http": http if isinstance(http, str) else f"{http.__module__}.{http.__qualname__}"}
 
     def loop_cpu_s(self) -> float:

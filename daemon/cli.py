@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("train-node", parents=[common],
+                       help="on another host: join the multi-node training runs the daemon starts (train.nnodes)")
+    p.add_argument("--node-rank", type=int, metavar="R",
+                   help="this host's node rank, 1 .. train.nnodes-1 (default: $LORAD_NODE_RANK; 0 is the daemon's)")
+    p.set_defaults(func=cmd_train_node)
+
     p = sub.add_parser("export", parents=[common],
                        help="export an adapter version merged into the base model (merged, bnb4 or onnx)")
     p.add_argument("version", metavar="VERSION", help="adapter version, or 'champion'")
@@ -113,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", parents=[common], help="point the champion back at the previous champion")
     p.add_argument("--reason", default="manual rollback", help="recorded with the alias change")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("unpark", parents=[common],
+                       help="make parked records (refused promote.max_refusals times) pending again")
+    p.add_argument("records", nargs="*", type=int, metavar="RECORD_ID", help="record ids (see `lorad status --json`)")
+    p.add_argument("--all", action="store_true", help="every parked record")
+    p.add_argument("--reason", default="unparked by hand", help="recorded with the event")
+    p.set_defaults(func=cmd_unpark)
 
     p = sub.add_parser("config", help="show or check the configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
@@ -253,6 +266,11 @@ def _format_status(s: dict) -> str:
         progress = f"step {r['step']}/{r['total_steps'] or '?'}"
         eta = f" ETA {r['eta_seconds']:.0f} s" if r.get("eta_seconds") is not None else ""
         lines.append(f"run        {r['id']} {r['kind']} {r['status']} {progress}{eta} {r.get('reason') or ''}".rstrip())
+    for r in s.get("fleet") or []:
+        state = ("up" if r["up"] else "DOWN") + ("" if r.get("ready", True) or not r["up"] else ", not ready")
+        lines.append(f"replica    {r['url']} {state}, serving {r['champion'] or '?'}, loaded "
+                     f"{', '.join(r['loaded']) or '-'}, last contact {ts(r['last_contact'])}"
+                     + (f": {r['error']}" if r.get("error") else ""))
     for j in s.get("schedule") or []:
         lines.append(f"next       {j['name']}: {j['next_run']}")
     if s["events"]:
@@ -437,6 +455,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_node(args: argparse.Namespace) -> int:
+    """Join every multi-node run the daemon announces in its runs folder (shared storage) until SIGTERM/SIGINT."""
+    import os
+    import signal
+    import threading
+
+    from daemon.runs import runs_dir
+    from pipelines.train.distributed import NODE_RANK_ENV, follow
+
+    cfg = _load(args)
+    raw = args.node_rank if args.node_rank is not None else os.environ.get(NODE_RANK_ENV, "")
+    try:
+        rank = int(raw)
+    except ValueError:
+        rank = -1
+    if rank < 1:
+        print(f"lorad: train-node needs this host's node rank >= 1 (--node-rank or ${NODE_RANK_ENV}; node 0 is the "
+              f"daemon's host); got {raw!r}", file=sys.stderr)
+        return EXIT_USAGE
+    runs = runs_dir(cfg)
+    if not runs.is_dir():
+        print(f"lorad: {runs} does not exist: mount the daemon's state folder at {cfg.paths.state_dir} "
+              f"(or pass --state) on this host", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"event": "follow", "runs": str(runs), "node_rank": rank}), flush=True)
+    follow(runs, rank, should_stop=stop.is_set, log=lambda r: print(json.dumps(r), flush=True))
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -560,6 +610,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     return _admin_change(args, "rollback", {"reason": args.reason},
                          lambda store, cfg, actor: rollback(store, reason=args.reason, actor=actor))
+
+
+def cmd_unpark(args: argparse.Namespace) -> int:
+    """Parked records become pending again and join the next training run; their past refusals are forgotten."""
+    from daemon.runs import unpark_records
+    from daemon.store import open_store
+
+    if bool(args.records) == bool(args.all):
+        print("lorad: name the RECORD_IDs to unpark, or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _load(args)
+    with open_store(cfg.paths.state_dir) as store:
+        done = unpark_records(store, None if args.all else args.records, reason=args.reason)
+    missing = sorted(set(args.records) - set(done))
+    print(json.dumps({"unparked": done, "not_parked": missing}))
+    return EXIT_OK if done or args.all else EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:

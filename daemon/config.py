@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "LORAD_"
-SECRET_FIELDS = {("serve", "admin_token"), ("serve", "api_keys"), ("serve", "feedback_token")}
+SECRET_FIELDS = {("serve", "admin_token"), ("serve", "api_keys"), ("serve", "feedback_token"), ("fleet", "token")}
 
 
 class ConfigError(ValueError):
@@ -153,6 +153,33 @@ def _check_category_weights(value: list[str]) -> str | None:
     return None
 
 
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """``"node0.example:29400"`` / ``"[fd00::1]:29400"`` -> (host, port); raises ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port in 1-65535 (e.g. 'node0.example:29400'); got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", host):
+        raise ValueError(f"host {host!r} must be a host name or an IP address")
+    return host, int(port)
+
+
+def _check_endpoint(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        parse_endpoint(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_rdzv_id(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", value):
+        return None
+    return f"must be 1-128 letters, digits, '_', '.' or '-' (or empty = the run's id); got {value!r}"
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -267,10 +294,20 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)
     seed: int = _f(1234, "random seed (data order, LoRA init, dropout)", ge=0)
-    distributed: str = _f("none", "multi-GPU training under torchrun: ddp = base replicated on every GPU, fsdp = "
-                          "base sharded across GPUs (FSDP2; for models that do not fit one card)",
+    distributed: str = _f("none", "training in several processes under torchrun (GPUs, hosts, or CPU processes "
+                          "over gloo): ddp = base replicated on every GPU, fsdp = base sharded across GPUs (FSDP2; "
+                          "for models that do not fit one card)",
                           choices=("none", "ddp", "fsdp"))
-    num_processes: int = _f(0, "GPUs (processes) when distributed is ddp or fsdp; 0 = every visible GPU", ge=0)
+    num_processes: int = _f(0, "processes per node when distributed is ddp or fsdp: GPUs, or CPU processes (gloo) "
+                            "on a host without one; 0 = every visible GPU", ge=0)
+    nnodes: int = _f(1, "hosts one distributed run spans (torchrun --nnodes); more than 1 needs rdzv_endpoint, and "
+                     "every other node runs the join command (docs/multi-machine.md)", ge=1, le=1024)
+    rdzv_endpoint: str = _f("", "HOST:PORT of the c10d rendezvous when nnodes > 1: this (the daemon's) node's address "
+                            "as the other nodes reach it, and a free port", check=_check_endpoint)
+    rdzv_id: str = _f("", "rendezvous id every node of a run passes; empty = the run's id (its folder's name)",
+                      check=_check_rdzv_id)
+    rdzv_timeout_seconds: int = _f(600, "how long the nodes of a run wait for each other to join before the run "
+                                   "fails", ge=10, le=86400)
 
 
 @dataclass(frozen=True)
@@ -375,6 +412,69 @@ class ServeConfig:
                                         "float32)", choices=("auto", "float32", "bfloat16"))
 
 
+def _base_url(value: str) -> str | None:
+    """Why ``value`` is not an http(s) base URL (scheme and host, no query or fragment), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(value)
+        u.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        return f"{value!r} is not a URL: {e}"
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.username or u.password:
+        return f"{value!r} must be an http:// or https:// base URL such as 'http://10.0.0.7:8000' (no query, " \
+               f"fragment or credentials)"
+    if value.endswith("/"):
+        return f"{value!r} must not end with '/'"
+    return None
+
+
+def _check_urls(value: list[str]) -> str | None:
+    for url in value:
+        if (err := _base_url(url)) is not None:
+            return err
+    if len(set(value)) != len(value):
+        return "a replica is listed twice"
+    return None
+
+
+def _check_url_or_empty(value: str) -> str | None:
+    return _base_url(value) if value else None
+
+
+def _check_abs_dirs(value: list[str]) -> str | None:
+    bad = [p for p in value if not os.path.isabs(p)]
+    return f"must be absolute folders, got {bad}" if bad else None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Several `lorad serve` replicas following the champion this daemon promotes (docs/multi-machine.md)."""
+
+    # control-plane side (the daemon that promotes)
+    replicas: list = _f([], "base URLs of the `lorad serve` replicas this daemon drives (e.g. 'http://10.0.0.7:8000'); "
+                        "a promotion or rollback happens only once every one has the version loaded; empty = no fleet",
+                        check=_check_urls)
+    token: str = _f("", "bearer token sent to the replicas' admin API and accepted on this daemon's adapter-file "
+                        "route; empty = serve.admin_token (set via LORAD_FLEET__TOKEN)")
+    adapter_url: str = _f("", "this daemon's base URL as replicas reach it: they fetch an adapter's files from "
+                          "<adapter_url>/fleet/adapters/<version> and check their sha256; empty = send the registry "
+                          "folder's path (shared storage)", check=_check_url_or_empty)
+    request_timeout_seconds: float = _f(60.0, "longest wait for one replica to answer one call (a load includes "
+                                        "its download)", gt=0.0, le=3600.0)
+    reconcile_seconds: float = _f(2.0, "how often every replica is checked and a replica not on the champion (one "
+                                  "that was down or restarted) is brought to it", gt=0.0, le=3600.0)
+    # replica side (every `lorad serve`)
+    control_plane: str = _f("", "base URL of the daemon that drives this replica; a lora_path URL is accepted only "
+                            "under <control_plane>/fleet/adapters/; empty = URLs refused", check=_check_url_or_empty)
+    local_adapter_roots: list = _f([], "folders under which a local lora_path may lie (shared storage with the "
+                                   "daemon's adapters/); empty = local paths refused", check=_check_abs_dirs)
+    max_adapter_bytes: int = _f(1 << 30, "an adapter larger than this (all files together) is refused before or "
+                                "while it is read", ge=1024)
+    download_timeout_seconds: float = _f(300.0, "a load whose files have not all arrived by then is refused",
+                                         gt=0.0, le=86400.0)
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """When drift checks and training runs happen. All times in the configured time zone (UTC default)."""
@@ -414,6 +514,7 @@ class Config:
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -495,9 +596,18 @@ def _cross_checks(cfg: Config) -> list[str]:
     if d.max_seq_len < min(d.max_prompt_tokens, d.max_response_tokens):
         problems.append(f"data.max_seq_len ({d.max_seq_len}) must be at least min(data.max_prompt_tokens, "
                         f"data.max_response_tokens) = {min(d.max_prompt_tokens, d.max_response_tokens)}")
+    t = cfg.train
+    if t.nnodes > 1 and t.distributed == "none":
+        problems.append(f"train.nnodes is {t.nnodes} but train.distributed is 'none'; set train.distributed to "
+                        f"ddp or fsdp, or train.nnodes to 1")
+    if t.nnodes > 1 and not t.rdzv_endpoint:
+        problems.append(f"train.nnodes is {t.nnodes} but train.rdzv_endpoint is empty; set it to HOST:PORT of this "
+                        f"node as the other nodes reach it (e.g. 'node0.example:29400')")
     if cfg.train.distributed == "fsdp" and cfg.model.quantization == "8bit":
         problems.append("train.distributed 'fsdp' cannot shard 8-bit weights; use model.quantization '4bit' "
                         "(FSDP-QLoRA) or 'none', or train.distributed 'ddp'")
+    if cfg.fleet.replicas and not (cfg.fleet.token or cfg.serve.admin_token):
+        problems.append("fleet.replicas needs a token the replicas accept: set fleet.token or serve.admin_token")
     return problems
 
 
@@ -688,3 +798,8 @@ def render_markdown() -> str:
             out.append(f"| `{f.name}` | `{json.dumps(default, ensure_ascii=False)}` | {doc} |")
         out.append("")
     return "\n".join(out)
+
+
+def fleet_token(cfg: Config) -> str:
+    """The bearer token of fleet traffic (control plane -> replicas, replicas -> adapter files)."""
+    return cfg.fleet.token or cfg.serve.admin_token

@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 from daemon import registry
 from daemon.config import Config
 from daemon.drift_check import reference_payloads
-from daemon.runs import (JobError, create_run, fail_run, finish_run, hold_refused, interrupt_run, job_config,
-                         last_step, last_train_created, latest_succeeded_run, mark_running, pending_payloads,
-                         record_progress, resumable_runs, runs_dir)
+from daemon.runs import (JobError, create_run, fail_run, finish_run, hold_refused, hold_unjudged, interrupt_run,
+                         job_config, last_step, last_train_created, latest_succeeded_run, mark_running,
+                         pending_payloads, record_progress, resumable_runs, runs_dir)
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
 
@@ -378,7 +378,9 @@ class JobRunner:
             reason = (f"evaluation failed (exit {res.returncode}{_last_line(run_dir / 'eval.log')}); "
                       f"see {run_dir / 'eval.log'}")
             self.store.add_event("eval", subject=version, ok=False, reason=reason)
-            return {"trained": True, "version": version, "promoted": False, "reason": reason}
+            held = hold_unjudged(self.store, version, reason, max_refusals=self.cfg.promote.max_refusals)
+            return {"trained": True, "version": version, "promoted": False, "reason": reason,
+                    "records_waiting": len(held["waiting"]), "records_parked": len(held["parked"])}
         report = json.loads(res.stdout)
         publish_eval(m, report)
         if report["decision"] != "promote":
@@ -403,7 +405,9 @@ class JobRunner:
             log.error("promotion failed", extra={"version": version, "error": str(e)})
             self.store.add_event("promote", subject=version, ok=False, reason=reason)
             m.promotion_rejections.labels("load_failed").inc()
-            return {"trained": True, "version": version, "promoted": False, "reason": reason}
+            held = hold_unjudged(self.store, version, reason, max_refusals=self.cfg.promote.max_refusals)
+            return {"trained": True, "version": version, "promoted": False, "reason": reason,
+                    "records_waiting": len(held["waiting"]), "records_parked": len(held["parked"])}
         m.promotions.labels(report.get("code", "better")).inc()
         row = registry.get_adapter(self.store, version)
         m.set_champion(version, row["parent"], row["sha256"])

@@ -35,6 +35,10 @@ class AdapterError(RuntimeError):
     """An adapter cannot be registered, verified or promoted; the message says why."""
 
 
+class VersionConflict(AdapterError):
+    """A version name already registered with other content: versions are immutable names."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -106,6 +110,114 @@ def register_adapter(store: Store, state_dir: Path, src_dir: Path, *, base_model
         store.add_event("register", subject=version, ok=True, reason=f"new adapter from run {run_id}",
                         data={"parent": parent, "snapshot_id": snapshot_id}, db=tx)
     return version
+
+
+def manifest(store: Store, version: str) -> dict:
+    """What a replica needs to fetch and check a version: its files with their registered sha256, and lineage.
+
+    Raises:
+        AdapterError: unknown version, or lineage.json unreadable.
+    """
+    row = get_adapter(store, validate_version_name(version))
+    try:
+        lineage = json.loads((Path(row["path"]) / LINEAGE).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {version}: lineage.json unreadable: {e}") from e
+    files = {name: lineage.get("files", {}).get(name) for name in ADAPTER_FILES}
+    if files["adapter_model.safetensors"] != row["sha256"]:
+        raise AdapterError(f"adapter {version}: lineage and database disagree on the weights hash")
+    return {"version": version, "base_model": row["base_model"], "files": files, "lineage": lineage}
+
+
+def import_adapter(store: Store, state_dir: Path, version: str, src_dir: Path, files: dict[str, str], *,
+                   lineage: dict, clock=time.time) -> bool:
+    """Register ``src_dir``'s adapter under the name another registry gave it (a replica following its daemon).
+
+    Every file must hash to ``files[name]`` (the sha256 the daemon's registry recorded) before anything is
+    visible; the copy is written and checked again inside the atomic folder. Names are immutable: the same
+    name with the same weights is a no-op, with other weights a ``VersionConflict``.
+
+    Returns:
+        True when the version was added, False when it was already registered with these files.
+    Raises:
+        AdapterError: a file missing or not matching its sha256, a bad name, or lineage without a base model.
+        VersionConflict: the name is registered with other content.
+    """
+    validate_version_name(version)
+    known = store.query_one("SELECT sha256, path FROM adapters WHERE version = ?", (version,))
+    if known is not None:
+        if known["sha256"] != files.get("adapter_model.safetensors"):
+            raise VersionConflict(f"adapter {version} is already registered with weights sha256 "
+                                  f"{known['sha256'][:12]}…, not {str(files.get('adapter_model.safetensors'))[:12]}…; "
+                                  f"versions are immutable: give new weights a new name")
+        verify_adapter(store, version)  # same name, same weights: still complete and unmodified here?
+        return False
+    if not isinstance(lineage.get("base_model"), str) or not lineage["base_model"]:
+        raise AdapterError(f"adapter {version}: its lineage names no base model")
+    for name in ADAPTER_FILES:
+        expected = files.get(name)
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise AdapterError(f"adapter {version}: no sha256 given for {name}")
+        if not (Path(src_dir) / name).is_file():
+            raise AdapterError(f"adapter {version}: {name} is missing")
+        actual = sha256_file(Path(src_dir) / name)
+        if actual != expected:
+            raise AdapterError(f"adapter {version}: {name} sha256 {actual[:12]}… does not match the registered "
+                               f"{expected[:12]}… (corrupted or modified in transit); nothing was loaded")
+    root = adapters_dir(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    copied = {**lineage, "version": version, "files": {name: files[name] for name in ADAPTER_FILES},
+              "imported_at": clock()}
+
+    def write(tmp: Path) -> None:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(Path(src_dir) / name, tmp / name)
+            if sha256_file(tmp / name) != files[name]:
+                raise AdapterError(f"copy of {name} does not match its sha256 (disk error?)")
+        (tmp / LINEAGE).write_text(json.dumps(copied, indent=2, ensure_ascii=False))
+
+    final = root / version
+    atomic_dir(final, write)
+    def text(key: str) -> str | None:  # the lineage came from another machine: only plain values reach a column
+        value = lineage.get(key)
+        return value[:256] if isinstance(value, str) else None
+
+    parent = text("parent")
+    if parent is not None and store.query_one("SELECT 1 FROM adapters WHERE version = ?", (parent,)) is None:
+        parent = None  # the lineage file keeps it; the column only links versions this registry holds
+    metrics = lineage.get("metrics") if isinstance(lineage.get("metrics"), dict) else {}
+    created = lineage.get("created_at")
+    created = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else clock()
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO adapters (version, path, sha256, base_model, base_hash, parent, snapshot_id, run_id, "
+                   "metrics, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (version, str(final), files["adapter_model.safetensors"], lineage["base_model"],
+                    text("base_hash"), parent, text("snapshot_id"), text("run_id"),
+                    json.dumps(metrics, default=str), created))
+        store.add_event("register", subject=version, ok=True, reason="imported from the control plane",
+                        data={"parent": lineage.get("parent")}, db=tx)
+    return True
+
+
+def set_champion(store: Store, version: str | None, *, reason: str, actor: str = "fleet",
+                 base_model: str | None = None) -> dict:
+    """Point the champion at exactly ``version`` (None = the base model), as the control plane says.
+
+    Unlike ``promote`` it is idempotent (already the champion: nothing changes) and accepts the base model,
+    so a replica can follow a promotion or a rollback alike. The old champion becomes ``previous_champion``.
+    """
+    if version is not None:
+        verify_adapter(store, version, base_model=base_model)
+    with store.transaction() as tx:
+        old = tx.execute("SELECT version FROM aliases WHERE name = ?", (CHAMPION,)).fetchone()
+        old_version = old["version"] if old else None
+        if old is not None and old_version == version:
+            return {"from": old_version, "to": version, "changed": False}
+        store.set_alias(PREVIOUS, old_version, reason=f"replaced by {version or 'base'}", actor=actor, db=tx)
+        store.set_alias(CHAMPION, version, reason=reason, actor=actor, db=tx)
+        store.add_event("promote", subject=version, ok=True, reason=reason, actor=actor,
+                        data={"from": old_version, "to": version}, db=tx)
+    return {"from": old_version, "to": version, "changed": True}
 
 
 def reconcile(store: Store, state_dir: Path) -> list[str]:

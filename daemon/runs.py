@@ -4,9 +4,10 @@ Snapshots. The choice of a snapshot's records is pure (``pipelines.data.select_s
 reads its inputs and writes the result, each in one transaction. A record is *pending* for a role while no
 live snapshot holds it in that role. A snapshot is not live when its every training run failed, or when the
 gate refused its every candidate (and none was promoted by hand): its records were never learned and become
-pending again, to join the next run. A train record refused ``promote.max_refusals`` times is *parked*: a
-``park`` event names it with the reasons, and it is pending no more. ``pending_sql`` is the one query that
-says all this.
+pending again, to join the next run. A candidate whose evaluation failed, or whose promotion failed after the
+gate passed, counts as refused. A train record refused ``promote.max_refusals`` times is *parked*: a ``park``
+event names it with the reasons, and it is pending no more until ``lorad unpark`` gives it back.
+``pending_sql`` is the one query that says all this.
 
 Runs. A run is recorded before it starts (``runs`` row, status ``running``, with its pid) and after it
 ends (``succeeded`` + adapter version, or ``failed`` + reason), each in one transaction. The
@@ -48,7 +49,13 @@ REFUSED_SNAPSHOTS = ("SELECT a.snapshot_id FROM adapters a WHERE a.snapshot_id I
                      "WHERE e.kind = 'promote' AND e.ok = 1 AND e.subject = a.version)) = COUNT(*)")
 _IN_LIVE_SNAPSHOT = ("EXISTS (SELECT 1 FROM snapshot_records s WHERE s.record_id = r.id AND s.role = ? "
                      f"AND s.snapshot_id NOT IN ({FAILED_SNAPSHOTS}) AND s.snapshot_id NOT IN ({REFUSED_SNAPSHOTS}))")
-PARKED_RECORDS = "SELECT j.value FROM events e, json_each(e.data, '$.record_ids') j WHERE e.kind = 'park'"
+# Records a 'park' event names that no later 'unpark' event (``lorad unpark``) gave back.
+PARKED_RECORDS = ("SELECT j.value FROM events e, json_each(e.data, '$.record_ids') j WHERE e.kind = 'park' "
+                  "AND NOT EXISTS (SELECT 1 FROM events u, json_each(u.data, '$.record_ids') k "
+                  "WHERE u.kind = 'unpark' AND k.value = j.value AND u.id > e.id)")
+# When record ``s.record_id`` was last given back by ``lorad unpark`` (0: never): refusals before it no longer count.
+_LAST_UNPARK = ("COALESCE((SELECT MAX(u.ts) FROM events u, json_each(u.data, '$.record_ids') k "
+                "WHERE u.kind = 'unpark' AND k.value = s.record_id), 0)")
 
 
 def pending_sql(columns: str, *, split: str = "train", role: str = "new", since: float | None = None,
@@ -182,9 +189,13 @@ def hold_refused(store: Store, version: str, reason: str, *, max_refusals: int) 
         row = tx.execute("SELECT snapshot_id FROM adapters WHERE version = ?", (version,)).fetchone()
         if row is None or row[0] is None:
             return {"waiting": [], "parked": [], "reasons": []}
+        # Refusals per record = refused candidates (never promoted) trained on it as new since it was last
+        # unparked. Candidates, not snapshots: a rerun on the same records rebuilds the same snapshot id.
         counts = tx.execute(
-            "SELECT s.record_id, COUNT(DISTINCT o.snapshot_id) FROM snapshot_records s JOIN snapshot_records o "
-            f"ON o.record_id = s.record_id AND o.role = 'new' AND o.snapshot_id IN ({REFUSED_SNAPSHOTS}) "
+            "SELECT s.record_id, COUNT(DISTINCT a.version) FROM snapshot_records s JOIN snapshot_records o "
+            "ON o.record_id = s.record_id AND o.role = 'new' JOIN adapters a ON a.snapshot_id = o.snapshot_id "
+            f"AND a.snapshot_id IN ({REFUSED_SNAPSHOTS}) AND json_extract(a.eval_report, '$.decision') = 0 "
+            f"AND a.created_at > {_LAST_UNPARK} "
             f"WHERE s.snapshot_id = ? AND s.role = 'new' AND s.record_id NOT IN ({PARKED_RECORDS}) "
             "GROUP BY s.record_id ORDER BY s.record_id", (row[0],)).fetchall()
         parked = [rid for rid, n in counts if n >= max_refusals]
@@ -207,12 +218,39 @@ def hold_refused(store: Store, version: str, reason: str, *, max_refusals: int) 
     return {"waiting": waiting, "parked": parked, "reasons": reasons}
 
 
+def hold_unjudged(store: Store, version: str, reason: str, *, max_refusals: int) -> dict:
+    """The candidate ``version`` could not be judged or served (its evaluation failed, or the gate passed and loading
+    it failed): it is recorded as not promotable (``decision`` false, ``failed`` true, beside any report it had), so
+    its new records stay pending exactly as a refused candidate's do, and count toward ``max_refusals``."""
+    with store.transaction() as tx:
+        row = tx.execute("SELECT eval_report FROM adapters WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            return {"waiting": [], "parked": [], "reasons": []}
+        report = json.loads(row[0]) if row[0] else {}
+        report.update(decision=False, reason=reason, failed=True)
+        tx.execute("UPDATE adapters SET eval_report = ? WHERE version = ?", (json.dumps(report), version))
+    return hold_refused(store, version, reason, max_refusals=max_refusals)
+
+
+def unpark_records(store: Store, record_ids: Sequence[int] | None = None, *, reason: str) -> list[int]:
+    """Make parked records pending again (all, or ``record_ids``): an ``unpark`` event names them, and their past
+    refusals no longer count toward parking. Returns the record ids made pending."""
+    with store.transaction() as tx:
+        parked = [int(r[0]) for r in tx.execute(f"SELECT DISTINCT value FROM ({PARKED_RECORDS}) ORDER BY value")]
+        chosen = parked if record_ids is None else sorted(set(parked) & {int(r) for r in record_ids})
+        if chosen:
+            store.add_event("unpark", ok=True, db=tx, reason=f"{len(chosen)} parked records pending again: {reason}",
+                            data={"record_ids": chosen})
+    return chosen
+
+
 def refused_records(store: Store) -> dict:
     """Which records wait after a refusal and which are parked, for `lorad status`.
 
     Returns:
         {"waiting": [{"version", "records", "reason"}] (refused candidates whose new records are pending
-        again), "parked": [{"version", "records", "reason", "ts"}], "n_waiting", "n_parked"}.
+        again), "parked": [{"version", "records", "reason", "ts"}] (records: those still parked),
+        "parked_record_ids" (the first 1,000, for ``lorad unpark``), "n_waiting", "n_parked"}.
     """
     pending = {r[0] for r in store.query(*pending_sql("r.id"))}
     waiting = []
@@ -222,11 +260,13 @@ def refused_records(store: Store) -> dict:
                                           "AND role = 'new'", (a["snapshot_id"],))} & pending
         if held:
             waiting.append({"version": a["version"], "records": len(held), "reason": a["reason"]})
-    parked = [{"version": e["subject"], "records": len(e["data"].get("record_ids") or []), "reason": e["reason"],
-               "ts": e["ts"]} for e in store.events(limit=1000, kind="park")]
+    still = {r[0] for r in store.query(f"SELECT DISTINCT value FROM ({PARKED_RECORDS})")}
+    parked = [{"version": e["subject"], "records": len(set(e["data"].get("record_ids") or []) & still),
+               "reason": e["reason"], "ts": e["ts"]} for e in store.events(limit=1000, kind="park")]
+    parked = [p for p in parked if p["records"]]
     n_waiting = len(pending & {r[0] for r in store.query(
         f"SELECT record_id FROM snapshot_records WHERE role = 'new' AND snapshot_id IN ({REFUSED_SNAPSHOTS})")})
-    return {"waiting": waiting, "parked": parked, "n_waiting": n_waiting,
+    return {"waiting": waiting, "parked": parked, "n_waiting": n_waiting, "parked_record_ids": sorted(still)[:1000],
             "n_parked": store.query_one(f"SELECT COUNT(DISTINCT value) FROM ({PARKED_RECORDS})")[0]}
 
 

@@ -166,6 +166,7 @@ class Daemon:
         self._ingest_store: Store | None = None
         self.live = None   # daemon.watch.LiveStats: what the server delivered, per version
         self.watch = None  # daemon.watch.RollbackWatch: rolls a new champion back when live signals say so
+        self.fleet = None  # daemon.fleet.Fleet: the replicas of fleet.replicas follow every champion change
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -195,6 +196,10 @@ class Daemon:
         self.watch = RollbackWatch(self.live, self.cfg.promote, self._auto_rollback, clock=self.clock,
                                    min_requests=self.cfg.promote.rollback_min_requests, metrics=self.metrics,
                                    on_event=self.store.add_event).start()
+        if self.cfg.fleet.replicas:
+            from daemon.fleet import Fleet
+
+            self.fleet = Fleet(self.cfg, self.store, metrics=self.metrics, clock=self.clock).start()
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
         if not self.serve_only:
             self._start_learning_loop()
@@ -373,15 +378,19 @@ class Daemon:
 
         base = self.cfg.model.base_model
         if self.engine is None:
-            return registry.promote(self.store, version, reason=reason, base_model=base)
-        from daemon.engine import promote_and_swap
+            apply = lambda: registry.promote(self.store, version, reason=reason, base_model=base)  # noqa: E731
+        else:
+            from daemon.engine import promote_and_swap
 
-        return promote_and_swap(self.engine, self.store, version, reason=reason, base_model=base)
+            apply = lambda: promote_and_swap(self.engine, self.store, version, reason=reason,  # noqa: E731
+                                             base_model=base)
+        return self.fleet.promote(version, apply) if self.fleet is not None else apply()
 
     def _auto_rollback(self, reason: str) -> dict:
         from daemon.engine import rollback_and_swap
 
-        return rollback_and_swap(self.engine, self.store, reason=reason, actor="auto-rollback")
+        apply = lambda: rollback_and_swap(self.engine, self.store, reason=reason, actor="auto-rollback")  # noqa: E731
+        return self.fleet.rollback(apply) if self.fleet is not None else apply()
 
     def _champion_changed(self, event: str, old: str | None, new: str | None) -> None:
         """Engine listener: a promotion starts the post-promotion watch; a rollback ends it."""
@@ -430,6 +439,8 @@ class Daemon:
             self.scheduler.shutdown()
         if self.watch is not None:
             self.watch.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.runner is not None:
             self.runner.stop(timeout=self.cfg.serve.drain_timeout_seconds + 60)
         if self.engine is not None:
@@ -467,6 +478,8 @@ class Daemon:
         out["schedule"] = self.scheduler.jobs() if self.scheduler is not None else []
         out["job"] = self.runner.current if self.runner is not None else None
         out["inbox_pending"] = self.inbox.pending if self.inbox is not None else 0
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.snapshot()
         return out
 
 

@@ -123,9 +123,26 @@ class LoradMetrics:
                                   ["version", "parent", "sha256"], registry=r)
         self.gpu_memory = Gauge("lorad_gpu_memory_bytes", "GPU memory of this process by device and kind "
                                 "(allocated, reserved; total = the card's capacity)", ["device", "kind"], registry=r)
+        # The serving fleet (daemon/fleet.py): one series per replica URL in fleet.replicas (a bounded set).
+        self.fleet_replica_up = Gauge("lorad_fleet_replica_up", "1 when the replica answered the control plane's "
+                                      "last check", ["replica"], registry=r)
+        self.fleet_replica_last_contact = Gauge("lorad_fleet_replica_last_contact_timestamp_seconds",
+                                                "Unix time of the replica's last answer", ["replica"], registry=r)
+        self.fleet_replica_in_sync = Gauge("lorad_fleet_replica_in_sync", "1 when the replica serves the "
+                                           "control plane's champion", ["replica"], registry=r)
+        self.fleet_replica_champion = Gauge("lorad_fleet_replica_champion_info", "the version the replica serves "
+                                            "(value 1; 'base' = no adapter)", ["replica", "version"], registry=r)
+        self.fleet_replica_loaded = Gauge("lorad_fleet_replica_loaded_adapters", "adapter versions the replica "
+                                          "holds in memory", ["replica"], registry=r)
+        self.fleet_changes = Counter("lorad_fleet_changes_total", "fleet promotions and rollbacks by action "
+                                     "(promote | rollback | catch_up) and result (ok | refused)",
+                                     ["action", "result"], registry=r)
         self.hardware_plan = Info("lorad_hardware_plan", "device, dtype, quantization and micro-batch chosen at "
                                   "startup for the GPU found (or CPU)", registry=r)
         # Export every labelled series at zero from the start: dashboards and alerts see 0, not "no data".
+        for action in ("promote", "rollback", "catch_up"):
+            for result in ("ok", "refused"):
+                self.fleet_changes.labels(action, result)
         for outcome in ("done", "rejected"):
             self.inbox_files.labels(outcome)
         for outcome in ("accepted", "duplicate", "rejected"):

@@ -155,3 +155,22 @@ def test_job_logs_carry_no_bitsandbytes_hub_kernel_warning():
     code = "import pipelines.train, peft"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert "gemm_4bit_forward" not in out.stderr
+
+
+def test_fleet_keys_are_checked():
+    from daemon.config import ConfigError, build_config, fleet_token
+
+    cfg = build_config({"fleet": {"replicas": ["http://10.0.0.7:8000", "https://r2.internal"],
+                                  "adapter_url": "http://10.0.0.5:8000"}, "serve": {"admin_token": "t" * 20}})
+    assert fleet_token(cfg) == "t" * 20 and cfg.fleet.replicas[1] == "https://r2.internal"
+    with pytest.raises(ConfigError) as e:
+        build_config({"fleet": {"replicas": ["http://a:8000", "http://a:8000/", "ftp://b", "http://u:p@c"],
+                                "control_plane": "10.0.0.5:8000", "local_adapter_roots": ["adapters"],
+                                "reconcile_seconds": 0, "token": 5}})
+    text = str(e.value)
+    for key in ("fleet.replicas", "fleet.control_plane", "fleet.local_adapter_roots", "fleet.reconcile_seconds",
+                "fleet.token: must be a string, got a value of type int (hidden: it is a secret)"):
+        assert key in text, key
+    with pytest.raises(ConfigError, match="fleet.replicas needs a token"):
+        build_config({"fleet": {"replicas": ["http://a:8000"]}})
+    assert build_config({"fleet": {"token": "secret-fleet-token"}}).to_dict()["fleet"]["token"] == "***"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.multinode import payloads
 from daemon.config import ConfigError, build_config
 from pipelines.train import distributed as D
 
@@ -111,7 +112,8 @@ def test_a_rank_takes_every_world_size_th_micro_batch(mode, rank, world, accum, 
     assert steps == D.plan_world(accum, world)[1]
     assert dist.share([[i] for i in range(steps)]) == share
     assert dist.speed_limits("auto", "auto") == limits and not dist.can_retry
-    assert dist.describe(steps) == {"distributed": {"mode": mode, "world_size": world, "micro_batches_per_step": steps}}
+    assert dist.describe(steps) == {"distributed": {"mode": mode, "world_size": world, "micro_batches_per_step": steps,
+                                                    "writer_rank": 0}}
 
 
 def test_peft_key_drops_the_adapter_name():
@@ -135,20 +137,7 @@ def _device(kind: str):
 # ----------------------------------------------------------------------------- real 2-process runs (gloo, CPU)
 
 
-WORDS = "the law court contract judge party shall must not be by with for what who where".split()
-
-
-def payloads(n: int, seed: int) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))},
-                          {"role": "assistant", "content": " ".join(rng.choice(WORDS[:6])
-                                                                    for _ in range(rng.randint(4, 12)))}]}
-            for _ in range(n)]
-
-
-def _job(tmp_path: Path, name: str, model_dir: Path, steps: int, distributed: str = "none") -> Path:
+def _job(tmp_path: Path, name: str, model_dir: Path, steps: int, distributed: str = "none", **train) -> Path:
     from pipelines.train import write_job
 
     cfg = build_config({"paths": {"state_dir": str(tmp_path / "state")},
@@ -157,7 +146,7 @@ def _job(tmp_path: Path, name: str, model_dir: Path, steps: int, distributed: st
                         "data": {"max_seq_len": 128, "max_prompt_tokens": 64, "max_response_tokens": 64},
                         "train": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3e-3,
                                   "micro_batch_size": 2, "grad_accum_steps": 2, "checkpoint_every_steps": 1,
-                                  "distributed": distributed, "num_processes": 2}})
+                                  "distributed": distributed, "num_processes": 2, **train}})
     run_dir = tmp_path / name
     write_job(run_dir, payloads=payloads(60, seed=3), config=cfg.to_dict(mask_secrets=False), parent_adapter=None,
               max_steps=steps)

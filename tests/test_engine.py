@@ -308,6 +308,62 @@ def test_named_version_loads_on_demand_and_unknown_names_are_refused(world, engi
             engine.submit(prompt_ids(world, PROMPTS[0]), model=name)
 
 
+def test_submit_without_loading_never_blocks(world, engine):
+    """load=False (what the event loop calls): queued when the version is loaded, None when it is not."""
+    from daemon.engine import SamplingParams
+
+    v3 = world["versions"][2]
+    params = SamplingParams(max_tokens=2, temperature=0)
+    assert engine.submit(prompt_ids(world, PROMPTS[0]), model=v3, params=params, load=False) is None
+    assert v3 not in engine.loaded_versions(), "load=False must not load"
+    for name in ("lorad", "base", "v0099-deadbeef"):  # unknown names too: the loading path refuses them
+        h = engine.submit(prompt_ids(world, PROMPTS[0]), model=name, params=params, load=False)
+        assert (h is None) == (name == "v0099-deadbeef")
+        if h is not None:
+            assert h.wait(30) and h.finish_reason == "length"
+
+
+def test_events_reach_an_asyncio_consumer_in_batches_and_interrupt_ends_them():
+    """Everything emitted in one decode step (batched_events) arrives as one list; interrupt() ends the
+    iteration at once, without the engine's end event."""
+    import asyncio
+
+    from daemon.engine import GenerationHandle, SamplingParams
+    from daemon.engine.api import batched_events
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        a, b = (GenerationHandle([1], None, SamplingParams(), loop=loop) for _ in range(2))
+
+        def engine_thread():
+            for step in range(3):
+                with batched_events():
+                    for h in (a, b):
+                        h._token(10 + step)
+            a._finish("length")
+
+        batches_a = []
+        await loop.run_in_executor(None, engine_thread)  # all three steps land before a looks
+        async for batch in a.abatches():
+            batches_a.append(batch)
+        got_b = []
+
+        async def consume_b():
+            async for batch in b.abatches():
+                got_b.append(batch)
+
+        task = asyncio.create_task(consume_b())
+        await asyncio.sleep(0.01)
+        b.interrupt()
+        await asyncio.wait_for(task, 5)
+        return batches_a, got_b, b
+
+    batches_a, got_b, b = asyncio.run(run())
+    assert batches_a == [[("token", 10), ("token", 11), ("token", 12), ("end", "length")]]
+    assert got_b == [[("token", 10), ("token", 11), ("token", 12)]]
+    assert b.interrupted and b.cancelled and not b.done
+
+
 def test_queue_full_timeout_and_cancel(world):
     from daemon.engine import QueueFull, SamplingParams
 
@@ -616,6 +672,37 @@ def test_rows_ending_while_the_next_step_is_in_flight_leave_the_others_exact(wor
         assert engine.snapshot()["running"] == 0 and not engine._inflight
     finally:
         engine.stop(timeout=5)
+
+
+def test_pinned_version_stays_loaded_until_unpinned_then_leaves_after_its_requests_drain(world, engine):
+    """vLLM's load/unload_lora_adapter on a replica: load holds a slot; unload frees it only once drained."""
+    from daemon.engine import SamplingParams, follow_champion
+
+    v1, v2, v3 = world["versions"]
+    engine.swap(v1)
+    engine.pin(v2)
+    engine.pin(v2)  # one pin, however often it is asked
+    engine.swap(v3)
+    engine.swap(v1)  # v2 is neither champion nor previous: only the pin keeps it
+    engine._collect()
+    assert v2 in engine.loaded_versions() and engine.pinned() == [v2]
+    with Blocker(engine):
+        held = engine.submit(prompt_ids(world, PROMPTS[0]), model=v2, params=SamplingParams(max_tokens=20,
+                                                                                            temperature=0))
+        assert engine.unpin(v2) and engine.pinned() == []
+        assert v2 in engine.loaded_versions()  # `held` still decodes on it
+    assert held.wait(30) and held.label == v2
+    deadline = time.monotonic() + 5
+    while v2 in engine.loaded_versions() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert v2 not in engine.loaded_versions()
+    assert not engine.unpin("v0099-00000000")
+
+    # follow_champion: exactly the version named (base included), idempotent, the old one kept as previous
+    result = follow_champion(engine, world["store"], v3, reason="fleet")
+    assert result["changed"] and engine.champion == v3 and engine.previous == v1
+    assert not follow_champion(engine, world["store"], v3, reason="fleet")["changed"]
+    assert follow_champion(engine, world["store"], None, reason="fleet")["to"] == "base" and engine.champion is None
 
 
 def test_cpu_warm_up_runs_forwards_before_ready_and_changes_no_output(world):

@@ -119,3 +119,47 @@ def test_reconcile_sweeps_half_registered_folders(env):
     (state / "adapters" / "v0002-orphan").mkdir()
     assert sorted(registry.reconcile(store, state)) == [".tmp-v0002-x-1", "v0002-orphan"]
     assert [p.name for p in (state / "adapters").iterdir()] == [v1]
+
+
+def test_import_keeps_the_name_checks_every_hash_and_refuses_other_content_under_an_old_name(env, tmp_path):
+    """A replica's registry takes its daemon's versions under the same immutable names."""
+    store, state, tmp = env
+    v1 = registry.register_adapter(store, state, make_adapter(tmp / "a1", 1), base_model=BASE)
+    v2 = registry.register_adapter(store, state, make_adapter(tmp / "a2", 2), base_model=BASE)
+    replica = open_store(tmp_path / "replica")
+    rstate = tmp_path / "replica"
+    m1, m2 = registry.manifest(store, v1), registry.manifest(store, v2)
+    assert m1["files"]["adapter_model.safetensors"] == registry.get_adapter(store, v1)["sha256"]
+
+    bad = {**m1["files"], "adapter_config.json": "0" * 64}
+    with pytest.raises(AdapterError, match="sha256"):
+        registry.import_adapter(replica, rstate, v1, state / "adapters" / v1, bad, lineage=m1["lineage"])
+    assert not (rstate / "adapters" / v1).exists() and replica.query_one("SELECT 1 FROM adapters") is None
+
+    assert registry.import_adapter(replica, rstate, v1, state / "adapters" / v1, m1["files"], lineage=m1["lineage"])
+    assert registry.verify_adapter(replica, v1, base_model=BASE)["sha256"] == m1["files"]["adapter_model.safetensors"]
+    assert not registry.import_adapter(replica, rstate, v1, state / "adapters" / v1, m1["files"],
+                                       lineage=m1["lineage"])  # same name, same content: nothing to do
+    with pytest.raises(registry.VersionConflict, match="immutable"):
+        registry.import_adapter(replica, rstate, v1, state / "adapters" / v2, m2["files"], lineage=m2["lineage"])
+    with pytest.raises(AdapterError, match="invalid adapter version"):
+        registry.import_adapter(replica, rstate, "../x", state / "adapters" / v2, m2["files"], lineage=m2["lineage"])
+    # a lineage from another machine is data: odd values never reach a column as they are
+    odd = {**m2["lineage"], "created_at": "yesterday", "metrics": ["x"], "run_id": {"a": 1}, "parent": 5}
+    assert registry.import_adapter(replica, rstate, "v0009-0dd", state / "adapters" / v2, m2["files"], lineage=odd)
+    row = registry.get_adapter(replica, "v0009-0dd")
+    assert row["run_id"] is None and row["parent"] is None and row["metrics"] == {} and row["created_at"] > 0
+
+
+def test_set_champion_is_idempotent_and_follows_rollbacks_to_the_base(env):
+    store, state, tmp = env
+    v1 = registry.register_adapter(store, state, make_adapter(tmp / "a1", 1), base_model=BASE)
+    v2 = registry.register_adapter(store, state, make_adapter(tmp / "a2", 2), base_model=BASE)
+    assert registry.set_champion(store, v1, reason="r")["changed"]
+    assert not registry.set_champion(store, v1, reason="r")["changed"]
+    assert registry.set_champion(store, v2, reason="r") == {"from": v1, "to": v2, "changed": True}
+    assert store.get_alias(registry.PREVIOUS) == v1
+    assert registry.set_champion(store, None, reason="back to the base")["to"] is None
+    assert registry.champion(store) is None and store.get_alias(registry.PREVIOUS) == v2
+    with pytest.raises(AdapterError):
+        registry.set_champion(store, v1, reason="r", base_model="another-base")

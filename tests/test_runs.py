@@ -44,11 +44,12 @@ def _ingest(store, tmp_path, name, start, n):
 
 def _candidate(store, version, snapshot_id, decision, reason="holdout loss not better"):
     import json
+    import time
 
     with store.transaction() as tx:
         tx.execute("INSERT INTO adapters (version, path, sha256, base_model, snapshot_id, eval_report, created_at) "
-                   "VALUES (?, '/x', 'h', 'b', ?, ?, 1.0)",
-                   (version, snapshot_id, json.dumps({"decision": decision, "reason": reason})))
+                   "VALUES (?, '/x', 'h', 'b', ?, ?, ?)",
+                   (version, snapshot_id, json.dumps({"decision": decision, "reason": reason}), time.time()))
 
 
 def test_a_refused_candidates_records_join_the_next_run_and_are_parked_after_max_refusals(tmp_path):
@@ -103,3 +104,61 @@ def test_a_refused_candidates_records_join_the_next_run_and_are_parked_after_max
     # a refused candidate promoted by hand afterwards: its records were learned after all
     store.add_event("promote", subject="v3", ok=True, reason="by hand")
     assert store.counts()["records_pending"] == 0
+
+
+def test_a_failed_evaluation_keeps_the_records_pending_and_unpark_gives_parked_ones_back(tmp_path):
+    """A candidate whose evaluation crashed (or whose promotion failed) is not learned: its new records stay
+    pending like a refused one's and count toward parking; `lorad unpark` makes parked records pending again
+    and forgets their earlier refusals."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from daemon.config import DataConfig
+
+    cfg = DataConfig(near_dup_threshold=1.0, holdout_fraction=0.2, replay_fraction=0.0)
+    store = open_store(tmp_path / "state")
+    _ingest(store, tmp_path, "m1.jsonl", 0, 40)
+    first = runs.build_snapshot(store, cfg, seed=1)
+    with store.transaction() as tx:   # registered, never judged: what a crashed `lorad eval` leaves
+        tx.execute("INSERT INTO adapters (version, path, sha256, base_model, snapshot_id, created_at) "
+                   "VALUES ('v1', '/x', 'h', 'b', ?, ?)", (first.id, time.time()))
+    assert store.counts()["records_pending"] == 0   # counted as learned until the failure is recorded
+    held = runs.hold_unjudged(store, "v1", "evaluation failed (exit 1): CUDA error", max_refusals=2)
+    assert sorted(held["waiting"]) == sorted(first.new) and held["parked"] == []
+    assert store.counts()["records_pending"] == len(first.new)
+    report = json.loads(store.query_one("SELECT eval_report FROM adapters WHERE version = 'v1'")[0])
+    assert report == {"decision": False, "reason": "evaluation failed (exit 1): CUDA error", "failed": True}
+
+    # the next run fails to promote too (the gate passed, loading failed): the records reach max_refusals
+    second = runs.build_snapshot(store, cfg, seed=1)
+    assert set(first.new) == set(second.new) and second.id == first.id   # the same records: the same snapshot
+    _candidate(store, "v2", second.id, decision=True, reason="holdout loss -12 %")
+    held = runs.hold_unjudged(store, "v2", "gate passed but promotion failed: bad sha256", max_refusals=2)
+    assert sorted(held["parked"]) == sorted(first.new)
+    assert store.counts()["records_pending"] == 0
+    assert runs.refused_records(store)["parked_record_ids"] == sorted(first.new)
+
+    # `lorad unpark` (the real command) gives two of them back; the rest stay parked
+    config = tmp_path / "lorad.yaml"
+    config.write_text(f"paths:\n  state_dir: {tmp_path / 'state'}\n")
+    chosen = sorted(first.new)[:2]
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "unpark", "-c", str(config), *map(str, chosen), "999999"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"unparked": chosen, "not_parked": [999999]}
+    pending = {r[0] for r in store.query(*runs.pending_sql("r.id"))}
+    assert pending == set(chosen)
+    status = runs.refused_records(store)
+    assert status["n_parked"] == len(first.new) - 2 and status["parked"][0]["records"] == len(first.new) - 2
+
+    # their two earlier refusals no longer count: one more refusal keeps them waiting, not parked
+    third = runs.build_snapshot(store, cfg, seed=1)
+    assert set(third.new) == set(chosen)
+    _candidate(store, "v3", third.id, decision=False, reason="holdout loss +3 %")
+    held = runs.hold_refused(store, "v3", "holdout loss +3 %", max_refusals=2)
+    assert sorted(held["waiting"]) == chosen and held["parked"] == []
+    usage = subprocess.run([sys.executable, "-m", "daemon.cli", "unpark", "-c", str(config)],
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "--all" in usage.stderr

@@ -364,3 +364,84 @@ def test_real_model_serves_the_openai_client(tmp_path):
         server.stop()
         engine.stop(timeout=5)
         store.close()
+
+
+def test_text_events_from_the_template_equal_the_generic_chunk():
+    from daemon.server.protocol import Shape, sse
+
+    for chat in (True, False):
+        shape = Shape(chat=chat, id='cmpl-"quoted"', model="v0001-é", created=1)
+        for text in ["a", ' say "hi" \\ \n\t', "é漢字😀", "\x00\x1f\u2028", ""]:
+            assert shape.text_event(text) == sse(shape.chunk(text, None)).encode(), (chat, text)
+
+
+class ByteTokenizer:
+    """Token id = one UTF-8 byte, decoded as a byte-level tokenizer does: an unfinished character is U+FFFD."""
+
+    def decode(self, ids, **_):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_push_many_releases_what_push_does_and_never_holds_complete_characters():
+    from daemon.server import Detokenizer
+
+    text = "aé漢 b😀c"
+    ids = list(text.encode())
+    one = Detokenizer(ByteTokenizer(), ["漢 "])
+    by_one = "".join(one.push(t) for t in ids) + one.flush()
+    for size in (2, 3, 5):
+        many = Detokenizer(ByteTokenizer(), ["漢 "])
+        pieces = [many.push_many(ids[i:i + size]) for i in range(0, len(ids), size)] + [many.flush()]
+        assert "".join(pieces) == by_one == "aé" and many.stopped
+    d = Detokenizer(ByteTokenizer())
+    assert d.push_many(list("aé".encode()[:2])) == "a", "the complete character before a split one goes out"
+    assert d.push_many(list("aé".encode()[2:])) == "é"
+
+
+def test_detokenizer_uses_the_tokenizers_backend_only_where_decode_is_exactly_that(world):
+    from daemon.server.text import fast_backend
+
+    tok = world["tokenizer"]
+    assert fast_backend(tok) is tok.backend_tokenizer
+    ids = tok("the law court is hello world")["input_ids"] + [tok.eos_token_id]
+    assert fast_backend(tok).decode(ids, skip_special_tokens=True) == tok.decode(
+        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    class Custom(type(tok)):
+        def _decode(self, *a, **k):
+            return "custom"
+
+    tok.__class__ = Custom
+    try:
+        assert fast_backend(tok) is None, "a tokenizer with its own decode keeps it"
+    finally:
+        tok.__class__ = Custom.__mro__[1]
+    assert fast_backend(ByteTokenizer()) is None
+
+
+def test_a_bug_in_the_completion_path_is_a_counted_500_in_openai_shape(served, world, monkeypatch, caplog):
+    """The completion routes are answered in front of FastAPI: its catch-all handler must still hold there."""
+    import asyncio
+
+    from daemon.server import create_app
+
+    daemon = fake_daemon(world, served.engine)
+    app = create_app(daemon)
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(served.engine, "submit", broken)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return [await http.post(path, json={"model": "lorad", "prompt": "hi", "messages": [
+                {"role": "user", "content": "hi"}]}) for path in ("/v1/completions", "/v1/chat/completions")]
+
+    answers = asyncio.run(run())
+    for r, route in zip(answers, ("/v1/completions", "/v1/chat/completions")):
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        value = daemon.metrics.registry.get_sample_value("lorad_serve_requests_total", {"route": route, "code": "500"})
+        assert value and value >= 1
+    assert any("unhandled error" in rec.getMessage() and rec.exc_info for rec in caplog.records)

@@ -5,8 +5,8 @@ Map (arrows point down):
   scheduler.py  Engine and build_engine: submit/queue (429 beyond serve.max_queue), the decode thread, continuous batching:
                 admit waiting requests into free cache slots, prefill them together, then one decode
                 forward for every running row whatever version it is pinned to; a row that fails ends alone
-  versions.py   champion pointer, preload into a LoRA slot, swap/activate/rollback, registry glue
-                (promote_and_swap, rollback_and_swap)
+  versions.py   champion pointer, preload into a LoRA slot, swap/activate/rollback, pins held for the
+                control plane, registry glue (promote_and_swap, rollback_and_swap, follow_champion)
   step.py       the attention function (transformers' AttentionInterface) over the slot cache, prefill and
                 decode forwards, CUDA graphs per (batch, context) bucket, sampling on the device
   lora.py       SlotLoRA: every Linear of the decoder gets stacked A/B tables, one column block per adapter
@@ -29,8 +29,8 @@ from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable,
                                GenerationHandle, InvalidRequest, QueueFull, SamplingParams, SwapResult,
                                UnknownModel, label)
 from daemon.engine.scheduler import Engine, build_engine
-from daemon.engine.versions import promote_and_swap, rollback_and_swap
+from daemon.engine.versions import follow_champion, promote_and_swap, rollback_and_swap
 
 __all__ = ["BASE_LABEL", "CHAMPION_ALIASES", "AdapterUnavailable", "Engine", "EngineClosed", "EngineError",
            "GenerationHandle", "InvalidRequest", "QueueFull", "SamplingParams", "SwapResult", "UnknownModel",
-           "build_engine", "label", "promote_and_swap", "rollback_and_swap"]
+           "build_engine", "follow_champion", "label", "promote_and_swap", "rollback_and_swap"]

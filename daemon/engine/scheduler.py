@@ -142,6 +142,7 @@ class Engine(VersionsMixin):
         self._previous: str | None = None
         self._adapters: dict = {}
         self._staged: collections.Counter[str] = collections.Counter()  # preloaded for a swap or request to come
+        self._pinned: set[str] = set()  # loaded by the control plane (load_lora_adapter) until it unloads them
         self._free_slots: list[int] = list(range(1, adapter_slots + 1))
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # index = KV cache slot
@@ -201,8 +202,8 @@ class Engine(VersionsMixin):
                                     on_capture=self._captured)
         self._compilations = step.compilations()
         # Read-back buffers for the launches in flight (at most a decode, a prefill and the next decode).
-        self._pinned = ([torch.empty(2, slots, dtype=torch.long, pin_memory=True) for _ in range(4)]
-                        if self.device.type == "cuda" else [])
+        self._readback_buffers = ([torch.empty(2, slots, dtype=torch.long, pin_memory=True) for _ in range(4)]
+                                  if self.device.type == "cuda" else [])
         if self.metrics is not None:
             self.metrics.serve_kv_cache_capacity.set(self.cache.capacity_tokens)
         log.info("KV cache allocated", extra={"slots": slots, "context": self.max_context,
@@ -411,6 +412,7 @@ class Engine(VersionsMixin):
             return {"ready": self.ready, "champion": label(self._champion),
                     "previous": label(self._previous) if self._previous else None,
                     "loaded": {v: {"refs": a.refs, "slot": a.slot} for v, a in sorted(self._adapters.items())},
+                    "pinned": sorted(self._pinned),
                     "waiting": len(self._waiting), "running": len(self._running),
                     "max_batch_size": self.max_batch_size, "batch_invariant": self.batch_invariant,
                     "kv_cache": {"slots": self.cache.slots, "context": self.cache.context,
@@ -589,9 +591,9 @@ class Engine(VersionsMixin):
         import torch
 
         both = torch.stack([tokens, finite.to(tokens.dtype)])
-        if not self._pinned:
+        if not self._readback_buffers:
             return _Launch(kind, rows, both.tolist(), None, started)
-        buffer = self._pinned[self._readback % len(self._pinned)][:, :len(rows)]
+        buffer = self._readback_buffers[self._readback % len(self._readback_buffers)][:, :len(rows)]
         self._readback += 1
         buffer.copy_(both, non_blocking=True)
         event = torch.cuda.Event()

@@ -4,8 +4,9 @@ A request is pinned to one version when it is submitted (the champion pointer at
 model, or a named registry version) and keeps it for its whole life (reference counts). ``swap(version)``
 verifies and loads the version first (``preload``: read the PEFT safetensors, copy them into a free
 table slot, from the caller's thread while decoding goes on); only then it flips the champion pointer
-under a lock. The previous champion stays loaded for an instant rollback; other versions free their slot
-once no request holds them. A failed preload leaves the champion untouched.
+under a lock. The previous champion stays loaded for an instant rollback, and a version the control plane
+pinned (``pin``: vLLM's load_lora_adapter on a fleet replica) until it is unpinned; other versions free their
+slot once no request holds them. A failed preload leaves the champion untouched.
 """
 
 from __future__ import annotations
@@ -161,6 +162,42 @@ class VersionsMixin:
                     del self._staged[version]
                 self._lock.notify_all()
 
+    def pin(self, version: str) -> float:
+        """Load ``version`` and keep it loaded until ``unpin`` (vLLM's load_lora_adapter); returns the load seconds.
+
+        Pinning twice is one pin. Raises what ``preload`` raises (nothing changed then).
+        """
+        with self._swap_lock:
+            if version in self._pinned:
+                return 0.0
+            seconds = self.preload(version, stage=True)
+            with self._lock:
+                self._pinned.add(version)
+            return seconds
+
+    def unpin(self, version: str) -> bool:
+        """Let ``version`` go (vLLM's unload_lora_adapter); False when it is neither pinned nor loaded.
+
+        Its slot is freed only once no request holds it (it drains first), and never while it is the
+        champion; a previous champion stops being kept for an instant rollback.
+        """
+        with self._swap_lock:
+            with self._lock:
+                if version not in self._pinned and version not in self._adapters:
+                    return False
+                was_pinned = version in self._pinned
+                self._pinned.discard(version)
+                if self._previous == version and self._champion != version:
+                    self._previous = None
+                self._lock.notify_all()
+            if was_pinned:
+                self.unstage(version)
+            return True
+
+    def pinned(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pinned)
+
     def activate(self, version: str | None, *, previous: Any = _OLD) -> SwapResult:
         """Flip the champion pointer to an already loaded ``version``; new requests are pinned to it at once.
 
@@ -287,3 +324,28 @@ def rollback_and_swap(engine: Any, store: Any, *, reason: str, actor: str = "dae
     result.preload_seconds = preload
     engine._champion_changed("rolled_back", result.old, result.new)
     return result.as_dict()
+
+
+def follow_champion(engine: Any, store: Any, version: str | None, *, reason: str, actor: str = "fleet",
+                    base_model: str | None = None) -> dict:
+    """Serve exactly ``version`` (None = the base model), as the control plane says: a replica's promotion and
+    rollback alike. Preloaded first, so a version that fails to load changes nothing; idempotent.
+
+    The rollback watch is not told: the control plane watches and decides for the whole fleet.
+    """
+    from daemon import registry
+
+    with engine._swap_lock:
+        preload = engine.preload(version, stage=True)
+        try:
+            moved = registry.set_champion(store, version, reason=reason, actor=actor, base_model=base_model)
+        except Exception:
+            engine.unstage(version)
+            raise
+        if not moved["changed"] and engine.champion == version:
+            engine.unstage(version)
+            return {"from": label(version), "to": label(version), "changed": False, "preload_seconds": preload,
+                    "swap_seconds": 0.0}
+        result = engine.activate(version)
+    result.preload_seconds = preload
+    return {**result.as_dict(), "changed": True}

@@ -19,12 +19,14 @@ OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so the offic
 its usual exceptions. Prompts and generated text are never logged above DEBUG.
 
 Rooms:
-  app.py         create_app: middleware, OpenAI-shaped error handlers, one router per concern;
-                 uvicorn_config: the request-head deadline and the warning for an exposed port without keys
+  app.py         create_app: middleware, OpenAI-shaped error handlers, one router per concern, the completion
+                 routes in front; uvicorn_config: uvloop/httptools, the request-head deadline and the warning
+                 for an exposed port without keys
   context.py     ServerContext: what every route needs (settings, engine or 503, request counter, JSON body,
                  the bounded pool for per-request CPU work)
   auth.py        API keys, the admin token, feedback voters and their rate limit
-  openai_api.py  /v1/models, /v1/completions, /v1/chat/completions (whole answers and server-sent events)
+  openai_api.py  /v1/models, /v1/completions, /v1/chat/completions (whole answers and server-sent events);
+                 Completions answers the two completion routes in front of FastAPI
   feedback.py    /v1/feedback
   admin.py       /admin/* and the bearer-token check
   health.py      /healthz, /readyz, /metrics, /status

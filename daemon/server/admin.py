@@ -23,12 +23,17 @@ def routes(ctx: ServerContext) -> Any:
         if not isinstance(version, str) or not version:
             raise ApiError(400, "version is required: the adapter version to promote, e.g. 'v0003-abcd1234'",
                            param="version")
-        return eng.promote_and_swap(engine, daemon.store, version, reason=_reason(body, "promoted via /admin/promote"),
-                                    actor="admin", base_model=daemon.cfg.model.base_model)
+        reason = _reason(body, "promoted via /admin/promote")
+        apply = lambda: eng.promote_and_swap(engine, daemon.store, version, reason=reason,  # noqa: E731
+                                             actor="admin", base_model=daemon.cfg.model.base_model)
+        fleet = getattr(daemon, "fleet", None)  # replicas load it first; the champion moves only if all could
+        return fleet.promote(version, apply) if fleet is not None else apply()
 
     def do_rollback(engine: Any, body: dict) -> dict:
-        return eng.rollback_and_swap(engine, daemon.store, reason=_reason(body, "rolled back via /admin/rollback"),
-                                     actor="admin")
+        reason = _reason(body, "rolled back via /admin/rollback")
+        apply = lambda: eng.rollback_and_swap(engine, daemon.store, reason=reason, actor="admin")  # noqa: E731
+        fleet = getattr(daemon, "fleet", None)
+        return fleet.rollback(apply) if fleet is not None else apply()
 
     def do_reload(engine: Any, body: dict) -> dict:
         return engine.reload().as_dict()

@@ -4,7 +4,7 @@
 import logging
 from typing import Any
 
-from daemon.server import admin, feedback, health, openai_api
+from daemon.server import admin, feedback, health, lora_admin, openai_api
 from daemon.server.context import ServerContext
 from daemon.server.middleware import BodySizeLimit
 from daemon.server.protocol import ApiError
@@ -13,7 +13,8 @@ log = logging.getLogger("lorad.server")
 
 
 def create_app(daemon: Any) -> Any:
-    """Build the FastAPI app around a running ``Daemon`` (anything with its attributes works in tests).
+    """Build the ASGI app around a running ``Daemon`` (anything with its attributes works in tests): the FastAPI
+    app, with ``POST /v1/completions`` and ``/v1/chat/completions`` answered in front of it (openai_api.Completions).
 
     Reads ``daemon.cfg``, ``daemon.store``, ``daemon.metrics``, ``daemon.ready``, ``daemon.model_error``,
     ``daemon.status()`` and ``daemon.engine`` (a daemon.engine.Engine, set once the model is loaded;
@@ -45,9 +46,9 @@ def create_app(daemon: Any) -> Any:
         return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details",
                         code="internal_error").response()
 
-    for concern in (health, openai_api, feedback, admin):
+    for concern in (health, openai_api, feedback, admin, lora_admin):
         app.include_router(concern.routes(ctx))
-    return app
+    return openai_api.Completions(app, ctx)  # the two completion routes skip FastAPI's stack
 
 
 def uvicorn_config(app: Any, serve: Any, **kwargs: Any) -> Any:

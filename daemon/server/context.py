@@ -19,7 +19,8 @@ CPU_WORKERS = 4  # per-request CPU work runs here, never on the event loop; more
 INLINE_BYTES = 8192
 # Route labels of lorad_serve_requests_total: anything else is "other", so scanners cannot grow the series.
 ROUTES = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback", "/healthz",
-                    "/readyz", "/metrics", "/status", "/admin/promote", "/admin/rollback", "/admin/reload"})
+                    "/readyz", "/metrics", "/status", "/admin/promote", "/admin/rollback", "/admin/reload",
+                    "/admin/champion", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/fleet/adapters"})
 
 
 class ServerContext:

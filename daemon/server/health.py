@@ -72,4 +72,6 @@ def public_status(doc: dict) -> dict:
         "job": {k: job.get(k) for k in ("stage", "run_id", "version", "trigger", "since")} if job else None,
         "inbox_pending": doc.get("inbox_pending", 0),
         "engine": doc.get("engine"),
+        **({"fleet": {"replicas": len(doc["fleet"]), "up": sum(1 for r in doc["fleet"] if r.get("up"))}}
+           if doc.get("fleet") is not None else {}),
     }

@@ -82,9 +82,13 @@ class BodySizeLimit:
                                             code="body_timeout"), scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
+class BodyRefused(Exception):
+    """Raised through the app from its ``receive`` when the body is refused; the app must let it pass."""
+
+
+class _BodyTooLarge(BodyRefused):
     pass
 
 
-class _BodyTooSlow(Exception):
+class _BodyTooSlow(BodyRefused):
     pass

@@ -8,10 +8,12 @@ from typing import Any
 
 from daemon.server.auth import require_api_key
 from daemon.server.context import INLINE_BYTES, ServerContext
+from daemon.server.middleware import BodyRefused, BodySizeLimit
 from daemon.server.protocol import ApiError, Shape, finish_error, prompt_ids, sampling, sse, usage_of
 from daemon.server.text import Detokenizer
 
 log = logging.getLogger("lorad.server")
+COMPLETION_PATHS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> chat?
 
 
 def routes(ctx: ServerContext) -> Any:
@@ -54,6 +56,38 @@ def routes(ctx: ServerContext) -> Any:
         return await generate(ctx, request, chat=True)
 
     return router
+
+
+class Completions:
+    """ASGI in front of the app: ``POST /v1/completions`` and ``/v1/chat/completions`` go straight to
+    ``generate`` (behind the same body limit, with the same answer to an unexpected error); every other request
+    goes to ``app``. Saves FastAPI's routing, middleware stack and per-chunk send wrappers on the hot path."""
+
+    def __init__(self, app: Any, ctx: ServerContext):
+        self.app, self.ctx = app, ctx
+        self.limited = BodySizeLimit(self._generate, max_bytes=ctx.serve.max_body_bytes,
+                                     timeout=ctx.serve.body_timeout_seconds, on_refused=ctx.count)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in COMPLETION_PATHS:
+            await self.limited(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _generate(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.requests import Request
+
+        path = scope["path"]
+        try:
+            response = await generate(self.ctx, Request(scope, receive, send), chat=COMPLETION_PATHS[path])
+        except BodyRefused:
+            raise  # the body limit answers 413 / 408 itself
+        except Exception as exc:  # a bug, not the client's fault: as the app's own handler answers it
+            log.error("unhandled error", exc_info=exc, extra={"path": path})
+            self.ctx.count(path, 500)
+            response = ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                                code="internal_error").response()
+        await response(scope, receive, send)
 
 
 def _public_name(base_model: str) -> str:

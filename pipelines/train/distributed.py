@@ -17,6 +17,14 @@ checkpointed on 2 GPUs resumes on 1, 4 or 8 (or the other way round). When W doe
 times W (``plan_world``): then a resume on another world size is refused unless it gives the
 same step size.
 
+Several hosts. The same job spans ``train.nnodes`` hosts through torchrun's c10d rendezvous: every
+node runs the launcher (``python -m pipelines.train RUN_DIR --launch MODE --node-rank R ...``), node 0
+(the daemon's) hosts the rendezvous store at ``train.rdzv_endpoint``, and the nodes meet under one
+rendezvous id (the run's folder name by default). A world of N nodes x P processes is just a world of
+N*P ranks to the loop above, so losses and checkpoints do not depend on the topology. c10d numbers the
+ranks in its own order, so the writing rank is the first rank of node 0 (``main_rank``), not global
+rank 0: a run's files land on the node that launched it even without shared storage.
+
 Imports of torch live inside functions: the daemon builds launch commands without loading it.
 """
 
@@ -56,38 +64,116 @@ def plan_world(grad_accum_steps: int, world_size: int) -> tuple[int, int]:
     return per_rank, per_rank * world_size
 
 
+NODE_RANK_ENV = "LORAD_NODE_RANK"   # this host's node rank, when --node-rank is not given (every rank inherits it)
+SLURM_NODE_RANK_ENV = "SLURM_NODEID"   # srun's node index: the node rank under Slurm
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """This host's place in a run spanning several hosts (torchrun's c10d rendezvous)."""
+
+    nnodes: int
+    node_rank: int
+    endpoint: str        # HOST:PORT of the rendezvous store, hosted by node 0
+    rdzv_id: str         # the same on every node of one run
+    timeout_s: int = 600
+
+    def launcher_args(self) -> list[str]:
+        """What ``python -m pipelines.train RUN_DIR --launch MODE`` needs to join this run."""
+        return ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank), "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", self.rdzv_id, "--rdzv-timeout", str(self.timeout_s)]
+
+    def torchrun_args(self) -> list[str]:
+        # Node 0 hosts the store (is_host), whatever its name resolves to; the others only connect, and wait
+        # for it up to the timeout (read_timeout), so they may start first. No restarts: a failed rank fails
+        # the run, which the daemon records and resumes from its checkpoint.
+        conf = f"is_host={'true' if self.node_rank == 0 else 'false'},join_timeout={self.timeout_s}," \
+               f"read_timeout={self.timeout_s}"
+        return ["--nnodes", str(self.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", self.rdzv_id, "--rdzv-conf", conf, "--max-restarts", "0"]
+
+
+def resolve_nodes(run_name: str, *, nnodes: int = 1, node_rank: int | None = None, endpoint: str = "",
+                  rdzv_id: str = "", timeout_s: int = 600, environ: dict | None = None) -> Nodes | None:
+    """This host's ``Nodes`` for a run (None: one node, torchrun --standalone).
+
+    The node rank is ``node_rank`` if given, else ``$LORAD_NODE_RANK``, else ``$SLURM_NODEID`` (srun);
+    an empty ``rdzv_id`` is the run's name, the same on every node that runs the same run folder.
+
+    Raises:
+        DistributedError: naming the value that is missing or out of range and what to set.
+    """
+    if nnodes < 1:
+        raise DistributedError(f"train.nnodes must be >= 1; got {nnodes}")
+    if nnodes == 1:
+        return None
+    env = os.environ if environ is None else environ
+    if not endpoint:
+        raise DistributedError(f"train.nnodes is {nnodes} but no rendezvous endpoint: set train.rdzv_endpoint "
+                               f"(or --rdzv-endpoint) to HOST:PORT of node 0 as the other nodes reach it")
+    if node_rank is None:
+        for name in (NODE_RANK_ENV, SLURM_NODE_RANK_ENV):
+            if env.get(name, "") != "":
+                try:
+                    node_rank = int(env[name])
+                except ValueError:
+                    raise DistributedError(f"${name} must be an integer node rank; got {env[name]!r}") from None
+                break
+        else:
+            raise DistributedError(f"a run on {nnodes} nodes needs this node's rank: pass --node-rank R or set "
+                                   f"${NODE_RANK_ENV} (0 is the node that hosts the rendezvous; under srun "
+                                   f"${SLURM_NODE_RANK_ENV} is used)")
+    if not 0 <= node_rank < nnodes:
+        raise DistributedError(f"node rank must be in 0..{nnodes - 1} for train.nnodes {nnodes}; got {node_rank}")
+    return Nodes(nnodes=nnodes, node_rank=node_rank, endpoint=endpoint, rdzv_id=rdzv_id or run_name,
+                 timeout_s=timeout_s)
+
+
 def launch_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
-                extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+                extra: list[str] | tuple[str, ...] = (), nodes: Nodes | None = None) -> list[str]:
     """The command that runs (or resumes) the training job in ``run_dir``: always ``python -m pipelines.train``.
 
     ``mode`` "none" is the plain one-process job. "ddp" / "fsdp" add ``--launch``: that process
     runs ``torchrun_argv`` (see ``launch``) and exits like the plain job does: 0 done, 75
-    checkpointed and stopped (resumable), 1 failed with ``error.json``.
+    checkpointed and stopped (resumable), 1 failed with ``error.json``. ``nodes``: this host's part
+    of a run on several hosts (each host runs this command with its own node rank).
     """
     if mode not in MODES:
         raise ValueError(f"train.distributed must be one of {', '.join(MODES)}; got {mode!r}")
     if num_processes < 0:
         raise ValueError(f"train.num_processes must be >= 0 (0 = one per visible GPU); got {num_processes}")
+    if nodes is not None and mode == "none":
+        raise ValueError(f"a run on {nodes.nnodes} nodes needs train.distributed ddp or fsdp; got 'none'")
     job = [python, "-m", "pipelines.train", str(run_dir), *extra]
-    return job if mode == "none" else [*job, "--launch", mode, "--nproc", str(num_processes)]
+    if mode == "none":
+        return job
+    return [*job, "--launch", mode, "--nproc", str(num_processes), *(nodes.launcher_args() if nodes else [])]
 
 
 def torchrun_argv(mode: str, num_processes: int, run_dir: str | os.PathLike, *, python: str = sys.executable,
-                  extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """torchrun (``python -m torch.distributed.run``) starting one training process per GPU on this host.
+                  extra: list[str] | tuple[str, ...] = (), nodes: Nodes | None = None) -> list[str]:
+    """torchrun (``python -m torch.distributed.run``) starting this host's training processes.
 
-    ``num_processes`` 0 = one per visible GPU (torchrun's "gpu"); ``--standalone`` picks a free
-    rendezvous port, so several hosts' jobs never collide; each rank is told the mode.
+    ``num_processes`` 0 = one per visible GPU (torchrun's "gpu"). One node: ``--standalone`` picks a
+    free rendezvous port, so several hosts' jobs never collide. Several: the c10d rendezvous of
+    ``nodes``. Each rank is told the mode.
     """
     nproc = str(num_processes) if num_processes else "gpu"
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", nproc,
+    where = ["--standalone", "--nnodes", "1"] if nodes is None else nodes.torchrun_args()
+    return [python, "-m", "torch.distributed.run", *where, "--nproc-per-node", nproc,
             "-m", "pipelines.train", str(run_dir), *extra, "--distributed", mode]
 
 
 def train_argv(train_cfg: Any, run_dir: str | os.PathLike, *, python: str = sys.executable,
                extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """``launch_argv`` from a ``TrainConfig`` (what the daemon's job runner and ``lorad train`` run)."""
-    return launch_argv(train_cfg.distributed, train_cfg.num_processes, run_dir, python=python, extra=extra)
+    """``launch_argv`` from a ``TrainConfig`` (what the daemon's job runner and ``lorad train`` run).
+
+    The daemon's host is node 0 of a run on several hosts: it hosts the rendezvous.
+    """
+    nodes = resolve_nodes(Path(run_dir).name, nnodes=train_cfg.nnodes, node_rank=0, endpoint=train_cfg.rdzv_endpoint,
+                          rdzv_id=train_cfg.rdzv_id, timeout_s=train_cfg.rdzv_timeout_seconds)
+    return launch_argv(train_cfg.distributed, train_cfg.num_processes, run_dir, python=python, extra=extra,
+                       nodes=nodes)
 
 
 # ----------------------------------------------------------------------------- the process group
@@ -102,10 +188,11 @@ class Dist:
     world_size: int
     local_rank: int
     device: Any          # torch.device this rank computes on
+    main_rank: int = 0   # the rank that writes the run's files: the first rank of node 0
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.main_rank
 
     @property
     def sharded(self) -> bool:
@@ -140,6 +227,25 @@ class Dist:
 
         td.all_reduce(value, op=td.ReduceOp.SUM)
         return value
+
+    def check_same(self, **values: int) -> None:
+        """Raise unless every rank holds the same ``values`` (e.g. the checkpoint step it resumed from).
+
+        Ranks that disagree would issue different collectives and hang; on hosts without shared storage
+        that is a node whose copy of the run folder (data, checkpoints) differs.
+        """
+        import torch
+        import torch.distributed as td
+
+        mine = torch.tensor(list(values.values()), dtype=torch.int64, device=self.device)
+        low, high = mine.clone(), mine.clone()
+        td.all_reduce(low, op=td.ReduceOp.MIN)
+        td.all_reduce(high, op=td.ReduceOp.MAX)
+        differ = [f"{name} ranges {int(lo)}..{int(hi)}" for name, lo, hi in zip(values, low, high) if lo != hi]
+        if differ:
+            raise DistributedError(f"ranks disagree ({'; '.join(differ)}; rank {self.rank} has "
+                                   f"{dict(values)}): every node must see the same run folder (shared storage, "
+                                   f"or copy RUN_DIR with its checkpoints/ to every node before a resume)")
 
     # What the training loop asks of its world (``OneProcess`` answers the same for a plain run).
 
@@ -177,7 +283,7 @@ class Dist:
 
     def describe(self, micro_batches_per_step: int) -> dict:
         return {"distributed": {"mode": self.mode, "world_size": self.world_size,
-                                "micro_batches_per_step": micro_batches_per_step}}
+                                "micro_batches_per_step": micro_batches_per_step, "writer_rank": self.main_rank}}
 
 
 class OneProcess:
@@ -185,6 +291,7 @@ class OneProcess:
 
     mode = "none"
     rank = 0
+    main_rank = 0
     world_size = 1
     is_main = True
     sharded = False
@@ -204,6 +311,9 @@ class OneProcess:
 
     def sum(self, value: Any) -> Any:
         return value
+
+    def check_same(self, **values: int) -> None:
+        pass
 
     def step_size(self, grad_accum_steps: int) -> int:
         return grad_accum_steps
@@ -262,7 +372,40 @@ def init(mode: str, environ: dict | None = None) -> Dist | None:
         device, backend = torch.device("cpu"), "gloo"
     if not td.is_initialized():
         td.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    return Dist(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device)
+    dist = Dist(mode=mode, rank=rank, world_size=world, local_rank=local_rank, device=device)
+    dist.main_rank = _main_rank(dist, env)
+    return dist
+
+
+def main_rank_of(node_ranks: list[int], local_world_size: int) -> int:
+    """The writing rank from every rank's node rank (index = global rank): the first rank of node 0.
+
+    Raises:
+        DistributedError: the node ranks are not 0..nnodes-1 with ``local_world_size`` ranks each (two
+            hosts given the same node rank, or none given 0).
+    """
+    nnodes = max(1, len(node_ranks) // max(1, local_world_size))
+    counts = {n: node_ranks.count(n) for n in sorted(set(node_ranks))}
+    if sorted(counts) != list(range(nnodes)) or any(n != local_world_size for n in counts.values()):
+        raise DistributedError(f"the {nnodes} nodes of this run gave node ranks {counts} (node rank: ranks); each "
+                               f"node needs its own rank in 0..{nnodes - 1} (--node-rank or ${NODE_RANK_ENV})")
+    return node_ranks.index(0)
+
+
+def _main_rank(dist: Dist, env: Any) -> int:
+    """Gather every rank's node rank (``$LORAD_NODE_RANK``, set by the launcher) and pick the writer."""
+    local_world = int(env.get("LOCAL_WORLD_SIZE", dist.world_size))
+    if local_world == dist.world_size:
+        return 0   # one node: torchrun's rank 0 is on it
+    import torch
+    import torch.distributed as td
+
+    # torchrun started by hand on each host, without lorad's launcher: its own node index (GROUP_RANK)
+    mine = torch.tensor([int(env.get(NODE_RANK_ENV, env.get("GROUP_RANK", -1)))], dtype=torch.int64,
+                        device=dist.device)
+    every = [torch.zeros_like(mine) for _ in range(dist.world_size)]
+    td.all_gather(every, mine)
+    return main_rank_of([int(t.item()) for t in every], local_world)
 
 
 def shutdown(dist: Dist | None) -> None:
@@ -518,21 +661,95 @@ def _die_with_parent() -> None:
         pass
 
 
-def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str]) -> int:
+RENDEZVOUS_FILE = "rendezvous.json"   # node 0's announcement of a run the other nodes join (``follow``)
+
+
+def announce(run_dir: Path, mode: str, nproc: int, nodes: Nodes) -> Path:
+    """Node 0: write ``RUN_DIR/rendezvous.json``, what ``follow`` on the other nodes needs to join this attempt."""
+    import secrets
+
+    info = {"mode": mode, "nproc": nproc, "nnodes": nodes.nnodes, "endpoint": nodes.endpoint,
+            "rdzv_id": nodes.rdzv_id, "timeout_s": nodes.timeout_s, "attempt": secrets.token_hex(8)}
+    path = Path(run_dir) / RENDEZVOUS_FILE
+    tmp = path.with_name(f".{RENDEZVOUS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+    return path
+
+
+def close_announcement(run_dir: Path) -> None:
+    """The world is formed (called by the writing rank after joining): a node that comes later must not join."""
+    (Path(run_dir) / RENDEZVOUS_FILE).unlink(missing_ok=True)
+
+
+def follow(runs_dir: Path, node_rank: int, *, python: str = sys.executable, poll_seconds: float = 2.0,
+           should_stop: Callable[[], bool] = lambda: False, log: Callable[[dict], None] = print) -> None:
+    """``lorad train-node``: on a host other than the daemon's, join every multi-node run node 0 announces.
+
+    Watches ``runs_dir/*/rendezvous.json`` (the daemon's runs folder on shared storage) and runs this node's
+    launcher for each new attempt, one at a time, with its output in ``RUN_DIR/train-node<R>.log``. An
+    announcement older than its rendezvous timeout is stale (node 0 died before closing it) and skipped.
+    Once ``should_stop`` answers true, a running launcher gets SIGTERM (every rank checkpoints and the run
+    stops, resumable) and this returns.
+    """
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    joined: set[str] = set()
+    while not should_stop():
+        for path in sorted(Path(runs_dir).glob(f"*/{RENDEZVOUS_FILE}")):
+            if should_stop():
+                break
+            try:
+                info, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+                nodes = Nodes(nnodes=int(info["nnodes"]), node_rank=node_rank, endpoint=str(info["endpoint"]),
+                              rdzv_id=str(info["rdzv_id"]), timeout_s=int(info["timeout_s"]))
+                attempt, mode, nproc = str(info["attempt"]), str(info["mode"]), int(info["nproc"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue   # being replaced, closed, or not an announcement: look again next time
+            if attempt in joined or age > nodes.timeout_s or node_rank >= nodes.nnodes:
+                continue
+            joined.add(attempt)
+            argv = launch_argv(mode, nproc, path.parent, python=python, extra=["--no-progress"], nodes=nodes)
+            log({"event": "join", "run": path.parent.name, "node_rank": node_rank, "nnodes": nodes.nnodes})
+            with open(path.parent / f"train-node{node_rank}.log", "ab") as out:
+                proc = subprocess.Popen(argv, cwd=str(root), stdout=out, stderr=subprocess.STDOUT)
+                while proc.poll() is None:
+                    if should_stop():
+                        proc.send_signal(signal.SIGTERM)   # the launcher passes it on once; the ranks checkpoint
+                        proc.wait()
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=poll_seconds)
+            log({"event": "left", "run": path.parent.name, "node_rank": node_rank, "exit": proc.returncode})
+        if not should_stop():
+            time.sleep(poll_seconds)
+
+
+def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: Nodes | None = None) -> int:
     """Run the job under torchrun and return the plain job's exit code (``python -m pipelines.train --launch``).
 
-    torchrun reports any non-zero rank as a failure, so a clean stop is signalled by rank 0's marker
-    file rather than an exit code. SIGTERM and SIGINT are passed to torchrun once; it forwards them
-    to the ranks, which checkpoint at the next step and stop.
+    torchrun reports any non-zero rank as a failure, so a clean stop is signalled by the writing
+    rank's marker file rather than an exit code. SIGTERM and SIGINT are passed to torchrun once; it
+    forwards them to the ranks, which checkpoint at the next step and stop. ``nodes``: this host's
+    part of a run on several hosts; every host runs this with its own node rank.
     """
     import signal
 
     run_dir = Path(run_dir)
     marker, error = run_dir / INTERRUPTED_MARKER, run_dir / "error.json"
-    marker.unlink(missing_ok=True)
-    error.unlink(missing_ok=True)   # a reason left by an earlier attempt must not describe this one
+    if nodes is None or nodes.node_rank == 0:   # other nodes may start late, after node 0 wrote a fresh reason
+        marker.unlink(missing_ok=True)
+        error.unlink(missing_ok=True)   # a reason left by an earlier attempt must not describe this one
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_COLLECTIVES_ENV.items()}}
-    proc = subprocess.Popen(torchrun_argv(mode, nproc, run_dir, python=sys.executable, extra=rank_args),
+    env[NODE_RANK_ENV] = str(nodes.node_rank if nodes else 0)
+    if nproc == 0 and not _has_gpu():
+        error.write_text(json.dumps({"reason": "train.num_processes 0 means one process per GPU, and this host has "
+                                               "none: set train.num_processes (CPU processes, gloo)"}))
+        return 1
+    announced = announce(run_dir, mode, nproc, nodes) if nodes is not None and nodes.node_rank == 0 else None
+    proc = subprocess.Popen(torchrun_argv(mode, nproc, run_dir, python=sys.executable, extra=rank_args, nodes=nodes),
                             env=env, start_new_session=True, preexec_fn=_die_with_parent)
     forwarded = []
 
@@ -544,9 +761,21 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = proc.wait()
+    if announced is not None:
+        announced.unlink(missing_ok=True)   # the ranks never formed a world (or one exited early)
     if marker.is_file():
         return EXIT_INTERRUPTED
     if rc != 0 and not error.is_file():
-        error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} (a rank crashed or was killed); "
-                                               f"see {run_dir / 'train.log'}"}))
+        why = "a rank crashed or was killed"
+        if nodes is not None:
+            why += (f", or not all {nodes.nnodes} nodes joined rendezvous {nodes.rdzv_id!r} at {nodes.endpoint} "
+                    f"within {nodes.timeout_s} s")
+        log = run_dir / ("train.log" if nodes is None or nodes.node_rank == 0 else f"train-node{nodes.node_rank}.log")
+        error.write_text(json.dumps({"reason": f"torchrun exited with code {rc} ({why}); see {log}"}))
     return 0 if rc == 0 else 1
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

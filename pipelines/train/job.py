@@ -175,6 +175,27 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
                  autocast=autocast, dist=dist)
 
 
+def job_nodes(run_dir: Path, args: Any) -> Any:
+    """This host's ``distributed.Nodes`` for the run in ``run_dir``: the command line over the run's train.* config.
+
+    Raises:
+        DistributedError: the multi-node settings are incomplete or out of range.
+    """
+    try:
+        train = json.loads((Path(run_dir) / "job.json").read_text()).get("config", {}).get("train", {})
+    except (OSError, ValueError) as e:
+        raise DistributedError(f"cannot read {Path(run_dir) / 'job.json'} ({e}): every node needs the run folder "
+                               f"(shared storage, or a copy at the same path)") from None
+
+    def pick(given: Any, key: str, default: Any) -> Any:
+        return given if given is not None else train.get(key, default)
+
+    return distributed.resolve_nodes(Path(run_dir).name, nnodes=pick(args.nnodes, "nnodes", 1),
+                                     node_rank=args.node_rank, endpoint=pick(args.rdzv_endpoint, "rdzv_endpoint", ""),
+                                     rdzv_id=pick(args.rdzv_id, "rdzv_id", ""),
+                                     timeout_s=pick(args.rdzv_timeout, "rdzv_timeout_seconds", 600))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.train RUN_DIR``: exit 0 with result.json, 1 with error.json (reason), 75 stopped."""
     import argparse
@@ -184,7 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--launch", choices=("ddp", "fsdp"), default=None,
                     help="start this job under torchrun, one process per GPU (pipelines.train.distributed.launch)")
-    ap.add_argument("--nproc", type=int, default=0, help="with --launch: processes (GPUs); 0 = every visible GPU")
+    ap.add_argument("--nproc", type=int, default=0,
+                    help="with --launch: processes on this node (GPUs, or CPU processes); 0 = every visible GPU")
+    nodes = ap.add_argument_group("several nodes (with --launch; each defaults to the run's train.* config)")
+    nodes.add_argument("--nnodes", type=int, default=None, help="hosts the run spans (train.nnodes)")
+    nodes.add_argument("--node-rank", type=int, default=None,
+                       help=f"this host's rank, 0 = the one hosting the rendezvous (else ${distributed.NODE_RANK_ENV}, "
+                            f"else ${distributed.SLURM_NODE_RANK_ENV} under srun)")
+    nodes.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's rendezvous address "
+                       "(train.rdzv_endpoint)")
+    nodes.add_argument("--rdzv-id", default=None, help="rendezvous id (train.rdzv_id; empty = the run folder's name)")
+    nodes.add_argument("--rdzv-timeout", type=int, default=None, metavar="S",
+                       help="seconds the nodes wait for each other (train.rdzv_timeout_seconds)")
     ap.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none",
                     help="set by --launch on each torchrun process: DDP or FSDP2 across ranks")
     ap.add_argument("--stop-at-step", type=int, default=0, metavar="N",
@@ -194,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.launch:
         rank_args = (["--no-progress"] if args.no_progress else []) + (
             ["--stop-at-step", str(args.stop_at_step)] if args.stop_at_step else [])
-        return distributed.launch(args.run_dir, args.launch, args.nproc, rank_args)
+        try:
+            where = job_nodes(args.run_dir, args)
+        except DistributedError as e:
+            return _failed(args.run_dir, e)
+        return distributed.launch(args.run_dir, args.launch, args.nproc, rank_args, nodes=where)
     import signal
     import threading
 
@@ -213,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = distributed.init(args.distributed)
         main_rank = dist is None or dist.is_main
+        if dist is not None and dist.is_main:
+            distributed.close_announcement(args.run_dir)
         outcome = run_job(args.run_dir, progress=not args.no_progress, should_stop=should_stop, on_step=on_step,
                           dist=dist, own_process=True)
     except Interrupted as e:
@@ -225,14 +263,20 @@ def main(argv: list[str] | None = None) -> int:
             (args.run_dir / INTERRUPTED_MARKER).write_text(json.dumps({"reason": str(e)}))
         return 0
     except (TrainingError, DistributedError) as e:
-        # Any rank may be the one that failed (torchrun then stops the others): each writes atomically.
-        tmp = args.run_dir / f".error-{os.getpid()}.json"
-        tmp.write_text(json.dumps({"reason": str(e)}))
-        os.replace(tmp, args.run_dir / "error.json")
-        print(f"lorad train: {e}", file=sys.stderr)
-        return 1
+        return _failed(args.run_dir, e)
     finally:
         distributed.shutdown(dist)
     if main_rank:
         print(json.dumps(outcome.to_dict()))
     return 0
+
+
+def _failed(run_dir: Path, error: Exception) -> int:
+    """Exit 1 with the reason in ``error.json``. Any rank may be the one that failed (torchrun then stops the
+    others): each writes atomically."""
+    if run_dir.is_dir():
+        tmp = run_dir / f".error-{os.getpid()}.json"
+        tmp.write_text(json.dumps({"reason": str(error)}))
+        os.replace(tmp, run_dir / "error.json")
+    print(f"lorad train: {error}", file=sys.stderr)
+    return 1

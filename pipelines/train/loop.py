@@ -132,9 +132,9 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
         save_adapter(adapter_dir, model, full_lora)
     outcome = state.outcome(adapter_dir, data, clock() - t_start, examples=len(examples),
                             parent_adapter=parent_adapter, plan=fwd_bwd.plan)
+    outcome.speed.update(dist.describe(data.accum))   # how ranks shared each step, and which one wrote
     if dist.is_main:
         (run_dir / "result.json").write_text(json.dumps(outcome.to_dict(), indent=2))
-    outcome.speed.update(dist.describe(data.accum))   # the caller's copy also says how ranks shared each step
     dist.barrier()   # no rank leaves (and tears down the group) while rank 0 still writes
     return outcome
 
@@ -240,6 +240,9 @@ def _resume(run_dir: Path, model: Any, optimizer: Any, data: _Data, dist: Any, u
     """The state of the newest checkpoint in ``run_dir`` (weights, optimizer and RNG restored), or a fresh one."""
     state = _State(use_gc=use_gc)
     ckpt = latest_checkpoint(run_dir)
+    # Every rank must resume from the same step of the same data (hosts without shared storage may differ).
+    dist.check_same(checkpoint_step=int(ckpt.name.split("-")[-1]) if ckpt else 0, total_steps=data.total_steps,
+                    sequences=len(data.sequences))
     if ckpt is None:
         return state
     saved = load_checkpoint(ckpt, model, optimizer, sharded=dist.sharded)

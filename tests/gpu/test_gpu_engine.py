@@ -74,6 +74,8 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
                {"cuda_graphs": True, "compile": True, "decode_kernel": True}):
         e = engine(**kw)
         assert e.stepper.decode_kernel == kw["decode_kernel"]
+        # the host reads step N while step N+1 runs: tokens come back through pinned buffers and events
+        assert len(e._readback_buffers) == 4 and all(b.is_pinned() for b in e._readback_buffers)
         handles = [e.submit(p, params=SamplingParams(max_tokens=24, temperature=0)) for p in prompts]
         assert all(h.wait(120) for h in handles)
         results.append([h.tokens for h in handles])

@@ -53,3 +53,22 @@ def test_a_hung_up_non_streaming_request_is_cancelled_within_a_second(api):
     while requests_counted(api.daemon, "/v1/completions", 499) == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert requests_counted(api.daemon, "/v1/completions", 499) == 1
+
+
+def test_a_hung_up_stream_is_cancelled_and_counted_499(api):
+    before, counted = finished(api, "cancelled"), requests_counted(api.daemon, "/v1/completions", 499)
+    body = {"model": "lorad", "prompt": "hello world", "max_tokens": 32, "temperature": 0, "stream": True}
+    with Blocker(api.engine):  # queued: only the hang-up can end it early
+        with httpx.Client(base_url=api.url, timeout=10) as http:
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        # the connection is closed here, before a single token
+        deadline = time.monotonic() + 5
+        while requests_counted(api.daemon, "/v1/completions", 499) == counted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert requests_counted(api.daemon, "/v1/completions", 499) == counted + 1
+    deadline = time.monotonic() + 5
+    while finished(api, "cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert finished(api, "cancelled") == before + 1, "the row must be cancelled, not run to max_tokens"
+    assert (api.engine.snapshot()["waiting"], api.engine.snapshot()["running"]) == (0, 0)
