@@ -74,11 +74,27 @@ def test_the_stream_runs_through_the_daemon_and_every_arm(tmp_path, tiny_llama_d
     for name in ("domain_accuracy_gain_vs_base", "domain_accuracy_gap_vs_retrain", "answer_forgetting_ratio_vs_naive"):
         assert name in result["goals"]
 
-    # Holdouts are never trained on: not by the daemon's snapshots, not by the baselines.
+    # Each task's holdout is split into validation (the daemon's holdout: its gate evaluates on it) and test
+    # (reported): no test record ever reached the daemon; the goals are on test, goals_validation beside them.
+    assert set(result["holdout_split"]) == {"classification/2-4问题主题识别", "statutes/1-1法条背诵"}
+    assert all(v["validation"] > 0 and v["test"] > 0 for v in result["holdout_split"].values())
+    assert set(result["goals_validation"]) == set(result["goals"])
     db = sqlite3.connect(work / "state" / "lorad.db")
+    ref = sqlite3.connect(work / "reference" / "lorad.db")
+    roles = {h: continual.holdout_role(h) for (h,) in ref.execute("SELECT content_hash FROM records "
+                                                                   "WHERE split = 'holdout'")}
+    daemon_holdout = {h for (h,) in db.execute("SELECT content_hash FROM records WHERE split = 'holdout'")}
+    assert daemon_holdout == {h for h, role in roles.items() if role == "validation"}
+    gate_seen = {h for (h,) in db.execute("SELECT r.content_hash FROM snapshot_records s JOIN records r "
+                                          "ON r.id = s.record_id WHERE s.role = 'holdout'")}
+    assert gate_seen and gate_seen <= daemon_holdout
+    test_hashes = {h for h, role in roles.items() if role == "test"}
+    assert test_hashes and not test_hashes & {h for (h,) in db.execute("SELECT content_hash FROM records")}
+
+    # Holdouts are never trained on: not by the daemon's snapshots, not by the baselines.
     leaked = db.execute("SELECT COUNT(*) FROM snapshot_records s JOIN records r ON r.id = s.record_id "
                         "WHERE r.split = 'holdout' AND s.role != 'holdout'").fetchone()[0]
-    holdout = {row[0] for row in db.execute("SELECT payload FROM records WHERE split = 'holdout'")}
+    holdout = {row[0] for row in ref.execute("SELECT payload FROM records WHERE split = 'holdout'")}   # both halves
     assert leaked == 0 and holdout
     for arm in ("naive", "retrain"):
         rows = [json.loads(x) for x in (work / arm / "month02" / "data.jsonl").read_text().splitlines()]
