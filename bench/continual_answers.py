@@ -67,9 +67,12 @@ def mcq_sets(cap: int, seed: int = 0) -> dict[str, list[dict]]:
 
 
 def score_sets(model: Any, tokenizer: Any, sets: dict[str, list[dict]], *, options: dict, max_seq_len: int,
-               batch_size: int) -> dict[str, dict]:
+               batch_size: int, labels: dict[str, set[str]] | None = None) -> dict[str, dict]:
     """Per set: {"metric": its main metric (of most records), "score": that metric's mean, "n",
-    "by_metric": {metric: mean}, "kinds": {kind: n}} for ``model`` (the base or base + adapter)."""
+    "by_metric": {metric: mean}, "kinds": {kind: n}} for ``model`` (the base or base + adapter).
+
+    ``labels``: per set, the answers that count as class labels (``pipelines.scoring.record_kind``); a set not
+    named there uses the answers that repeat within it."""
     from pipelines.evaluate import answer_items, score_answers
     from pipelines.scoring import METRIC_OF_KIND
 
@@ -77,7 +80,7 @@ def score_sets(model: Any, tokenizer: Any, sets: dict[str, list[dict]], *, optio
     out = {}
     for name, payloads in sets.items():
         items = answer_items(payloads, tokenizer, max_seq_len, score_kinds=options.get("score_kinds") or {},
-                             new_tokens=options["new_tokens"])
+                             new_tokens=options["new_tokens"], labels=(labels or {}).get(name))
         if not items:
             continue
         scores = score_answers(model, tokenizer, items, loss_kw={"batch_size": batch_size, "pad_id": pad},

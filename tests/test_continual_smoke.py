@@ -250,3 +250,47 @@ def test_ablation_weights_favour_the_newest_group_and_differences_are_run_minus_
     assert diff["domain_loss"] == -0.5 and diff["domain_loss_relative"] == -0.25 and diff["tokens_cumulative"] == -20
     assert diff["forgetting"] is None and diff["promotions"] == 1
     assert ablation.differences({**run, "months_done": 2}, control) is None, "an unfinished run is not compared"
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("bench_continual_ablation", ROOT / "bench" / "continual_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_sweeps_read_the_validation_split_never_test():
+    ablation = load_ablation()
+    test = {"domain_loss": 1.0, "regression_loss_mean": 2.0, "forgetting": 0.5, "holdout_loss": {"g": 1.0}}
+    val = {"domain_loss": 3.0, "regression_loss_mean": 4.0, "forgetting": 0.25, "holdout_loss": {"g": 3.0}}
+    arm = {**test, "tokens_cumulative": 10, "validation": val}
+    run = {"complete": True, "months": [{"arms": {"lorad": arm, "base": {**arm, "tokens_cumulative": 0}},
+                                         "lorad": {"decisions": [], "runs": []}}]}
+    s = ablation.summarize(run)
+    assert s["scored_on"] == "validation"
+    assert (s["domain_loss"], s["regression_loss_mean"], s["forgetting"]) == (3.0, 4.0, 0.25)
+    assert s["domain_loss_by_group"] == {"g": 3.0} and s["domain_loss_by_month"] == [3.0]
+    assert s["base"]["domain_loss"] == 3.0 and s["tokens_cumulative"] == 10
+
+
+def test_the_replay_sweep_picks_on_validation_goals():
+    ablation = load_ablation()
+    runs = ablation.replay_variants()
+    assert runs["baselines"]["arms"] == "base,naive,retrain"
+    assert runs["chars035"]["sets"] == ["data.replay_unit=chars", "data.replay_fraction=0.35"]
+    assert all(v["arms"] == "lorad" and v["text_records"] == 0 for n, v in runs.items() if n != "baselines")
+
+    def goals(met: int, gap: float | None) -> dict:
+        out = {f"g{i}": {"met": i < met, "value": 0.0} for i in range(6)}
+        out["domain_loss_gap_vs_retrain"] = {"met": False, "value": gap}
+        return out
+
+    done = {"summary": {"complete": True}}
+    picked = ablation.pick({"a": {**done, "sets": ["x"], "goals": goals(4, 0.01)},
+                            "b": {**done, "sets": ["y"], "goals": goals(5, 0.05)},
+                            "c": {**done, "sets": ["z"], "goals": goals(5, 0.02)},
+                            "d": {"summary": {"complete": False}, "sets": [], "goals": goals(6, 0.0)},
+                            "e": {**done, "sets": [], "goals": None}})
+    assert picked["run"] == "c" and picked["sets"] == ["z"] and picked["split"] == "validation"
+    assert set(picked["candidates"]) == {"a", "b", "c"}, "unfinished or ungoaled runs are not candidates"
+    assert ablation.pick({"e": {**done, "goals": None}}) is None
