@@ -364,7 +364,7 @@ class Month:
     counts: dict                     # records in the file, accepted, duplicates, rejected, train/validation/test
 
 
-def reference_month(store: Any, data_cfg: Any, source: Path, dest: Path, group: str,
+def reference_month(store: Any, cfg: Any, source: Path, dest: Path, group: str,
                     tasks: tuple[str, ...] | None) -> Month:
     """Ingest one month's file into the reference store (the same code, cleaning, dedup and train/holdout split
     as the daemon's inbox), split its holdout records into validation and test (``holdout_role``), and write
@@ -381,7 +381,7 @@ def reference_month(store: Any, data_cfg: Any, source: Path, dest: Path, group: 
     """
     from pipelines.ingest import ingest_file
 
-    res = ingest_file(source, store, data_cfg, source="inbox")
+    res = ingest_file(source, store, cfg.data, source="inbox", limits=cfg.ingest)   # as the daemon's inbox calls it
     if res.file_error or res.file_id is None:
         raise RuntimeError(f"{source}: lorad's ingest rejected the file: {res.file_error or 'no file id'}")
     keep, validation, test, expected = [], [], [], {}
@@ -691,7 +691,7 @@ class IngestOnly:
     def ingest(self, source: Path) -> int:
         from pipelines.ingest import ingest_file
 
-        result = ingest_file(source, self.store, self.cfg.data, source="inbox")
+        result = ingest_file(source, self.store, self.cfg.data, source="inbox", limits=self.cfg.ingest)
         if result.file_error or result.file_id is None:
             raise RuntimeError(f"ingest of {source} failed: {result.file_error or 'no file id'}")
         return result.file_id
@@ -894,20 +894,25 @@ def prepare_months(profile: Profile, work: Path, cfg: Any, *, stream: Path | Non
     if stream is None:
         plan = profile.months[:months] if months else profile.months
         text_chars = max(64, cfg.data.max_seq_len // 2)   # about one sequence after tokenization (CJK ~1-2/char)
-        sources = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / "lawbench" /
-                              f"month{i + 1:02d}-{group}.jsonl", group=group, text_records=text_records,
-                              text_chars=text_chars, data_cfg=cfg.data)["path"]
-                   for i, (group, tasks) in enumerate(plan)]
+        files = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / "lawbench" /
+                            f"month{i + 1:02d}-{group}.jsonl", group=group, text_records=text_records,
+                            text_chars=text_chars, data_cfg=cfg.data) for i, (group, tasks) in enumerate(plan)]
+        sources = [f["path"] for f in files]
+        extra = [{"text_records_in_file": f["text_records"], "text_chars_in_file": f["text_chars"]} for f in files]
         named: list[tuple[str, tuple[str, ...] | None]] = [(g, tuple(t)) for g, t in plan]
     else:
         sources = stream_files(stream)[:months] if months else stream_files(stream)
+        extra = [{} for _ in sources]
         named = [(g, None) for g in stream_groups(sources)]
     store = open_store(work / "reference")
     try:
-        return [reference_month(store, cfg.data, src, data_dir / f"month{i + 1:02d}-{group}.jsonl", group, tasks)
-                for i, (src, (group, tasks)) in enumerate(zip(sources, named))]
+        out = [reference_month(store, cfg, src, data_dir / f"month{i + 1:02d}-{group}.jsonl", group, tasks)
+               for i, (src, (group, tasks)) in enumerate(zip(sources, named))]
     finally:
         store.close()
+    for m, more in zip(out, extra):
+        m.counts.update(more)
+    return out
 
 
 def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path | None,

@@ -85,7 +85,7 @@ def test_a_month_without_test_records_is_refused_with_the_fix(tmp_path):
     cfg = continual.build_run_config(continual.PROFILES["smoke"], tmp_path, "m", [])
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     with open_store(tmp_path / "ref") as store, pytest.raises(RuntimeError, match="data.holdout_fraction"):
-        continual.reference_month(store, cfg.data, tmp_path / "one.jsonl", tmp_path / "out.jsonl", "one", None)
+        continual.reference_month(store, cfg, tmp_path / "one.jsonl", tmp_path / "out.jsonl", "one", None)
 
 
 @pytest.mark.integration
