@@ -86,6 +86,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "lorad-test",
                     help="shared cache of the converted default model")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a timeout's SIGTERM still stops the daemon (finally)
     if args.cores < 0:
         ap.error(f"--cores must be >= 0, got {args.cores}")
     available = sorted(os.sched_getaffinity(0))
