@@ -155,6 +155,17 @@ def pick(runs: dict[str, dict]) -> dict | None:
             "rule": PICK_RULE, "split": "validation"}
 
 
+def merged_validation_goals(continual: Any, run_json: dict, baselines: dict | None, name: str) -> dict | None:
+    """A replay run's goals on validation: its lorad arm merged with the baselines run (``continual.merge``);
+    None while the baselines are missing or do not fit (other months, another stream)."""
+    if baselines is None:
+        return None
+    try:
+        return continual.merge([run_json, baselines], [f"{name}.json", "baselines.json"]).get("goals_validation")
+    except (ValueError, KeyError):
+        return None
+
+
 def summarize(run_json: dict) -> dict:
     """The last month's lorad numbers of one run on the validation split, and the gate's decisions over the
     stream. Never the test split: a sweep that chose on it would be tuning on the reported numbers."""
@@ -314,10 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         elif name != "baselines":
             try:
                 baselines = json.loads((runs_dir / "baselines.json").read_text())
-                merged = continual.merge([run_json, baselines], [f"{name}.json", "baselines.json"])
-                entry["goals"] = merged.get("goals_validation")
-            except (OSError, ValueError, KeyError):   # the baselines not written yet, or not the same months
-                entry["goals"] = None
+            except (OSError, ValueError):   # not written yet
+                baselines = None
+            entry["goals"] = merged_validation_goals(continual, run_json, baselines, name)
 
     def finish(name: str, proc: subprocess.Popen, started: float, status: str) -> None:
         entry = result["runs"][name]

@@ -294,3 +294,30 @@ def test_the_replay_sweep_picks_on_validation_goals():
     assert picked["run"] == "c" and picked["sets"] == ["z"] and picked["split"] == "validation"
     assert set(picked["candidates"]) == {"a", "b", "c"}, "unfinished or ungoaled runs are not candidates"
     assert ablation.pick({"e": {**done, "goals": None}}) is None
+
+
+def with_validation(result: dict, shift: float) -> dict:
+    """A copy of a result made before the split, each arm given a validation block (its losses + ``shift``)."""
+    import copy
+
+    out = copy.deepcopy(result)
+    for m in out["months"]:
+        for arm in m["arms"].values():
+            arm["validation"] = {**{k: v for k, v in arm.items() if k != "validation"},
+                                 "domain_loss": arm["domain_loss"] + shift}
+    return out
+
+
+def test_a_replay_run_gets_its_goals_on_validation_from_the_baselines_run():
+    continual, ablation = load_bench(), load_ablation()
+    whole = with_validation(json.loads((ROOT / "bench" / "results" / "continual_gpu.json").read_text("utf-8")), 0.5)
+    lorad, baselines = split(whole, ("lorad",), 5), split(whole, ("base", "naive", "retrain"), 5)
+    goals = ablation.merged_validation_goals(continual, lorad, baselines, "chars035")
+    assert goals == continual.goals(whole["months"], split="validation") != continual.goals(whole["months"])
+    assert goals["domain_loss_gap_vs_retrain"]["value"] == pytest.approx(
+        (whole["months"][-1]["arms"]["lorad"]["domain_loss"] + 0.5)
+        / (whole["months"][-1]["arms"]["retrain"]["domain_loss"] + 0.5) - 1)
+    assert ablation.merged_validation_goals(continual, lorad, None, "chars035") is None
+    other = split(whole, ("base", "naive", "retrain"), 5)
+    other["config"]["train"]["learning_rate"] = 1.0   # not the same benchmark
+    assert ablation.merged_validation_goals(continual, lorad, other, "chars035") is None
