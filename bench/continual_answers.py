@@ -67,9 +67,12 @@ def mcq_sets(cap: int, seed: int = 0) -> dict[str, list[dict]]:
 
 
 def score_sets(model: Any, tokenizer: Any, sets: dict[str, list[dict]], *, options: dict, max_seq_len: int,
-               batch_size: int) -> dict[str, dict]:
+               batch_size: int, labels: dict[str, set[str]] | None = None) -> dict[str, dict]:
     """Per set: {"metric": its main metric (of most records), "score": that metric's mean, "n",
-    "by_metric": {metric: mean}, "kinds": {kind: n}} for ``model`` (the base or base + adapter)."""
+    "by_metric": {metric: mean}, "kinds": {kind: n}} for ``model`` (the base or base + adapter).
+
+    ``labels``: per set, the answers that count as class labels (``pipelines.scoring.record_kind``); a set not
+    named there uses the answers that repeat within it."""
     from pipelines.evaluate import answer_items, score_answers
     from pipelines.scoring import METRIC_OF_KIND
 
@@ -77,7 +80,7 @@ def score_sets(model: Any, tokenizer: Any, sets: dict[str, list[dict]], *, optio
     out = {}
     for name, payloads in sets.items():
         items = answer_items(payloads, tokenizer, max_seq_len, score_kinds=options.get("score_kinds") or {},
-                             new_tokens=options["new_tokens"])
+                             new_tokens=options["new_tokens"], labels=(labels or {}).get(name))
         if not items:
             continue
         scores = score_answers(model, tokenizer, items, loss_kw={"batch_size": batch_size, "pad_id": pad},
@@ -171,21 +174,35 @@ def answer_goal_values(last: dict[str, dict]) -> dict[str, tuple[float | None, s
     return values
 
 
-def plot_answers(axes: list, months: list[dict], arms: list[str], colors: dict[str, str]) -> None:
-    """Two panels: accuracy and F1 on the groups seen so far (solid, dashed) and LawBench MCQ accuracy."""
+def plot_answers(axes: list, months: list[dict], arms: list[str], colors: dict[str, str], *, name: str = "LawBench",
+                 split: str = "test") -> None:
+    """Two panels: accuracy and F1 on the groups seen so far (solid, dashed), on ``split``; and the stream's
+    multiple-choice accuracy (LawBench's MCQ sets), or, for a stream without one, the domain loss on
+    validation (what the gate and any tuning see) beside the test loss."""
     x = [m["month"] for m in months]
 
-    def series(arm: str, key: str) -> list[float]:
-        return [m["arms"][arm].get(key) if m["arms"][arm].get(key) is not None else float("nan") for m in months]
+    def series(arm: str, key: str, block: str | None = None) -> list[float]:
+        cols = [(m["arms"][arm].get(block) or {}) if block else m["arms"][arm] for m in months]
+        return [c.get(key) if c.get(key) is not None else float("nan") for c in cols]
 
+    has_mcq = any(m["arms"][a].get("mcq_accuracy") for m in months for a in arms)
     for arm in arms:
         axes[0].plot(x, series(arm, "domain_accuracy"), marker="o", color=colors[arm], label=f"{arm} accuracy")
         axes[0].plot(x, series(arm, "domain_f1"), marker="s", linestyle="--", color=colors[arm], label=f"{arm} F1")
-        axes[1].plot(x, series(arm, "mcq_accuracy_mean"), marker="o", color=colors[arm], label=arm)
-    axes[0].set_title("answers on the holdout: accuracy (choice/label), F1 (extraction)", fontsize=10)
-    axes[1].set_title("LawBench multiple-choice accuracy (never trained on)", fontsize=10)
+        if has_mcq:
+            axes[1].plot(x, series(arm, "mcq_accuracy_mean"), marker="o", color=colors[arm], label=arm)
+        else:
+            axes[1].plot(x, series(arm, "domain_loss", "validation"), marker="o", color=colors[arm],
+                         label=f"{arm} validation")
+            axes[1].plot(x, series(arm, "domain_loss"), marker="s", linestyle="--", color=colors[arm],
+                         label=f"{arm} {split}")
+    axes[0].set_title(f"{name} answers on {split}: accuracy (choice/label), F1 (extraction)", fontsize=10)
+    axes[1].set_title(f"{name} multiple-choice accuracy (never trained on)" if has_mcq
+                      else f"{name} loss: validation (the gate's) and {split}", fontsize=10)
     for ax in axes:
         ax.set_xticks(x, [f"{m['month']}\n{m['group']}" for m in months], fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[0].set_ylim(-0.02, 1.02)
+    if has_mcq:
+        axes[1].set_ylim(-0.02, 1.02)

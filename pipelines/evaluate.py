@@ -190,16 +190,18 @@ def _last_answer_start(labels: list[int]) -> int | None:
 
 
 def answer_items(payloads: list[dict], tokenizer: Any, max_seq_len: int, *, score_kinds: dict[str, str],
-                 new_tokens: dict[str, int]) -> list[dict]:
+                 new_tokens: dict[str, int], labels: set[str] | None = None) -> list[dict]:
     """What scoring the answers of ``payloads`` needs: kind, category, prompt ids, gold answer, and for
     choice records one tokenized example per option (the last answer replaced by the option's letter).
 
     Records without an answer (text records, or a prompt longer than ``max_seq_len``) are left out.
+    ``labels``: the answers that count as repeated class labels (``record_kind``); default those that repeat
+    in ``payloads`` (a caller scoring a small sample passes the repeats of a larger set of the same task).
     """
     from pipelines.scoring import options_of, prompt_and_answer, record_kind, repeated_answers
 
     items = []
-    labels = repeated_answers(payloads)
+    labels = repeated_answers(payloads) if labels is None else labels
     for p in payloads:
         category = str(p.get("category") or "")
         kind = record_kind(p, score_kinds.get(category), labels)

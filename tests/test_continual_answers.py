@@ -59,3 +59,17 @@ def test_answer_goals_from_known_numbers():
     assert missing["domain_accuracy_gap_vs_retrain"][0] is None and "retrain" in missing["domain_accuracy_gap_vs_retrain"][1]
     older = ca.answer_goal_values({a: {} for a in last})   # a result written before answers were scored
     assert all(value is None for value, _ in older.values())
+
+
+def test_a_small_sample_takes_its_class_labels_from_a_larger_set(tiny_tokenizer):
+    """A 2-record test sample of a classification task repeats no label; given the task's labels (what the
+    benchmark passes: the repeats in its train records), its short answers are labels, scored by exact match."""
+    from pipelines.evaluate import answer_items
+
+    payloads = [{"messages": [{"role": "user", "content": f"what is the {w}"},
+                              {"role": "assistant", "content": w}]} for w in ("court", "judge")]
+    new_tokens = {"choice": 1, "label": 4, "extraction": 8, "free": 8}
+    alone = answer_items(payloads, tiny_tokenizer, 64, score_kinds={}, new_tokens=new_tokens)
+    told = answer_items(payloads, tiny_tokenizer, 64, score_kinds={}, new_tokens=new_tokens, labels={"court", "judge"})
+    assert [it["kind"] for it in alone] == ["free", "free"]
+    assert [it["kind"] for it in told] == ["label", "label"]

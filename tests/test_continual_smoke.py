@@ -74,11 +74,27 @@ def test_the_stream_runs_through_the_daemon_and_every_arm(tmp_path, tiny_llama_d
     for name in ("domain_accuracy_gain_vs_base", "domain_accuracy_gap_vs_retrain", "answer_forgetting_ratio_vs_naive"):
         assert name in result["goals"]
 
-    # Holdouts are never trained on: not by the daemon's snapshots, not by the baselines.
+    # Each task's holdout is split into validation (the daemon's holdout: its gate evaluates on it) and test
+    # (reported): no test record ever reached the daemon; the goals are on test, goals_validation beside them.
+    assert set(result["holdout_split"]) == {"classification/2-4问题主题识别", "statutes/1-1法条背诵"}
+    assert all(v["validation"] > 0 and v["test"] > 0 for v in result["holdout_split"].values())
+    assert set(result["goals_validation"]) == set(result["goals"])
     db = sqlite3.connect(work / "state" / "lorad.db")
+    ref = sqlite3.connect(work / "reference" / "lorad.db")
+    roles = {h: continual.holdout_role(h) for (h,) in ref.execute("SELECT content_hash FROM records "
+                                                                   "WHERE split = 'holdout'")}
+    daemon_holdout = {h for (h,) in db.execute("SELECT content_hash FROM records WHERE split = 'holdout'")}
+    assert daemon_holdout == {h for h, role in roles.items() if role == "validation"}
+    gate_seen = {h for (h,) in db.execute("SELECT r.content_hash FROM snapshot_records s JOIN records r "
+                                          "ON r.id = s.record_id WHERE s.role = 'holdout'")}
+    assert gate_seen and gate_seen <= daemon_holdout
+    test_hashes = {h for h, role in roles.items() if role == "test"}
+    assert test_hashes and not test_hashes & {h for (h,) in db.execute("SELECT content_hash FROM records")}
+
+    # Holdouts are never trained on: not by the daemon's snapshots, not by the baselines.
     leaked = db.execute("SELECT COUNT(*) FROM snapshot_records s JOIN records r ON r.id = s.record_id "
                         "WHERE r.split = 'holdout' AND s.role != 'holdout'").fetchone()[0]
-    holdout = {row[0] for row in db.execute("SELECT payload FROM records WHERE split = 'holdout'")}
+    holdout = {row[0] for row in ref.execute("SELECT payload FROM records WHERE split = 'holdout'")}   # both halves
     assert leaked == 0 and holdout
     for arm in ("naive", "retrain"):
         rows = [json.loads(x) for x in (work / arm / "month02" / "data.jsonl").read_text().splitlines()]
@@ -234,3 +250,74 @@ def test_ablation_weights_favour_the_newest_group_and_differences_are_run_minus_
     assert diff["domain_loss"] == -0.5 and diff["domain_loss_relative"] == -0.25 and diff["tokens_cumulative"] == -20
     assert diff["forgetting"] is None and diff["promotions"] == 1
     assert ablation.differences({**run, "months_done": 2}, control) is None, "an unfinished run is not compared"
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("bench_continual_ablation", ROOT / "bench" / "continual_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_sweeps_read_the_validation_split_never_test():
+    ablation = load_ablation()
+    test = {"domain_loss": 1.0, "regression_loss_mean": 2.0, "forgetting": 0.5, "holdout_loss": {"g": 1.0}}
+    val = {"domain_loss": 3.0, "regression_loss_mean": 4.0, "forgetting": 0.25, "holdout_loss": {"g": 3.0}}
+    arm = {**test, "tokens_cumulative": 10, "validation": val}
+    run = {"complete": True, "months": [{"arms": {"lorad": arm, "base": {**arm, "tokens_cumulative": 0}},
+                                         "lorad": {"decisions": [], "runs": []}}]}
+    s = ablation.summarize(run)
+    assert s["scored_on"] == "validation"
+    assert (s["domain_loss"], s["regression_loss_mean"], s["forgetting"]) == (3.0, 4.0, 0.25)
+    assert s["domain_loss_by_group"] == {"g": 3.0} and s["domain_loss_by_month"] == [3.0]
+    assert s["base"]["domain_loss"] == 3.0 and s["tokens_cumulative"] == 10
+
+
+def test_the_replay_sweep_picks_on_validation_goals():
+    ablation = load_ablation()
+    runs = ablation.replay_variants()
+    assert runs["baselines"]["arms"] == "base,naive,retrain"
+    assert runs["chars035"]["sets"] == ["data.replay_unit=chars", "data.replay_fraction=0.35"]
+    assert all(v["arms"] == "lorad" and v["text_records"] == 0 for n, v in runs.items() if n != "baselines")
+
+    def goals(met: int, gap: float | None) -> dict:
+        out = {f"g{i}": {"met": i < met, "value": 0.0} for i in range(6)}
+        out["domain_loss_gap_vs_retrain"] = {"met": False, "value": gap}
+        return out
+
+    done = {"summary": {"complete": True}}
+    picked = ablation.pick({"a": {**done, "sets": ["x"], "goals": goals(4, 0.01)},
+                            "b": {**done, "sets": ["y"], "goals": goals(5, 0.05)},
+                            "c": {**done, "sets": ["z"], "goals": goals(5, 0.02)},
+                            "d": {"summary": {"complete": False}, "sets": [], "goals": goals(6, 0.0)},
+                            "e": {**done, "sets": [], "goals": None}})
+    assert picked["run"] == "c" and picked["sets"] == ["z"] and picked["split"] == "validation"
+    assert set(picked["candidates"]) == {"a", "b", "c"}, "unfinished or ungoaled runs are not candidates"
+    assert ablation.pick({"e": {**done, "goals": None}}) is None
+
+
+def with_validation(result: dict, shift: float) -> dict:
+    """A copy of a result made before the split, each arm given a validation block (its losses + ``shift``)."""
+    import copy
+
+    out = copy.deepcopy(result)
+    for m in out["months"]:
+        for arm in m["arms"].values():
+            arm["validation"] = {**{k: v for k, v in arm.items() if k != "validation"},
+                                 "domain_loss": arm["domain_loss"] + shift}
+    return out
+
+
+def test_a_replay_run_gets_its_goals_on_validation_from_the_baselines_run():
+    continual, ablation = load_bench(), load_ablation()
+    whole = with_validation(json.loads((ROOT / "bench" / "results" / "continual_gpu.json").read_text("utf-8")), 0.5)
+    lorad, baselines = split(whole, ("lorad",), 5), split(whole, ("base", "naive", "retrain"), 5)
+    goals = ablation.merged_validation_goals(continual, lorad, baselines, "chars035")
+    assert goals == continual.goals(whole["months"], split="validation") != continual.goals(whole["months"])
+    assert goals["domain_loss_gap_vs_retrain"]["value"] == pytest.approx(
+        (whole["months"][-1]["arms"]["lorad"]["domain_loss"] + 0.5)
+        / (whole["months"][-1]["arms"]["retrain"]["domain_loss"] + 0.5) - 1)
+    assert ablation.merged_validation_goals(continual, lorad, None, "chars035") is None
+    other = split(whole, ("base", "naive", "retrain"), 5)
+    other["config"]["train"]["learning_rate"] = 1.0   # not the same benchmark
+    assert ablation.merged_validation_goals(continual, lorad, other, "chars035") is None
