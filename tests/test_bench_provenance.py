@@ -29,8 +29,6 @@ ALLOWED = {
     # a sentence where the commit belongs
     ("scaling.json", "$.four_gpu"): "'0fed315 (...) plus the per-step-time edit committed in the next commit'",
     # a commit without a recorded clean/dirty state (several completed by hand-written notes)
-    ("e2e_latency_cpu.json", "$"): "no dirty flag",
-    ("e2e_latency_cpu.json", "$.previous"): "no dirty flag",
     ("e2e_latency_gpu.json", "$"): "no dirty flag (hand-written note)",
     ("idle_cpu.json", "$.git"): "no dirty flag",
     ("ingest_speed.json", "$.git"): "only the ingest code's state recorded",
