@@ -305,27 +305,16 @@ class Stepper:
 
     def decode(self, tokens: list[int], positions: list[int], lora_index: list[int], *, batch: int | None = None,
                context: int | None = None) -> tuple:
-        """One decode step for rows in slots [0, len(tokens)): each row's token at its position.
+        """One decode step for rows in slots [0, len(tokens)) from host inputs: each row's token at its position
+        (the engine keeps its inputs on the device and calls ``launch_decode``; benchmarks time this).
 
         Args:
             batch / context: fixed shapes (batch invariance); by default the smallest buckets that fit.
         """
         import torch
 
-        n = len(tokens)
-        batch = batch or bucket(n, self.cache.batch_buckets)
-        context = context or self._decode_context(max(positions) + 1)
-        pad = [0] * (batch - n)  # padding rows decode in free slots at position 0; their output is dropped
-        host = torch.tensor([tokens + pad, positions + pad, lora_index + pad], dtype=torch.long)
-        with torch.no_grad():
-            self.ids[:batch, 0].copy_(host[0], non_blocking=True)
-            self.positions[:batch, 0].copy_(host[1], non_blocking=True)
-            self.lora_index[:batch].copy_(host[2], non_blocking=True)
-            if not self.use_graphs:
-                out = self._body(("decode", batch, 1, context))
-            else:
-                out = self._replay(("decode", batch, 1, context))
-        return tuple(t[:n] for t in out)
+        self.admit_rows(0, torch.tensor(tokens, dtype=torch.long, device=self.device), positions, lora_index)
+        return self.launch_decode(len(tokens), max(positions) + 1, batch=batch, context=context)
 
     def launch_decode(self, n: int, positions: int, *, batch: int | None = None, context: int | None = None) -> tuple:
         """One decode step for rows in slots [0, n) from the inputs already on the device (``advance``,
