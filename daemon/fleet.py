@@ -248,6 +248,7 @@ class Fleet:
             resp = self._http.post(r.url + path, json=body)
         except httpx.HTTPError as e:
             r.up = False
+            self._gauges(r)  # /metrics says what /status says, not only after the next poll
             raise ReplicaError(f"unreachable: {type(e).__name__}: {e}"[:MAX_ERROR_CHARS]) from None
         r.up, r.last_contact = True, self.clock()
         if resp.status_code != 200:
