@@ -79,7 +79,7 @@ def main() -> int:
     result = {"benchmark": "idle_cpu", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average_1m": [load0[0], load1[0]]},
-              "git": {"commit": git or None}, "window_seconds": round(t1 - t0, 1), "cpu_seconds": round(c1 - c0, 3),
+              "git": {"commit": git or None, "dirty": _common.dirty()}, "window_seconds": round(t1 - t0, 1), "cpu_seconds": round(c1 - c0, 3),
               "cpu_share_of_one_core": round(share, 5), "target": f"< {TARGET:.0%} of a core", "met": share < TARGET,
               "note": "daemon with the default model loaded, scheduler and inbox watcher running, no traffic"}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

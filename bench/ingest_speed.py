@@ -119,7 +119,7 @@ def load_before(spec: str, workdir: Path) -> tuple[object, type, dict]:
         except (OSError, subprocess.CalledProcessError) as e:
             sys.exit(f"--before {spec!r}: not a folder, and git cannot show {', '.join(BEFORE_FILES)} at that "
                      f"revision ({getattr(e, 'stderr', b'') or e}); pass a folder with copies of them instead")
-        where = {"git_revision": spec, "commit": commit}
+        where = {"git_revision": spec, "commit": commit, "dirty": False}  # read from git: as committed
     modules = {}
     for f, source in sources.items():
         name = Path(f).stem + "_before"
@@ -169,7 +169,7 @@ def peak_rss(path: Path, near: bool) -> dict:
 
 
 def git_commit() -> dict:
-    return {"commit": _common.commit(),
+    return {"commit": _common.commit(), "dirty": _common.dirty(),
             "ingest_code_uncommitted": _common.dirty(*BEFORE_FILES, "bench/ingest_speed.py")}
 
 

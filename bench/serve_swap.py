@@ -94,7 +94,7 @@ def machine_info(args: argparse.Namespace) -> dict:
 
 
 def git_commit() -> dict:
-    return {"commit": _common.commit(),
+    return {"commit": _common.commit(), "dirty": _common.dirty(),
             "serving_code_dirty": _common.dirty("daemon/engine", "daemon/server", "bench/serve_swap.py")}
 
 
