@@ -10,13 +10,17 @@ For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--posit
             with their total time per step and count; the step's kernel time and the graph replay's wall time;
   linears   every distinct Linear shape of the step as ``F.linear(x[rows, in], W[out, in])`` timed alone,
             as effective bandwidth (weight bytes / time) against a measured device copy; and the same product
-            with the LoRA A columns split off (what a joint weight+A matrix costs or saves).
+            with the LoRA A columns split off (what a joint weight+A matrix costs or saves); and a candidate
+            split-K Triton matmul (``splitk_linear``, best of a few tile shapes) against cuBLAS, with its error.
+
+``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import sys
 import time
@@ -106,17 +110,92 @@ def linear_shapes(model, rows: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def linears(model, rows: int, bandwidth: float) -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def _splitk_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (N tile, K split, M tile): a float32 partial sum of x[m, k-range] @ w[n, k-range]^T."""
+        pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            rk = k + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
+                         other=0.0)
+            wk = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < k_hi),
+                         other=0.0)
+            acc += tl.dot(xk, tl.trans(wk))
+        tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return kernel
+
+
+def splitk_linear(x, w, block_n: int = 64, block_k: int = 128, programs: int = 264, stages: int = 4):
+    """``x [M, K] @ w [N, K]^T`` for small M: N tiles times K splits so that about ``programs`` programs stream the
+    weight at once (cuBLAS leaves SMs idle where N / tile is below the SM count), partial sums in float32 reduced
+    in a fixed order (deterministic). A candidate for the decode step's skinny matmuls, measured here first."""
+    import torch
+    import triton
+
+    m, k = x.shape
+    n = w.shape[0]
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    tiles_n = triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(k, block_k), round(programs / tiles_n)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    _splitk_kernel()[(tiles_n, splits, triton.cdiv(m, block_m))](
+        x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    return (part.sum(0) if splits > 1 else part[0]).to(x.dtype)
+
+
+SPLITK_CONFIGS = [dict(block_n=bn, block_k=bk, programs=p) for bn in (32, 64, 128) for bk in (64, 128, 256)
+                  for p in (132, 264, 528)]
+
+
+def shape_linears(shape: dict, slots: int = 4, r_max: int = 16) -> list[tuple[int, int, int]]:
+    """The step's matmuls for a Llama ``shape`` as the engine builds them (merged groups, joint A columns)."""
+    h, i, c = shape["hidden_size"], shape["intermediate_size"], slots * r_max
+    d = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * d
+    return [(h + 2 * kv + 3 * c, h, 3 * c), (h + c, h, c), (2 * i + 2 * c, h, 2 * c), (h + c, i, c),
+            (shape["vocab_size"], h, 0)]
+
+
+def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
     res = []
-    for n, k, cols in linear_shapes(model, rows):
+    for n, k, cols in shapes:
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         joint_s = timed(lambda: F.linear(x, w))
         entry = {"out": n, "in": k, "lora_columns": cols, "joint_us": joint_s * 1e6,
                  "joint_fraction_of_copy_bw": n * k * 2 / joint_s / bandwidth}
+        ref = F.linear(x, w).float()
+        best = None
+        for cfg in SPLITK_CONFIGS:
+            try:
+                got = splitk_linear(x, w, **cfg)
+                err = float((got.float() - ref).abs().max() / ref.abs().max())
+                us = timed(lambda: splitk_linear(x, w, **cfg)) * 1e6
+            except Exception as e:  # noqa: BLE001 - a tile shape the card cannot run is skipped
+                entry.setdefault("splitk_errors", []).append(f"{cfg}: {type(e).__name__}: {e}"[:200])
+                continue
+            if best is None or us < best["us"]:
+                best = {"us": us, "config": cfg, "max_rel_error": err,
+                        "fraction_of_copy_bw": n * k * 2 / (us / 1e6) / bandwidth}
+        entry["splitk_best"] = best
         if cols:
             wb, wa = w[:n - cols].contiguous(), w[n - cols:].contiguous()
             split_s = timed(lambda: (F.linear(x, wb), F.linear(x, wa)))
@@ -134,11 +213,18 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--position", type=int, default=200)
     ap.add_argument("--out", default="profile_step.json")
+    ap.add_argument("--linears-only", action="store_true", help="only the matmul table (no engine)")
     args = ap.parse_args()
     import torch
 
     shape = ss.SHAPE_7B if args.shape == "7b" else ss.SHAPE_135M
     bandwidth = copy_bandwidth()
+    if args.linears_only:
+        out = {"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
+               "copy_bandwidth_gb_s": bandwidth / 1e9, "linears": linears(shape_linears(shape), args.rows, bandwidth)}
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print(json.dumps(out, indent=1))
+        return 0
     kw = dict(max_context=512, adapter_slots=4, lora_max_rank=16) if args.shape == "7b" else {}
     eng = ss.engine_(None, shape, **kw).start()
     eng.load_champion()
@@ -157,7 +243,7 @@ def main() -> int:
         return kernel_table(stepper, args.rows, stepper._decode_context(args.position + 1))
 
     out["eager_step"] = eng.call(profile_now)
-    out["linears"] = linears(eng.model, args.rows, bandwidth)
+    out["linears"] = linears(linear_shapes(eng.model, args.rows), args.rows, bandwidth)
     eng.stop(timeout=10)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k != "eager_step"}, indent=1))
