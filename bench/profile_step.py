@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _common  # noqa: E402
 from bench import serve_speed as ss  # noqa: E402
 
 
@@ -219,8 +220,9 @@ def main() -> int:
 
     shape = ss.SHAPE_7B if args.shape == "7b" else ss.SHAPE_135M
     bandwidth = copy_bandwidth()
+    git = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench")}
     if args.linears_only:
-        out = {"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
+        out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
                "copy_bandwidth_gb_s": bandwidth / 1e9, "linears": linears(shape_linears(shape), args.rows, bandwidth)}
         Path(args.out).write_text(json.dumps(out, indent=1))
         print(json.dumps(out, indent=1))
@@ -229,7 +231,7 @@ def main() -> int:
     eng = ss.engine_(None, shape, **kw).start()
     eng.load_champion()
     stepper = eng.stepper
-    out = {"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
+    out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
            "copy_bandwidth_gb_s": bandwidth / 1e9}
     weight_bytes = sum(p.numel() * p.element_size() for name, p in eng.model.named_parameters()
                        if "embed_tokens" not in name)
