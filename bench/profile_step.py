@@ -14,6 +14,9 @@ For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--posit
             split-K Triton matmul (``splitk_linear``, best of a few tile shapes) against cuBLAS, with its error.
 
 ``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
+``--attention-sweep`` times the Triton decode attention (daemon/engine/kernels.py) alone on the shape's KV cache
+for launch shapes around ``kernels.TUNING`` (coordinate search, two passes), as KV bytes read per second against
+the copy, and checks each against the defaults' output.
 """
 
 from __future__ import annotations
@@ -208,6 +211,60 @@ def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float) -> 
     return res
 
 
+ATTENTION_CHOICES = {"positions_per_split": (32, 64, 128, 256), "block": (0, 16, 32, 128), "num_warps": (1, 2, 4, 8),
+                     "num_stages": (1, 2, 3, 4), "early_v": (False, True)}
+
+
+def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, context: int = 512) -> dict:
+    """The decode attention alone at ``rows`` rows of ``position`` cached positions, per launch shape."""
+    import torch
+
+    from daemon.engine import kernels
+
+    kv_heads, q_heads = shape["num_key_value_heads"], shape["num_attention_heads"]
+    d = shape["hidden_size"] // q_heads
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    k_cache, v_cache = rnd(rows, kv_heads, context, d), rnd(rows, kv_heads, context, d)
+    query, key, value = rnd(rows, q_heads, 1, d), rnd(rows, kv_heads, 1, d), rnd(rows, kv_heads, 1, d)
+    positions = torch.full((rows, 1), position, dtype=torch.long, device="cuda")
+    kv_bytes = 2 * rows * kv_heads * position * d * 2
+
+    def run(tuning):
+        return kernels.decode_attention(query, key, value, k_cache, v_cache, positions, 0, d ** -0.5, tuning=tuning)
+
+    ref = run({}).float()
+    tried: dict = {}
+
+    def measure(tuning: dict) -> float:
+        key_ = json.dumps(tuning, sort_keys=True)
+        if key_ not in tried:
+            try:
+                err = float((run(tuning).float() - ref).abs().max())
+                us = timed(lambda: run(tuning), reps=100) * 1e6
+                tried[key_] = {"tuning": tuning, "us": us, "max_abs_error": err,
+                               "fraction_of_copy_bw": kv_bytes / (us / 1e6) / bandwidth}
+            except Exception as e:  # noqa: BLE001 - a launch shape the card cannot run is skipped
+                tried[key_] = {"tuning": tuning, "us": float("inf"), "error": f"{type(e).__name__}: {e}"[:200]}
+        return tried[key_]["us"]
+
+    best = dict(kernels.TUNING)
+    default_us = measure(best)
+    for _ in range(2):
+        for name, values in ATTENTION_CHOICES.items():
+            for v in values:
+                trial = {**best, name: v}
+                if measure(trial) < measure(best):
+                    best = trial
+    ranked = sorted(tried.values(), key=lambda r: r["us"])
+    return {"rows": rows, "position": position, "context": context, "kv_bytes": kv_bytes, "default_us": default_us,
+            "default_fraction_of_copy_bw": kv_bytes / (default_us / 1e6) / bandwidth, "best": ranked[0],
+            "tried": ranked}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=("135m", "7b"), default="7b")
@@ -215,12 +272,22 @@ def main() -> int:
     ap.add_argument("--position", type=int, default=200)
     ap.add_argument("--out", default="profile_step.json")
     ap.add_argument("--linears-only", action="store_true", help="only the matmul table (no engine)")
+    ap.add_argument("--attention-sweep", action="store_true", help="only the decode attention's launch shapes")
     args = ap.parse_args()
     import torch
 
     shape = ss.SHAPE_7B if args.shape == "7b" else ss.SHAPE_135M
     bandwidth = copy_bandwidth()
     git = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench")}
+    if args.attention_sweep:
+        out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape,
+               "copy_bandwidth_gb_s": bandwidth / 1e9,
+               "sweeps": [attention_sweep(shape, args.rows, p, bandwidth) for p in (args.position, 64, 448)]}
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        for sw in out["sweeps"]:
+            print(sw["position"], "default", round(sw["default_us"], 1), "us", round(sw["default_fraction_of_copy_bw"], 3),
+                  "best", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in sw["best"].items()})
+        return 0
     if args.linears_only:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
                "copy_bandwidth_gb_s": bandwidth / 1e9, "linears": linears(shape_linears(shape), args.rows, bandwidth)}

@@ -19,8 +19,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-MAX_SPLITS = 16  # programs sharing one (row, KV head)'s positions
-POSITIONS_PER_SPLIT = 64  # splits = context // this, at most MAX_SPLITS
+# The launch's shape: splits = context // positions_per_split (at most max_splits) programs share one (row, KV
+# head)'s positions; block = positions per loop iteration (0: from the head sizes); early_v = load the values
+# with the keys. Measured on the 7B shape (one H100, 200 positions, 32 rows) these defaults read the KV cache at
+# ~45 % of the copy bandwidth; bench/profile_step.py --attention-sweep times the alternatives.
+TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
+          "early_v": False}
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +48,7 @@ def _kernels():
             q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale,
             first_slot, chunk, sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_s, skc_h, skc_t, svc_s, svc_h, svc_t,
             GROUP: tl.constexpr, GROUP_P: tl.constexpr, DK: tl.constexpr, DK_P: tl.constexpr, DV: tl.constexpr,
-            DV_P: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+            DV_P: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, EARLY_V: tl.constexpr):
         """One (row, KV head, split): softmax state over the split's cached positions below the row's own."""
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -84,13 +88,17 @@ def _kernels():
             t_ok = t < hi
             k = tl.load(k_row + t[:, None] * skc_t + dk[None, :], mask=t_ok[:, None] & dk_ok[None, :],
                         other=0.0).to(tl.float32)                                          # [B, DK]
+            if EARLY_V:  # issue the value load before the scores need the keys (overlaps the two reads)
+                v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
+                            other=0.0).to(tl.float32)                                      # [B, DV]
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                      # [G, B]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_next = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_next[:, None])
             alpha = tl.exp(m - m_next)
-            v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
-                        other=0.0).to(tl.float32)                                          # [B, DV]
+            if not EARLY_V:
+                v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
+                            other=0.0).to(tl.float32)                                      # [B, DV]
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             norm = norm * alpha + tl.sum(p, axis=1)
             m = m_next
@@ -124,7 +132,7 @@ def _pow2(n: int) -> int:
 
 
 def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: Any, positions: Any,
-                     first_slot: int, scale: float) -> Any:
+                     first_slot: int, scale: float, *, tuning: dict | None = None) -> Any:
     """Append ``key``/``value`` at each row's position and attend.
 
     Args:
@@ -132,6 +140,7 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         k_cache / v_cache: the layer's ``[slots, kv_heads, context, dk / dv]`` cache; row ``i`` is slot
             ``first_slot + i``.
         positions: ``[rows, 1]`` (or ``[rows]``) int64 position of each row's new token.
+        tuning: overrides of ``TUNING`` (``bench/profile_step.py --attention-sweep`` times the choices).
     Returns:
         ``[rows, 1, q_heads, dv]`` in the query's dtype (the layout transformers' attention returns).
     """
@@ -144,10 +153,11 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         if t.stride(-1) != 1:
             raise ValueError("decode attention needs the head dimension contiguous")
     context = k_cache.shape[2]
+    tune = {**TUNING, **(tuning or {})}
     # Split the positions across programs (flash decoding): a long context is read by many programs at once,
     # and splits past a row's own length exit at once. One program per (row, head) would read serially.
-    splits = max(1, min(MAX_SPLITS, context // POSITIONS_PER_SPLIT))
-    block = max(16, min(128, _pow2(8192 // (_pow2(group) * _pow2(max(dk, dv))))))
+    splits = max(1, min(tune["max_splits"], context // tune["positions_per_split"]))
+    block = tune["block"] or max(16, min(128, _pow2(8192 // (_pow2(group) * _pow2(max(dk, dv))))))
     chunk = -(-context // splits)
     chunk = -(-chunk // block) * block
     m = torch.empty(rows, q_heads, splits, dtype=torch.float32, device=query.device)
@@ -161,7 +171,7 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
         GROUP=group, GROUP_P=_pow2(group), DK=dk, DK_P=_pow2(dk), DV=dv, DV_P=_pow2(dv), BLOCK=block,
-        SPLITS=splits, num_warps=4)
+        SPLITS=splits, EARLY_V=tune["early_v"], num_warps=tune["num_warps"], num_stages=tune["num_stages"])
     combine_kernel[(rows, q_heads)](m, norm, acc, out, out.stride(0), out.stride(2), DV=dv, DV_P=_pow2(dv),
                                     SPLITS=splits, SPLITS_P=_pow2(splits), num_warps=1)
     return out
