@@ -26,7 +26,6 @@ import collections
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import _common  # noqa: E402
 from bench import serve_speed as ss  # noqa: E402
-
-
-def copy_bandwidth() -> float:
-    import torch
-
-    a = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
 
 
 def timed(fn, reps: int = 50) -> float:
@@ -277,7 +261,7 @@ def main() -> int:
     import torch
 
     shape = ss.SHAPE_7B if args.shape == "7b" else ss.SHAPE_135M
-    bandwidth = copy_bandwidth()
+    bandwidth = ss.copy_bandwidth()
     git = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench")}
     if args.attention_sweep:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape,

@@ -406,11 +406,11 @@ def part_step(args, out: dict) -> None:
     eng.stop(timeout=10)
 
 
-def part_7b(args, out: dict) -> None:
+def copy_bandwidth() -> float:
+    """HBM bandwidth as read + write bytes per second of 1 GiB device copies (after warm-up)."""
     import torch
 
-    n = 256 * 2**20  # 1 GiB copies: HBM bandwidth as read + write bytes per second
-    a = torch.empty(n, dtype=torch.float32, device="cuda")
+    a = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
@@ -419,8 +419,11 @@ def part_7b(args, out: dict) -> None:
     for _ in range(20):
         b.copy_(a)
     torch.cuda.synchronize()
-    bandwidth = 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
-    del a, b
+    return 2 * a.numel() * 4 * 20 / (time.perf_counter() - t0)
+
+
+def part_7b(args, out: dict) -> None:
+    bandwidth = copy_bandwidth()
     eng = engine_(None, SHAPE_7B, max_context=512, adapter_slots=4, lora_max_rank=16).start()
     eng.load_champion()
     weight_bytes = sum(p.numel() * p.element_size() for name, p in eng.model.named_parameters()
