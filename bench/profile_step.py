@@ -195,8 +195,9 @@ def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float) -> 
     return res
 
 
-ATTENTION_CHOICES = {"positions_per_split": (32, 64, 128, 256), "block": (0, 16, 32, 128), "num_warps": (1, 2, 4, 8),
-                     "num_stages": (1, 2, 3, 4), "early_v": (False, True)}
+ATTENTION_CHOICES = {"max_splits": (8, 16, 32), "positions_per_split": (16, 32, 64, 128, 256),
+                     "block": (0, 16, 32, 128), "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4),
+                     "early_v": (False, True)}
 
 
 def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, context: int = 512) -> dict:
