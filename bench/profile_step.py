@@ -197,7 +197,7 @@ def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float) -> 
 
 ATTENTION_CHOICES = {"max_splits": (8, 16, 32), "positions_per_split": (16, 32, 64, 128, 256),
                      "block": (0, 16, 32, 128), "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4),
-                     "early_v": (False, True)}
+                     "early_v": (False, True), "dot": (False, True)}
 
 
 def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, context: int = 512) -> dict:

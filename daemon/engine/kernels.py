@@ -21,10 +21,11 @@ from typing import Any
 
 # The launch's shape: splits = context // positions_per_split (at most max_splits) programs share one (row, KV
 # head)'s positions; block = positions per loop iteration (0: from the head sizes); early_v = load the values
-# with the keys. Measured on the 7B shape (one H100, 200 positions, 32 rows) these defaults read the KV cache at
+# with the keys; dot = scores and values on tensor cores (tl.dot, the query group padded to 16 rows, the
+# probabilities rounded to the cache's dtype before the value product, as flash attention does). Measured on the 7B shape (one H100, 200 positions, 32 rows) these defaults read the KV cache at
 # ~45 % of the copy bandwidth; bench/profile_step.py --attention-sweep times the alternatives.
 TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
-          "early_v": False}
+          "early_v": False, "dot": False}
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +49,7 @@ def _kernels():
             q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale,
             first_slot, chunk, sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_s, skc_h, skc_t, svc_s, svc_h, svc_t,
             GROUP: tl.constexpr, GROUP_P: tl.constexpr, DK: tl.constexpr, DK_P: tl.constexpr, DV: tl.constexpr,
-            DV_P: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, EARLY_V: tl.constexpr):
+            DV_P: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, EARLY_V: tl.constexpr, DOT: tl.constexpr):
         """One (row, KV head, split): softmax state over the split's cached positions below the row's own."""
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -60,8 +61,9 @@ def _kernels():
         dv = tl.arange(0, DV_P)
         g_ok, dk_ok, dv_ok = g < GROUP, dk < DK, dv < DV
         q_heads = head * GROUP + g
-        q = tl.load(q_ptr + row * sq_b + q_heads[:, None] * sq_h + dk[None, :],
-                    mask=g_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)       # [G, DK]
+        q_in = tl.load(q_ptr + row * sq_b + q_heads[:, None] * sq_h + dk[None, :],
+                       mask=g_ok[:, None] & dk_ok[None, :], other=0.0)                    # [G, DK]
+        q = q_in.to(tl.float32)
         k_row = k_cache_ptr + slot * skc_s + head * skc_h
         v_row = v_cache_ptr + slot * svc_s + head * svc_h
         if split == 0:
@@ -87,19 +89,26 @@ def _kernels():
             t = start + tl.arange(0, BLOCK)
             t_ok = t < hi
             k = tl.load(k_row + t[:, None] * skc_t + dk[None, :], mask=t_ok[:, None] & dk_ok[None, :],
-                        other=0.0).to(tl.float32)                                          # [B, DK]
+                        other=0.0)                                                         # [B, DK]
             if EARLY_V:  # issue the value load before the scores need the keys (overlaps the two reads)
                 v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
-                            other=0.0).to(tl.float32)                                      # [B, DV]
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                      # [G, B]
+                            other=0.0)                                                     # [B, DV]
+            if DOT:  # tensor cores (the group padded to 16 rows), float32 accumulation
+                s = tl.dot(q_in, tl.trans(k)) * scale                                      # [G, B]
+            else:    # CUDA cores, float32 throughout
+                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_next = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_next[:, None])
             alpha = tl.exp(m - m_next)
             if not EARLY_V:
                 v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
-                            other=0.0).to(tl.float32)                                      # [B, DV]
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                            other=0.0)                                                     # [B, DV]
+            if DOT:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
             norm = norm * alpha + tl.sum(p, axis=1)
             m = m_next
         state = (row * (GROUP * tl.num_programs(1)) + q_heads) * SPLITS + split             # [G]
@@ -157,6 +166,7 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
     # Split the positions across programs (flash decoding): a long context is read by many programs at once,
     # and splits past a row's own length exit at once. One program per (row, head) would read serially.
     splits = max(1, min(tune["max_splits"], context // tune["positions_per_split"]))
+    dot = bool(tune["dot"])
     block = tune["block"] or max(16, min(128, _pow2(8192 // (_pow2(group) * _pow2(max(dk, dv))))))
     chunk = -(-context // splits)
     chunk = -(-chunk // block) * block
@@ -170,8 +180,9 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
-        GROUP=group, GROUP_P=_pow2(group), DK=dk, DK_P=_pow2(dk), DV=dv, DV_P=_pow2(dv), BLOCK=block,
-        SPLITS=splits, EARLY_V=tune["early_v"], num_warps=tune["num_warps"], num_stages=tune["num_stages"])
+        GROUP=group, GROUP_P=max(16, _pow2(group)) if dot else _pow2(group), DK=dk, DK_P=_pow2(dk), DV=dv,
+        DV_P=_pow2(dv), BLOCK=block, SPLITS=splits, EARLY_V=tune["early_v"], DOT=dot, num_warps=tune["num_warps"],
+        num_stages=tune["num_stages"])
     combine_kernel[(rows, q_heads)](m, norm, acc, out, out.stride(0), out.stride(2), DV=dv, DV_P=_pow2(dv),
                                     SPLITS=splits, SPLITS_P=_pow2(splits), num_warps=1)
     return out
