@@ -15,8 +15,8 @@ For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--posit
 
 ``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
 ``--attention-sweep`` times the Triton decode attention (daemon/engine/kernels.py) alone on the shape's KV cache
-for launch shapes around ``kernels.TUNING`` (coordinate search, two passes), as KV bytes read per second against
-the copy, and checks each against the defaults' output.
+for launch shapes around ``kernels.tuning_for`` the shape's heads (coordinate search, two passes), replayed from a CUDA graph as in a
+step, as KV bytes read per second against the copy, and checks each against the defaults' output.
 """
 
 from __future__ import annotations
@@ -48,6 +48,33 @@ def timed(fn, reps: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps / 1000
+
+
+def graph_timed(fn, calls: int = 20, replays: int = 20) -> float:
+    """Seconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls: the device's time without the
+    host's launch cost (a step runs its kernels from a graph too; timed from Python, a small kernel measures
+    only the host's ~60 us of launch overhead)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (replays * calls) / 1000
 
 
 def kernel_table(stepper, batch: int, context: int) -> dict:
@@ -200,8 +227,9 @@ ATTENTION_CHOICES = {"max_splits": (8, 16, 32), "positions_per_split": (16, 32, 
                      "early_v": (False, True), "dot": (False, True)}
 
 
-def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, context: int = 512) -> dict:
-    """The decode attention alone at ``rows`` rows of ``position`` cached positions, per launch shape."""
+def attention_sweep(shape: dict, rows: int, positions: list[int], bandwidth: float, context: int = 512) -> dict:
+    """The decode attention alone at ``rows`` rows, per launch shape: the time summed over ``positions`` (cached
+    positions per row; one setting must serve every length), each against the KV bytes it reads."""
     import torch
 
     from daemon.engine import kernels
@@ -215,28 +243,30 @@ def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, con
 
     k_cache, v_cache = rnd(rows, kv_heads, context, d), rnd(rows, kv_heads, context, d)
     query, key, value = rnd(rows, q_heads, 1, d), rnd(rows, kv_heads, 1, d), rnd(rows, kv_heads, 1, d)
-    positions = torch.full((rows, 1), position, dtype=torch.long, device="cuda")
-    kv_bytes = 2 * rows * kv_heads * position * d * 2
+    at = {p: torch.full((rows, 1), p, dtype=torch.long, device="cuda") for p in positions}
 
-    def run(tuning):
-        return kernels.decode_attention(query, key, value, k_cache, v_cache, positions, 0, d ** -0.5, tuning=tuning)
+    def run(tuning, p):
+        return kernels.decode_attention(query, key, value, k_cache, v_cache, at[p], 0, d ** -0.5, tuning=tuning)
 
-    ref = run({}).float()
+    ref = {p: run({}, p).float() for p in positions}
     tried: dict = {}
 
     def measure(tuning: dict) -> float:
         key_ = json.dumps(tuning, sort_keys=True)
         if key_ not in tried:
             try:
-                err = float((run(tuning).float() - ref).abs().max())
-                us = timed(lambda: run(tuning), reps=100) * 1e6
-                tried[key_] = {"tuning": tuning, "us": us, "max_abs_error": err,
-                               "fraction_of_copy_bw": kv_bytes / (us / 1e6) / bandwidth}
+                per = {}
+                for p in positions:
+                    err = float((run(tuning, p).float() - ref[p]).abs().max())
+                    us = graph_timed(functools.partial(run, tuning, p)) * 1e6
+                    kv_bytes = 2 * rows * kv_heads * p * d * 2
+                    per[p] = {"us": us, "max_abs_error": err, "fraction_of_copy_bw": kv_bytes / (us / 1e6) / bandwidth}
+                tried[key_] = {"tuning": tuning, "us": sum(v["us"] for v in per.values()), "positions": per}
             except Exception as e:  # noqa: BLE001 - a launch shape the card cannot run is skipped
                 tried[key_] = {"tuning": tuning, "us": float("inf"), "error": f"{type(e).__name__}: {e}"[:200]}
         return tried[key_]["us"]
 
-    best = dict(kernels.TUNING)
+    best = kernels.tuning_for(q_heads // kv_heads, d)
     default_us = measure(best)
     for _ in range(2):
         for name, values in ATTENTION_CHOICES.items():
@@ -245,9 +275,8 @@ def attention_sweep(shape: dict, rows: int, position: int, bandwidth: float, con
                 if measure(trial) < measure(best):
                     best = trial
     ranked = sorted(tried.values(), key=lambda r: r["us"])
-    return {"rows": rows, "position": position, "context": context, "kv_bytes": kv_bytes, "default_us": default_us,
-            "default_fraction_of_copy_bw": kv_bytes / (default_us / 1e6) / bandwidth, "best": ranked[0],
-            "tried": ranked}
+    return {"rows": rows, "positions": positions, "context": context, "default_us": default_us,
+            "default": tried[json.dumps(kernels.tuning_for(q_heads // kv_heads, d), sort_keys=True)], "best": ranked[0], "tried": ranked}
 
 
 def main() -> int:
@@ -267,11 +296,12 @@ def main() -> int:
     if args.attention_sweep:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape,
                "copy_bandwidth_gb_s": bandwidth / 1e9,
-               "sweeps": [attention_sweep(shape, args.rows, p, bandwidth) for p in (args.position, 64, 448)]}
+               "sweep": attention_sweep(shape, args.rows, [64, args.position, 448], bandwidth)}
         Path(args.out).write_text(json.dumps(out, indent=1))
-        for sw in out["sweeps"]:
-            print(sw["position"], "default", round(sw["default_us"], 1), "us", round(sw["default_fraction_of_copy_bw"], 3),
-                  "best", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in sw["best"].items()})
+        sw = out["sweep"]
+        for name in ("default", "best"):
+            print(name, sw[name]["tuning"], round(sw[name]["us"], 1), "us",
+                  {p: round(v["fraction_of_copy_bw"], 3) for p, v in sw[name]["positions"].items()})
         return 0
     if args.linears_only:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,

@@ -26,6 +26,13 @@ from typing import Any
 # ~45 % of the copy bandwidth; bench/profile_step.py --attention-sweep times the alternatives.
 TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
           "early_v": False, "dot": False}
+# Overrides of TUNING per head geometry (query heads per KV head, head size), from that sweep on one H100.
+TUNED: dict[tuple[int, int], dict] = {}
+
+
+def tuning_for(group: int, head_dim: int) -> dict:
+    """The launch shape for ``group`` query heads per KV head of ``head_dim``: TUNING with its geometry's overrides."""
+    return {**TUNING, **TUNED.get((group, head_dim), {})}
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,7 +156,7 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         k_cache / v_cache: the layer's ``[slots, kv_heads, context, dk / dv]`` cache; row ``i`` is slot
             ``first_slot + i``.
         positions: ``[rows, 1]`` (or ``[rows]``) int64 position of each row's new token.
-        tuning: overrides of ``TUNING`` (``bench/profile_step.py --attention-sweep`` times the choices).
+        tuning: overrides of ``tuning_for(group, dk)`` (``bench/profile_step.py --attention-sweep`` times them).
     Returns:
         ``[rows, 1, q_heads, dv]`` in the query's dtype (the layout transformers' attention returns).
     """
@@ -162,7 +169,7 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
         if t.stride(-1) != 1:
             raise ValueError("decode attention needs the head dimension contiguous")
     context = k_cache.shape[2]
-    tune = {**TUNING, **(tuning or {})}
+    tune = {**tuning_for(group, dk), **(tuning or {})}
     # Split the positions across programs (flash decoding): a long context is read by many programs at once,
     # and splits past a row's own length exit at once. One program per (row, head) would read serially.
     splits = max(1, min(tune["max_splits"], context // tune["positions_per_split"]))
