@@ -10,8 +10,15 @@ from gpu_common import GPU
 pytestmark = GPU
 
 
+# The launch shapes to check: each geometry's tuned one (kernels.tuning_for), and both loop bodies (CUDA cores,
+# tensor cores) at other splits, blocks and warps.
+TUNINGS = [None, {"dot": True, "early_v": True, "positions_per_split": 128, "block": 32, "num_warps": 2},
+           {"dot": False, "early_v": True, "positions_per_split": 32, "block": 16, "num_warps": 2, "num_stages": 2}]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=["tuned", "dot", "cuda-cores"])
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(9, 3, 64), (8, 8, 128), (4, 1, 96)])
-def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_heads, dim):
+def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_heads, dim, tuning):
     import torch
 
     from daemon.engine import kernels
@@ -28,7 +35,7 @@ def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_
     value = torch.randn(rows, 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     positions = torch.tensor([[0], [1], [17], [128], [299]], device="cuda")
     scale = dim ** -0.5
-    out = kernels.decode_attention(query, key, value, k_cache, v_cache, positions, first, scale)
+    out = kernels.decode_attention(query, key, value, k_cache, v_cache, positions, first, scale, tuning=tuning)
     assert out.shape == (rows, 1, q_heads, dim)
     group = q_heads // kv_heads
     for r in range(rows):
