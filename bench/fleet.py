@@ -100,7 +100,8 @@ def free_port() -> int:
 
 
 class Proc:
-    """One lorad process (``serve`` or ``run``) on its own port and state folder; restartable."""
+    """One lorad process (``serve`` or ``run``) on its own port and state folder; restartable (tests/test_fleet.py
+    runs its fleet with it too)."""
 
     def __init__(self, name: str, command: str, state: Path, env: dict):
         self.name, self.command, self.state, self.env = name, command, state, env
@@ -110,6 +111,7 @@ class Proc:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
+        self.state.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "daemon.cli", self.command, "--state", str(self.state), "--port", str(self.port)]
         if self.command == "run":
             argv += ["--inbox", str(self.state.parent / "inbox")]
@@ -128,6 +130,7 @@ class Proc:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
 
 
 def http_json(method: str, url: str, body: dict | None = None, timeout: float = 120.0) -> tuple[int, dict | str]:

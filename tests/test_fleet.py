@@ -21,9 +21,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_engine import make_world
-from test_service import free_port
+
+from bench import fleet as fleet_bench
 
 pytestmark = pytest.mark.integration
 
@@ -59,36 +59,14 @@ def wait_until(predicate, timeout: float, what: str, logs: list[Path] = ()):
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
-class Proc:
-    """One `lorad serve` process on its own port and state folder (restartable)."""
+class Proc(fleet_bench.Proc):
+    """bench/fleet.py's lorad process (its own port and state folder, restartable), with the checks the tests use."""
 
     def __init__(self, name: str, state: Path, env: dict, command: str = "serve"):
-        self.name, self.state, self.env, self.command = name, state, env, command
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = state.parent / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        self.state.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "daemon.cli", self.command, "--state", str(self.state), "--port", str(self.port)]
-        if self.command == "run":
-            argv += ["--inbox", str(self.state.parent / "inbox")]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "ab"))
-        return self
+        super().__init__(name, command, state, env)
 
     def ready(self) -> bool:
         return call(self.url + "/readyz", token=None, timeout=5)[0] == 200
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
     def champion(self) -> dict:
         status, text = call(self.url + "/admin/champion")

@@ -22,8 +22,9 @@ from typing import Any
 # The launch's shape: splits = context // positions_per_split (at most max_splits) programs share one (row, KV
 # head)'s positions; block = positions per loop iteration (0: from the head sizes); early_v = load the values
 # with the keys; dot = scores and values on tensor cores (tl.dot, the query group padded to 16 rows, the
-# probabilities rounded to the cache's dtype before the value product, as flash attention does). Measured on the 7B shape (one H100, 200 positions, 32 rows) these defaults read the KV cache at
-# ~45 % of the copy bandwidth; bench/profile_step.py --attention-sweep times the alternatives.
+# probabilities rounded to the cache's dtype before the value product, as flash attention does).
+# bench/profile_step.py --attention-sweep times the alternatives (CUDA-graph replays, 32 rows at 64, 200 and 448
+# cached positions); its results are bench/results/attention_sweep_*.json.
 TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
           "early_v": False, "dot": False}
 # Overrides of TUNING per head geometry (query heads per KV head, head size), from that sweep on one H100.
