@@ -15,8 +15,8 @@ For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--posit
 
 ``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
 ``--attention-sweep`` times the Triton decode attention (daemon/engine/kernels.py) alone on the shape's KV cache
-for launch shapes around ``kernels.tuning_for`` the shape's heads (coordinate search, two passes), replayed from a CUDA graph as in a
-step, as KV bytes read per second against the copy, and checks each against the defaults' output.
+for launch shapes around ``kernels.tuning_for`` the shape's heads (coordinate search, two passes), replayed from
+a CUDA graph as in a step, as KV bytes read per second against the copy, and checks each against the defaults' output.
 """
 
 from __future__ import annotations
@@ -275,8 +275,9 @@ def attention_sweep(shape: dict, rows: int, positions: list[int], bandwidth: flo
                 if measure(trial) < measure(best):
                     best = trial
     ranked = sorted(tried.values(), key=lambda r: r["us"])
-    return {"rows": rows, "positions": positions, "context": context, "default_us": default_us,
-            "default": tried[json.dumps(kernels.tuning_for(q_heads // kv_heads, d), sort_keys=True)], "best": ranked[0], "tried": ranked}
+    default = tried[json.dumps(kernels.tuning_for(q_heads // kv_heads, d), sort_keys=True)]
+    return {"rows": rows, "positions": positions, "context": context, "default_us": default_us, "default": default,
+            "best": ranked[0], "tried": ranked}
 
 
 def main() -> int:
