@@ -22,7 +22,6 @@ ALLOWED = {
     ("drift.json", "$.git"): "dirty: true",
     ("drift.json", "$.timing_reruns[0].git"): "working tree with uncommitted work sent to the device tool",
     ("export.json", "$.git"): "dirty: true",
-    ("serve_swap.json", "$.git"): "serving_code_dirty: true",
     ("serve_swap_gpu.json", "$.git"): "serving_code_dirty: true (beside a hand-written clean-export note)",
     ("serve_swap_gpu_fp32.json", "$.git"): "serving_code_dirty: true (beside a hand-written clean-export note)",
     ("serve_swap_device.json", "$.git"): "hand-transcribed from a device run of a tree with uncommitted work",
@@ -30,9 +29,6 @@ ALLOWED = {
     ("scaling.json", "$.four_gpu"): "'0fed315 (...) plus the per-step-time edit committed in the next commit'",
     # a commit without a recorded clean/dirty state (several completed by hand-written notes)
     ("e2e_latency_gpu.json", "$"): "no dirty flag (hand-written note)",
-    ("idle_cpu.json", "$.git"): "no dirty flag",
-    ("ingest_speed.json", "$.git"): "only the ingest code's state recorded",
-    ("ingest_speed.json", "$.before_change.code"): "no dirty flag",
     ("ingest_speed_device.json", "$.git"): "clean export stated in a hand-written note",
     ("ingest_speed_device.json", "$.previous_run.git"): "no dirty flag (hand-written note)",
     ("reliability.json", "$.git"): "only daemon/ and pipelines/ checked (dirty_files: [])",
