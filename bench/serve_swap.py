@@ -483,8 +483,8 @@ def main() -> int:
         result["swaps"] = phase_swaps(server, engine, versions, swap_prompts, refs, args) | {"load_avg": load()}
         s = result["swaps"]
         # Diagnosis of mismatches: decode every reference again, alone, after the swaps. A solo answer that
-        # changed by itself means the kernels are not reproducible call to call (bf16 on CUDA, measured:
-        # serve_swap_gpu.json), so a batched answer that differs is no evidence of a mixed-up version.
+        # changed by itself means the kernels are not reproducible call to call (bf16 on CUDA was
+        # measured so with the earlier engine), so a batched answer that differs is no evidence of a mixed-up version.
         mism = s.pop("_mismatched")
         refs_after = decode_references()
         changed = sorted(f"{m}/{p}" for (m, p) in refs if refs[(m, p)] != refs_after[(m, p)])
