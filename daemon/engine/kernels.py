@@ -28,7 +28,10 @@ from typing import Any
 TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
           "early_v": False, "dot": False}
 # Overrides of TUNING per head geometry (query heads per KV head, head size), from that sweep on one H100.
-TUNED: dict[tuple[int, int], dict] = {}
+TUNED: dict[tuple[int, int], dict] = {
+    (1, 128): {"positions_per_split": 128, "block": 32, "num_warps": 1, "num_stages": 1},
+    (3, 64): {"positions_per_split": 16, "block": 32, "num_warps": 1, "num_stages": 1, "dot": True},
+}
 
 
 def tuning_for(group: int, head_dim: int) -> dict:
