@@ -802,6 +802,9 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true", help="keep the other parts already in --out")
     ap.add_argument("--decode-kernel", choices=("on", "off"), default="on",
                     help="the engine's Triton decode attention (serve.decode_kernel); off = the PyTorch path")
+    ap.add_argument("--attention-tuning", default=None, metavar="JSON",
+                    help="overrides of the decode kernel's launch shape for every head geometry "
+                         "(daemon/engine/kernels.py TUNING keys), e.g. '{\"dot\": true}'")
     ap.add_argument("--group-projections", choices=("on", "off"), default="on",
                     help="merge q/k/v and gate/up into one matmul each (daemon/engine/lora.py GROUPS)")
     args = ap.parse_args()
@@ -809,6 +812,13 @@ def main() -> int:
         cpu_first_request(args)
         return 0
     ENGINE_OPTIONS["decode_kernel"] = args.decode_kernel == "on"
+    if args.attention_tuning:
+        from daemon.engine import kernels
+
+        override = json.loads(args.attention_tuning)
+        kernels.TUNING.update(override)
+        for geometry in kernels.TUNED.values():
+            geometry.update(override)
     if args.group_projections == "off":
         from daemon.engine import lora
 
@@ -821,7 +831,8 @@ def main() -> int:
     here = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench/serve_speed.py"),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
-            "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections}}
+            "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
+                               "attention_tuning": args.attention_tuning}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top
