@@ -28,12 +28,11 @@ from typing import Any
 TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 4, "num_stages": 3,
           "early_v": False, "dot": False}
 # Overrides of TUNING per head geometry (query heads per KV head, head size): the sweep's winners on an H200
-# (bench/results/attention_sweep_*.json). For the 135M heads the sweep's best was dot=True (16 us against 33 us
-# here), but the engine part of bench/serve_speed.py hit a CUDA launch failure with it: until that is understood
-# the tensor-core body stays off by default.
+# (bench/results/attention_sweep_*_h200.json), kept only where the engine ran them (bench/serve_speed.py). The
+# 135M heads (3, 64) stay on TUNING: their sweep winners (CUDA cores 33 us, tensor cores 16 us against 48) are
+# not yet run in the engine, whose run with the tensor-core one ended in a CUDA launch failure.
 TUNED: dict[tuple[int, int], dict] = {
     (1, 128): {"positions_per_split": 128, "block": 32, "num_warps": 1, "num_stages": 1},
-    (3, 64): {"positions_per_split": 16, "block": 32, "num_warps": 1, "num_stages": 1, "early_v": True},
 }
 
 
