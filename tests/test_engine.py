@@ -775,3 +775,37 @@ def test_cpu_kv_cache_takes_memory_only_as_its_positions_are_written():
     assert float(cache.keys[3][0].sum()) == 4 * 10 * 64 and float(cache.keys[3][1].abs().sum()) == 0.0
     assert cache.values[7].dtype == torch.float32 and cache.values[7].shape == (16, 4, 4096, 64)
     del cache
+
+
+def test_a_fault_that_stops_the_decode_thread_ends_every_request_instead_of_hanging(world):
+    """A fault outside any one request's step (on a GPU: a CUDA launch failure, which leaves the context unusable)
+    ends the decode thread: running and waiting requests finish with the reason, new ones and commands are refused,
+    readiness turns false. Nothing waits forever on a thread that is gone."""
+    from daemon.engine import EngineClosed, SamplingParams
+
+    engine = make_engine(world, max_batch_size=2, max_queue=8)
+    try:
+        engine.load_champion(warm_up=False)
+        params = SamplingParams(max_tokens=40, temperature=0)
+        first = engine.submit(prompt_ids(world, PROMPTS[0]), params=params)
+        deadline = time.monotonic() + 30
+        while not first.tokens and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.tokens and engine.ready
+        with Blocker(engine):   # the thread waits between steps while the fault is armed and more requests queue
+            handles = [first] + [engine.submit(prompt_ids(world, p), params=params) for p in PROMPTS[1:4]]
+
+            def fault():
+                raise RuntimeError("CUDA error: unspecified launch failure")
+
+            engine._collect = fault   # runs after every step, outside any one request's handling
+        for h in handles:
+            assert h.wait(10), "a request still waits on a decode thread that is gone"
+            assert h.finish_reason == "error" and "unspecified launch failure" in h.error
+        assert not engine.ready and "unspecified launch failure" in engine.failure
+        with pytest.raises(EngineClosed, match="unspecified launch failure"):
+            engine.submit(prompt_ids(world, PROMPTS[0]), params=params)
+        with pytest.raises(EngineClosed):
+            engine.call(lambda: 1, timeout=5)
+    finally:
+        engine.stop(timeout=5)

@@ -150,7 +150,8 @@ class Engine(VersionsMixin):
         self._readback = 0  # next pinned read-back buffer (GPU)
         self._last_step_read = 0.0  # perf_counter when the last decode step was read back
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._closing = False  # stop(): refuse new requests
+        self._closing = False  # stop() or a failed decode thread: refuse new requests
+        self.failure: str | None = None  # why the decode thread stopped on its own, if it did
         self._stop_thread = False  # stop(): the decode thread ends after the drain
         self._warm = False
         self._ready = threading.Event()
@@ -369,7 +370,7 @@ class Engine(VersionsMixin):
                  loop: Any) -> GenerationHandle:
         """Queue a request pinned to a loaded ``version``; caller holds the lock."""
         if self._closing:
-            raise EngineClosed("the server is shutting down; retry on another instance")
+            raise EngineClosed(self.failure or "the server is shutting down; retry on another instance")
         if len(self._waiting) >= self.max_queue:
             raise QueueFull(f"{len(self._waiting)} requests are already waiting (serve.max_queue); retry later")
         lora_index = 0
@@ -431,6 +432,39 @@ class Engine(VersionsMixin):
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - a fault outside one request's step (a CUDA error): fail, not hang
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        """The decode thread cannot go on: end every request and command with the reason, refuse new ones.
+
+        Per-request failures are handled where they happen (prefill, decode step, non-finite logits); what reaches
+        here broke the loop itself, typically a device fault that leaves the CUDA context unusable. Requests must
+        not wait forever on a thread that is gone, and readiness turns false so a supervisor restarts the process.
+        """
+        reason = f"the engine stopped: {type(error).__name__}: {error}"[:500]
+        log.error("engine failed", exc_info=error, extra={"error": reason})
+        self.failure = reason
+        self._ready.clear()
+        if self.metrics is not None:
+            self.metrics.model_ready.set(0)
+        with self._lock:
+            self._closing = True
+            seqs = list(self._waiting) + [s for s in self._running if s is not None] + self._retired_rows()
+            commands = list(self._commands)
+            self._commands.clear()
+        for seq in seqs:
+            try:
+                self._finish(seq, "error", reason)
+            except Exception:  # noqa: BLE001 - the bookkeeping may touch the broken device: tell the client anyway
+                seq.handle._finish("error", reason)
+        for _fn, future in commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineClosed(reason))
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
                 if self._stop_thread:
