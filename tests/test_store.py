@@ -187,3 +187,21 @@ def test_records_of_a_failed_run_become_pending_again(tmp_path):
     with s.transaction() as tx:
         tx.execute("INSERT INTO runs (id, kind, status, snapshot_id, created_at) VALUES ('r2', 'train', 'succeeded', 's1', 1)")
     assert s.counts()["records_pending"] == 0
+
+
+def test_the_pending_records_query_looks_records_up_by_index(tmp_path):
+    """Which records are pending is asked per record of snapshot_records (training, `lorad status`, /status):
+    without an index on record_id that is a scan of every snapshot row per record (seconds at 13k records)."""
+    from daemon.runs import learned_records, pending_sql
+
+    s = open_store(tmp_path)
+    sql, args = pending_sql("COUNT(*)")
+    plan = " | ".join(r[3] for r in s.query("EXPLAIN QUERY PLAN " + sql, args))
+    assert "SEARCH s USING INDEX snapshot_records_record" in plan and "SCAN s" not in plan, plan
+    learned = " | ".join(r[3] for r in s.query("EXPLAIN QUERY PLAN SELECT r.id FROM records r WHERE "
+                                               "r.split = 'train' AND EXISTS (SELECT 1 FROM snapshot_records s "
+                                               "WHERE s.record_id = r.id AND s.role = ?)", ("new",)))
+    assert "SCAN s" not in learned, learned
+    with s.transaction() as tx:
+        assert learned_records(tx, "r.id") == []
+    s.close()
