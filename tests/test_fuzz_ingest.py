@@ -187,3 +187,12 @@ def test_parquet(columns, n, values, cut):
 def test_arbitrary_bytes_under_any_name(data, ext):
     with tempfile.TemporaryDirectory() as d:
         check(write(d, f"f.{ext}", data))
+
+
+def test_a_reason_quoting_a_line_separator_stays_one_report_line():
+    """Found by the fuzzer at 150 examples (bench/reliability.py): a record whose key holds U+2028 was rejected with
+    a reason quoting the key, and the raw U+2028 made str.splitlines() read one report entry as two."""
+    with tempfile.TemporaryDirectory() as d:
+        data = "\n".join(json.dumps(r, ensure_ascii=False) for r in
+                         ({"a\u2028b": "x"}, {"c\x85d": "y", "e\u2029": 1})).encode("utf-8")
+        check(write(d, "f.jsonl", data))

@@ -123,7 +123,7 @@ class _FileIngest:
         else:
             r.rejects_truncated = True
         if self.report is not None:
-            self.report.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.report.write(report_line(entry))
         self._reject_rows.append((self.file_id, line, outcome, reason))
 
     def _where(self, content_hash: str) -> str:
@@ -400,7 +400,20 @@ def _reject_whole_file(tx: "sqlite3.Connection", result: IngestResult, file_id: 
     if report is not None:
         report.seek(0)
         report.truncate()
-        report.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        report.write(report_line(entry))
+
+
+# Characters str.splitlines() (and JavaScript) break lines at that JSON leaves raw with ensure_ascii=False: a
+# reason quoting a record's key must not split one report entry in two.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def report_line(entry: dict) -> str:
+    """One report entry as a JSON line (readable text, no character that any reader takes for a line break)."""
+    text = json.dumps(entry, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
 
 
 def _actor(source: str) -> str:
@@ -425,7 +438,7 @@ def write_report_from_store(store: "Store", file_id: int, report_path: str | os.
     tmp = Path(f"{report_path}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({"file": row["path"], "line": r["line"], "outcome": r["outcome"],
-                                "reason": r["reason"]}, ensure_ascii=False) + "\n")
+            f.write(report_line({"file": row["path"], "line": r["line"], "outcome": r["outcome"],
+                                 "reason": r["reason"]}))
     os.replace(tmp, report_path)
     return len(rows)
