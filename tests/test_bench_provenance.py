@@ -23,7 +23,6 @@ ALLOWED = {
     ("scaling.json", "$.four_gpu"): "'0fed315 (...) plus the per-step-time edit committed in the next commit'",
     # a commit without a recorded clean/dirty state (several completed by hand-written notes)
     ("e2e_latency_gpu.json", "$"): "no dirty flag (hand-written note)",
-    ("reliability.json", "$.git"): "only daemon/ and pipelines/ checked (dirty_files: [])",
     ("scaling.json", "$"): "no dirty flag",
     ("scaling.json", "$.resume_check"): "no dirty flag",
     ("train_speed.json", "$"): "no dirty flag (commit 4ae370a, whose drift.json says dirty: true)",
