@@ -18,7 +18,6 @@ COMMIT_ID = re.compile(r"[0-9a-f]{7,40}")   # a full or abbreviated git commit i
 
 # (file under bench/results, JSON path of the object naming the commit): why it breaks the rule.
 ALLOWED = {
-    # measured on a tree with uncommitted changes, recorded as such
     # a sentence where the commit belongs
     ("scaling.json", "$.four_gpu"): "'0fed315 (...) plus the per-step-time edit committed in the next commit'",
     # a commit without a recorded clean/dirty state (several completed by hand-written notes)
