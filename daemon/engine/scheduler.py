@@ -452,7 +452,7 @@ class Engine(VersionsMixin):
             self.metrics.model_ready.set(0)
         with self._lock:
             self._closing = True
-            seqs = list(self._waiting) + [s for s in self._running if s is not None] + self._retired_rows()
+            seqs = list(self._waiting) + self._running + self._retired_rows()
             commands = list(self._commands)
             self._commands.clear()
         for seq in seqs:
