@@ -402,6 +402,8 @@ def part_step(args, out: dict) -> None:
     out["decode_step_ms_32_direct"] = step_time_ms(eng, 32)
     out["decode_step_ms_1_direct"] = step_time_ms(eng, 1)
     out["decode_step_ms_32_at_400_direct"] = step_time_ms(eng, 32, position=400)
+    # a real generation too (prefill, sampling, the host loop): a launch shape that breaks the engine fails here
+    out["run_32"] = run_engine(eng, prompts(32), ["base"] * 32)
     out["compilations"], out["graph_captures"] = eng.compilations(), eng.stepper.captures
     eng.stop(timeout=10)
 
