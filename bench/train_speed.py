@@ -618,6 +618,7 @@ def cpu_main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"info": device_info(), "cases": {}, "rounds": []}
+    load_before = os.getloadavg()
     # Absolute: each case runs in its own process with the repository as its working directory.
     extra = ["--steps", str(args.steps), "--warmup", "1", "--model-dir", str(Path(args.model_dir).resolve())]
     names = tuple(args.cases.split(","))
@@ -639,6 +640,14 @@ def cpu_main(args) -> dict:
     print(json.dumps({k: v.get("tokens_per_second", v.get("heldout_loss")) for k, v in results["cases"].items()}))
     summary = cpu_summary([str(out / "cpu.json")])
     print(json.dumps({k: v for k, v in summary.items() if k != "cpu_cases"}, indent=1))
+    if args.results:
+        doc = {"benchmark": "train_speed_cpu", **results["info"], "machine": _common.cpu_name(),
+               "cores": os.cpu_count(), "load_before": list(load_before), "load_after": list(os.getloadavg()),
+               "steps": args.steps, "rounds": args.rounds,
+               "summary": {k: v for k, v in summary.items() if k not in ("cpu_cases", "cpu_speedup_per_round")},
+               "speedup_per_round": summary["cpu_speedup_per_round"], "cases": summary["cpu_cases"],
+               "runs": results["rounds"]}
+        Path(args.results).write_text(json.dumps(doc, indent=2) + "\n")
     return results
 
 
@@ -858,6 +867,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--n-holdout", type=int, default=40)
     c.add_argument("--max-seq-len", type=int, default=1024)
     c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--results", default="", help="also write the results file (commit, machine, load, "
+                                                  "speed-ups per round and their means, parity) here")
     cu = sub.add_parser("cpu-update", help="replace only the CPU part of a results file with cpu runs")
     cu.add_argument("--cpu", nargs="+", required=True, help="cpu.json of each run")
     cu.add_argument("--results", default=str(ROOT / "bench/results/train_speed.json"))
