@@ -437,10 +437,18 @@ def part_7b(args, out: dict) -> None:
     step_s = (r256["seconds"] - r64["seconds"]) / 192
     direct_ms = step_time_ms(eng, 32, 50)
     bound_s = weight_bytes / bandwidth
+    # The keys and values a step must read too (the weights-only bound leaves them out): 32 rows at the mean
+    # position of steps 64..256 after a 64-token prompt.
+    element = next(iter(eng.cache.keys.values())).element_size()
+    kv_per_position = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in eng.cache.layers.values()) * element
+    mean_position = len(ps[0]) + (64 + 256) / 2
+    kv_bytes = 32 * kv_per_position * mean_position
     out.update({"hbm_bandwidth_gb_s_measured": bandwidth / 1e9, "weight_bytes": weight_bytes,
                 "memory_bound_step_ms": bound_s * 1000, "decode_step_ms_from_256_vs_64": step_s * 1000,
                 "decode_step_ms_direct": direct_ms, "decode_tokens_per_s": 32 / step_s,
                 "fraction_of_memory_bound": bound_s / step_s, "fraction_direct": bound_s / (direct_ms / 1000),
+                "kv_bytes_read_per_step_mean": kv_bytes,
+                "fraction_of_memory_bound_with_kv": (weight_bytes + kv_bytes) / bandwidth / step_s,
                 "run_256": r256, "note": "weights exclude the input embedding (a gather, not streamed); LoRA tables "
                                           "(4 slots x r16) are extra bytes the bound does not count"})
     eng.stop(timeout=10)
