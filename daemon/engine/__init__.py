@@ -2,9 +2,12 @@
 
 Map (arrows point down):
   api.py        what callers touch: errors (HTTP status each), SamplingParams, SwapResult, GenerationHandle
-  scheduler.py  Engine and build_engine: submit/queue (429 beyond serve.max_queue), the decode thread, continuous batching:
-                admit waiting requests into free cache slots, prefill them together, then one decode
-                forward for every running row whatever version it is pinned to; a row that fails ends alone
+  build.py      build_engine: the engine for a running daemon, from its config
+  scheduler.py  Engine: submit/queue (429 beyond serve.max_queue), the decode thread, warm-up, failure
+  batching.py   continuous batching (a mixin of Engine): admit waiting requests into free cache slots,
+                prefill them together, then one decode forward for every running row whatever version it
+                is pinned to; read-back one step behind the device; a row that fails ends alone
+  model_prep.py end-of-sequence ids, the float32 output head of CPU bf16 prefill
   versions.py   champion pointer, preload into a LoRA slot, swap/activate/rollback, pins held for the
                 control plane, registry glue (promote_and_swap, rollback_and_swap, follow_champion)
   step.py       the attention function (transformers' AttentionInterface) over the slot cache, prefill and
@@ -28,7 +31,8 @@ torch, transformers and safetensors are imported inside functions: ``lorad --hel
 from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
                                GenerationHandle, InvalidRequest, QueueFull, SamplingParams, SwapResult,
                                UnknownModel, label)
-from daemon.engine.scheduler import Engine, build_engine
+from daemon.engine.build import build_engine
+from daemon.engine.scheduler import Engine
 from daemon.engine.versions import follow_champion, promote_and_swap, rollback_and_swap
 
 __all__ = ["BASE_LABEL", "CHAMPION_ALIASES", "AdapterUnavailable", "Engine", "EngineClosed", "EngineError",

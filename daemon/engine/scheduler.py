@@ -1,8 +1,8 @@
-"""The Engine: admission, continuous batching and the decode thread.
+"""The Engine: submission, the decode thread and its lifecycle (continuous batching: batching.py).
 
 One decode thread owns the model. Between steps it runs queued commands (``call``), expires cancelled
 and timed-out requests (freeing their cache slot), admits waiting requests into free slots (their
-prompts prefilled together, left-padded, up to PREFILL_TOKEN_BUDGET tokens a forward), then advances
+prompts prefilled together, left-padded, up to batching.PREFILL_TOKEN_BUDGET tokens a forward), then advances
 every running request by one token in ONE forward whatever versions they are pinned to.
 
 The host runs one step behind the device. Each step's inputs stay on the device (the step writes its
@@ -22,50 +22,24 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
-                               GenerationHandle, InvalidRequest, QueueFull, SamplingParams, batched_events, label)
+                               GenerationHandle, InvalidRequest, QueueFull, SamplingParams, label)
+from daemon.engine.batching import BatchingMixin, Launch, RequestRow
+from daemon.engine.model_prep import eos_ids, float32_head
 from daemon.engine.versions import VersionsMixin
 
 log = logging.getLogger("lorad.engine")
 
-# Prompt tokens (padded) prefilled in one forward; a longer prompt is prefilled alone, in chunks of this size.
-PREFILL_TOKEN_BUDGET = 2048
 # How often an idle decode thread wakes up to expire requests that waited past their deadline.
 IDLE_TICK_SECONDS = 0.05
 # Prompt length of the CPU warm-up's prefills (the shapes of a typical chat prompt).
 CPU_WARM_UP_TOKENS = 128
 
 
-@dataclass
-class _Sequence:
-    """Decode-thread state of one request."""
-
-    handle: GenerationHandle
-    deadline: float
-    lora_index: int  # LoRA table slot of its version (0 = base)
-    generator: Any = None  # random.Random of a sampling request (seeded when the request has a seed)
-    slot: int | None = None  # its KV cache slot while running
-    length: int = 0  # positions cached once every launched step has run
-    pending: int = 0  # launched steps whose token the host has not read yet
-    retired: bool = False  # left the batch at its limit; ends when its last launched token is read
-
-
-@dataclass
-class _Launch:
-    """A forward launched on the device whose chosen tokens the host has not read yet."""
-
-    kind: str  # "prefill" or "decode"
-    rows: list[_Sequence]
-    host: Any  # [2, >= len(rows)] tokens and finite flags: a pinned buffer (GPU) or lists (CPU)
-    event: Any  # CUDA event recorded after the copy into ``host``; None on a CPU
-    started: float
-
-
-class Engine(VersionsMixin):
+class Engine(BatchingMixin, VersionsMixin):
     """The serving engine. All arguments are plain values so tests can build one.
 
     Args:
@@ -129,11 +103,11 @@ class Engine(VersionsMixin):
         self.warm_up_seconds: float | None = None
         model_context = int(getattr(model.config, "max_position_embeddings", None) or 1 << 20)
         self.max_context = min(model_context, max_context or model_context)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile,
                                decode_kernel)
         if prefill_dtype is not None:
-            _float32_head(model)
+            float32_head(model)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self._lock = threading.Condition()  # guards everything below; decode thread waits on it when idle
         self._swap_lock = threading.Lock()  # one swap at a time
@@ -144,9 +118,9 @@ class Engine(VersionsMixin):
         self._staged: collections.Counter[str] = collections.Counter()  # preloaded for a swap or request to come
         self._pinned: set[str] = set()  # loaded by the control plane (load_lora_adapter) until it unloads them
         self._free_slots: list[int] = list(range(1, adapter_slots + 1))
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []  # index = KV cache slot
-        self._inflight: collections.deque[_Launch] = collections.deque()  # launched, not read back (oldest first)
+        self._waiting: collections.deque[RequestRow] = collections.deque()
+        self._running: list[RequestRow] = []  # index = KV cache slot
+        self._inflight: collections.deque[Launch] = collections.deque()  # launched, not read back (oldest first)
         self._readback = 0  # next pinned read-back buffer (GPU)
         self._last_step_read = 0.0  # perf_counter when the last decode step was read back
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -382,7 +356,7 @@ class Engine(VersionsMixin):
         generator = None
         if params.temperature > 0:
             generator = random.Random(params.seed if params.seed is not None else self._rng.getrandbits(64))
-        self._waiting.append(_Sequence(handle, deadline=handle.submitted_at + self.request_timeout,
+        self._waiting.append(RequestRow(handle, deadline=handle.submitted_at + self.request_timeout,
                                        lora_index=lora_index, generator=generator))
         self._gauges()
         self._lock.notify_all()
@@ -501,181 +475,7 @@ class Engine(VersionsMixin):
         while self._inflight:
             self._process(self._inflight.popleft())
 
-    def _retired_rows(self) -> list[_Sequence]:
-        return [seq for launch in self._inflight for seq in launch.rows if seq.retired and not seq.handle.done]
-
-    def _expire(self) -> None:
-        now = self.clock()
-        with self._lock:
-            waiting = list(self._waiting)
-        for seq in waiting + list(self._running):
-            if seq.handle.cancelled:
-                self._finish(seq, "cancelled")
-            elif now >= seq.deadline:
-                self._finish(seq, "timeout")
-
-    def _retire(self) -> None:
-        """Rows whose launched tokens reach ``max_tokens``, or whose next position is past the context, leave
-        the batch now; each ends when its last launched token is read (or now, if none is in flight)."""
-        done = [seq for seq in self._running
-                if len(seq.handle.tokens) + seq.pending >= seq.handle.params.max_tokens
-                or seq.length + 1 >= self.max_context]
-        for seq in done:
-            self._release(seq)
-            seq.retired = True
-            if seq.pending == 0:
-                self._finish(seq, "length")
-
-    def _admit(self) -> None:
-        """Move waiting requests into free slots and prefill them (several prompts per forward)."""
-        admitted: list[_Sequence] = []
-        with self._lock:
-            budget = PREFILL_TOKEN_BUDGET
-            longest = 0
-            while self._waiting and len(self._running) < self.max_batch_size and not self._commands:
-                size = len(self._waiting[0].handle.prompt_ids)
-                width = max(longest, size)
-                if admitted and (width * (len(admitted) + 1) > budget or self.batch_invariant):
-                    break
-                seq = self._waiting.popleft()
-                seq.slot = len(self._running)
-                self._running.append(seq)
-                admitted.append(seq)
-                longest = width
-            if admitted:
-                self._gauges()
-        if admitted:
-            self._prefill(admitted)
-
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Prefill ``seqs`` (contiguous new slots), chunked when one prompt alone exceeds the budget; their first
-        tokens become their next inputs on the device and are read back with the next step."""
-        from daemon.engine import step
-
-        start = seqs[0].slot
-        t0 = time.perf_counter()
-        try:
-            while True:
-                chunks = []
-                for seq in seqs:
-                    prompt = seq.handle.prompt_ids
-                    piece, first = prompt[seq.length:seq.length + PREFILL_TOKEN_BUDGET], seq.length
-                    if not piece:  # done in an earlier chunk: its last token again, same position, same result
-                        piece, first = prompt[-1:], len(prompt) - 1
-                    chunks.append((piece, first, seq.lora_index))
-                with self._prefill_precision():
-                    logits, greedy, finite = self.stepper.prefill(chunks, start)
-                for seq, (piece, first, _) in zip(seqs, chunks):
-                    seq.length = first + len(piece)
-                if all(seq.length == len(seq.handle.prompt_ids) for seq in seqs):
-                    break
-            tokens = step.sample(logits, greedy, *self._sampling(seqs))
-            self.stepper.admit_rows(start, tokens, [s.length for s in seqs], [s.lora_index for s in seqs])
-            launch = self._read_back("prefill", seqs, tokens, finite, t0)
-        except Exception as e:  # these requests fail; the others and the server go on
-            log.exception("prefill failed")
-            for seq in seqs:
-                self._finish(seq, "error", f"prefill failed: {type(e).__name__}: {e}", clear=True)
-            return
-        for seq in seqs:
-            seq.pending += 1
-        self._inflight.append(launch)
-        if self.metrics is not None:
-            self.metrics.serve_prompt_tokens.inc(sum(s.length for s in seqs))
-            self.metrics.serve_prefill_seconds.observe(time.perf_counter() - t0)
-
-    def _decode_step(self) -> bool:
-        """Launch one decode step of every running row (row i is cache slot i); False if there is none."""
-        from daemon.engine import step
-
-        rows = list(self._running)
-        if not rows:
-            return False
-        t0 = time.perf_counter()
-        shape = {"batch": self.cache.slots, "context": self.cache.context} if self.batch_invariant else {}
-        try:
-            logits, greedy, finite = self.stepper.launch_decode(len(rows), max(s.length for s in rows) + 1,
-                                                                **shape)
-            tokens = step.sample(logits, greedy, *self._sampling(rows))
-            self.stepper.advance(tokens, len(rows))
-            launch = self._read_back("decode", rows, tokens, finite, t0)
-        except Exception as e:  # the forward itself broke: its rows fail, the server goes on
-            log.exception("decode step failed")
-            for seq in rows:
-                self._finish(seq, "error", f"decode step failed: {type(e).__name__}: {e}", clear=True)
-            return False
-        for seq in rows:
-            seq.length += 1
-            seq.pending += 1
-        self._inflight.append(launch)
-        if self.metrics is not None:
-            self.metrics.serve_batch_rows.observe(len(rows))
-            self.metrics.serve_kv_cache_used.set(sum(s.length for s in self._running))
-        return True
-
-    @staticmethod
-    def _sampling(seqs: list[_Sequence]) -> tuple[list[float], list[float], list[float]]:
-        """Temperatures, top-p values and one uniform number per row (from the row's own generator)."""
-        params = [s.handle.params for s in seqs]
-        uniform = [s.generator.random() if s.generator is not None else 0.0 for s in seqs]
-        return [p.temperature for p in params], [p.top_p for p in params], uniform
-
-    def _read_back(self, kind: str, rows: list[_Sequence], tokens: Any, finite: Any, started: float) -> _Launch:
-        """Start copying the launch's tokens and finite flags to the host (asynchronously on a GPU)."""
-        import torch
-
-        both = torch.stack([tokens, finite.to(tokens.dtype)])
-        if not self._readback_buffers:
-            return _Launch(kind, rows, both.tolist(), None, started)
-        buffer = self._readback_buffers[self._readback % len(self._readback_buffers)][:, :len(rows)]
-        self._readback += 1
-        buffer.copy_(both, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return _Launch(kind, rows, buffer, event, started)
-
-    def _process(self, launch: _Launch) -> None:
-        """Read a launch's tokens back: deliver them, end rows at a stop, a limit or non-finite logits."""
-        if launch.event is not None:
-            launch.event.synchronize()
-            tokens, finite = launch.host.tolist()
-        else:
-            tokens, finite = launch.host
-        with batched_events():
-            for seq, token, ok in zip(launch.rows, tokens, finite):
-                seq.pending -= 1
-                if seq.handle.done:  # ended (cancel, stop) while this step was in flight: its token is dropped
-                    continue
-                if not ok:
-                    self._finish(seq, "error", "the model produced non-finite logits for this request "
-                                               "(NaN or infinity); other requests are unaffected", clear=True)
-                else:
-                    self._accept(seq, int(token))
-        if self.metrics is None:
-            return
-        if launch.kind == "decode":
-            # The step's period: from its launch, or from the previous step's read-back when the device was
-            # still busy with that one (steps overlap).
-            now = time.perf_counter()
-            self.metrics.serve_decode_step_seconds.observe(now - max(launch.started, self._last_step_read))
-            self._last_step_read = now
-        else:
-            for seq in launch.rows:
-                if seq.handle.first_token_at is not None and len(seq.handle.tokens) == 1:
-                    self.metrics.serve_ttft_seconds.observe(seq.handle.first_token_at - seq.handle.submitted_at)
-
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        handle = seq.handle
-        if token in self.eos_ids:
-            self._finish(seq, "stop")
-            return
-        handle._token(token)
-        if self.metrics is not None:
-            self.metrics.serve_generated_tokens.inc()
-        if len(handle.tokens) >= handle.params.max_tokens or (seq.retired and seq.pending == 0):
-            self._finish(seq, "length")
-
-    def _release(self, seq: _Sequence, *, clear: bool = False) -> None:
+    def _release(self, seq: RequestRow, *, clear: bool = False) -> None:
         """Free a running row's slot (decode thread only): the last running row moves into it, on the device too."""
         with self._lock:
             slot = seq.slot
@@ -690,7 +490,7 @@ class Engine(VersionsMixin):
             seq.slot = None
             self._gauges()
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None, *, clear: bool = False) -> None:
+    def _finish(self, seq: RequestRow, reason: str, error: str | None = None, *, clear: bool = False) -> None:
         """End a request: free its slot if it holds one, release its version, tell the client."""
         if seq.handle.done:
             return
@@ -736,69 +536,3 @@ class Engine(VersionsMixin):
             self.metrics.serve_active.set(len(self._running))
             self.metrics.serve_batch_occupancy.set(len(self._running) / self.max_batch_size)
             self.metrics.adapters_loaded.set(len(self._adapters))
-
-
-def _float32_head(model: Any) -> None:
-    """Run the output head outside autocast, in float32: bf16 logits keep 8 bits of mantissa, so the top two tokens
-    of a small model tie or swap (SmolLM2-135M, 8 chat prompts: one first-token tie, one answer changed). Only the last
-    position reaches the head (``logits_to_keep=1``), so this costs one float32 matrix-vector product per row."""
-    import torch
-
-    head = model.get_output_embeddings()
-
-    class Float32Head(torch.nn.Module):
-        def __init__(self, inner: Any):
-            super().__init__()
-            self.inner = inner
-
-        @property
-        def weight(self):
-            return self.inner.weight
-
-        def forward(self, hidden: Any) -> Any:
-            with torch.autocast(hidden.device.type, enabled=False):
-                return self.inner(hidden.float())
-
-    for name, child in model.named_children():
-        if child is head and head is not None:
-            setattr(model, name, Float32Head(head))
-            return
-    log.warning("output head not found; prefill logits stay in the autocast dtype",
-                extra={"model": type(model).__name__})
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def build_engine(daemon: Any) -> Any:
-    """Build the engine for a running Daemon (model and tokenizer loaded), load the champion, attach it.
-
-    Raises:
-        AdapterUnavailable: the champion cannot be loaded. ``daemon.engine`` is set but not ready: inference
-            answers 503 until ``/admin/reload`` (or a promotion) succeeds.
-    """
-    from pipelines.hardware import serve_prefill_autocast
-
-    s = daemon.cfg.serve
-    engine = Engine(daemon.model, daemon.tokenizer, store=daemon.store, state_dir=daemon.state_dir,
-                    base_model=daemon.cfg.model.base_model, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                    request_timeout=s.request_timeout_seconds, metrics=daemon.metrics,
-                    live=getattr(daemon, "live", None), batch_invariant=s.batch_invariant,
-                    max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
-                    kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
-                    cuda_graphs=s.cuda_graphs, compile=s.compile, decode_kernel=s.decode_kernel,
-                    prefill_dtype=serve_prefill_autocast(daemon.model, s.cpu_prefill_dtype))
-    listener = getattr(daemon, "_champion_changed", None)
-    if listener is not None:
-        engine.champion_listeners.append(listener)
-    daemon.engine = engine.start()
-    engine.load_champion()
-    return engine
