@@ -25,7 +25,7 @@ all-linear (alpha 32, A and B random) registered in a temporary state folder.
   cpu     the real SmolLM2-135M-Instruct (float32 weights) at engine level, rounds interleaved, load average
           recorded: first requests after ready in fresh processes (with and without the warm-up), TTFT of a
           200-token prompt, one stream against HF generate (float32 and bf16 weights), 8 concurrent clients
-          against one at a time (requests/s), each for float32 prefill and (where the CPU has AMX) bf16-autocast
+          against one at a time (requests/s), each for float32 prefill and (where the CPU has bf16 units) bf16-autocast
           prefill, and the greedy answers of both against HF's on 8 chat prompts.
 """
 
@@ -609,7 +609,7 @@ def part_cpu(args, out: dict) -> None:
     """The default model on this CPU: TTFT, one stream against HF generate, 8 clients against one at a time.
 
     Engine variants: float32 throughout, and (where the hardware plan picks it) bf16-autocast prefill with float32
-    decode, the ``lorad serve`` default on a CPU with AMX. Every arm runs once per round, rounds interleaved, so
+    decode, the ``lorad serve`` default on a CPU with bf16 units. Every arm runs once per round, rounds interleaved, so
     the load other processes put on the machine spreads over all arms; the load average is recorded per round.
     """
     import torch

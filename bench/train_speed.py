@@ -31,7 +31,8 @@ random weights; records of 64-512 tokens, seeded):
 CPU cases (135M SmolLM2 default, fp32 weights; the seed recipe's fp16 is not usable on CPU, so it runs fp32):
   cpu_seed        the seed recipe (HF Trainer + PEFT q/v, batch 2 x accumulation 8, padded), fp32: the baseline
   cpu_seed_bf16   the same with HF's bf16=True (autocast): what its user gets on a CPU with bf16 units
-  cpu_lorad       lorad's defaults (all-linear LoRA, the CPU speed plan: bf16 autocast where the CPU has AMX)
+  cpu_lorad       lorad's defaults (all-linear LoRA, the CPU speed plan: bf16 autocast where the CPU has bf16
+                  units, AMX or AVX512-BF16)
   cpu_lorad_qv    the same with the seed's q_proj,v_proj LoRA; cpu_lorad_fp32: lorad's defaults, no autocast;
                   cpu_lorad_bf16: lorad's defaults with bf16 autocast forced on
   Measure on 2 quiet pinned cores: taskset -c 0,1 python -m bench.train_speed cpu --out DIR --model-dir M
@@ -422,7 +423,7 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
             overrides = {"micro_batch_size": 1, "grad_accum_steps": 2}
             if kind == "cpu_lorad_qv":   # the seed recipe's LoRA (q_proj, v_proj): isolates the loop from the LoRA choice
                 overrides["lora_targets"] = "q_proj,v_proj"
-            # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without AMX runs);
+            # cpu_lorad_fp32: lorad's defaults with bf16 autocast off (what a CPU without bf16 units runs);
             # cpu_lorad_bf16: with bf16 autocast on whatever the CPU (is AVX512-BF16 alone worth it?)
             speed = {"cpu_lorad_fp32": {"autocast": False}, "cpu_lorad_bf16": {"autocast": True}}.get(kind, {})
             from pipelines.train import keep_freed_memory

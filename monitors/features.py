@@ -356,13 +356,13 @@ def resolve_compute_dtype(model: Any, compute_dtype: str = "auto") -> str:
     AVX512-BF16), which runs under bf16 autocast: about 3x faster there, and both windows are
     featurized the same way (the dtype is recorded in Features.meta and checked).
     """
-    from pipelines.hardware import cpu_native_bf16
+    from pipelines.hardware import cpu_bf16_matmul
 
     param = next(model.parameters())
     model_dtype = str(param.dtype).removeprefix("torch.")
     if compute_dtype != "auto":
         return compute_dtype
-    if param.device.type == "cpu" and model_dtype == "float32" and cpu_native_bf16():
+    if param.device.type == "cpu" and model_dtype == "float32" and cpu_bf16_matmul():
         return "bfloat16"
     return model_dtype
 

@@ -399,7 +399,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         peft_model.load_adapter(str(incumbent), adapter_name="incumbent")
     pad = tokenizer.pad_token_id or 0
 
-    # On a CPU: short examples many to a forward pass, and bf16 autocast where the CPU has AMX (as training
+    # On a CPU: short examples many to a forward pass, and bf16 autocast where the CPU has bf16 units (as training
     # does; both sides alike, so the paired comparison is unchanged: on the default model the mean losses
     # moved by 0.03-0.1 %, the scoring took 2x less time; the first-token latency stays in float32).
     on_cpu = next(model.parameters()).device.type == "cpu"

@@ -225,7 +225,7 @@ def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple
     """
     import dataclasses
 
-    from pipelines.hardware import cpu_native_bf16, resolve_config
+    from pipelines.hardware import cpu_bf16_matmul, resolve_config
 
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
@@ -234,7 +234,7 @@ def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple
     if purpose == "drift" and cfg.model.dtype == "auto" and cfg.model.device != "cuda":
         import torch
 
-        if not torch.cuda.is_available() and cpu_native_bf16():
+        if not torch.cuda.is_available() and cpu_bf16_matmul():
             return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16")), None
     return cfg, None
 

@@ -169,6 +169,18 @@ def test_training_gpu_peak_reaches_the_metrics_from_the_run_records():
     assert value("lorad_training_step") == 4
 
 
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, False, True), (False, True, True), (False, False, False)])
+def test_cpu_bf16_units_are_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
+    """AVX512-BF16 alone (AMD Zen 4) counts: there autocast trained 1.42x and prefilled 1.9x as fast as fp32."""
+    import torch
+
+    from pipelines import hardware
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert hardware.cpu_bf16_matmul() is expected
+
+
 def test_cpu_autocast_is_bf16_only_for_unquantized_fp32_or_bf16_weights_on_amx(monkeypatch):
     import torch
 

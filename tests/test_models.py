@@ -691,7 +691,7 @@ def test_load_for_applies_each_purposes_dtype_policy(purpose, cpu_bf16, dtype, f
     from daemon.config import build_config
     from pipelines import hardware
 
-    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda: cpu_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = build_config({"paths": {"state_dir": str(tmp_path)}, "model": {"revision": "main"}})
     calls = []

@@ -29,7 +29,7 @@ class ModelConfig:
                          "local HF model directory, .gguf file, hub id, or the embedded default")
     revision: str = _f("", "hub revision (branch, tag or commit) when base_model is a hub id; empty = default")
     dtype: str = _f("auto", "compute dtype; auto = bf16 on recent GPUs, fp16 on older, fp32 on CPU (training "
-                            "matmuls in bf16 autocast where the CPU has AMX)",
+                            "matmuls in bf16 autocast where the CPU has bf16 units: AMX or AVX512-BF16)",
                     choices=("auto", "float32", "bfloat16", "float16"))
     quantization: str = _f("auto", "load the base weights quantized with bitsandbytes (QLoRA); auto = 4bit on a GPU "
                            "too small for the 16-bit weights, else none (the choice is logged at startup)",
@@ -238,8 +238,8 @@ class ServeConfig:
     decode_kernel: bool = _f(True, "on a GPU, decode attention as one Triton kernel that appends the step's keys "
                                    "and reads only each request's own positions (off: the PyTorch path)")
     cpu_prefill_dtype: str = _f("auto", "matmul dtype of prompt prefill for float32 weights on a CPU; auto = bf16 "
-                                        "autocast where the CPU has AMX bf16 units, else float32 (decode stays "
-                                        "float32)", choices=("auto", "float32", "bfloat16"))
+                                        "autocast where the CPU has bf16 units (AMX or AVX512-BF16), else "
+                                        "float32 (decode stays float32)", choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass(frozen=True)

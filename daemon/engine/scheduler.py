@@ -65,7 +65,7 @@ class Engine(BatchingMixin, VersionsMixin):
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
         decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
-        prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with AMX: the
+        prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with bf16 units: the
             prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
 

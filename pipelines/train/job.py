@@ -148,7 +148,7 @@ def run_job(run_dir: Path, *, progress: bool = True, on_step: Callable[[dict], N
     job = json.loads((run_dir / "job.json").read_text())
     cfg = build_config(job["config"])
     # An explicit float32 (or float16) model.dtype means matmuls in that dtype; "auto" lets the speed plan use
-    # bf16 autocast over fp32 weights on a CPU with AMX (hardware plan's train_compute), as it does on GPUs.
+    # bf16 autocast over fp32 weights on a CPU with bf16 units (hardware plan's train_compute), as it does on GPUs.
     autocast = "auto" if cfg.model.dtype in ("auto", "bfloat16") else False
     # model.dtype/quantization "auto" and train.micro_batch_size 0 become this machine's plan (load_for's "train")
     base = load_for("train", cfg, placement=lambda m: load_kwargs(dist, device=m.device, dtype=m.dtype,

@@ -74,7 +74,7 @@ def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_laye
         attention: "auto" (packed attention where exact, varlen flash on CUDA), "mask" (transformers'
             block mask, the reference), "per-example" or "flash-varlen" (forced).
         compile_layers: "auto" (CUDA, unquantized, varlen flash), True or False.
-        autocast: "auto" (bf16 on CUDA when the base is bf16; on a CPU with bf16 matrix units, AMX, when
+        autocast: "auto" (bf16 on CUDA when the base is bf16; on a CPU with bf16 units, AMX or AVX512-BF16, when
             the base is fp32 or bf16: ``pipelines.hardware.cpu_bf16_matmul``), True or False.
         max_seq_len: the run's sequence length (a sliding window shorter than it disables packed attention).
         lora_kernel: "auto" (fused on CPU for an unquantized base), "fused" or "peft".
