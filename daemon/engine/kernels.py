@@ -29,8 +29,9 @@ TUNING = {"max_splits": 16, "positions_per_split": 64, "block": 0, "num_warps": 
           "early_v": False, "dot": False}
 # Overrides of TUNING per head geometry (query heads per KV head, head size): the sweep's winners on an H200
 # (bench/results/attention_sweep_*_h200.json), kept only where the engine ran them (bench/serve_speed.py). The
-# 135M heads (3, 64) take the CUDA-core winner (33 us against TUNING's 48); the tensor-core one (16 us) is left
-# out: the engine's run with it ended in a CUDA launch failure.
+# 135M heads (3, 64) take the CUDA-core winner (33 us against TUNING's 48; in the engine on an H100 the step at
+# batch 32 went 2.05 -> 1.94 ms). The tensor-core one (16 us) is left out: an engine run with it on an H200 ended in
+# a CUDA launch failure, though two H100 engine runs with it did not (bench/results/serve_speed_step*.json).
 TUNED: dict[tuple[int, int], dict] = {
     (1, 128): {"positions_per_split": 128, "block": 32, "num_warps": 1, "num_stages": 1},
     (3, 64): {"positions_per_split": 16, "block": 32, "num_warps": 1, "num_stages": 1, "early_v": True},
