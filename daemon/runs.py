@@ -394,7 +394,7 @@ def run_in_process(store: Store, cfg: Config, run_id: str, run_dir: Path, *, pro
     """Execute a queued run here (the CLI path): progress bar on the terminal, result registered."""
     from pipelines.train import TrainingError, run_job
 
-    if cfg.train.distributed != "none":   # several GPUs: the job runs under torchrun (pipelines/train/distributed.py)
+    if cfg.train.distributed != "none":   # several GPUs: the job runs under torchrun (pipelines/train/distributed/)
         from pipelines.train.distributed import run_launched
 
         def run_job(run_dir, **kwargs):  # noqa: F811 -- same call, launched processes instead of this one

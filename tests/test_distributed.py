@@ -18,6 +18,7 @@ import pytest
 from bench.multinode import payloads
 from daemon.config import ConfigError, build_config
 from pipelines.train import distributed as D
+from pipelines.train.protocol import DistributedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,9 +81,9 @@ def test_config_lists_every_distributed_problem():
 def test_init_without_torchrun_is_one_process_and_refuses_a_mismatch():
     assert D.init("none", environ={}) is None
     assert D.init("ddp", environ={}) is None   # asked for ddp, started plainly: an ordinary one-device run
-    with pytest.raises(D.DistributedError, match="WORLD_SIZE=2 but train.distributed is 'none'"):
+    with pytest.raises(DistributedError, match="WORLD_SIZE=2 but train.distributed is 'none'"):
         D.init("none", environ={"WORLD_SIZE": "2", "RANK": "0"})
-    with pytest.raises(D.DistributedError, match="one of none, ddp, fsdp"):
+    with pytest.raises(DistributedError, match="one of none, ddp, fsdp"):
         D.init("zero3", environ={})
 
 

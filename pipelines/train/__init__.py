@@ -11,8 +11,9 @@ The room, in the order a run uses it:
   loss.py         the LM head + cross-entropy run per chunk of labelled tokens, its gradient in the same pass
   loop.py         train(): read top to bottom like nanoGPT's train.py
   checkpoint.py   adapter + optimizer + RNG + data position, written atomically; resume; a damaged one refused
-  distributed.py  several GPUs and hosts through torchrun: DDP or FSDP2, ranks, sharded tensors, the launcher,
-                  the c10d rendezvous across hosts and the follower the other hosts run
+  distributed/    several GPUs and hosts through torchrun: world.py (one rank: DDP or FSDP2, ranks, sharded
+                  tensors), launcher.py (torchrun commands, the c10d rendezvous across hosts, the follower the
+                  other hosts run)
 
 What a run does:
   1. wrap the base model with LoRA; warm-start from the parent (champion) adapter's weights,
