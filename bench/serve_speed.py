@@ -439,8 +439,7 @@ def part_7b(args, out: dict) -> None:
     bound_s = weight_bytes / bandwidth
     # The keys and values a step must read too (the weights-only bound leaves them out): 32 rows at the mean
     # position of steps 64..256 after a 64-token prompt.
-    element = next(iter(eng.cache.keys.values())).element_size()
-    kv_per_position = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in eng.cache.layers.values()) * element
+    kv_per_position = eng.cache.nbytes / eng.cache.capacity_tokens   # every layer's keys and values, one position
     mean_position = len(ps[0]) + (64 + 256) / 2
     kv_bytes = 32 * kv_per_position * mean_position
     out.update({"hbm_bandwidth_gb_s_measured": bandwidth / 1e9, "weight_bytes": weight_bytes,
