@@ -219,10 +219,10 @@ def workload_id(ref_records: list[dict], cur_records: list[dict]) -> dict:
 
 def load_model(cache_dir: str):
     """The default base model, loaded the way cli_drift loads it (bf16 on a CPU with native bf16)."""
-    from pipelines.hardware import cpu_native_bf16
+    from pipelines.hardware import cpu_bf16_matmul
     from pipelines.models import EMBEDDED_DEFAULT, load_base_model
 
-    dtype = "bfloat16" if cpu_native_bf16() else "auto"
+    dtype = "bfloat16" if cpu_bf16_matmul() else "auto"
     t0 = time.perf_counter()
     model, tok = load_base_model(EMBEDDED_DEFAULT, Path(cache_dir), dtype=dtype, device="cpu")
     info = {"spec": EMBEDDED_DEFAULT, "load_dtype": dtype, "load_s": time.perf_counter() - t0,
