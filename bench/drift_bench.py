@@ -205,7 +205,56 @@ def time_window_pair(ref_records, cur_records, model, tok, cfg, *, batch_size: i
               "total_s": t_ref + t_cur + t_test, "tokens": tokens, "tokens_per_s": tokens / (t_ref + t_cur),
               "cpu_share": (u_ref * t_ref + u_cur * t_cur) / (t_ref + t_cur),
               "loadavg_1min": [load0, os.getloadavg()[0]], "workload": workload_id(ref_records, cur_records)}
+    timing["compute_floor"] = compute_floor(ref_records, cur_records, model, tok, batch_size=batch_size,
+                                            max_tokens=max_tokens, tokens=tokens, featurize_s=t_ref + t_cur)
     return f_ref, f_cur, timing
+
+
+def matmul_peak_gflops(model, rows: int = 512, repeats: int = 5) -> dict:
+    """The best GEMM rate this CPU reaches, in the model's dtype, at the model's own shapes (``rows`` tokens
+    through each distinct Linear shape): what a perfect featurize pass could sustain here."""
+    import torch
+
+    param = next(model.parameters())
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    best = {}
+    with torch.inference_mode():
+        for out_f, in_f in shapes:
+            a = torch.randn(rows, in_f, dtype=param.dtype)
+            w = torch.randn(out_f, in_f, dtype=param.dtype)
+            flops = 2 * rows * in_f * out_f
+            reps = max(1, int(5e9 // flops))
+            a @ w.T
+            t_best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    a @ w.T
+                t_best = min(t_best, (time.perf_counter() - t0) / reps)
+            best[f"{in_f}x{out_f}"] = flops / t_best / 1e9
+    return {"dtype": str(param.dtype).removeprefix("torch."), "rows": rows, "by_shape": best,
+            "peak": max(best.values())}
+
+
+def compute_floor(ref_records, cur_records, model, tok, *, batch_size: int, max_tokens: int, tokens: int,
+                  featurize_s: float, sample: int = 100) -> dict:
+    """How long featurizing these windows must take on this CPU even with perfect kernels.
+
+    FLOPs are counted by torch (FlopCounterMode: every matmul, attention and the LM head on the positions it
+    scores) over ``sample`` records of each window and scaled to all tokens; divided by the best GEMM rate
+    measured here at the model's shapes, that is the floor no faster kernel can beat."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sub = ref_records[:sample] + cur_records[:sample]
+    with FlopCounterMode(display=False) as counter:
+        f_sub = featurize(sub, model, tok, batch_size=batch_size, max_tokens=max_tokens)
+    sub_tokens = int(sum(min(max_tokens, d[0] + d[1]) for d in f_sub.descriptors))
+    flops = counter.get_total_flops() / sub_tokens * tokens
+    peak = matmul_peak_gflops(model)
+    floor_s = flops / (peak["peak"] * 1e9)
+    return {"flops_per_token": flops / tokens, "flops": flops, "counted_on_records": len(sub),
+            "matmul_peak_gflops": peak, "floor_s": floor_s, "achieved_gflops": flops / featurize_s / 1e9,
+            "fraction_of_floor": floor_s / featurize_s}
 
 
 def workload_id(ref_records: list[dict], cur_records: list[dict]) -> dict:
@@ -342,6 +391,11 @@ def verdicts(result: dict) -> dict:
             verdict[f"max_tokens_{budget}"]["original_workload_1000v1000"] = {
                 "total_s": latest[1]["total_s"], "met": latest[1]["total_s"] < t["featurize_and_test_1000v1000_max_s"],
                 "tokens": latest[1]["tokens"], "measured_in": latest[0], "cpu_share": latest[1].get("cpu_share")}
+            floor = latest[1].get("compute_floor")
+            if floor:   # the time perfect kernels would need on this CPU: above the target, no kernel work can meet it
+                verdict[f"max_tokens_{budget}"]["original_workload_1000v1000"].update(
+                    compute_floor_s=floor["floor_s"], fraction_of_floor=floor["fraction_of_floor"],
+                    reachable_here=floor["floor_s"] + latest[1]["test_s"] < t["featurize_and_test_1000v1000_max_s"])
     return verdict
 
 
