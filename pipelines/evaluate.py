@@ -114,9 +114,18 @@ def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad
                 ids[j, :n] = torch.tensor(examples[i]["input_ids"])
                 labels[j, :n] = torch.tensor(examples[i]["labels"])
                 mask[j, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
-            tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
+            # Logits only where some row of the batch scores the next token (prompts are most of a chat
+            # record's positions): the LM head over the vocabulary and its float32 copy are a large share of
+            # the pass and of its memory otherwise. The model applies its own head and any logit scaling.
+            scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+            try:
+                logits = model(**kwargs, logits_to_keep=scored.to(device)).logits
+                target = labels[:, 1:][:, scored].to(device)
+            except TypeError:   # a model without logits_to_keep: every position
+                logits = model(**kwargs).logits[:, :-1]
+                target = labels[:, 1:].to(device)
+            tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
                                   ignore_index=IGNORE_INDEX).view(target.shape)
             counts = (target != IGNORE_INDEX).sum(1)
             per = tok.sum(1) / counts.clamp(min=1)
@@ -422,48 +431,51 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
             return example_losses(peft_model, examples, **kw)
 
     t0 = time.perf_counter()
-    cand_h, inc_h = score("candidate", holdout_ex), score("incumbent", holdout_ex)
-    test = paired_bootstrap(cand_h, inc_h, samples=bootstrap_samples, seed=seed)
-    report: dict[str, Any] = {
-        "holdout": {"candidate_loss": _mean(cand_h), "incumbent_loss": _mean(inc_h), "n": test["n"],
-                    "p_value": test["p_value"], "mean_diff": test["mean_diff"],
-                    "ci95": [test["ci_low"], test["ci_high"]],
-                    "candidate_perplexity": math.exp(_mean(cand_h)), "incumbent_perplexity": math.exp(_mean(inc_h)),
-                    "categories": category_losses(holdout_p, cand_h, inc_h)},
-        "regression": {},
-        "per_example": {"candidate": cand_h, "incumbent": inc_h},
-    }
-    for name, (payloads, examples) in sets.items():
-        if examples:
-            c, i = score("candidate", examples), score("incumbent", examples)
-            r = report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i),
-                                              "n": len(examples), "candidate_perplexity": math.exp(_mean(c)),
-                                              "incumbent_perplexity": math.exp(_mean(i)),
-                                              "categories": category_losses(payloads, c, i)}
-            if incumbent is None:
-                r["base_loss"] = _mean(i)
-            elif regression_base:
-                r["base_loss"] = _mean(score("base", examples))
-    report["loss_seconds"] = time.perf_counter() - t0
-    if answers is not None:
-        t1 = time.perf_counter()
-        gen_kw = {"pad_id": pad, "batch_size": 32 if on_cpu else 64, "autocast": kw.get("autocast")}
-        named = {"holdout": holdout_p, **{name: payloads for name, (payloads, _) in sets.items()}}
-        report["scores"] = {}
-        for name, payloads in named.items():
-            items = answer_items(payloads[:answers["examples"]], tokenizer, max_seq_len,
-                                 score_kinds=answers.get("score_kinds") or {}, new_tokens=answers["new_tokens"])
-            free = answers.get("free_text_sets", "all")
-            if free == "none" or (free == "holdout" and name != "holdout"):
-                items = [it for it in items if it["kind"] != "free"]
-            if not items:
-                continue
-            with use("candidate"):
-                cs = score_answers(peft_model, tokenizer, items, loss_kw=kw, gen_kw=gen_kw)
-            with use("incumbent"):
-                ins = score_answers(peft_model, tokenizer, items, cache=answer_cache, loss_kw=kw, gen_kw=gen_kw)
-            report["scores"][name] = compare_scores(items, cs, ins, samples=bootstrap_samples, seed=seed)
-        report["answer_seconds"] = time.perf_counter() - t1
+    # Scoring on a CPU runs as training's speed plan does where that changes no number (``_scoring_setup``); the
+    # first-token latency below runs as before, outside it.
+    with _scoring_setup(peft_model, kw.get("autocast")):
+        cand_h, inc_h = score("candidate", holdout_ex), score("incumbent", holdout_ex)
+        test = paired_bootstrap(cand_h, inc_h, samples=bootstrap_samples, seed=seed)
+        report: dict[str, Any] = {
+            "holdout": {"candidate_loss": _mean(cand_h), "incumbent_loss": _mean(inc_h), "n": test["n"],
+                        "p_value": test["p_value"], "mean_diff": test["mean_diff"],
+                        "ci95": [test["ci_low"], test["ci_high"]],
+                        "candidate_perplexity": math.exp(_mean(cand_h)), "incumbent_perplexity": math.exp(_mean(inc_h)),
+                        "categories": category_losses(holdout_p, cand_h, inc_h)},
+            "regression": {},
+            "per_example": {"candidate": cand_h, "incumbent": inc_h},
+        }
+        for name, (payloads, examples) in sets.items():
+            if examples:
+                c, i = score("candidate", examples), score("incumbent", examples)
+                r = report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i),
+                                                  "n": len(examples), "candidate_perplexity": math.exp(_mean(c)),
+                                                  "incumbent_perplexity": math.exp(_mean(i)),
+                                                  "categories": category_losses(payloads, c, i)}
+                if incumbent is None:
+                    r["base_loss"] = _mean(i)
+                elif regression_base:
+                    r["base_loss"] = _mean(score("base", examples))
+        report["loss_seconds"] = time.perf_counter() - t0
+        if answers is not None:
+            t1 = time.perf_counter()
+            gen_kw = {"pad_id": pad, "batch_size": 32 if on_cpu else 64, "autocast": kw.get("autocast")}
+            named = {"holdout": holdout_p, **{name: payloads for name, (payloads, _) in sets.items()}}
+            report["scores"] = {}
+            for name, payloads in named.items():
+                items = answer_items(payloads[:answers["examples"]], tokenizer, max_seq_len,
+                                     score_kinds=answers.get("score_kinds") or {}, new_tokens=answers["new_tokens"])
+                free = answers.get("free_text_sets", "all")
+                if free == "none" or (free == "holdout" and name != "holdout"):
+                    items = [it for it in items if it["kind"] != "free"]
+                if not items:
+                    continue
+                with use("candidate"):
+                    cs = score_answers(peft_model, tokenizer, items, loss_kw=kw, gen_kw=gen_kw)
+                with use("incumbent"):
+                    ins = score_answers(peft_model, tokenizer, items, cache=answer_cache, loss_kw=kw, gen_kw=gen_kw)
+                report["scores"][name] = compare_scores(items, cs, ins, samples=bootstrap_samples, seed=seed)
+            report["answer_seconds"] = time.perf_counter() - t1
     report["latency"] = _latency(peft_model, tokenizer, holdout_ex[:latency_prompts], use)
     if report["latency"] is None:
         del report["latency"]
@@ -471,6 +483,20 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         report["latency"]["incumbent"] = "base" if incumbent is None else "adapter"
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def _scoring_setup(peft_model: Any, autocast: str | None):
+    """Under CPU bf16 autocast, what training's speed plan does that leaves every number as it was: one bf16 copy
+    of each frozen linear for the evaluation (autocast casts a frozen weight again at every call) and no float32
+    copy of each LoRA input (autocast casts it back to bf16 for the matmul). Elsewhere nothing."""
+    import contextlib
+
+    if not autocast or next(peft_model.parameters()).device.type != "cpu":
+        return contextlib.nullcontext()
+    from pipelines.train.speed import SpeedPlan, speed_setup
+
+    return speed_setup(peft_model, SpeedPlan(attention="mask", compile_layers=False, autocast=autocast,
+                                             lora_kernel="peft"))
 
 
 def _latency(peft_model: Any, tokenizer: Any, examples: list[dict], use: Any) -> dict | None:

@@ -72,6 +72,69 @@ def test_token_budget_batching_and_autocast_keep_the_losses(tiny_llama_dir):
     assert bf16 == pytest.approx(plain, rel=0.05) and bf16 != pytest.approx(plain, rel=1e-7)
 
 
+def test_losses_from_the_scored_positions_alone_equal_those_from_every_position(tiny_llama_dir):
+    """example_losses asks the model for logits only where a label is scored; a model without logits_to_keep
+    (every position) must give the same losses, and the scored logits must really be fewer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.evaluate import example_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+
+    class EveryPosition(torch.nn.Module):   # no logits_to_keep: example_losses falls back to full logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in ((12, 8), (20, 15), (9, 2), (30, 25)):   # long prompts: most positions are not scored
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    widths = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    scored = example_losses(model, examples, batch_size=4)
+    hook.remove()
+    every = example_losses(EveryPosition(model), examples, batch_size=4)
+    assert scored == pytest.approx(every, rel=1e-5)
+    assert all(x == x for x in scored)   # no NaN: every example has scored tokens
+    # one batch of 4 rows, 29 predicting positions; a position is kept where any row scores its next token:
+    # 1-7, 7-10, 14-18 and 24-28, 20 of the 29
+    assert widths == [20]
+
+
+def test_the_cpu_scoring_setup_changes_no_loss(tmp_path, tiny_llama_dir):
+    """Under bf16 autocast on a CPU the evaluation scores with bf16 copies of the frozen linears and without PEFT's
+    float32 copy of each LoRA input: the same numbers as autocast alone, and the model is as before afterwards."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.evaluate import _scoring_setup, example_losses
+
+    cand = _adapter(tiny_llama_dir, tmp_path / "cand", 1)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(cand))
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for n in (6, 14, 25, 40):
+        ids = torch.randint(0, 128, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    kw = dict(batch_size=64, batch_tokens=200, autocast="bfloat16")
+    plain = example_losses(pm, examples, **kw)
+    with _scoring_setup(pm, "bfloat16"):
+        copies = [m.lorad_compute_weight.dtype for m in pm.modules() if hasattr(m, "lorad_compute_weight")]
+        fast = example_losses(pm, examples, **kw)
+    assert copies and set(copies) == {torch.bfloat16}
+    assert fast == pytest.approx(plain, rel=1e-6)
+    assert not any(hasattr(m, "lorad_compute_weight") for m in pm.modules())
+    assert example_losses(pm, examples, **kw) == plain
+
+
 EXTRA = "A B C valid void clause rule binds explain one two three four five six".split()
 NUM = "one two three four five six".split()
 
@@ -106,7 +169,7 @@ def _records():
 
 
 def test_answers_are_scored_per_set_and_category_and_cached(tmp_path, tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipelines.evaluate import evaluate
 
@@ -144,7 +207,7 @@ def test_answers_are_scored_per_set_and_category_and_cached(tmp_path, tiny_llama
 
 def test_choice_is_the_option_with_the_highest_log_likelihood(tiny_llama_dir):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipelines.evaluate import answer_items, score_answers
 
