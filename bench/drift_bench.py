@@ -200,7 +200,7 @@ def time_window_pair(ref_records, cur_records, model, tok, cfg, *, batch_size: i
     f_ref, t_ref, u_ref = _cpu_share(lambda: featurize(ref_records, model, tok, **kw))
     f_cur, t_cur, u_cur = _cpu_share(lambda: featurize(cur_records, model, tok, **kw))
     _, t_test, _ = _cpu_share(lambda: detect_drift(f_ref, f_cur, cfg, rng=0))
-    tokens = int(sum(min(max_tokens, d[0] + d[1]) for d in np.concatenate([f_ref.descriptors, f_cur.descriptors])))
+    tokens = featurized_tokens(f_ref, max_tokens) + featurized_tokens(f_cur, max_tokens)
     timing = {"featurize_reference_s": t_ref, "featurize_current_s": t_cur, "test_s": t_test,
               "total_s": t_ref + t_cur + t_test, "tokens": tokens, "tokens_per_s": tokens / (t_ref + t_cur),
               "cpu_share": (u_ref * t_ref + u_cur * t_cur) / (t_ref + t_cur),
@@ -208,6 +208,11 @@ def time_window_pair(ref_records, cur_records, model, tok, cfg, *, batch_size: i
     timing["compute_floor"] = compute_floor(ref_records, cur_records, model, tok, batch_size=batch_size,
                                             max_tokens=max_tokens, tokens=tokens, featurize_s=t_ref + t_cur)
     return f_ref, f_cur, timing
+
+
+def featurized_tokens(features: Features, max_tokens: int) -> int:
+    """Tokens the model saw for these features: each record's prompt + response, truncated to max_tokens."""
+    return int(sum(min(max_tokens, d[0] + d[1]) for d in features.descriptors))
 
 
 def matmul_peak_gflops(model, rows: int = 512, repeats: int = 5) -> dict:
@@ -248,8 +253,7 @@ def compute_floor(ref_records, cur_records, model, tok, *, batch_size: int, max_
     sub = ref_records[:sample] + cur_records[:sample]
     with FlopCounterMode(display=False) as counter:
         f_sub = featurize(sub, model, tok, batch_size=batch_size, max_tokens=max_tokens)
-    sub_tokens = int(sum(min(max_tokens, d[0] + d[1]) for d in f_sub.descriptors))
-    flops = counter.get_total_flops() / sub_tokens * tokens
+    flops = counter.get_total_flops() / featurized_tokens(f_sub, max_tokens) * tokens
     peak = matmul_peak_gflops(model)
     floor_s = flops / (peak["peak"] * 1e9)
     return {"flops_per_token": flops / tokens, "flops": flops, "counted_on_records": len(sub),

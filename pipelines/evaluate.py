@@ -486,12 +486,13 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
 
 
 def _scoring_setup(peft_model: Any, autocast: str | None):
-    """Under CPU bf16 autocast, what training's speed plan does that leaves every number as it was: one bf16 copy
-    of each frozen linear for the evaluation (autocast casts a frozen weight again at every call) and no float32
-    copy of each LoRA input (autocast casts it back to bf16 for the matmul). Elsewhere nothing."""
+    """Under bf16 autocast (the evaluation asks for it on a CPU only), what training's speed plan does that leaves
+    every number as it was: one bf16 copy of each frozen linear on a CPU (autocast casts a frozen weight again at
+    every call) and no float32 copy of each LoRA input (autocast casts it back to bf16 for the matmul). Without
+    autocast nothing."""
     import contextlib
 
-    if not autocast or next(peft_model.parameters()).device.type != "cpu":
+    if not autocast:
         return contextlib.nullcontext()
     from pipelines.train.speed import SpeedPlan, speed_setup
 
