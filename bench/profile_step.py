@@ -104,7 +104,7 @@ def kernel_table(stepper, batch: int, context: int) -> dict:
 
 def linear_shapes(model, rows: int) -> list[tuple[int, int, int]]:
     """(out incl. A columns, in, A columns) of each distinct projection a step runs (groups as one)."""
-    from daemon.engine.lora import _Group
+    from daemon.engine.lora import _Group, joint_shape
 
     seen, out = set(), []
     for m in model.modules():
@@ -113,9 +113,11 @@ def linear_shapes(model, rows: int) -> list[tuple[int, int, int]]:
             if id(group) in seen:
                 continue
             seen.add(id(group))
-            shape = (group.joint.shape[0], group.joint.shape[1], group.joint.shape[0] - group.total_out)
+            rows, width = joint_shape(group.joint, group.transposed)
+            shape = (rows, width, rows - group.total_out)
         elif getattr(m, "joint", None) is not None:
-            shape = (m.joint.shape[0], m.joint.shape[1], m.joint.shape[0] - m.out_features)
+            rows, width = joint_shape(m.joint, m.transposed)
+            shape = (rows, width, rows - m.out_features)
         else:
             continue
         if shape not in out:

@@ -816,6 +816,11 @@ def main() -> int:
                          "(daemon/engine/kernels.py TUNING keys), e.g. '{\"dot\": true}'")
     ap.add_argument("--group-projections", choices=("on", "off"), default="on",
                     help="merge q/k/v and gate/up into one matmul each (daemon/engine/lora.py GROUPS)")
+    ap.add_argument("--joint-layout", choices=("transposed", "rows"), default="transposed",
+                    help="how the GPU stores each projection's weight + A table (daemon/engine/lora.py "
+                         "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
+    ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
+                    help="y + (h * select) @ B in one Triton kernel on the GPU (lora.GPU_B_KERNEL); off = PyTorch")
     args = ap.parse_args()
     if args.cpu_first_request:
         cpu_first_request(args)
@@ -828,10 +833,12 @@ def main() -> int:
         kernels.TUNING.update(override)
         for geometry in kernels.TUNED.values():
             geometry.update(override)
-    if args.group_projections == "off":
-        from daemon.engine import lora
+    from daemon.engine import lora
 
+    if args.group_projections == "off":
         lora.GROUPS = ()
+    lora.GPU_TRANSPOSED = args.joint_layout == "transposed"
+    lora.GPU_B_KERNEL = args.lora_b_kernel == "on"
     import torch
     import transformers
 
@@ -841,7 +848,8 @@ def main() -> int:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
             "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
-                               "attention_tuning": args.attention_tuning}}
+                               "attention_tuning": args.attention_tuning, "joint_layout": args.joint_layout,
+                               "lora_b_kernel": args.lora_b_kernel}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

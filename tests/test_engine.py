@@ -599,10 +599,12 @@ def test_swap_invariants_under_concurrent_load(world):
         engine.stop(timeout=5)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_grouped_projections_give_the_separate_linears_results(arch):
+def test_grouped_projections_give_the_separate_linears_results(arch, transposed):
     """q/k/v and gate/up merged into one matmul each (with a block-diagonal B) change no number: same logits as
-    the ungrouped SlotLoRAs for rows on different slots, with adapters on every projection (Qwen2: q/k/v bias)."""
+    the ungrouped SlotLoRAs for rows on different slots, with adapters on every projection (Qwen2: q/k/v bias).
+    The same holds for the GPU's layout (joint tensors stored transposed and padded), tried here on the CPU."""
     import copy
 
     import torch
@@ -620,7 +622,10 @@ def test_grouped_projections_give_the_separate_linears_results(arch):
     separate, grouped = model, copy.deepcopy(model)
     slots, r_max = 3, 4
     wrapped_s = lora.wrap_linears(separate, slots=slots, r_max=r_max, group=False)
-    wrapped_g = lora.wrap_linears(grouped, slots=slots, r_max=r_max)
+    wrapped_g = lora.wrap_linears(grouped, slots=slots, r_max=r_max, transposed=transposed)
+    assert all(m.transposed == transposed for m in wrapped_g.values())
+    if transposed:
+        assert all(m.joint is None or m.joint.shape[1] % lora.PAD == 0 for m in wrapped_g.values())
     groups = {id(m.group) for m in wrapped_g.values() if m.group is not None}
     assert len(groups) == 2 * 2, "two groups (qkv, gate-up) per layer"
     gen = torch.Generator().manual_seed(1)

@@ -1,4 +1,6 @@
-"""The decode attention as one Triton kernel per layer (GPU): append the step's key and value, attend.
+"""The decode step's Triton kernels (GPU): the attention, and the LoRA B product of the per-row tables.
+
+Attention: one Triton kernel per layer appends the step's key and value, then attends.
 
 A first kernel runs one program per (row, KV head, split of the context): split 0 writes the row's new key and
 value at the row's position in the slot cache and starts from that token; every split attends the group of
@@ -12,6 +14,13 @@ like any other launch.
 
 Used for decode steps on CUDA when Triton imports and the layer has no sliding window; everything else takes
 the PyTorch path in ``step.py``.
+
+LoRA B (``lora_b_add``): ``y + (h * select) @ B`` for the slot tables of ``lora.py`` in one kernel, where PyTorch
+launches three (the mask product, the matmul, the addition): per row, the selection masks the A products of
+the other slots, the product with B accumulates in float32 and ``y`` is added before the one rounding. Each
+program owns a tile of rows and output columns; its sum over the columns of ``h`` runs in a fixed order, so a
+row's result never depends on the other rows (batch invariant). It is a ``torch.library`` custom op, so compiled
+layers call it without a graph break.
 """
 
 from __future__ import annotations
@@ -201,3 +210,86 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
     combine_kernel[(rows, q_heads)](m, norm, acc, out, out.stride(0), out.stride(2), DV=dv, DV_P=_pow2(dv),
                                     SPLITS=splits, SPLITS_P=_pow2(splits), num_warps=1)
     return out
+
+
+# LoRA B tiles: output columns per program, A columns per loop step, warps (bench/results/lora_b_h100.json)
+LORA_B_TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4}
+
+
+@functools.lru_cache(maxsize=1)
+def _lora_b_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lora_b_kernel(y_ptr, h_ptr, sel_ptr, b_ptr, out_ptr, M, N, K, C, T, sy_m, sh_m, ss_r, sb_k, so_m,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows [BLOCK_M tile] x columns [BLOCK_N tile] of y + (h * select) @ B."""
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < M, rn < N
+        sel_row = rm // T  # the request row of each token row (a prefill row holds T tokens)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            hk = tl.load(h_ptr + rm[:, None] * sh_m + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            sk = tl.load(sel_ptr + sel_row[:, None] * ss_r + (rk % C)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            bk = tl.load(b_ptr + rk[:, None] * sb_k + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot((hk * sk).to(bk.dtype), bk)
+        tile = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptr + rm[:, None] * sy_m + rn[None, :], mask=tile, other=0.0)
+        out = y.to(tl.float32) + acc
+        tl.store(out_ptr + rm[:, None] * so_m + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=tile)
+
+    return lora_b_kernel
+
+
+def _lora_b_launch(y: Any, h: Any, select: Any, lora_b: Any, tokens: int) -> Any:
+    import torch
+
+    y, h, select, lora_b = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, h, select, lora_b))
+    m, n = y.shape
+    k, c = h.shape[1], select.shape[1]
+    out = torch.empty((m, n), dtype=y.dtype, device=y.device)
+    tune = LORA_B_TUNING
+    block_m = 16 if m <= 16 else 32
+    grid = (-(-n // tune["block_n"]), -(-m // block_m))
+    _lora_b_kernel()[grid](y, h, select, lora_b, out, m, n, k, c, tokens, y.stride(0), h.stride(0),
+                           select.stride(0), lora_b.stride(0), out.stride(0), BLOCK_M=block_m,
+                           BLOCK_N=tune["block_n"], BLOCK_K=tune["block_k"], num_warps=tune["num_warps"])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _lora_b_op():
+    import torch
+
+    @torch.library.custom_op("lorad::lora_b_add", mutates_args=())
+    def lora_b_add_op(y: torch.Tensor, h: torch.Tensor, select: torch.Tensor, lora_b: torch.Tensor,
+                      tokens: int) -> torch.Tensor:
+        return _lora_b_launch(y, h, select, lora_b, tokens)
+
+    @lora_b_add_op.register_fake
+    def _(y, h, select, lora_b, tokens):
+        return y.new_empty(y.shape)
+
+    return lora_b_add_op
+
+
+def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any) -> Any:
+    """``y + (h * select.repeat(...)) @ lora_b`` in one kernel (see the module docstring).
+
+    Args:
+        y: ``[rows, T, N]`` (any row stride, unit column stride): the base output.
+        h: ``[rows, T, K]``: the A products of every slot (K = members x C for a projection group).
+        select: ``[rows, 1, C]``: 1 on the columns of each row's slot, 0 elsewhere (``lora.selection``).
+        lora_b: ``[K, N]`` contiguous.
+    Returns:
+        ``[rows, T, N]``, contiguous, in ``y``'s dtype.
+    """
+    rows, tokens, n = y.shape
+    out = _lora_b_op()(y.reshape(rows * tokens, n), h.reshape(rows * tokens, h.shape[-1]),
+                       select.reshape(select.shape[0], select.shape[-1]), lora_b, tokens)
+    return out.view(rows, tokens, n)

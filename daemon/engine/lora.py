@@ -16,6 +16,10 @@ block-diagonal table holds their B, and the first member's call computes the who
 for the base outputs and A products and one for the B products; the other members return their slices.
 A step then launches a third of the projection kernels. A member called with another input (or before the
 first) computes alone from views of the same tensors, so grouping never changes a result.
+
+On a GPU the joint tensor is stored transposed, ``[in, out + columns]`` with the columns padded to a multiple of
+128: at decode shapes cuBLAS streams that layout faster (7B shape on an H100 at 32 rows: 151 against 162 µs of
+projections per layer, ``bench/results/joint_layout_h100.json``). Elsewhere it is ``[out + columns, in]``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,52 @@ SELECTION = _Selection()
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+PAD = 128  # the transposed joint tensor's width is a multiple of this
+# Defaults on a GPU (bench/serve_speed.py --joint-layout / --lora-b-kernel turn them off to compare): the joint
+# tensors transposed; ``y + (h * select) @ B`` in one Triton kernel (kernels.lora_b_add) for bf16/fp16 weights.
+GPU_TRANSPOSED = True
+GPU_B_KERNEL = True
+
+
+def add_lora(y: Any, h: Any, select: Any, lora_b: Any, kernel: bool) -> Any:
+    """``y + (h * select) @ lora_b``; ``select`` repeats over ``h``'s columns (one block per group member)."""
+    if kernel:
+        from daemon.engine import kernels
+
+        return kernels.lora_b_add(y, h, select, lora_b)
+    repeat = h.shape[-1] // select.shape[-1]
+    if repeat > 1:
+        select = select.repeat(1, 1, repeat)
+    return y + ((h * select) @ lora_b).to(y.dtype)
+
+
+def joint_tensor(rows: int, in_features: int, *, transposed: bool, dtype: Any, device: Any) -> Any:
+    """Zeros for ``rows`` joint rows (weights, then A tables): ``[in, rows rounded up to PAD]`` when transposed,
+    else ``[rows, in]``."""
+    import torch
+
+    if transposed:
+        return torch.zeros(in_features, -(-rows // PAD) * PAD, dtype=dtype, device=device)
+    return torch.zeros(rows, in_features, dtype=dtype, device=device)
+
+
+def joint_rows(joint: Any, transposed: bool, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of a joint tensor as a Linear weight ``[stop - start, in]`` (a view)."""
+    return joint[:, start:stop].t() if transposed else joint[start:stop]
+
+
+def joint_product(x: Any, joint: Any, transposed: bool) -> Any:
+    """``x`` times every row of the joint tensor: ``[..., width]`` (padding columns included, all zero)."""
+    import torch.nn.functional as F
+
+    return x @ joint if transposed else F.linear(x, joint)
+
+
+def joint_shape(joint: Any, transposed: bool) -> tuple[int, int]:
+    """(rows incl. padding, in) of a joint tensor."""
+    return (joint.shape[1], joint.shape[0]) if transposed else (joint.shape[0], joint.shape[1])
+
+
 class AdapterFormatError(ValueError):
     """An adapter the slot tables cannot hold; the message says what and why."""
 
@@ -56,22 +106,25 @@ def _slot_lora_class():
         and every slot's ``x @ A`` together, which halves the matmuls a step launches.
         """
 
-        def __init__(self, base: Any, slots: int, r_max: int):
+        def __init__(self, base: Any, slots: int, r_max: int, transposed: bool = False):
             super().__init__()
             self.base = base
             self.in_features, self.out_features = base.in_features, base.out_features
             weight = base.weight
             self.fused = type(base) is torch.nn.Linear and weight.dtype.is_floating_point
+            self.transposed = transposed and self.fused
+            self.kernel = False  # y + (h * select) @ B by kernels.lora_b_add (set by wrap_linears)
             dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
             columns = slots * r_max
+            out = self.out_features
             with torch.no_grad():
                 if self.fused:
-                    joint = torch.zeros(self.out_features + columns, self.in_features, dtype=dtype,
-                                        device=weight.device)
-                    joint[:self.out_features].copy_(weight)
-                    base.weight = torch.nn.Parameter(joint[:self.out_features], requires_grad=False)
+                    joint = joint_tensor(out + columns, self.in_features, transposed=self.transposed, dtype=dtype,
+                                         device=weight.device)
+                    joint_rows(joint, self.transposed, 0, out).copy_(weight)
+                    base.weight = torch.nn.Parameter(joint_rows(joint, self.transposed, 0, out), requires_grad=False)
                     self.register_buffer("joint", joint, persistent=False)
-                    lora_a = joint[self.out_features:]
+                    lora_a = joint_rows(joint, self.transposed, out, out + columns)
                 else:
                     self.register_buffer("joint", None, persistent=False)
                     lora_a = torch.zeros(columns, self.in_features, dtype=dtype, device=weight.device)
@@ -102,14 +155,15 @@ def _slot_lora_class():
             if select is None:
                 return self.base(x)
             if self.joint is not None:
-                joint = F.linear(x, self.joint)
-                y, h = joint[..., :self.out_features], joint[..., self.out_features:]
+                out = self.out_features
+                joint = joint_product(x, self.joint, self.transposed)
+                y, h = joint[..., :out], joint[..., out:out + self.lora_a.shape[0]]
                 if self.base.bias is not None:
                     y = y + self.base.bias
             else:
                 y = self.base(x)
                 h = F.linear(x.to(self.lora_a.dtype), self.lora_a)
-            return y + ((h * select) @ self.lora_b).to(y.dtype)
+            return add_lora(y, h, select, self.lora_b, self.kernel)
 
     return SlotLoRA
 
@@ -128,22 +182,25 @@ class _Group:
         columns = first.lora_a.shape[0]
         total = sum(outs)
         self.total_out, self.columns = total, columns
+        self.transposed = t = first.transposed
+        self.kernel = first.kernel
         dtype, device = first.joint.dtype, first.joint.device
         with torch.no_grad():
-            joint = torch.empty(total + len(members) * columns, first.in_features, dtype=dtype, device=device)
+            joint = joint_tensor(total + len(members) * columns, first.in_features, transposed=t, dtype=dtype,
+                                 device=device)
             lora_b = torch.zeros(len(members) * columns, total, dtype=dtype, device=device)
             offset = 0
             for i, (m, out) in enumerate(zip(members, outs)):
-                joint[offset:offset + out].copy_(m.joint[:out])
-                rows = slice(total + i * columns, total + (i + 1) * columns)
-                joint[rows].copy_(m.lora_a)
+                joint_rows(joint, t, offset, offset + out).copy_(joint_rows(m.joint, t, 0, out))
+                a_rows = joint_rows(joint, t, total + i * columns, total + (i + 1) * columns)
+                a_rows.copy_(m.lora_a)
                 block = lora_b[i * columns:(i + 1) * columns, offset:offset + out]
                 block.copy_(m.lora_b)
                 # The member's own tensors become views of the group's: adapters written into a member's
                 # slot land in the group's tables, and a member computing alone reads the same numbers.
-                m.base.weight = torch.nn.Parameter(joint[offset:offset + out], requires_grad=False)
+                m.base.weight = torch.nn.Parameter(joint_rows(joint, t, offset, offset + out), requires_grad=False)
                 m.joint = None
-                m.lora_a = joint[rows]
+                m.lora_a = a_rows
                 m.lora_b = block
                 m.group, m.member = self, i
                 offset += out
@@ -158,14 +215,15 @@ class _Group:
         """Every member's output for input ``x`` (``select``: the rows' slot columns, or None for no adapter)."""
         import torch.nn.functional as F
 
+        total = self.total_out
         if select is None:
-            y = F.linear(x, self.joint[:self.total_out], self.bias)
+            y = F.linear(x, joint_rows(self.joint, self.transposed, 0, total), self.bias)
         else:
-            both = F.linear(x, self.joint)
-            y, h = both[..., :self.total_out], both[..., self.total_out:]
+            both = joint_product(x, self.joint, self.transposed)
+            y, h = both[..., :total], both[..., total:total + len(self.members) * self.columns]
             if self.bias is not None:
                 y = y + self.bias
-            y = y + (h * select.repeat(1, 1, len(self.members))) @ self.lora_b
+            y = add_lora(y, h, select, self.lora_b, self.kernel)
         return tuple(y.split(self.splits, dim=-1))
 
 
@@ -182,19 +240,26 @@ def group_linears(model: Any, wrapped: dict[str, Any]) -> int:
             members = [by_name.get(f"{parent}.{leaf}" if parent else leaf) for leaf in names]
             if any(m is None or not m.fused or m.group is not None for m in members):
                 continue
-            if len({(m.in_features, m.joint.dtype, m.joint.device, m.base.bias is None) for m in members}) != 1:
+            if len({(m.in_features, m.joint.dtype, m.joint.device, m.base.bias is None, m.transposed, m.kernel)
+                    for m in members}) != 1:
                 continue
             _Group(members)
             made += 1
     return made
 
 
-def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True) -> dict[str, Any]:
+def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True,
+                 transposed: bool | None = None) -> dict[str, Any]:
     """Replace every Linear inside the model's layers (not the output head) by a SlotLoRA; return them by name.
 
-    ``group``: merge sibling projections on one input (see ``group_linears``).
+    ``group``: merge sibling projections on one input (see ``group_linears``). ``transposed``: store the joint
+    tensors ``[in, out + columns]`` (default: ``GPU_TRANSPOSED`` where the Linear's weight is on a GPU; see the
+    module docstring). On a GPU with Triton, bf16/fp16 fused Linears add their B product through
+    ``kernels.lora_b_add`` (``GPU_B_KERNEL``).
     """
     import torch
+
+    from daemon.engine import kernels
 
     cls = _slot_lora_class()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -204,7 +269,11 @@ def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True) -> d
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = cls(module, slots, r_max)
+        on_gpu = module.weight.device.type == "cuda"
+        t = (on_gpu and GPU_TRANSPOSED) if transposed is None else transposed
+        lora = cls(module, slots, r_max, t)
+        half = module.weight.dtype in (torch.bfloat16, torch.float16)
+        lora.kernel = GPU_B_KERNEL and on_gpu and lora.fused and half and kernels.available()
         setattr(parent, leaf, lora)
         wrapped[name] = lora
     if group:

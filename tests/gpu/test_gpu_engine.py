@@ -91,3 +91,82 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
         assert len(slow) == len(fast) == 24
         agree = next((i for i, (a, b) in enumerate(zip(slow, fast)) if a != b), 24)
         assert agree >= 12, (slow, fast)
+
+
+@pytest.mark.parametrize("rows,tokens,members,columns,n", [(32, 1, 1, 64, 4096), (5, 1, 3, 48, 200),
+                                                          (3, 7, 2, 256, 1000), (1, 1, 1, 16, 64)])
+def test_lora_b_kernel_matches_a_float32_reference_and_is_batch_invariant(rows, tokens, members, columns, n):
+    """kernels.lora_b_add: y + (h * select) @ B for decode (T=1) and prefill rows (T>1), a projection group's
+    repeated selection, a strided y (a slice of the joint product); a row alone gets the bits it gets in a batch."""
+    import torch
+
+    from daemon.engine import kernels, lora
+
+    torch.manual_seed(0)
+    slots, r_max = 4, columns // 4
+    k = members * columns
+    joint = torch.randn(rows, tokens, n + k + 8, device="cuda", dtype=torch.bfloat16)
+    y, h = joint[..., :n], joint[..., n:n + k]  # strided views, as SlotLoRA passes them
+    lora_b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * 0.1
+    index = torch.tensor([i % (slots + 1) for i in range(rows)], device="cuda")
+    select = lora.selection(index, slots, r_max, torch.bfloat16)
+    out = kernels.lora_b_add(y, h, select, lora_b)
+    assert out.shape == (rows, tokens, n) and out.dtype == torch.bfloat16
+    ref = y.float() + (h.float() * select.float().repeat(1, 1, members)) @ lora_b.float()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.equal(out[index == 0], y[index == 0]), "rows without an adapter keep the base output exactly"
+    alone = kernels.lora_b_add(y[-1:], h[-1:], select[-1:], lora_b)
+    assert torch.equal(alone[0], out[-1])
+    # the PyTorch path lora.add_lora takes elsewhere agrees within bf16 rounding
+    torch.testing.assert_close(lora.add_lora(y, h, select, lora_b, False).float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gpu_projection_layout_and_b_kernel_give_the_cpu_layouts_logits(arch):
+    """On the GPU the joint tensors are stored transposed and padded and B goes through the Triton kernel; the
+    logits for rows on different slots match the row layout with PyTorch's B product (float32 both, on the GPU)
+    and, in bf16, within rounding."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from daemon.engine import lora
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    model = model.to("cuda", torch.bfloat16).eval()
+    rows_layout, gpu_layout = model, copy.deepcopy(model)
+    slots, r_max = 3, 16
+    wrapped_r = lora.wrap_linears(rows_layout, slots=slots, r_max=r_max, transposed=False)
+    for m in wrapped_r.values():
+        m.kernel = False
+    for m in {id(m.group): m.group for m in wrapped_r.values() if m.group is not None}.values():
+        m.kernel = False
+    wrapped_g = lora.wrap_linears(gpu_layout, slots=slots, r_max=r_max)
+    assert all(m.transposed and m.kernel for m in wrapped_g.values())
+    gen = torch.Generator().manual_seed(1)
+    for slot in range(slots):
+        weights = {name: (torch.randn(r_max, m.in_features, generator=gen) * 0.3,
+                          torch.randn(r_max, m.out_features, generator=gen) * 0.3) for name, m in wrapped_r.items()}
+        lora.write_slot(wrapped_r, slot, weights, r_max)
+        lora.write_slot(wrapped_g, slot, weights, r_max)
+    ids = torch.randint(0, 128, (4, 6), generator=gen).cuda()
+    rows_slot = torch.tensor([0, 1, 2, 3], device="cuda")
+    outs = []
+    with torch.no_grad():
+        for m in (rows_layout, gpu_layout):
+            lora.SELECTION.mask = lora.selection(rows_slot, slots, r_max, torch.bfloat16)
+            try:
+                outs.append(m(input_ids=ids).logits.float())
+            finally:
+                lora.SELECTION.mask = None
+        plain = m(input_ids=ids).logits.float()
+    scale = outs[0].abs().max()
+    assert (outs[1] - outs[0]).abs().max() < 0.03 * scale
+    assert (outs[1][1:] - plain[1:]).abs().max() > 0.05 * scale, "the adapters must change the output"
