@@ -814,3 +814,32 @@ def test_a_fault_that_stops_the_decode_thread_ends_every_request_instead_of_hang
             engine.call(lambda: 1, timeout=5)
     finally:
         engine.stop(timeout=5)
+
+
+def test_lora_b_op_traces_into_compiled_code_without_a_graph_break(monkeypatch):
+    """kernels.lora_b_add is a torch.library op: a compiled layer calls it in one graph (fullgraph) for decode and
+    prefill shapes, with strided inputs. The Triton launch (GPU only, tested in tests/gpu) is replaced here by
+    the same arithmetic in PyTorch, so what is checked is the op's schema, fake and dynamo integration."""
+    import torch
+
+    from daemon.engine import kernels, lora
+
+    def launch(y, h, select, b, tokens):
+        sel = select.repeat(1, h.shape[1] // select.shape[1]).repeat_interleave(tokens, 0)
+        return y + (h * sel) @ b
+
+    monkeypatch.setattr(kernels, "_lora_b_launch", launch)
+
+    def layer(x, w, sel, b):
+        joint = x @ w
+        return lora.add_lora(joint[..., :8], joint[..., 8:20], sel, b, True) * 2
+
+    w, b = torch.randn(5, 24), torch.randn(12, 8)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(3, 1, 5), (5, 1, 5), (2, 4, 5)]:
+        x = torch.randn(*shape)
+        sel = lora.selection(torch.arange(shape[0]) % 4, 3, 2, torch.float32)
+        joint = x @ w
+        expected = 2 * (joint[..., :8] + (joint[..., 8:20] * sel.repeat(1, 1, 2)) @ b)
+        torch.testing.assert_close(compiled(x, w, sel, b), expected)
+        torch.testing.assert_close(lora.add_lora(joint[..., :8], joint[..., 8:20], sel, b, False) * 2, expected)

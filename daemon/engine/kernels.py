@@ -263,12 +263,14 @@ def _lora_b_launch(y: Any, h: Any, select: Any, lora_b: Any, tokens: int) -> Any
 
 
 @functools.lru_cache(maxsize=1)
-def _lora_b_op():
+def register_lora_b():
+    """Register the ``lorad::lora_b_add`` op (once; outside compiled code: wrap_linears and lora_b_add do)."""
     import torch
 
-    @torch.library.custom_op("lorad::lora_b_add", mutates_args=())
-    def lora_b_add_op(y: torch.Tensor, h: torch.Tensor, select: torch.Tensor, lora_b: torch.Tensor,
-                      tokens: int) -> torch.Tensor:
+    # the schema spelled out: this module's annotations are strings (``from __future__ import annotations``)
+    @torch.library.custom_op("lorad::lora_b_add", mutates_args=(),
+                             schema="(Tensor y, Tensor h, Tensor select, Tensor lora_b, SymInt tokens) -> Tensor")
+    def lora_b_add_op(y, h, select, lora_b, tokens):
         return _lora_b_launch(y, h, select, lora_b, tokens)
 
     @lora_b_add_op.register_fake
@@ -289,7 +291,11 @@ def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any) -> Any:
     Returns:
         ``[rows, T, N]``, contiguous, in ``y``'s dtype.
     """
+    import torch
+
+    if not torch.compiler.is_compiling():
+        register_lora_b()
     rows, tokens, n = y.shape
-    out = _lora_b_op()(y.reshape(rows * tokens, n), h.reshape(rows * tokens, h.shape[-1]),
-                       select.reshape(select.shape[0], select.shape[-1]), lora_b, tokens)
+    out = torch.ops.lorad.lora_b_add(y.reshape(rows * tokens, n), h.reshape(rows * tokens, h.shape[-1]),
+                                     select.reshape(select.shape[0], select.shape[-1]), lora_b, tokens)
     return out.view(rows, tokens, n)

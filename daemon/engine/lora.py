@@ -274,6 +274,8 @@ def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True,
         lora = cls(module, slots, r_max, t)
         half = module.weight.dtype in (torch.bfloat16, torch.float16)
         lora.kernel = GPU_B_KERNEL and on_gpu and lora.fused and half and kernels.available()
+        if lora.kernel:
+            kernels.register_lora_b()  # here, not first inside a compiled layer
         setattr(parent, leaf, lora)
         wrapped[name] = lora
     if group:
