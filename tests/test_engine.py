@@ -829,6 +829,7 @@ def test_lora_b_op_traces_into_compiled_code_without_a_graph_break(monkeypatch):
         return y + (h * sel) @ b
 
     monkeypatch.setattr(kernels, "_lora_b_launch", launch)
+    kernels.register_lora_b()  # as wrap_linears does, before any compiled code runs
 
     def layer(x, w, sel, b):
         joint = x @ w
