@@ -14,6 +14,7 @@ Map (arrows point down):
                 decode forwards, CUDA graphs per (batch, context) bucket, sampling on the device
   lora.py       SlotLoRA: every Linear of the decoder gets stacked A/B tables, one column block per adapter
                 slot; each row selects its slot by index inside the captured step; loads copy in place
+  kernels.py    Triton (GPU): the decode attention over the slot cache, the LoRA B product in one kernel
   cache.py      the KV cache: slots x positions per layer, sized from free GPU memory or a CPU token budget
 
 Why not stock parts (measured on one H100, see docs/decisions.md): transformers' static-cache ``generate``
