@@ -471,6 +471,8 @@ def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) 
     import torch
     import torch.nn.functional as F
 
+    from pipelines.models import forward_keeping_logits
+
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -482,10 +484,7 @@ def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) 
     # LM head over a 50k-150k vocabulary is a large share of the compute for long prompts.
     keep = width - (min(e.response_start for e in batch) - 1)
     kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": True, "use_cache": False}
-    try:
-        out = model(**kwargs, logits_to_keep=keep)
-    except TypeError:  # a model without logits_to_keep: full logits
-        out = model(**kwargs)
+    out, _ = forward_keeping_logits(model, keep, **kwargs)  # without logits_to_keep: full logits
     logits = out.logits
     offset = width - logits.shape[1]  # logits[:, j] predicts token offset + j + 1
     last = out.hidden_states[-1].float()

@@ -98,6 +98,8 @@ def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad
     import torch
     import torch.nn.functional as F
 
+    from pipelines.models import forward_keeping_logits
+
     device = next(model.parameters()).device
     losses = [math.nan] * len(examples)
     model.eval()
@@ -119,12 +121,11 @@ def example_losses(model: Any, examples: list[dict], *, batch_size: int = 8, pad
             # the pass and of its memory otherwise. The model applies its own head and any logit scaling.
             scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-            try:
-                logits = model(**kwargs, logits_to_keep=scored.to(device)).logits
-                target = labels[:, 1:][:, scored].to(device)
-            except TypeError:   # a model without logits_to_keep: every position
-                logits = model(**kwargs).logits[:, :-1]
-                target = labels[:, 1:].to(device)
+            out, kept = forward_keeping_logits(model, scored.to(device), **kwargs)
+            if kept:
+                logits, target = out.logits, labels[:, 1:][:, scored].to(device)
+            else:   # a model without logits_to_keep: every position
+                logits, target = out.logits[:, :-1], labels[:, 1:].to(device)
             tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
                                   ignore_index=IGNORE_INDEX).view(target.shape)
             counts = (target != IGNORE_INDEX).sum(1)

@@ -471,3 +471,13 @@ def lora_config(model: Any, *, r: int = 16, alpha: int = 32, dropout: float = 0.
         task_type="CAUSAL_LM",
         **extra,
     )
+
+
+def forward_keeping_logits(model: Any, keep: Any, **inputs: Any) -> tuple[Any, bool]:
+    """``model(**inputs)`` with logits only where ``keep`` says (transformers' ``logits_to_keep``: an int keeps
+    the last positions, a 1-D index tensor those positions). Returns (output, True), or (output with every
+    position's logits, False) for a model whose forward does not take ``logits_to_keep``."""
+    try:
+        return model(**inputs, logits_to_keep=keep), True
+    except TypeError:  # a model without logits_to_keep
+        return model(**inputs), False
