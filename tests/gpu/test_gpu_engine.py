@@ -123,9 +123,9 @@ def test_lora_b_kernel_matches_a_float32_reference_and_is_batch_invariant(rows, 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gpu_projection_layout_and_b_kernel_give_the_cpu_layouts_logits(arch):
-    """On the GPU the joint tensors are stored transposed and padded and B goes through the Triton kernel; the
-    logits for rows on different slots match the row layout with PyTorch's B product (float32 both, on the GPU)
-    and, in bf16, within rounding."""
+    """On the GPU the joint tensors are stored transposed and padded and B goes through the Triton kernel. For rows
+    on different slots, bf16 logits that way are as close to a float32 run of the row layout as the bf16 row layout
+    with PyTorch's B product is (the kernel rounds once where PyTorch rounds twice)."""
     import copy
 
     import torch
@@ -134,39 +134,42 @@ def test_gpu_projection_layout_and_b_kernel_give_the_cpu_layouts_logits(arch):
     from daemon.engine import lora
 
     torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2))
-    model = model.to("cuda", torch.bfloat16).eval()
-    rows_layout, gpu_layout = model, copy.deepcopy(model)
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    model = (LlamaForCausalLM(LlamaConfig(**shape)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape)))
+    model = model.to("cuda").eval()
+    reference = model                                              # float32, row layout, PyTorch B product
+    rows_bf16 = copy.deepcopy(model).to(torch.bfloat16)            # bf16, row layout, PyTorch B product
+    fast_bf16 = copy.deepcopy(model).to(torch.bfloat16)            # bf16, the GPU defaults
     slots, r_max = 3, 16
-    wrapped_r = lora.wrap_linears(rows_layout, slots=slots, r_max=r_max, transposed=False)
-    for m in wrapped_r.values():
-        m.kernel = False
-    for m in {id(m.group): m.group for m in wrapped_r.values() if m.group is not None}.values():
-        m.kernel = False
-    wrapped_g = lora.wrap_linears(gpu_layout, slots=slots, r_max=r_max)
-    assert all(m.transposed and m.kernel for m in wrapped_g.values())
+    wrapped = {"ref": lora.wrap_linears(reference, slots=slots, r_max=r_max, transposed=False),
+               "rows": lora.wrap_linears(rows_bf16, slots=slots, r_max=r_max, transposed=False),
+               "fast": lora.wrap_linears(fast_bf16, slots=slots, r_max=r_max)}
+    for name in ("ref", "rows"):
+        for m in wrapped[name].values():
+            m.kernel = False
+            if m.group is not None:
+                m.group.kernel = False
+    assert all(m.transposed and m.kernel for m in wrapped["fast"].values())
     gen = torch.Generator().manual_seed(1)
     for slot in range(slots):
         weights = {name: (torch.randn(r_max, m.in_features, generator=gen) * 0.3,
-                          torch.randn(r_max, m.out_features, generator=gen) * 0.3) for name, m in wrapped_r.items()}
-        lora.write_slot(wrapped_r, slot, weights, r_max)
-        lora.write_slot(wrapped_g, slot, weights, r_max)
+                          torch.randn(r_max, m.out_features, generator=gen) * 0.3)
+                   for name, m in wrapped["ref"].items()}
+        for w in wrapped.values():
+            lora.write_slot(w, slot, weights, r_max)
     ids = torch.randint(0, 128, (4, 6), generator=gen).cuda()
     rows_slot = torch.tensor([0, 1, 2, 3], device="cuda")
-    outs = []
+    outs = {}
     with torch.no_grad():
-        for m in (rows_layout, gpu_layout):
-            lora.SELECTION.mask = lora.selection(rows_slot, slots, r_max, torch.bfloat16)
+        for name, m in (("ref", reference), ("rows", rows_bf16), ("fast", fast_bf16)):
+            lora.SELECTION.mask = lora.selection(rows_slot, slots, r_max, next(m.parameters()).dtype)
             try:
-                outs.append(m(input_ids=ids).logits.float())
+                outs[name] = m(input_ids=ids).logits.float()
             finally:
                 lora.SELECTION.mask = None
-        plain = m(input_ids=ids).logits.float()
-    scale = outs[0].abs().max()
-    assert (outs[1] - outs[0]).abs().max() < 0.03 * scale
-    assert (outs[1][1:] - plain[1:]).abs().max() > 0.05 * scale, "the adapters must change the output"
+        plain = reference(input_ids=ids).logits.float()
+    err_rows = (outs["rows"] - outs["ref"]).abs().max()
+    err_fast = (outs["fast"] - outs["ref"]).abs().max()
+    assert err_fast <= 1.5 * err_rows + 1e-3, (err_fast, err_rows)
+    assert (outs["ref"][1:] - plain[1:]).abs().max() > 10 * err_fast, "the adapters must change the output"
