@@ -821,6 +821,11 @@ def main() -> int:
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
                     help="y + (h * select) @ B in one Triton kernel on the GPU (lora.GPU_B_KERNEL); off = PyTorch")
+    ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
+                    help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "
+                         "(kernels.SKIP_ZERO_BLOCKS); off = every row")
+    ap.add_argument("--blas", choices=("default", "cublaslt"), default="default",
+                    help="torch.backends.cuda.preferred_blas_library for the run's matmuls")
     args = ap.parse_args()
     if args.cpu_first_request:
         cpu_first_request(args)
@@ -839,6 +844,13 @@ def main() -> int:
         lora.GROUPS = ()
     lora.GPU_TRANSPOSED = args.joint_layout == "transposed"
     lora.GPU_B_KERNEL = args.lora_b_kernel == "on"
+    from daemon.engine import kernels as engine_kernels
+
+    engine_kernels.SKIP_ZERO_BLOCKS = args.lora_b_skip == "on"
+    if args.blas != "default":
+        import torch
+
+        torch.backends.cuda.preferred_blas_library(args.blas)
     import torch
     import transformers
 
@@ -849,7 +861,8 @@ def main() -> int:
             "python": platform.python_version(),
             "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
                                "attention_tuning": args.attention_tuning, "joint_layout": args.joint_layout,
-                               "lora_b_kernel": args.lora_b_kernel}}
+                               "lora_b_kernel": args.lora_b_kernel, "lora_b_skip": args.lora_b_skip,
+                               "blas": args.blas}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

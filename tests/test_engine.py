@@ -824,7 +824,8 @@ def test_lora_b_op_traces_into_compiled_code_without_a_graph_break(monkeypatch):
 
     from daemon.engine import kernels, lora
 
-    def launch(y, h, select, b, tokens):
+    def launch(y, h, select, b, tokens, b1, b2, cb):
+        assert (b1, b2, cb) == (8, 8, 12), "one Linear: no member boundaries, every row of B"
         sel = select.repeat(1, h.shape[1] // select.shape[1]).repeat_interleave(tokens, 0)
         return y + (h * sel) @ b
 

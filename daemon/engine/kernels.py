@@ -215,6 +215,9 @@ def decode_attention(query: Any, key: Any, value: Any, k_cache: Any, v_cache: An
 # LoRA B tiles: output columns per program, A columns per loop step, warps. Chosen by hand, not swept: at the
 # 7B shape 64 columns give 64-344 programs for 4,096-22,016 outputs, enough to spread one B table over the SMs.
 LORA_B_TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4}
+# A projection group's B is block-diagonal: tiles read only their members' rows (bench/serve_speed.py
+# --lora-b-skip off reads every row, to compare).
+SKIP_ZERO_BLOCKS = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -223,17 +226,23 @@ def _lora_b_kernel():
     import triton.language as tl
 
     @triton.jit
-    def lora_b_kernel(y_ptr, h_ptr, sel_ptr, b_ptr, out_ptr, M, N, K, C, T, sy_m, sh_m, ss_r, sb_k, so_m,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Rows [BLOCK_M tile] x columns [BLOCK_N tile] of y + (h * select) @ B."""
+    def lora_b_kernel(y_ptr, h_ptr, sel_ptr, b_ptr, out_ptr, M, N, K, C, T, B1, B2, CB, sy_m, sh_m, ss_r, sb_k,
+                      so_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows [BLOCK_M tile] x columns [BLOCK_N tile] of y + (h * select) @ B. Output columns below B1 belong
+        to member 0, below B2 to member 1, then member 2; member i's B rows are [i * CB, (i + 1) * CB) and its
+        other rows are zero (block-diagonal), so the tile reads only its members' rows."""
+        n0 = tl.program_id(0) * BLOCK_N
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = n0 + tl.arange(0, BLOCK_N)
         m_ok, n_ok = rm < M, rn < N
         sel_row = rm // T  # the request row of each token row (a prefill row holds T tokens)
+        n1 = tl.minimum(n0 + BLOCK_N, N) - 1
+        k_lo = ((n0 >= B1).to(tl.int32) + (n0 >= B2).to(tl.int32)) * CB
+        k_hi = tl.minimum(((n1 >= B1).to(tl.int32) + (n1 >= B2).to(tl.int32) + 1) * CB, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
+            k_ok = rk < k_hi
             hk = tl.load(h_ptr + rm[:, None] * sh_m + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             sk = tl.load(sel_ptr + sel_row[:, None] * ss_r + (rk % C)[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0)
@@ -247,7 +256,7 @@ def _lora_b_kernel():
     return lora_b_kernel
 
 
-def _lora_b_launch(y: Any, h: Any, select: Any, lora_b: Any, tokens: int) -> Any:
+def _lora_b_launch(y: Any, h: Any, select: Any, lora_b: Any, tokens: int, b1: int, b2: int, cb: int) -> Any:
     import torch
 
     y, h, select, lora_b = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, h, select, lora_b))
@@ -257,7 +266,7 @@ def _lora_b_launch(y: Any, h: Any, select: Any, lora_b: Any, tokens: int) -> Any
     tune = LORA_B_TUNING
     block_m = 16 if m <= 16 else 32
     grid = (-(-n // tune["block_n"]), -(-m // block_m))
-    _lora_b_kernel()[grid](y, h, select, lora_b, out, m, n, k, c, tokens, y.stride(0), h.stride(0),
+    _lora_b_kernel()[grid](y, h, select, lora_b, out, m, n, k, c, tokens, b1, b2, cb, y.stride(0), h.stride(0),
                            select.stride(0), lora_b.stride(0), out.stride(0), BLOCK_M=block_m,
                            BLOCK_N=tune["block_n"], BLOCK_K=tune["block_k"], num_warps=tune["num_warps"])
     return out
@@ -270,25 +279,29 @@ def register_lora_b():
 
     # the schema spelled out: this module's annotations are strings (``from __future__ import annotations``)
     @torch.library.custom_op("lorad::lora_b_add", mutates_args=(),
-                             schema="(Tensor y, Tensor h, Tensor select, Tensor lora_b, SymInt tokens) -> Tensor")
-    def lora_b_add_op(y, h, select, lora_b, tokens):
-        return _lora_b_launch(y, h, select, lora_b, tokens)
+                             schema="(Tensor y, Tensor h, Tensor select, Tensor lora_b, SymInt tokens, int b1, int b2, "
+                                    "int cb) -> Tensor")
+    def lora_b_add_op(y, h, select, lora_b, tokens, b1, b2, cb):
+        return _lora_b_launch(y, h, select, lora_b, tokens, b1, b2, cb)
 
     @lora_b_add_op.register_fake
-    def _(y, h, select, lora_b, tokens):
+    def _(y, h, select, lora_b, tokens, b1, b2, cb):
         return y.new_empty(y.shape)
 
     return lora_b_add_op
 
 
-def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any) -> Any:
+def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any, splits: list[int] | None = None) -> Any:
     """``y + (h * select.repeat(...)) @ lora_b`` in one kernel (see the module docstring).
 
     Args:
         y: ``[rows, T, N]`` (any row stride, unit column stride): the base output.
         h: ``[rows, T, K]``: the A products of every slot (K = members x C for a projection group).
         select: ``[rows, 1, C]``: 1 on the columns of each row's slot, 0 elsewhere (``lora.selection``).
-        lora_b: ``[K, N]`` contiguous.
+        lora_b: ``[K, N]`` (unit column stride); for a group, block-diagonal: member i's output columns
+            (``splits[i]`` of them, in order) read only its rows ``[i * C, (i + 1) * C)``.
+        splits: a group's output widths; with ``SKIP_ZERO_BLOCKS`` (and at most 3 members) each tile reads only
+            its members' rows of ``lora_b``, skipping zeros (the same result: a zero product adds nothing).
     Returns:
         ``[rows, T, N]``, contiguous, in ``y``'s dtype.
     """
@@ -297,6 +310,13 @@ def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any) -> Any:
     if not torch.compiler.is_compiling():
         register_lora_b()
     rows, tokens, n = y.shape
-    out = torch.ops.lorad.lora_b_add(y.reshape(rows * tokens, n), h.reshape(rows * tokens, h.shape[-1]),
-                                     select.reshape(select.shape[0], select.shape[-1]), lora_b, tokens)
+    k, c = h.shape[-1], select.shape[-1]
+    b1 = b2 = n
+    cb = k
+    if splits and SKIP_ZERO_BLOCKS and 2 <= len(splits) <= 3 and len(splits) * c == k:
+        b1 = splits[0]
+        b2 = splits[0] + splits[1] if len(splits) == 3 else n
+        cb = c
+    out = torch.ops.lorad.lora_b_add(y.reshape(rows * tokens, n), h.reshape(rows * tokens, k),
+                                     select.reshape(select.shape[0], c), lora_b, tokens, b1, b2, cb)
     return out.view(rows, tokens, n)

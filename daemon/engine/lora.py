@@ -52,12 +52,13 @@ GPU_TRANSPOSED = True
 GPU_B_KERNEL = True
 
 
-def add_lora(y: Any, h: Any, select: Any, lora_b: Any, kernel: bool) -> Any:
-    """``y + (h * select) @ lora_b``; ``select`` repeats over ``h``'s columns (one block per group member)."""
+def add_lora(y: Any, h: Any, select: Any, lora_b: Any, kernel: bool, splits: list[int] | None = None) -> Any:
+    """``y + (h * select) @ lora_b``; ``select`` repeats over ``h``'s columns (one block per group member;
+    ``splits``: the members' output widths, for the kernel to skip the zero blocks)."""
     if kernel:
         from daemon.engine import kernels
 
-        return kernels.lora_b_add(y, h, select, lora_b)
+        return kernels.lora_b_add(y, h, select, lora_b, splits)
     repeat = h.shape[-1] // select.shape[-1]
     if repeat > 1:
         select = select.repeat(1, 1, repeat)
@@ -224,7 +225,7 @@ class _Group:
             y, h = both[..., :total], both[..., total:total + len(self.members) * self.columns]
             if self.bias is not None:
                 y = y + self.bias
-            y = add_lora(y, h, select, self.lora_b, self.kernel)
+            y = add_lora(y, h, select, self.lora_b, self.kernel, self.splits)
         return tuple(y.split(self.splits, dim=-1))
 
 

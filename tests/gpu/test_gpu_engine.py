@@ -107,15 +107,26 @@ def test_lora_b_kernel_matches_a_float32_reference_and_is_batch_invariant(rows, 
     k = members * columns
     joint = torch.randn(rows, tokens, n + k + 8, device="cuda", dtype=torch.bfloat16)
     y, h = joint[..., :n], joint[..., n:n + k]  # strided views, as SlotLoRA passes them
-    lora_b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * 0.1
+    # a group's B is block-diagonal: member i's output columns read only its rows (splits: uneven on purpose,
+    # so tiles straddle members); the kernel skips the zero blocks
+    splits = [n - (members - 1) * (n // (members + 1))] + [n // (members + 1)] * (members - 1)
+    lora_b = torch.zeros(k, n, device="cuda", dtype=torch.bfloat16)
+    offset = 0
+    for i, width in enumerate(splits):
+        lora_b[i * columns:(i + 1) * columns, offset:offset + width] = torch.randn(columns, width) * 0.1
+        offset += width
     index = torch.tensor([i % (slots + 1) for i in range(rows)], device="cuda")
     select = lora.selection(index, slots, r_max, torch.bfloat16)
-    out = kernels.lora_b_add(y, h, select, lora_b)
+    out = kernels.lora_b_add(y, h, select, lora_b, splits)
+    every_row = kernels.lora_b_add(y, h, select, lora_b)
+    if columns % kernels.LORA_B_TUNING["block_k"] == 0:  # the same chunks of K: skipping zero blocks changes no bit
+        assert torch.equal(out, every_row)
+    torch.testing.assert_close(out, every_row, rtol=1e-2, atol=1e-2)
     assert out.shape == (rows, tokens, n) and out.dtype == torch.bfloat16
     ref = y.float() + (h.float() * select.float().repeat(1, 1, members)) @ lora_b.float()
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     assert torch.equal(out[index == 0], y[index == 0]), "rows without an adapter keep the base output exactly"
-    alone = kernels.lora_b_add(y[-1:], h[-1:], select[-1:], lora_b)
+    alone = kernels.lora_b_add(y[-1:], h[-1:], select[-1:], lora_b, splits)
     assert torch.equal(alone[0], out[-1])
     # the PyTorch path lora.add_lora takes elsewhere agrees within bf16 rounding
     torch.testing.assert_close(lora.add_lora(y, h, select, lora_b, False).float(), ref, rtol=3e-2, atol=3e-2)
