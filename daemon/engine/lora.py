@@ -18,9 +18,10 @@ A step then launches a third of the projection kernels. A member called with ano
 first) computes alone from views of the same tensors, so grouping never changes a result.
 
 On a GPU the joint tensor is stored transposed, ``[in, out + columns]`` with the columns padded to a multiple of
-128: at decode shapes cuBLAS streams that layout faster (7B shape, one H100, 32 rows, CUDA-graph replays with
-the weights read from HBM: 151 against 162 µs of projections per layer; ``bench/serve_speed.py --part 7b
---joint-layout rows`` measures the engine both ways). Elsewhere it is ``[out + columns, in]``.
+128: at decode shapes cuBLAS streams that layout faster (7B shape, one H100, 32 rows: 155 against 162 µs of
+projection matmuls per layer, ``bench/results/profile_step_7b_h100.json`` at 5ee7bc0 and at 4afef28;
+``bench/serve_speed.py --part 7b --joint-layout rows`` measures the engine both ways). Elsewhere it is
+``[out + columns, in]``.
 """
 
 from __future__ import annotations
