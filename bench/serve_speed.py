@@ -820,7 +820,7 @@ def main() -> int:
                     help="how the GPU stores each projection's weight + A table (daemon/engine/lora.py "
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
-                    help="y + (h * select) @ B in one Triton kernel on the GPU (lora.GPU_B_KERNEL); off = PyTorch")
+                    help="y + (h * select) @ B in one Triton kernel on the GPU (serve.lora_kernel); off = PyTorch")
     ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
                     help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "
                          "(kernels.SKIP_ZERO_BLOCKS); off = every row")
@@ -843,7 +843,7 @@ def main() -> int:
     if args.group_projections == "off":
         lora.GROUPS = ()
     lora.GPU_TRANSPOSED = args.joint_layout == "transposed"
-    lora.GPU_B_KERNEL = args.lora_b_kernel == "on"
+    ENGINE_OPTIONS["lora_kernel"] = args.lora_b_kernel == "on"
     from daemon.engine import kernels as engine_kernels
 
     engine_kernels.SKIP_ZERO_BLOCKS = args.lora_b_skip == "on"

@@ -237,6 +237,8 @@ class ServeConfig:
     compile: bool = _f(True, "torch.compile the decoder layers on a GPU before capture (fewer kernels per step)")
     decode_kernel: bool = _f(True, "on a GPU, decode attention as one Triton kernel that appends the step's keys "
                                    "and reads only each request's own positions (off: the PyTorch path)")
+    lora_kernel: bool = _f(True, "on a GPU, each projection's per-row LoRA B product (mask, matmul, addition) as "
+                                 "one Triton kernel (off: three PyTorch launches)")
     cpu_prefill_dtype: str = _f("auto", "matmul dtype of prompt prefill for float32 weights on a CPU; auto = bf16 "
                                         "autocast where the CPU has bf16 units (AMX or AVX512-BF16), else "
                                         "float32 (decode stays float32)", choices=("auto", "float32", "bfloat16"))

@@ -47,10 +47,8 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 PAD = 128  # the transposed joint tensor's width is a multiple of this
-# Defaults on a GPU (bench/serve_speed.py --joint-layout / --lora-b-kernel turn them off to compare): the joint
-# tensors transposed; ``y + (h * select) @ B`` in one Triton kernel (kernels.lora_b_add) for bf16/fp16 weights.
+# The joint tensors' layout on a GPU: transposed (bench/serve_speed.py --joint-layout rows turns it off to compare).
 GPU_TRANSPOSED = True
-GPU_B_KERNEL = True
 
 
 def add_lora(y: Any, h: Any, select: Any, lora_b: Any, kernel: bool, splits: list[int] | None = None) -> Any:
@@ -252,13 +250,13 @@ def group_linears(model: Any, wrapped: dict[str, Any]) -> int:
 
 
 def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True,
-                 transposed: bool | None = None) -> dict[str, Any]:
+                 transposed: bool | None = None, kernel: bool = True) -> dict[str, Any]:
     """Replace every Linear inside the model's layers (not the output head) by a SlotLoRA; return them by name.
 
     ``group``: merge sibling projections on one input (see ``group_linears``). ``transposed``: store the joint
     tensors ``[in, out + columns]`` (default: ``GPU_TRANSPOSED`` where the Linear's weight is on a GPU; see the
-    module docstring). On a GPU with Triton, bf16/fp16 fused Linears add their B product through
-    ``kernels.lora_b_add`` (``GPU_B_KERNEL``).
+    module docstring). ``kernel``: on a GPU with Triton, bf16/fp16 fused Linears add their B product through
+    ``kernels.lora_b_add`` (``serve.lora_kernel``).
     """
     import torch
 
@@ -276,7 +274,7 @@ def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True,
         t = (on_gpu and GPU_TRANSPOSED) if transposed is None else transposed
         lora = cls(module, slots, r_max, t)
         half = module.weight.dtype in (torch.bfloat16, torch.float16)
-        lora.kernel = GPU_B_KERNEL and on_gpu and lora.fused and half and kernels.available()
+        lora.kernel = kernel and on_gpu and lora.fused and half and kernels.available()
         if lora.kernel:
             kernels.register_lora_b()  # here, not first inside a compiled layer
         setattr(parent, leaf, lora)

@@ -65,6 +65,7 @@ class Engine(BatchingMixin, VersionsMixin):
         cuda_graphs: capture decode steps as CUDA graphs on a GPU.
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
         decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
+        lora_kernel: the LoRA B products through the Triton kernel on a GPU (``kernels.lora_b_add``).
         prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with bf16 units: the
             prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
@@ -75,7 +76,7 @@ class Engine(BatchingMixin, VersionsMixin):
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
                  lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True,
-                 decode_kernel: bool = True, prefill_dtype: str | None = None):
+                 decode_kernel: bool = True, lora_kernel: bool = True, prefill_dtype: str | None = None):
         if prefill_dtype not in (None, "bfloat16"):
             raise ValueError(f"prefill_dtype must be None or 'bfloat16', got {prefill_dtype!r}")
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
@@ -105,7 +106,7 @@ class Engine(BatchingMixin, VersionsMixin):
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = eos_ids(model, tokenizer)
         self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile,
-                               decode_kernel)
+                               decode_kernel, lora_kernel)
         if prefill_dtype is not None:
             float32_head(model)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
@@ -133,7 +134,7 @@ class Engine(BatchingMixin, VersionsMixin):
         self._thread_id: int | None = None
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
-                          cuda_graphs: bool, compile: bool, decode_kernel: bool) -> None:
+                          cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool) -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
@@ -151,7 +152,8 @@ class Engine(BatchingMixin, VersionsMixin):
                               "AttentionInterface, so the engine cannot keep its KV cache")
         model.eval()
         layers = step.probe_layers(model, self.device)
-        self._wrapped = lora.wrap_linears(model, slots=self.adapter_slots, r_max=self.lora_max_rank)
+        self._wrapped = lora.wrap_linears(model, slots=self.adapter_slots, r_max=self.lora_max_rank,
+                                          kernel=lora_kernel)
         dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
         element = torch.empty((), dtype=dtype).element_size()
         per_token = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers.values()) * element
