@@ -845,3 +845,29 @@ def test_lora_b_op_traces_into_compiled_code_without_a_graph_break(monkeypatch):
         expected = 2 * (joint[..., :8] + (joint[..., 8:20] * sel.repeat(1, 1, 2)) @ b)
         torch.testing.assert_close(compiled(x, w, sel, b), expected)
         torch.testing.assert_close(lora.add_lora(joint[..., :8], joint[..., 8:20], sel, b, False) * 2, expected)
+
+
+def test_engine_with_the_gpu_joint_layout_gives_the_row_layouts_tokens(world, monkeypatch):
+    """The GPU stores each joint weight + A tensor transposed and padded. Forced on the CPU, an engine serving every
+    version gives the row layout's greedy tokens: prefill, decode and slot writes all go through the transposed
+    views."""
+    import functools
+
+    from daemon.engine import lora
+
+    models = ["base", *world["versions"]]
+    rows = make_engine(world, max_batch_size=4, max_queue=8)
+    try:
+        assert not any(m.transposed for m in rows._wrapped.values())
+        expected = references(rows, world, models, max_tokens=8)
+    finally:
+        rows.stop(timeout=5)
+    monkeypatch.setattr(lora, "wrap_linears", functools.partial(lora.wrap_linears, transposed=True))
+    transposed = make_engine(world, max_batch_size=4, max_queue=8)
+    try:
+        assert all(m.transposed for m in transposed._wrapped.values())
+        got = references(transposed, world, models, max_tokens=8)
+    finally:
+        transposed.stop(timeout=5)
+    assert len({tuple(v) for v in expected.values()}) > len(PROMPTS), "versions must disagree somewhere"
+    assert got == expected
