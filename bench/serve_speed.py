@@ -821,6 +821,8 @@ def main() -> int:
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
                     help="y + (h * select) @ B in one Triton kernel on the GPU (serve.lora_kernel); off = PyTorch")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "float8_e4m3"), default="auto",
+                    help="serve.kv_cache_dtype of every engine in the run")
     ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
                     help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "
                          "(kernels.SKIP_ZERO_BLOCKS); off = every row")
@@ -844,6 +846,7 @@ def main() -> int:
         lora.GROUPS = ()
     lora.GPU_TRANSPOSED = args.joint_layout == "transposed"
     ENGINE_OPTIONS["lora_kernel"] = args.lora_b_kernel == "on"
+    ENGINE_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     from daemon.engine import kernels as engine_kernels
 
     engine_kernels.SKIP_ZERO_BLOCKS = args.lora_b_skip == "on"
@@ -862,7 +865,7 @@ def main() -> int:
             "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
                                "attention_tuning": args.attention_tuning, "joint_layout": args.joint_layout,
                                "lora_b_kernel": args.lora_b_kernel, "lora_b_skip": args.lora_b_skip,
-                               "blas": args.blas}}
+                               "blas": args.blas, "kv_cache_dtype": args.kv_cache_dtype}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

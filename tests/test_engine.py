@@ -871,3 +871,32 @@ def test_engine_with_the_gpu_joint_layout_gives_the_row_layouts_tokens(world, mo
         transposed.stop(timeout=5)
     assert len({tuple(v) for v in expected.values()}) > len(PROMPTS), "versions must disagree somewhere"
     assert got == expected
+
+
+def test_float8_kv_cache_holds_a_quarter_of_the_bytes_and_keeps_the_greedy_answers(world):
+    """serve.kv_cache_dtype = float8_e4m3: one byte a cached value (a quarter of this float32 model's), prefill and
+    decode write and read it (PyTorch path), and greedy tokens stay those of the float32 cache for most requests
+    (3 mantissa bits move a near-tie of this tiny random model now and then; garbage would agree with nothing)."""
+    import torch
+
+    from daemon.engine import EngineError
+
+    models = ["base", *world["versions"]]
+    full = make_engine(world, max_batch_size=4, max_queue=8)
+    try:
+        expected = references(full, world, models, max_tokens=8)
+        full_bytes = full.cache.nbytes
+    finally:
+        full.stop(timeout=5)
+    fp8 = make_engine(world, max_batch_size=4, max_queue=8, kv_cache_dtype="float8_e4m3")
+    try:
+        assert all(t.dtype == torch.float8_e4m3fn for t in fp8.cache.keys.values())
+        assert fp8.cache.nbytes * 4 == full_bytes
+        got = references(fp8, world, models, max_tokens=8)
+    finally:
+        fp8.stop(timeout=5)
+    first4 = sum(got[k][:4] == expected[k][:4] for k in expected)
+    assert first4 >= 0.5 * len(expected), (first4, len(expected))  # 25 of 32 here; chance is ~0
+    assert any(got[k] for k in got)
+    with pytest.raises(EngineError, match="kv_cache_dtype"):
+        make_engine(world, max_batch_size=4, kv_cache_dtype="int4")

@@ -24,7 +24,7 @@ def build_engine(daemon: Any) -> Any:
                     max_context=s.max_prompt_tokens + s.max_new_tokens, kv_cache_fraction=s.kv_cache_fraction,
                     kv_cache_tokens=s.kv_cache_tokens, adapter_slots=s.adapter_slots, lora_max_rank=s.lora_max_rank,
                     cuda_graphs=s.cuda_graphs, compile=s.compile, decode_kernel=s.decode_kernel,
-                    lora_kernel=s.lora_kernel,
+                    lora_kernel=s.lora_kernel, kv_cache_dtype=s.kv_cache_dtype,
                     prefill_dtype=serve_prefill_autocast(daemon.model, s.cpu_prefill_dtype))
     listener = getattr(daemon, "_champion_changed", None)
     if listener is not None:

@@ -14,6 +14,26 @@ from typing import Any
 # Context lengths the attention reads are rounded up to a power of two from this floor: few CUDA graphs,
 # and a step never reads more than twice the positions it needs.
 MIN_CONTEXT_BUCKET = 64
+# serve.kv_cache_dtype: "auto" keeps the model's dtype; "float8_e4m3" stores a value in one byte (torch's
+# float8_e4m3fn: 3 mantissa bits, saturating at +-448, no scales), half of bf16's memory and of a step's reads.
+KV_CACHE_DTYPES = ("auto", "float8_e4m3")
+
+
+def cache_dtype(name: str, model_dtype: Any) -> Any:
+    """The torch dtype of a ``serve.kv_cache_dtype`` setting."""
+    import torch
+
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
+    return torch.float8_e4m3fn if name == "float8_e4m3" else model_dtype
+
+
+def stored(t: Any) -> Any:
+    """``t`` as the bytes it is stored in where PyTorch lacks a float8 kernel (scatter, fill): a uint8 view of a
+    float8 tensor, else ``t`` itself."""
+    import torch
+
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 @dataclass(frozen=True)
@@ -133,4 +153,4 @@ class KVCache:
         """Zero a slot, so values a failed request left (NaN, inf) never meet a masked softmax weight."""
         for store in (self.keys, self.values):
             for t in store.values():
-                t[slot].zero_()
+                stored(t[slot]).zero_()

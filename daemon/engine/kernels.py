@@ -118,7 +118,7 @@ def _kernels():
                 v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
                             other=0.0)                                                     # [B, DV]
             if DOT:  # tensor cores (the group padded to 16 rows), float32 accumulation
-                s = tl.dot(q_in, tl.trans(k)) * scale                                      # [G, B]
+                s = tl.dot(q_in, tl.trans(k.to(q_in.dtype))) * scale                       # [G, B]
             else:    # CUDA cores, float32 throughout
                 s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
             s = tl.where(t_ok[None, :], s, float("-inf"))
@@ -128,8 +128,8 @@ def _kernels():
             if not EARLY_V:
                 v = tl.load(v_row + t[:, None] * svc_t + dv[None, :], mask=t_ok[:, None] & dv_ok[None, :],
                             other=0.0)                                                     # [B, DV]
-            if DOT:
-                pv = tl.dot(p.to(v.dtype), v)
+            if DOT:  # in the query's dtype (a float8 cache's values are widened first)
+                pv = tl.dot(p.to(q_in.dtype), v.to(q_in.dtype))
             else:
                 pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
             acc = acc * alpha[:, None] + pv

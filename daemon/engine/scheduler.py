@@ -66,6 +66,7 @@ class Engine(BatchingMixin, VersionsMixin):
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
         decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
         lora_kernel: the LoRA B products through the Triton kernel on a GPU (``kernels.lora_b_add``).
+        kv_cache_dtype: "auto" (the model's dtype) or "float8_e4m3" (one byte a value; ``cache.KV_CACHE_DTYPES``).
         prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with bf16 units: the
             prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
@@ -76,7 +77,8 @@ class Engine(BatchingMixin, VersionsMixin):
                  clock: Callable[[], float] = time.monotonic, live: Any = None, max_context: int | None = None,
                  kv_cache_fraction: float = 0.3, kv_cache_tokens: int = 65536, adapter_slots: int = 4,
                  lora_max_rank: int = 16, cuda_graphs: bool = True, compile: bool = True,
-                 decode_kernel: bool = True, lora_kernel: bool = True, prefill_dtype: str | None = None):
+                 decode_kernel: bool = True, lora_kernel: bool = True, kv_cache_dtype: str = "auto",
+                 prefill_dtype: str | None = None):
         if prefill_dtype not in (None, "bfloat16"):
             raise ValueError(f"prefill_dtype must be None or 'bfloat16', got {prefill_dtype!r}")
         if max_batch_size < 1 or max_queue < 1 or request_timeout <= 0 or adapter_slots < 1 or lora_max_rank < 1:
@@ -106,7 +108,7 @@ class Engine(BatchingMixin, VersionsMixin):
         self.max_context = min(model_context, max_context or model_context)
         self.eos_ids = eos_ids(model, tokenizer)
         self._build_model_side(max_batch_size, kv_cache_fraction, kv_cache_tokens, cuda_graphs, compile,
-                               decode_kernel, lora_kernel)
+                               decode_kernel, lora_kernel, kv_cache_dtype)
         if prefill_dtype is not None:
             float32_head(model)
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
@@ -134,7 +136,8 @@ class Engine(BatchingMixin, VersionsMixin):
         self._thread_id: int | None = None
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
-                          cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool) -> None:
+                          cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool,
+                          kv_cache_dtype: str = "auto") -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
@@ -154,7 +157,11 @@ class Engine(BatchingMixin, VersionsMixin):
         layers = step.probe_layers(model, self.device)
         self._wrapped = lora.wrap_linears(model, slots=self.adapter_slots, r_max=self.lora_max_rank,
                                           kernel=lora_kernel)
-        dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+        try:
+            dtype = cache_mod.cache_dtype(kv_cache_dtype, next(p for p in model.parameters()
+                                                               if p.dtype.is_floating_point).dtype)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         element = torch.empty((), dtype=dtype).element_size()
         per_token = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers.values()) * element
         free = None
@@ -233,6 +240,8 @@ class Engine(BatchingMixin, VersionsMixin):
     def _warm_up_cpu(self) -> int:
         """Prefill one prompt and decode one step at the smallest and the largest batch (base rows, then adapter
         rows); the cache positions it wrote are zeroed again. Skipped while requests run: their rows hold the slots."""
+        from daemon.engine.cache import stored
+
         if self._running:
             return 0
         width = min(CPU_WARM_UP_TOKENS, self.cache.context - 1)
@@ -246,7 +255,7 @@ class Engine(BatchingMixin, VersionsMixin):
                 forwards += 1
         for store in (self.cache.keys, self.cache.values):
             for t in store.values():
-                t[:, :, :width + 1].zero_()
+                stored(t[:, :, :width + 1]).zero_()
         return forwards
 
     def _prefill_precision(self) -> Any:

@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from daemon.engine import lora as lora_mod
-from daemon.engine.cache import KVCache, LayerShape, bucket
+from daemon.engine.cache import KVCache, LayerShape, bucket, stored
 
 log = logging.getLogger("lorad.engine")
 
@@ -72,16 +72,20 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         rows = slice(plan.start, plan.start + plan.rows)
         k_cache, v_cache = plan.cache.keys[layer][rows], plan.cache.values[layer][rows]
         index = plan.positions[:, None, :, None]  # [rows, 1, T, 1] -> broadcast over heads and dims
-        k_cache.scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]), key.to(k_cache.dtype))
-        v_cache.scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]), value.to(v_cache.dtype))
+        stored(k_cache).scatter_(2, index.expand(-1, key.shape[1], -1, key.shape[-1]),
+                                 stored(key.to(k_cache.dtype)))
+        stored(v_cache).scatter_(2, index.expand(-1, value.shape[1], -1, value.shape[-1]),
+                                 stored(value.to(v_cache.dtype)))
         keys, values = k_cache[:, :, :plan.context], v_cache[:, :, :plan.context]
     else:  # prefill: rows name their slots (a captured prefill serves any first slot)
         k_full, v_full = plan.cache.keys[layer], plan.cache.values[layer]
         heads = torch.arange(key.shape[1], device=key.device)
         where = (plan.slots[:, None, None], heads[None, :, None], plan.positions[:, None, :])
-        k_full.index_put_(where, key.to(k_full.dtype))
-        v_full.index_put_(where, value.to(v_full.dtype))
+        stored(k_full).index_put_(where, stored(key.to(k_full.dtype)))
+        stored(v_full).index_put_(where, stored(value.to(v_full.dtype)))
         keys, values = k_full[plan.slots, :, :plan.context], v_full[plan.slots, :, :plan.context]
+    if keys.dtype != query.dtype:  # a float8 cache: attend in the model's dtype
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
     mask = plan.mask
     window = kwargs.get("sliding_window")
     if window:
@@ -197,7 +201,8 @@ class Stepper:
         self.model, self.cache = model, cache
         self.lora_slots, self.r_max = lora_slots, r_max
         self.device = cache.keys[next(iter(cache.keys))].device
-        self.dtype = cache.keys[next(iter(cache.keys))].dtype
+        # the LoRA selection's dtype: the model's (the cache's may be float8)
+        self.dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.on_capture = on_capture
         s = cache.slots

@@ -16,18 +16,23 @@ TUNINGS = [None, {"dot": True, "early_v": True, "positions_per_split": 128, "blo
            {"dot": False, "early_v": True, "positions_per_split": 32, "block": 16, "num_warps": 2, "num_stages": 2}]
 
 
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
 @pytest.mark.parametrize("tuning", TUNINGS, ids=["tuned", "dot", "cuda-cores"])
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(9, 3, 64), (8, 8, 128), (4, 1, 96)])
-def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_heads, dim, tuning):
+def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_heads, dim, tuning, cache_dtype):
+    """Also with a float8 cache (serve.kv_cache_dtype): the new key and value are stored rounded to float8, and the
+    reference attends over the cache's float8 values widened to float32."""
     import torch
 
     from daemon.engine import kernels
+    from daemon.engine.cache import stored
 
     assert kernels.available()
     torch.manual_seed(0)
+    dtype = getattr(torch, cache_dtype)
     slots, context, rows, first = 8, 300, 5, 2
-    k_cache = torch.randn(slots, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(slots, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(slots, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16).to(dtype)
+    v_cache = torch.randn(slots, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16).to(dtype)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     # [rows, T=1, heads, dim] transposed to [rows, heads, 1, dim]: the strided layout transformers passes
     query = torch.randn(rows, 1, q_heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -36,14 +41,14 @@ def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_
     positions = torch.tensor([[0], [1], [17], [128], [299]], device="cuda")
     scale = dim ** -0.5
     out = kernels.decode_attention(query, key, value, k_cache, v_cache, positions, first, scale, tuning=tuning)
-    assert out.shape == (rows, 1, q_heads, dim)
+    assert out.shape == (rows, 1, q_heads, dim) and out.dtype == torch.bfloat16
     group = q_heads // kv_heads
     for r in range(rows):
         slot, p = first + r, int(positions[r])
-        # the new token landed at its position; nothing else in the cache changed
-        torch.testing.assert_close(k_cache[slot, :, p], key[r, :, 0])
-        torch.testing.assert_close(v_cache[slot, :, p], value[r, :, 0])
-        changed = (k_cache != k_before).any(-1)
+        # the new token landed at its position (in the cache's dtype); nothing else in the cache changed
+        torch.testing.assert_close(k_cache[slot, :, p].float(), key[r, :, 0].to(dtype).float())
+        torch.testing.assert_close(v_cache[slot, :, p].float(), value[r, :, 0].to(dtype).float())
+        changed = (stored(k_cache) != stored(k_before)).any(-1)
         assert int(changed.sum()) <= rows * kv_heads
         keys = k_cache[slot, :, :p + 1].float().repeat_interleave(group, 0)      # [Hq, p+1, D]
         values = v_cache[slot, :, :p + 1].float().repeat_interleave(group, 0)
@@ -51,7 +56,8 @@ def test_decode_kernel_appends_and_attends_like_a_float32_reference(q_heads, kv_
         expected = (scores.softmax(-1)[:, :, None] * values).sum(1)              # [Hq, D]
         torch.testing.assert_close(out[r, 0].float(), expected, rtol=2e-2, atol=2e-2)
     untouched = [s for s in range(slots) if not first <= s < first + rows]
-    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+    assert torch.equal(stored(k_cache[untouched]), stored(k_before[untouched]))
+    assert torch.equal(stored(v_cache[untouched]), stored(v_before[untouched]))
 
 
 def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path):
