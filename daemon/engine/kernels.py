@@ -96,8 +96,9 @@ def _kernels():
             # ``pos`` from memory in this step, so the store races with nothing.
             k_new = tl.load(k_new_ptr + row * skn_b + head * skn_h + dk, mask=dk_ok, other=0.0)
             v_new = tl.load(v_new_ptr + row * svn_b + head * svn_h + dv, mask=dv_ok, other=0.0)
-            k_self = k_new.to(k_cache_ptr.dtype.element_ty)
-            v_self = v_new.to(v_cache_ptr.dtype.element_ty)
+            # (through float32, which every target type converts from: a float8 cache rounds it once, RNE)
+            k_self = k_new.to(tl.float32).to(k_cache_ptr.dtype.element_ty)
+            v_self = v_new.to(tl.float32).to(v_cache_ptr.dtype.element_ty)
             tl.store(k_row + pos * skc_t + dk, k_self, mask=dk_ok)
             tl.store(v_row + pos * svc_t + dv, v_self, mask=dv_ok)
             m = tl.sum(q * k_self.to(tl.float32)[None, :], axis=1) * scale               # [G]
