@@ -821,7 +821,7 @@ def main() -> int:
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
                     help="y + (h * select) @ B in one Triton kernel on the GPU (serve.lora_kernel); off = PyTorch")
-    ap.add_argument("--kv-cache-dtype", choices=("auto", "float8_e4m3"), default="auto",
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "bfloat16", "float8_e4m3"), default="auto",
                     help="serve.kv_cache_dtype of every engine in the run")
     ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
                     help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "

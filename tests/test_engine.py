@@ -873,10 +873,11 @@ def test_engine_with_the_gpu_joint_layout_gives_the_row_layouts_tokens(world, mo
     assert got == expected
 
 
-def test_float8_kv_cache_holds_a_quarter_of_the_bytes_and_keeps_the_greedy_answers(world):
-    """serve.kv_cache_dtype = float8_e4m3: one byte a cached value (a quarter of this float32 model's), prefill and
-    decode write and read it (PyTorch path), and greedy tokens stay those of the float32 cache for most requests
-    (3 mantissa bits move a near-tie of this tiny random model now and then; garbage would agree with nothing)."""
+@pytest.mark.parametrize("kv_dtype,shrink", [("bfloat16", 2), ("float8_e4m3", 4)])
+def test_smaller_kv_cache_dtypes_shrink_the_cache_and_keep_the_greedy_answers(world, kv_dtype, shrink):
+    """serve.kv_cache_dtype: bfloat16 (2 bytes a value) or float8_e4m3 (1 byte) against this float32 model's 4;
+    prefill and decode write and read it (PyTorch path), and greedy tokens stay those of the float32 cache for most
+    requests (rounding moves a near-tie of this tiny random model now and then; garbage would agree with nothing)."""
     import torch
 
     from daemon.engine import EngineError
@@ -888,13 +889,14 @@ def test_float8_kv_cache_holds_a_quarter_of_the_bytes_and_keeps_the_greedy_answe
         full_bytes = full.cache.nbytes
     finally:
         full.stop(timeout=5)
-    fp8 = make_engine(world, max_batch_size=4, max_queue=8, kv_cache_dtype="float8_e4m3")
+    small = make_engine(world, max_batch_size=4, max_queue=8, kv_cache_dtype=kv_dtype)
     try:
-        assert all(t.dtype == torch.float8_e4m3fn for t in fp8.cache.keys.values())
-        assert fp8.cache.nbytes * 4 == full_bytes
-        got = references(fp8, world, models, max_tokens=8)
+        expected_dtype = torch.float8_e4m3fn if kv_dtype == "float8_e4m3" else torch.bfloat16
+        assert all(t.dtype == expected_dtype for t in small.cache.keys.values())
+        assert small.cache.nbytes * shrink == full_bytes
+        got = references(small, world, models, max_tokens=8)
     finally:
-        fp8.stop(timeout=5)
+        small.stop(timeout=5)
     first4 = sum(got[k][:4] == expected[k][:4] for k in expected)
     assert first4 >= 0.5 * len(expected), (first4, len(expected))  # 25 of 32 here; chance is ~0
     assert any(got[k] for k in got)

@@ -237,10 +237,11 @@ class ServeConfig:
     compile: bool = _f(True, "torch.compile the decoder layers on a GPU before capture (fewer kernels per step)")
     decode_kernel: bool = _f(True, "on a GPU, decode attention as one Triton kernel that appends the step's keys "
                                    "and reads only each request's own positions (off: the PyTorch path)")
-    kv_cache_dtype: str = _f("auto", "KV cache element type: auto = the model's dtype; float8_e4m3 = one byte a "
-                                     "value (half of bf16's memory and of a decode step's cache reads; keys and "
-                                     "values rounded to 3 mantissa bits, saturating at +-448, no scales)",
-                             choices=("auto", "float8_e4m3"))
+    kv_cache_dtype: str = _f("auto", "KV cache element type: auto = the model's dtype; bfloat16 (half of a float32 "
+                                     "model's cache); float8_e4m3 = one byte a value (half of bf16's memory and of "
+                                     "a decode step's cache reads; keys and values rounded to 3 mantissa bits, "
+                                     "saturating at +-448, no scales)",
+                             choices=("auto", "bfloat16", "float8_e4m3"))
     lora_kernel: bool = _f(True, "on a GPU, each projection's per-row LoRA B product (mask, matmul, addition) as "
                                  "one Triton kernel (off: three PyTorch launches)")
     cpu_prefill_dtype: str = _f("auto", "matmul dtype of prompt prefill for float32 weights on a CPU; auto = bf16 "

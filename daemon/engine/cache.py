@@ -14,9 +14,10 @@ from typing import Any
 # Context lengths the attention reads are rounded up to a power of two from this floor: few CUDA graphs,
 # and a step never reads more than twice the positions it needs.
 MIN_CONTEXT_BUCKET = 64
-# serve.kv_cache_dtype: "auto" keeps the model's dtype; "float8_e4m3" stores a value in one byte (torch's
-# float8_e4m3fn: 3 mantissa bits, saturating at +-448, no scales), half of bf16's memory and of a step's reads.
-KV_CACHE_DTYPES = ("auto", "float8_e4m3")
+# serve.kv_cache_dtype: "auto" keeps the model's dtype; "bfloat16" halves a float32 model's cache; "float8_e4m3"
+# stores a value in one byte (torch's float8_e4m3fn: 3 mantissa bits, saturating at +-448, no scales), half of
+# bf16's memory and of a step's reads.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float8_e4m3")
 
 
 def cache_dtype(name: str, model_dtype: Any) -> Any:
@@ -25,7 +26,7 @@ def cache_dtype(name: str, model_dtype: Any) -> Any:
 
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
-    return torch.float8_e4m3fn if name == "float8_e4m3" else model_dtype
+    return {"float8_e4m3": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}.get(name, model_dtype)
 
 
 def stored(t: Any) -> Any:

@@ -66,7 +66,7 @@ class Engine(BatchingMixin, VersionsMixin):
         compile: torch.compile the decoder layers on a GPU (fewer, fused kernels per captured step).
         decode_kernel: decode attention through the Triton kernel on a GPU (``kernels.py``).
         lora_kernel: the LoRA B products through the Triton kernel on a GPU (``kernels.lora_b_add``).
-        kv_cache_dtype: "auto" (the model's dtype) or "float8_e4m3" (one byte a value; ``cache.KV_CACHE_DTYPES``).
+        kv_cache_dtype: "auto" (the model's dtype), "bfloat16" or "float8_e4m3" (``cache.KV_CACHE_DTYPES``).
         prefill_dtype: "bfloat16" to prefill prompts under bf16 autocast (float32 weights on a CPU with bf16 units: the
             prompt's matmuls run on the bf16 units; decode steps stay float32), or None for the weights' dtype.
     """
