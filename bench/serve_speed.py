@@ -784,6 +784,8 @@ def summarize(result: dict) -> dict:
 
 
 def main() -> int:
+    from daemon.engine.cache import KV_CACHE_DTYPES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("engine", "http", "7b", "cpu", "step"), action="append")
     ap.add_argument("--rounds", type=int, default=3)
@@ -821,7 +823,7 @@ def main() -> int:
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
                     help="y + (h * select) @ B in one Triton kernel on the GPU (serve.lora_kernel); off = PyTorch")
-    ap.add_argument("--kv-cache-dtype", choices=("auto", "bfloat16", "float8_e4m3"), default="auto",
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                     help="serve.kv_cache_dtype of every engine in the run")
     ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
                     help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "
@@ -850,12 +852,11 @@ def main() -> int:
     from daemon.engine import kernels as engine_kernels
 
     engine_kernels.SKIP_ZERO_BLOCKS = args.lora_b_skip == "on"
-    if args.blas != "default":
-        import torch
-
-        torch.backends.cuda.preferred_blas_library(args.blas)
     import torch
     import transformers
+
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
 
     path = Path(args.out)
     result = json.loads(path.read_text()) if args.merge and path.exists() else {}

@@ -122,8 +122,9 @@ def _slot_lora_class():
                 if self.fused:
                     joint = joint_tensor(out + columns, self.in_features, transposed=self.transposed, dtype=dtype,
                                          device=weight.device)
-                    joint_rows(joint, self.transposed, 0, out).copy_(weight)
-                    base.weight = torch.nn.Parameter(joint_rows(joint, self.transposed, 0, out), requires_grad=False)
+                    weight_rows = joint_rows(joint, self.transposed, 0, out)
+                    weight_rows.copy_(weight)
+                    base.weight = torch.nn.Parameter(weight_rows, requires_grad=False)
                     self.register_buffer("joint", joint, persistent=False)
                     lora_a = joint_rows(joint, self.transposed, out, out + columns)
                 else:
@@ -192,7 +193,7 @@ class _Group:
             lora_b = torch.zeros(len(members) * columns, total, dtype=dtype, device=device)
             offset = 0
             for i, (m, out) in enumerate(zip(members, outs)):
-                joint_rows(joint, t, offset, offset + out).copy_(joint_rows(m.joint, t, 0, out))
+                joint_rows(joint, t, offset, offset + out).copy_(m.base.weight)
                 a_rows = joint_rows(joint, t, total + i * columns, total + (i + 1) * columns)
                 a_rows.copy_(m.lora_a)
                 block = lora_b[i * columns:(i + 1) * columns, offset:offset + out]

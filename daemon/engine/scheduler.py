@@ -137,7 +137,7 @@ class Engine(BatchingMixin, VersionsMixin):
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
                           cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool,
-                          kv_cache_dtype: str = "auto") -> None:
+                          kv_cache_dtype: str) -> None:
         """Attention routing, per-row LoRA layers, the KV cache sized from the device, and the stepper."""
         import torch
 
