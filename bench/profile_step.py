@@ -8,10 +8,11 @@ why they are what they are.
 For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--position``) it writes:
   kernels   the CUDA kernels of one decode step run eagerly (the compiled layers, no graph), grouped by name,
             with their total time per step and count; the step's kernel time and the graph replay's wall time;
-  linears   every distinct Linear shape of the step as ``F.linear(x[rows, in], W[out, in])`` timed alone,
-            as effective bandwidth (weight bytes / time) against a measured device copy; and the same product
-            with the LoRA A columns split off (what a joint weight+A matrix costs or saves); and a candidate
-            split-K Triton matmul (``splitk_linear``, best of a few tile shapes) against cuBLAS, with its error.
+  linears   every distinct matmul shape of the step in the engine's GPU layout (``x[rows, in] @ W[in, out]``,
+            out padded to 128), replayed from a CUDA graph over copies of the weight that L2 cannot hold, as
+            effective bandwidth (weight bytes / time) against a measured device copy: cuBLAS, cuBLASLt
+            preferred, and a candidate split-K Triton matmul (``splitk_matmul``, its tile shapes swept), with its
+            error.
 
 ``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
 ``--attention-sweep`` times the Triton decode attention (daemon/engine/kernels.py) alone on the shape's KV cache
@@ -133,12 +134,13 @@ def _splitk_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One (N tile, K split, M tile): a float32 partial sum of x[m, k-range] @ w[n, k-range]^T."""
-        pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, sxm, swk, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """One (N tile, K split): x[:, k-range] @ w[k-range, n-tile] (w stored [in, out] as the engine's GPU
+        layout); one split stores the rounded result, several store float32 partials for _reduce_kernel."""
+        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_lo = pid_s * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -146,37 +148,54 @@ def _splitk_kernel():
             rk = k + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
                          other=0.0)
-            wk = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < k_hi),
+            wk = tl.load(w_ptr + rk[:, None] * swk + rn[None, :], mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
                          other=0.0)
-            acc += tl.dot(xk, tl.trans(wk))
-        tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.dot(xk, wk)
+        tile = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT:
+            tl.store(part_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=tile)
+        else:
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile)
 
-    return kernel
+    @triton.jit
+    def reduce_kernel(part_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
+        """out = the splits' partials summed in a fixed order, rounded once."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = r < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(part_ptr + s * MN + r, mask=ok, other=0.0)
+        tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return kernel, reduce_kernel
 
 
-def splitk_linear(x, w, block_n: int = 64, block_k: int = 128, programs: int = 264, stages: int = 4):
-    """``x [M, K] @ w [N, K]^T`` for small M: N tiles times K splits so that about ``programs`` programs stream the
-    weight at once (cuBLAS leaves SMs idle where N / tile is below the SM count), partial sums in float32 reduced
-    in a fixed order (deterministic). A candidate for the decode step's skinny matmuls, measured here first."""
+def splitk_matmul(x, w, block_n: int = 64, block_k: int = 128, splits: int = 1, stages: int = 4, warps: int = 4):
+    """``x [M, K] @ w [K, N]`` for small M (w in the engine's transposed GPU layout): N tiles times K splits
+    programs stream the weight (cuBLAS leaves SMs idle where N / its tile is below the SM count), partial sums in
+    float32 reduced in a fixed order (deterministic). A candidate for the decode step's skinny matmuls, measured
+    here first."""
     import torch
     import triton
 
     m, k = x.shape
-    n = w.shape[0]
-    block_m = max(16, min(64, triton.next_power_of_2(m)))
-    tiles_n = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(k, block_k), round(programs / tiles_n)))
+    n = w.shape[1]
+    block_m = max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    _splitk_kernel()[(tiles_n, splits, triton.cdiv(m, block_m))](
-        x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=4, num_stages=stages)
-    return (part.sum(0) if splits > 1 else part[0]).to(x.dtype)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    kernel, reduce_kernel = _splitk_kernel()
+    kernel[(triton.cdiv(n, block_n), splits)](x, w, out, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
+                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 1,
+                                              num_warps=warps, num_stages=stages)
+    if splits > 1:
+        reduce_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, S=splits, BLOCK=1024)
+    return out
 
 
-SPLITK_CONFIGS = [dict(block_n=bn, block_k=bk, programs=p) for bn in (32, 64, 128) for bk in (64, 128, 256)
-                  for p in (132, 264, 528)]
+SPLITK_CONFIGS = [dict(block_n=bn, block_k=bk, splits=s, stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+                  for s in (1, 2, 4) for st in (3, 5)]
 
 
 def shape_linears(shape: dict, slots: int = 4, r_max: int = 16) -> list[tuple[int, int, int]]:
@@ -188,39 +207,56 @@ def shape_linears(shape: dict, slots: int = 4, r_max: int = 16) -> list[tuple[in
             (shape["vocab_size"], h, 0)]
 
 
-def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float) -> list[dict]:
+def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float, pad: int = 128) -> list[dict]:
+    """Each matmul as the engine's GPU layout runs it (``x [rows, in] @ W [in, out padded to pad]``), replayed from
+    a CUDA graph over enough copies of the weight that L2 holds none (one 7B o_proj fits the H100's 50 MB):
+    cuBLAS as the engine calls it, cuBLASLt preferred, and the split-K Triton candidate's tile shapes."""
+    import itertools
+
     import torch
-    import torch.nn.functional as F
 
     res = []
     for n, k, cols in shapes:
+        n_pad = -(-n // pad) * pad
+        nbytes = n_pad * k * 2
+        copies = max(2, -(-(256 << 20) // nbytes))
         x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-        joint_s = timed(lambda: F.linear(x, w))
-        entry = {"out": n, "in": k, "lora_columns": cols, "joint_us": joint_s * 1e6,
-                 "joint_fraction_of_copy_bw": n * k * 2 / joint_s / bandwidth}
-        ref = F.linear(x, w).float()
-        best = None
+        ws = [torch.randn(k, n_pad, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        calls = copies * max(1, 24 // copies)
+
+        def run(f):
+            it = itertools.cycle(ws)
+            return graph_timed(lambda: f(x, next(it)), calls=calls, replays=10)
+
+        entry = {"out": n, "out_padded": n_pad, "in": k, "lora_columns": cols, "weight_copies": copies}
+        cublas_s = run(torch.matmul)
+        entry.update(cublas_us=cublas_s * 1e6, cublas_fraction_of_copy_bw=nbytes / cublas_s / bandwidth)
+        try:
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            lt_s = run(torch.matmul)
+            entry.update(cublaslt_us=lt_s * 1e6, cublaslt_fraction_of_copy_bw=nbytes / lt_s / bandwidth)
+        finally:
+            torch.backends.cuda.preferred_blas_library("default")
+        ref = (x @ ws[0]).float()
+        best, table = None, []
         for cfg in SPLITK_CONFIGS:
             try:
-                got = splitk_linear(x, w, **cfg)
+                got = splitk_matmul(x, ws[0], **cfg)
                 err = float((got.float() - ref).abs().max() / ref.abs().max())
-                us = timed(lambda: splitk_linear(x, w, **cfg)) * 1e6
+                us = run(lambda a, b: splitk_matmul(a, b, **cfg)) * 1e6
             except Exception as e:  # noqa: BLE001 - a tile shape the card cannot run is skipped
-                entry.setdefault("splitk_errors", []).append(f"{cfg}: {type(e).__name__}: {e}"[:200])
+                entry.setdefault("splitk_errors", []).append(f"{cfg}: {type(e).__name__}: {e}"[:120])
                 continue
+            table.append([cfg, round(us, 2)])
             if best is None or us < best["us"]:
                 best = {"us": us, "config": cfg, "max_rel_error": err,
-                        "fraction_of_copy_bw": n * k * 2 / (us / 1e6) / bandwidth}
+                        "fraction_of_copy_bw": nbytes / (us / 1e6) / bandwidth}
         entry["splitk_best"] = best
-        if cols:
-            wb, wa = w[:n - cols].contiguous(), w[n - cols:].contiguous()
-            split_s = timed(lambda: (F.linear(x, wb), F.linear(x, wa)))
-            base_s = timed(lambda: F.linear(x, wb))
-            entry.update(split_us=split_s * 1e6, base_only_us=base_s * 1e6,
-                         base_only_fraction_of_copy_bw=(n - cols) * k * 2 / base_s / bandwidth)
+        entry["splitk_table"] = sorted(table, key=lambda r: r[1])[:10]
         res.append(entry)
-        del x, w
+        print(json.dumps({k2: v for k2, v in entry.items() if k2 not in ("splitk_table", "splitk_errors")}), flush=True)
+        del x, ws
+        torch.cuda.empty_cache()
     return res
 
 
