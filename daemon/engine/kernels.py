@@ -321,3 +321,108 @@ def lora_b_add(y: Any, h: Any, select: Any, lora_b: Any, splits: list[int] | Non
     out = torch.ops.lorad.lora_b_add(y.reshape(rows * tokens, n), h.reshape(rows * tokens, k),
                                      select.reshape(select.shape[0], c), lora_b, tokens, b1, b2, cb)
     return out.view(rows, tokens, n)
+
+
+# The skinny matmul (``skinny_matmul``): launch shape by default and per (in, out) of the weight; splits = how many
+# programs share one output tile's sum over ``in`` (their float32 partials summed in a fixed order).
+SKINNY_TUNING = {"block_n": 64, "block_k": 128, "splits": 2, "num_stages": 4, "num_warps": 4}
+SKINNY_TUNED: dict[tuple[int, int], dict] = {}
+# Decode steps (at most SKINNY_MAX_ROWS rows) run their joint projections through skinny_matmul instead of cuBLAS
+# (bench/serve_speed.py --decode-matmul turns it on or off to compare).
+SKINNY_MATMUL = False
+SKINNY_MAX_ROWS = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _skinny_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matmul_kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, sxm, swk, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """One (output tile, split of ``in``): x[:, k-range] @ w[k-range, tile] in float32; without splits the
+        rounded result, else the float32 partial for reduce_kernel."""
+        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            rk = k + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
+                         other=0.0)
+            wk = tl.load(w_ptr + rk[:, None] * swk + rn[None, :], mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+                         other=0.0)
+            acc += tl.dot(xk, wk)
+        tile = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT:
+            tl.store(part_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=tile)
+        else:
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
+    def reduce_kernel(part_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
+        """out = the splits' partials summed in order, rounded once."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = r < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(part_ptr + s * MN + r, mask=ok, other=0.0)
+        tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return matmul_kernel, reduce_kernel
+
+
+def _skinny_launch(x: Any, w: Any, tune: dict) -> Any:
+    import torch
+    import triton
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    n = w.shape[1]
+    block_k = tune["block_k"]
+    # rows padded to 16 or 32 or 64 by the mask: a row's sums run in the same order whatever the batch
+    block_m = max(16, triton.next_power_of_2(m))
+    k_per_split = triton.cdiv(triton.cdiv(k, tune["splits"]), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    matmul_kernel, reduce_kernel = _skinny_kernels()
+    matmul_kernel[(triton.cdiv(n, tune["block_n"]), splits)](
+        x, w, out, part, m, n, k, k_per_split, x.stride(0), w.stride(0), BLOCK_M=block_m, BLOCK_N=tune["block_n"],
+        BLOCK_K=block_k, SPLIT=splits > 1, num_warps=tune["num_warps"], num_stages=tune["num_stages"])
+    if splits > 1:
+        reduce_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, S=splits, BLOCK=1024)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def register_skinny():
+    """Register the ``lorad::skinny_matmul`` op (once, outside compiled code)."""
+    import torch
+
+    @torch.library.custom_op("lorad::skinny_matmul", mutates_args=(), schema="(Tensor x, Tensor w) -> Tensor")
+    def skinny_op(x, w):
+        return _skinny_launch(x, w, {**SKINNY_TUNING, **SKINNY_TUNED.get((w.shape[0], w.shape[1]), {})})
+
+    @skinny_op.register_fake
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[1]))
+
+    return skinny_op
+
+
+def skinny_matmul(x: Any, w: Any) -> Any:
+    """``x @ w`` for a weight stored ``[in, out]`` (the engine's GPU layout) and few rows of ``x`` (``[..., in]``):
+    output tiles times splits of ``in`` programs stream the weight, so that every SM reads where cuBLAS's tile
+    choice leaves some idle at decode shapes; float32 sums, partials added in a fixed order (batch invariant).
+    """
+    import torch
+
+    if not torch.compiler.is_compiling():
+        register_skinny()
+    lead = x.shape[:-1]
+    out = torch.ops.lorad.skinny_matmul(x.reshape(-1, x.shape[-1]), w)
+    return out.view(*lead, w.shape[1])
