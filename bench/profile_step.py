@@ -11,7 +11,7 @@ For the chosen shape (random bf16 weights, engine defaults, 32 rows at ``--posit
   linears   every distinct matmul shape of the step in the engine's GPU layout (``x[rows, in] @ W[in, out]``,
             out padded to 128), replayed from a CUDA graph over copies of the weight that L2 cannot hold, as
             effective bandwidth (weight bytes / time) against a measured device copy: cuBLAS, cuBLASLt
-            preferred, and a candidate split-K Triton matmul (``kernels.skinny_matmul``, its tile shapes swept), with its
+            preferred, and a candidate split-K Triton matmul (``splitk_matmul``, its tile shapes swept), with its
             error.
 
 ``--linears-only`` skips the engine (seconds instead of a minute): only the matmul table, for the 7B shapes.
@@ -128,14 +128,73 @@ def linear_shapes(model, rows: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def splitk_matmul(x, w, **cfg):
-    """``kernels.skinny_matmul`` with the launch shape ``cfg`` (block_n, block_k, splits, stages, warps)."""
-    from daemon.engine import kernels
+@functools.lru_cache(maxsize=1)
+def _splitk_kernel():
+    import triton
+    import triton.language as tl
 
-    return kernels._skinny_launch(x, w, {**kernels.SKINNY_TUNING, **cfg})
+    @triton.jit
+    def kernel(x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, k_per_split, sxm, swk, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """One (N tile, K split): x[:, k-range] @ w[k-range, n-tile] (w stored [in, out] as the engine's GPU
+        layout); one split stores the rounded result, several store float32 partials for _reduce_kernel."""
+        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k in range(k_lo, k_hi, BLOCK_K):
+            rk = k + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
+                         other=0.0)
+            wk = tl.load(w_ptr + rk[:, None] * swk + rn[None, :], mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+                         other=0.0)
+            acc += tl.dot(xk, wk)
+        tile = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT:
+            tl.store(part_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=tile)
+        else:
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
+    def reduce_kernel(part_ptr, out_ptr, MN, S: tl.constexpr, BLOCK: tl.constexpr):
+        """out = the splits' partials summed in a fixed order, rounded once."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = r < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(part_ptr + s * MN + r, mask=ok, other=0.0)
+        tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return kernel, reduce_kernel
 
 
-SPLITK_CONFIGS = [dict(block_n=bn, block_k=bk, splits=s, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+def splitk_matmul(x, w, block_n: int = 64, block_k: int = 128, splits: int = 1, stages: int = 4, warps: int = 4):
+    """``x [M, K] @ w [K, N]`` for small M (w in the engine's transposed GPU layout): N tiles times K splits
+    programs stream the weight (cuBLAS leaves SMs idle where N / its tile is below the SM count), partial sums in
+    float32 reduced in a fixed order (deterministic). A candidate for the decode step's skinny matmuls, measured
+    here first."""
+    import torch
+    import triton
+
+    m, k = x.shape
+    n = w.shape[1]
+    block_m = max(16, triton.next_power_of_2(m))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    kernel, reduce_kernel = _splitk_kernel()
+    kernel[(triton.cdiv(n, block_n), splits)](x, w, out, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
+                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 1,
+                                              num_warps=warps, num_stages=stages)
+    if splits > 1:
+        reduce_kernel[(triton.cdiv(m * n, 1024),)](part, out, m * n, S=splits, BLOCK=1024)
+    return out
+
+
+SPLITK_CONFIGS = [dict(block_n=bn, block_k=bk, splits=s, stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
                   for s in (1, 2, 4) for st in (3, 5)]
 
 

@@ -830,11 +830,6 @@ def main() -> int:
                          "(kernels.SKIP_ZERO_BLOCKS); off = every row")
     ap.add_argument("--blas", choices=("default", "cublaslt"), default="default",
                     help="torch.backends.cuda.preferred_blas_library for the run's matmuls")
-    ap.add_argument("--decode-matmul", choices=("cublas", "triton"), default="cublas",
-                    help="a decode step's joint projections through cuBLAS or kernels.skinny_matmul "
-                         "(kernels.SKINNY_MATMUL)")
-    ap.add_argument("--skinny-tuning", default=None, metavar="JSON",
-                    help="kernels.SKINNY_TUNING overrides for every shape (block_n, block_k, splits, ...)")
     args = ap.parse_args()
     if args.cpu_first_request:
         cpu_first_request(args)
@@ -857,10 +852,6 @@ def main() -> int:
     from daemon.engine import kernels as engine_kernels
 
     engine_kernels.SKIP_ZERO_BLOCKS = args.lora_b_skip == "on"
-    engine_kernels.SKINNY_MATMUL = args.decode_matmul == "triton"
-    if args.skinny_tuning:
-        engine_kernels.SKINNY_TUNING.update(json.loads(args.skinny_tuning))
-        engine_kernels.SKINNY_TUNED.clear()
     import torch
     import transformers
 
@@ -875,8 +866,7 @@ def main() -> int:
             "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
                                "attention_tuning": args.attention_tuning, "joint_layout": args.joint_layout,
                                "lora_b_kernel": args.lora_b_kernel, "lora_b_skip": args.lora_b_skip,
-                               "blas": args.blas, "kv_cache_dtype": args.kv_cache_dtype,
-                               "decode_matmul": args.decode_matmul, "skinny_tuning": args.skinny_tuning}}
+                               "blas": args.blas, "kv_cache_dtype": args.kv_cache_dtype}}
     if torch.cuda.is_available():
         result.update(here, card=torch.cuda.get_device_name())
     else:  # a CPU run merged into a GPU result keeps the GPU run's card and commit at the top

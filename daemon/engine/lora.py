@@ -83,11 +83,6 @@ def joint_product(x: Any, joint: Any, transposed: bool) -> Any:
     """``x`` times every row of the joint tensor: ``[..., width]`` (padding columns included, all zero)."""
     import torch.nn.functional as F
 
-    if transposed and x.is_cuda:
-        from daemon.engine import kernels
-
-        if kernels.SKINNY_MATMUL and x.numel() <= kernels.SKINNY_MAX_ROWS * x.shape[-1] and kernels.available():
-            return kernels.skinny_matmul(x, joint)
     return x @ joint if transposed else F.linear(x, joint)
 
 

@@ -138,31 +138,6 @@ def test_lora_b_kernel_matches_a_float32_reference_and_is_batch_invariant(rows, 
     torch.testing.assert_close(lora.add_lora(y, h, select, lora_b, False).float(), ref, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("rows,k,n,splits", [(32, 4096, 4224, 2), (5, 11008, 4224, 4), (1, 256, 200, 1),
-                                              (64, 384, 640, 3)])
-def test_skinny_matmul_matches_float32_and_is_batch_invariant(rows, k, n, splits):
-    """kernels.skinny_matmul: x @ W for W stored [in, out] (uneven splits of ``in``, out not a tile multiple): as
-    close to float32 as cuBLAS's bf16 product; a row alone gets the bits it gets in the batch."""
-    import torch
-
-    from daemon.engine import kernels
-
-    torch.manual_seed(0)
-    x = torch.randn(rows, 1, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16) * 0.05
-    kernels.SKINNY_TUNED[(k, n)] = {"splits": splits}
-    try:
-        out = kernels.skinny_matmul(x, w)
-        alone = kernels.skinny_matmul(x[-1:], w)
-    finally:
-        kernels.SKINNY_TUNED.pop((k, n))
-    assert out.shape == (rows, 1, n) and out.dtype == torch.bfloat16
-    ref = x.float() @ w.float()
-    err, cublas_err = (out.float() - ref).abs().max(), ((x @ w).float() - ref).abs().max()
-    assert err <= 2 * cublas_err + 1e-3, (float(err), float(cublas_err))
-    assert torch.equal(alone[0], out[-1])
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gpu_projection_layout_and_b_kernel_give_the_cpu_layouts_logits(arch):
     """On the GPU the joint tensors are stored transposed and padded and B goes through the Triton kernel. For rows
