@@ -828,8 +828,9 @@ def main() -> int:
     ap.add_argument("--lora-b-skip", choices=("on", "off"), default="on",
                     help="the LoRA B kernel reads only each tile's members' rows of a group's block-diagonal B "
                          "(kernels.SKIP_ZERO_BLOCKS); off = every row")
-    ap.add_argument("--blas", choices=("default", "cublaslt"), default="default",
-                    help="torch.backends.cuda.preferred_blas_library for the run's matmuls")
+    ap.add_argument("--blas", choices=("engine", "default", "cublaslt"), default="engine",
+                    help="the engine's BLAS library (step.BLAS, cuBLASLt); default = the process's, as the stock arms; "
+                         "cublaslt = for the whole run, stock arms included")
     args = ap.parse_args()
     if args.cpu_first_request:
         cpu_first_request(args)
@@ -855,7 +856,11 @@ def main() -> int:
     import torch
     import transformers
 
-    if args.blas != "default":
+    from daemon.engine import step as engine_step
+
+    if args.blas == "default":
+        engine_step.BLAS = None
+    elif args.blas == "cublaslt":
         torch.backends.cuda.preferred_blas_library(args.blas)
 
     path = Path(args.out)

@@ -26,6 +26,12 @@ log = logging.getLogger("lorad.engine")
 ATTN_IMPLEMENTATION = "lorad_engine"
 # Temperatures below this sample like greedy decoding: dividing logits by them overflows float32.
 MIN_TEMPERATURE = 1e-4
+# The BLAS library of the engine's forwards on CUDA (torch.backends.cuda.preferred_blas_library, set for each
+# forward and restored after it, so the rest of the process keeps its own; a captured graph keeps the kernels of
+# its capture): cuBLASLt streams the 7B down projection at decode shapes with a split-K kernel cuBLAS does not
+# pick (33.5 against 36.4 us on an H100, bench/results/profile_linears_7b_h100.json) and equals it elsewhere.
+# None: the process's choice (bench/serve_speed.py --blas default compares).
+BLAS: str | None = "cublaslt"
 
 
 class _Plan:
@@ -241,9 +247,14 @@ class Stepper:
         if self.use_graphs or bool(lora_index.any()):
             lora_mod.SELECTION.mask = lora_mod.selection(lora_index, self.lora_slots, self.r_max, self.dtype)
         # else: eager, and no row uses an adapter: skip the LoRA products (a graph always runs them)
+        blas = torch.backends.cuda.preferred_blas_library() if BLAS and ids.is_cuda else None
         try:
+            if blas is not None:
+                torch.backends.cuda.preferred_blas_library(BLAS)
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
         finally:
+            if blas is not None:
+                torch.backends.cuda.preferred_blas_library(blas)
             PLAN.cache = PLAN.positions = PLAN.mask = PLAN.slots = PLAN.bias = None
             PLAN.kernel = False
             lora_mod.SELECTION.mask = None
