@@ -83,6 +83,7 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 40, 77, 120)]
     results = []
+    blas_before = torch.backends.cuda.preferred_blas_library()
     for kw in ({"cuda_graphs": False, "compile": False, "decode_kernel": False},
                {"cuda_graphs": True, "compile": True, "decode_kernel": True}):
         e = engine(**kw)
@@ -93,6 +94,8 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
         assert all(h.wait(120) for h in handles)
         results.append([h.tokens for h in handles])
         e.stop(timeout=10)
+        # the engine's forwards prefer cuBLASLt (step.BLAS) and give the process its own choice back
+        assert torch.backends.cuda.preferred_blas_library() == blas_before
     for slow, fast in zip(*results):
         assert len(slow) == len(fast) == 24
         agree = next((i for i, (a, b) in enumerate(zip(slow, fast)) if a != b), 24)
