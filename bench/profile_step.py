@@ -207,13 +207,16 @@ def shape_linears(shape: dict, slots: int = 4, r_max: int = 16) -> list[tuple[in
             (shape["vocab_size"], h, 0)]
 
 
-def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float, pad: int = 128) -> list[dict]:
+def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float, pad: int = 128,
+            splitk: bool = True) -> list[dict]:
     """Each matmul as the engine's GPU layout runs it (``x [rows, in] @ W [in, out padded to pad]``), replayed from
     a CUDA graph over enough copies of the weight that L2 holds none (one 7B o_proj fits the H100's 50 MB):
-    cuBLAS as the engine calls it, cuBLASLt preferred, and the split-K Triton candidate's tile shapes."""
+    cuBLAS as the engine calls it, cuBLASLt preferred, the same in the row layout (``F.linear``, ``W [out, in]``),
+    and the split-K Triton candidate's tile shapes (``splitk``)."""
     import itertools
 
     import torch
+    import torch.nn.functional as F
 
     res = []
     for n, k, cols in shapes:
@@ -231,12 +234,26 @@ def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float, pad
         entry = {"out": n, "out_padded": n_pad, "in": k, "lora_columns": cols, "weight_copies": copies}
         cublas_s = run(torch.matmul)
         entry.update(cublas_us=cublas_s * 1e6, cublas_fraction_of_copy_bw=nbytes / cublas_s / bandwidth)
+        # the row layout ([out, in], unpadded: the CPU's, and the GPU's before the transposed one)
+        ws_rows = [w[:, :n].t().contiguous() for w in ws]
+        it_rows = itertools.cycle(ws_rows)
+        rows_s = graph_timed(lambda: F.linear(x, next(it_rows)), calls=calls, replays=10)
+        entry.update(rows_cublas_us=rows_s * 1e6, rows_cublas_fraction_of_copy_bw=n * k * 2 / rows_s / bandwidth)
         try:
             torch.backends.cuda.preferred_blas_library("cublaslt")
             lt_s = run(torch.matmul)
             entry.update(cublaslt_us=lt_s * 1e6, cublaslt_fraction_of_copy_bw=nbytes / lt_s / bandwidth)
+            it_rows = itertools.cycle(ws_rows)
+            rows_s = graph_timed(lambda: F.linear(x, next(it_rows)), calls=calls, replays=10)
+            entry.update(rows_cublaslt_us=rows_s * 1e6,
+                         rows_cublaslt_fraction_of_copy_bw=n * k * 2 / rows_s / bandwidth)
         finally:
             torch.backends.cuda.preferred_blas_library("default")
+        del ws_rows
+        if not splitk:
+            res.append(entry)
+            print(json.dumps(entry), flush=True)
+            continue
         ref = (x @ ws[0]).float()
         best, table = None, []
         for cfg in SPLITK_CONFIGS:
@@ -255,7 +272,7 @@ def linears(shapes: list[tuple[int, int, int]], rows: int, bandwidth: float, pad
         entry["splitk_table"] = sorted(table, key=lambda r: r[1])[:10]
         res.append(entry)
         print(json.dumps({k2: v for k2, v in entry.items() if k2 not in ("splitk_table", "splitk_errors")}), flush=True)
-        del x, ws
+        x = ws = None  # noqa: F841 - frees the copies before the next shape
         torch.cuda.empty_cache()
     return res
 
@@ -326,6 +343,7 @@ def main() -> int:
     ap.add_argument("--out", default="profile_step.json")
     ap.add_argument("--linears-only", action="store_true", help="only the matmul table (no engine)")
     ap.add_argument("--attention-sweep", action="store_true", help="only the decode attention's launch shapes")
+    ap.add_argument("--no-splitk", action="store_true", help="leave the split-K Triton candidate out of the linears")
     args = ap.parse_args()
     import torch
 
@@ -344,7 +362,7 @@ def main() -> int:
         return 0
     if args.linears_only:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape, "rows": args.rows,
-               "copy_bandwidth_gb_s": bandwidth / 1e9, "linears": linears(shape_linears(shape), args.rows, bandwidth)}
+               "copy_bandwidth_gb_s": bandwidth / 1e9, "linears": linears(shape_linears(shape), args.rows, bandwidth, splitk=not args.no_splitk)}
         Path(args.out).write_text(json.dumps(out, indent=1))
         print(json.dumps(out, indent=1))
         return 0

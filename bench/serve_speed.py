@@ -821,6 +821,9 @@ def main() -> int:
     ap.add_argument("--joint-layout", choices=("transposed", "rows"), default="transposed",
                     help="how the GPU stores each projection's weight + A table (daemon/engine/lora.py "
                          "GPU_TRANSPOSED): [in, out + columns] (default) or [out + columns, in]")
+    ap.add_argument("--rows-leaves", default="", metavar="NAMES",
+                    help="comma-separated Linear names (o_proj,down_proj) kept in the row layout on the GPU "
+                         "(lora.GPU_ROWS_LEAVES)")
     ap.add_argument("--lora-b-kernel", choices=("on", "off"), default="on",
                     help="y + (h * select) @ B in one Triton kernel on the GPU (serve.lora_kernel); off = PyTorch")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
@@ -848,6 +851,7 @@ def main() -> int:
     if args.group_projections == "off":
         lora.GROUPS = ()
     lora.GPU_TRANSPOSED = args.joint_layout == "transposed"
+    lora.GPU_ROWS_LEAVES = tuple(n for n in args.rows_leaves.split(",") if n)
     ENGINE_OPTIONS["lora_kernel"] = args.lora_b_kernel == "on"
     ENGINE_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     from daemon.engine import kernels as engine_kernels
@@ -870,6 +874,7 @@ def main() -> int:
             "python": platform.python_version(),
             "engine_options": {"decode_kernel": args.decode_kernel, "group_projections": args.group_projections,
                                "attention_tuning": args.attention_tuning, "joint_layout": args.joint_layout,
+                               "rows_leaves": args.rows_leaves,
                                "lora_b_kernel": args.lora_b_kernel, "lora_b_skip": args.lora_b_skip,
                                "blas": args.blas, "kv_cache_dtype": args.kv_cache_dtype}}
     if torch.cuda.is_available():

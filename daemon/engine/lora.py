@@ -47,8 +47,10 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 PAD = 128  # the transposed joint tensor's width is a multiple of this
-# The joint tensors' layout on a GPU: transposed (bench/serve_speed.py --joint-layout rows turns it off to compare).
+# The joint tensors' layout on a GPU: transposed (bench/serve_speed.py --joint-layout rows turns it off to compare),
+# but for the Linears named here, which keep the row layout (bench/serve_speed.py --rows-leaves).
 GPU_TRANSPOSED = True
+GPU_ROWS_LEAVES: tuple[str, ...] = ()
 
 
 def add_lora(y: Any, h: Any, select: Any, lora_b: Any, kernel: bool, splits: list[int] | None = None) -> Any:
@@ -272,7 +274,7 @@ def wrap_linears(model: Any, *, slots: int, r_max: int, group: bool = True,
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         on_gpu = module.weight.device.type == "cuda"
-        t = (on_gpu and GPU_TRANSPOSED) if transposed is None else transposed
+        t = (on_gpu and GPU_TRANSPOSED and leaf not in GPU_ROWS_LEAVES) if transposed is None else transposed
         lora = cls(module, slots, r_max, t)
         half = module.weight.dtype in (torch.bfloat16, torch.float16)
         lora.kernel = kernel and on_gpu and lora.fused and half and kernels.available()
