@@ -29,7 +29,7 @@ MIN_TEMPERATURE = 1e-4
 # The BLAS library of the engine's forwards on CUDA (torch.backends.cuda.preferred_blas_library, set for each
 # forward and restored after it, so the rest of the process keeps its own; a captured graph keeps the kernels of
 # its capture): cuBLASLt streams the 7B down projection at decode shapes with a split-K kernel cuBLAS does not
-# pick (33.5 against 36.4 us on an H100, bench/results/profile_linears_7b_h100.json) and equals it elsewhere.
+# pick (33.8 against 36.5 us on an H100, bench/results/profile_linears_7b_h100.json) and equals it elsewhere.
 # None: the process's choice (bench/serve_speed.py --blas default compares).
 BLAS: str | None = "cublaslt"
 

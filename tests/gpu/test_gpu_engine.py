@@ -88,6 +88,10 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
                {"cuda_graphs": True, "compile": True, "decode_kernel": True}):
         e = engine(**kw)
         assert e.stepper.decode_kernel == kw["decode_kernel"]
+        seen = []
+        if not kw["compile"]:
+            e.model.model.layers[0].register_forward_pre_hook(
+                lambda m, a: seen.append(torch.backends.cuda.preferred_blas_library()))
         # the host reads step N while step N+1 runs: tokens come back through pinned buffers and events
         assert len(e._readback_buffers) == 4 and all(b.is_pinned() for b in e._readback_buffers)
         handles = [e.submit(p, params=SamplingParams(max_tokens=24, temperature=0)) for p in prompts]
@@ -95,6 +99,7 @@ def test_engine_greedy_tokens_match_with_and_without_the_gpu_fast_paths(tmp_path
         results.append([h.tokens for h in handles])
         e.stop(timeout=10)
         # the engine's forwards prefer cuBLASLt (step.BLAS) and give the process its own choice back
+        assert all(b == torch._C._BlasBackend.Cublaslt for b in seen) and (seen or kw["compile"])
         assert torch.backends.cuda.preferred_blas_library() == blas_before
     for slow, fast in zip(*results):
         assert len(slow) == len(fast) == 24
