@@ -687,9 +687,17 @@ def cpu_first_requests(args) -> dict:
 
 def cpu_round(r: int, engines: dict, hf: dict, p64: list[list[int]], results: dict) -> None:
     """One round of every CPU arm: TTFT of a new 200-token prompt per engine variant; one stream of 32 new tokens
-    (engines, then HF generate); eight 64-token requests one at a time, then all at once."""
+    (engines, then HF generate); eight 64-token requests one at a time, then all at once.
+
+    Each arm computes with only its own thread's OpenMP workers: this (main) thread lets its workers go before the
+    engines' arms (as ``lorad serve``'s threads do once they are done with torch, and the idle engines do
+    themselves); GNU OpenMP stops spinning once the workers of all threads outnumber the cores, which slows
+    whichever arm runs (``pipelines.hardware.release_openmp_workers``)."""
     import torch
 
+    from pipelines.hardware import release_openmp_workers
+
+    release_openmp_workers()
     for (name, eng), p in zip(engines.items(), prompts(len(engines), CPU_PROMPT, seed=100 + r)):
         results[f"{name}/ttft_ms"].append(eng.generate(p, max_tokens=1, temperature=0).ttft_seconds * 1000)
     p = p64[r % len(p64)]
@@ -704,6 +712,7 @@ def cpu_round(r: int, engines: dict, hf: dict, p64: list[list[int]], results: di
             model.generate(torch.tensor([p]), max_new_tokens=CPU_NEW, min_new_tokens=CPU_NEW, do_sample=False,
                            pad_token_id=2)
         results[f"{name}/one_stream_tokens_per_s"].append(CPU_NEW / (time.perf_counter() - t0))
+    release_openmp_workers()
     for name, eng in engines.items():
         t0 = time.perf_counter()
         for q in p64:

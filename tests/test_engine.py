@@ -902,3 +902,30 @@ def test_smaller_kv_cache_dtypes_shrink_the_cache_and_keep_the_greedy_answers(wo
     assert any(got[k] for k in got)
     with pytest.raises(EngineError, match="kv_cache_dtype"):
         make_engine(world, max_batch_size=4, kv_cache_dtype="int4")
+
+
+def test_on_a_cpu_each_thread_lets_its_openmp_workers_go_when_done(world, monkeypatch):
+    """GNU OpenMP slows every thread's small ops once all threads' workers outnumber the cores: the thread that
+    starts the engine (it loaded the model) and one that loads an adapter let theirs go when done, and the decode
+    thread when it goes idle after work."""
+    import pipelines.hardware
+
+    calls = []
+    monkeypatch.setattr(pipelines.hardware, "release_openmp_workers",
+                        lambda: calls.append(threading.current_thread().name))
+    e = make_engine(world, max_batch_size=2)
+    try:
+        assert calls == [threading.current_thread().name], "start() lets the caller's workers go"
+        e.preload(world["versions"][0])
+        assert calls[-1] == threading.current_thread().name, "so does loading an adapter, in the caller's thread"
+        n = len(calls)
+        assert e.generate(prompt_ids(world, PROMPTS[0]), max_tokens=3, temperature=0).wait(30)
+        deadline = time.monotonic() + 10
+        while "lorad-engine" not in calls[n:] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "lorad-engine" in calls[n:], calls
+        idle = len(calls)
+        time.sleep(0.3)  # idle ticks with nothing computed: no further calls
+        assert len(calls) == idle, calls
+    finally:
+        e.stop(timeout=5)

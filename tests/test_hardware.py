@@ -227,3 +227,37 @@ def test_serve_prefill_autocast_obeys_the_setting_and_the_weights(monkeypatch):
     assert hardware.serve_prefill_autocast(model, "bfloat16") is None
     with pytest.raises(ValueError, match="serve.cpu_prefill_dtype"):
         hardware.serve_prefill_autocast(model, "fp8")
+
+
+def test_a_thread_lets_its_openmp_workers_go():
+    """release_openmp_workers frees the calling thread's OpenMP workers (they leave the process); the thread's next
+    parallel op starts them again and computes the same."""
+    import os
+    import threading
+
+    import torch
+
+    from pipelines.hardware import release_openmp_workers
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no OpenMP workers to let go")
+    a, b = torch.randn(600, 600), torch.randn(600, 600)
+    ref = a @ b
+    counts = {}
+
+    def work():
+        counts["before"] = len(os.listdir("/proc/self/task"))
+        a @ b  # this thread's workers start
+        counts["computing"] = len(os.listdir("/proc/self/task"))
+        counts["called"] = release_openmp_workers()
+        counts["released"] = len(os.listdir("/proc/self/task"))
+        counts["again"] = torch.equal(a @ b, ref)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if not counts["called"]:
+        pytest.skip("torch did not load GNU OpenMP here")
+    assert counts["computing"] > counts["before"], counts
+    assert counts["released"] < counts["computing"], counts
+    assert counts["again"]

@@ -151,6 +151,8 @@ class VersionsMixin:
                 self._free_slots.append(slot)
             raise AdapterUnavailable(f"adapter {version}: copying into slot {slot} failed: "
                                      f"{type(e).__name__}: {e}") from e
+        finally:
+            self._release_cpu_workers()  # the caller's thread is done with torch
         return slot
 
     def unstage(self, version: str | None) -> None:
