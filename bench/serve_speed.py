@@ -572,13 +572,13 @@ AGREEMENT_PROMPTS = ["What is the capital of France?", "Write a haiku about the 
                      "Give one tip for sleeping better."]
 
 
-def cpu_engine(args, prefill_dtype: str | None, warm_up: bool = True):
-    """A fresh SmolLM2-135M-Instruct (float32 weights) engine as ``lorad serve`` builds it on a CPU; returns
-    (engine, tokenizer, seconds from model loaded to ready)."""
+def cpu_engine(args, prefill_dtype: str | None, warm_up: bool = True, weights: str = "float32"):
+    """A fresh SmolLM2-135M-Instruct engine (``weights``: float32 or bfloat16) as ``lorad serve`` builds it on a
+    CPU; returns (engine, tokenizer, seconds from model loaded to ready)."""
     from daemon.engine import Engine
     from pipelines.models import load_base_model
 
-    model, tok = load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")
+    model, tok = load_base_model(CPU_SPEC, Path(args.cache), dtype=weights, device="cpu")
     t0 = time.perf_counter()
     eng = Engine(model, tok, max_batch_size=8, max_context=1024, prefill_dtype=prefill_dtype).start()
     eng.load_champion(warm_up=warm_up)
@@ -590,12 +590,13 @@ def cpu_first_request(args) -> None:
     fresh engine serves, with or without the warm-up. Prints one JSON line."""
     import torch
 
-    from pipelines.hardware import serve_prefill_autocast
+    from pipelines.hardware import serve_prefill_autocast, serve_weights_dtype
 
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    dtype = serve_prefill_autocast(torch.nn.Linear(1, 1), args.cpu_prefill)
-    eng, _, ready = cpu_engine(args, dtype, warm_up=args.cpu_first_request == "warm")
+    weights = serve_weights_dtype("auto")  # as lorad serve loads the model here
+    dtype = None if weights else serve_prefill_autocast(torch.nn.Linear(1, 1), args.cpu_prefill)
+    eng, _, ready = cpu_engine(args, dtype, warm_up=args.cpu_first_request == "warm", weights=weights or "float32")
     # Wall time suffers from other processes; the CPU time the decode thread (and the whole process) spent on a
     # request shows the first-call costs even on a loaded machine.
     clock = time.pthread_getcpuclockid(eng._thread.ident)
@@ -619,7 +620,7 @@ def part_cpu(args, out: dict) -> None:
     """
     import torch
 
-    from pipelines.hardware import serve_prefill_autocast
+    from pipelines.hardware import bf16_matvec_speedup, cpu_bf16_matmul, serve_prefill_autocast, serve_weights_dtype
     from pipelines.models import load_base_model
 
     if args.cpu_threads:
@@ -628,11 +629,15 @@ def part_cpu(args, out: dict) -> None:
                 "load_at_start": os.getloadavg()})
     out["first_requests"] = cpu_first_requests(args)
     auto = serve_prefill_autocast(torch.nn.Linear(1, 1), "auto")
-    variants = {"fp32": None, **({"bf16_prefill": auto} if auto else {})}
-    out["default_variant"] = d = "bf16_prefill" if auto else "fp32"
+    weights = serve_weights_dtype("auto")  # what lorad serve loads here (model.dtype auto)
+    out["bf16_matvec_speedup"] = bf16_matvec_speedup() if cpu_bf16_matmul() else None
+    # (prefill autocast, weights) per variant: float32 throughout; bf16 prefill over float32 weights; bf16 weights
+    variants = {"fp32": (None, "float32"), **({"bf16_prefill": (auto, "float32")} if auto else {}),
+                **({"bf16_weights": (None, "bfloat16")} if cpu_bf16_matmul() else {})}
+    out["default_variant"] = d = "bf16_weights" if weights else "bf16_prefill" if auto else "fp32"
     engines, ready = {}, {}
-    for name, dtype in variants.items():
-        engines[name], tok, ready[name] = cpu_engine(args, dtype)
+    for name, (dtype, w) in variants.items():
+        engines[name], tok, ready[name] = cpu_engine(args, dtype, weights=w)
     out["ready_s"] = ready
     out["warm_up_s"] = {name: e.warm_up_seconds for name, e in engines.items()}
     out["agreement"] = cpu_agreement(args, engines, tok)
@@ -725,19 +730,23 @@ def cpu_round(r: int, engines: dict, hf: dict, p64: list[list[int]], results: di
 
 
 def cpu_agreement(args, engines: dict, tok) -> dict:
-    """Greedy answers (24 new tokens, chat template) of each engine variant against HF generate in float32."""
+    """Greedy answers (24 new tokens, chat template) of each engine variant against HF generate in float32 (and
+    the bf16-weights engine against HF with bf16 weights)."""
     import torch
 
     from pipelines.models import load_base_model
 
-    reference = load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")[0]
-    answers: dict[str, list] = {name: [] for name in ("hf_fp32", *engines)}
+    references = {"hf_fp32": load_base_model(CPU_SPEC, Path(args.cache), dtype="float32", device="cpu")[0]}
+    if "bf16_weights" in engines:
+        references["hf_bf16"] = load_base_model(CPU_SPEC, Path(args.cache), dtype="bfloat16", device="cpu")[0]
+    answers: dict[str, list] = {name: [] for name in (*references, *engines)}
     for text in AGREEMENT_PROMPTS:
         ids = tok(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                           tokenize=False), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-        answers["hf_fp32"].append([t for t in out if t not in engines["fp32"].eos_ids])
+        for name, reference in references.items():
+            with torch.no_grad():
+                out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+            answers[name].append([t for t in out.tolist() if t not in engines["fp32"].eos_ids])
         for name, eng in engines.items():
             answers[name].append(eng.generate(ids, max_tokens=24, temperature=0).tokens)
 
@@ -750,7 +759,8 @@ def cpu_agreement(args, engines: dict, tok) -> dict:
     result = {"prompts": len(AGREEMENT_PROMPTS), "new_tokens": 24,
               "texts": {name: [tok.decode(a) for a in ans] for name, ans in answers.items()}}
     for x, y in (("fp32", "hf_fp32"), *((n, "hf_fp32") for n in engines if n != "fp32"),
-                 *((n, "fp32") for n in engines if n != "fp32")):
+                 *((n, "fp32") for n in engines if n != "fp32"),
+                 *((("bf16_weights", "hf_bf16"),) if "hf_bf16" in answers else ())):
         pairs = list(zip(answers[x], answers[y]))
         result[f"{x}_vs_{y}"] = {"identical": sum(a == b for a, b in pairs),
                                  "mean_common_prefix_tokens": statistics.mean(common(a, b) for a, b in pairs)}

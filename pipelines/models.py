@@ -215,7 +215,9 @@ def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple
     """The config a base model is loaded with for ``purpose`` (each has its own dtype policy), and the plan.
 
       serve, train  "auto" dtype and quantization (and train's micro-batch) come from the hardware plan
-                    (``pipelines.hardware.resolve_config``); ``hardware_plan=False`` keeps them as written
+                    (``pipelines.hardware.resolve_config``); ``hardware_plan=False`` keeps them as written;
+                    serve on a CPU loads bf16 weights instead of float32 where ``serve.cpu_weights_dtype`` says so
+                    (``pipelines.hardware.serve_weights_dtype``: "auto" where this CPU's bf16 products are faster)
       eval          as written: ``load_base_model`` resolves "auto" (fp32 on a CPU, bf16/fp16 on a GPU)
       drift         as eval, except "auto" on a CPU with native bf16 runs the whole model in bf16: features
                     need only a forward pass, and both windows are featurized in the same dtype
@@ -225,12 +227,20 @@ def settings_for(purpose: str, cfg: Any, *, hardware_plan: bool = True) -> tuple
     """
     import dataclasses
 
-    from pipelines.hardware import cpu_bf16_matmul, resolve_config
+    from pipelines.hardware import cpu_bf16_matmul, resolve_config, serve_weights_dtype
 
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     if purpose in ("serve", "train") and hardware_plan:
-        return resolve_config(cfg)
+        resolved, plan = resolve_config(cfg)
+        m = resolved.model
+        if (purpose == "serve" and cfg.model.dtype == "auto" and plan.device == "cpu" and m.dtype == "float32"
+                and m.quantization == "none" and serve_weights_dtype(cfg.serve.cpu_weights_dtype) == "bfloat16"):
+            resolved = dataclasses.replace(resolved, model=dataclasses.replace(m, dtype="bfloat16"))
+            plan = dataclasses.replace(plan, dtype="bfloat16", serve_prefill="bfloat16",
+                                       reason=f"{plan.reason}; serving loads bf16 weights: this CPU's bf16 "
+                                              "matrix-vector products are faster (serve.cpu_weights_dtype)")
+        return resolved, plan
     if purpose == "drift" and cfg.model.dtype == "auto" and cfg.model.device != "cuda":
         import torch
 

@@ -122,7 +122,8 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
     from monitors.metrics import LoradMetrics
 
     cfg = build_config({"paths": {"state_dir": str(tmp_path / "state"), "inbox": str(tmp_path / "inbox")},
-                        "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+                        "model": {"base_model": str(tiny_llama_dir), "device": "cpu"},
+                        "serve": {"cpu_weights_dtype": "float32"}})   # float32 weights: the prefill choice shows
     daemon = Daemon(cfg)
     daemon.metrics = LoradMetrics()
     (tmp_path / "state").mkdir()
@@ -147,6 +148,17 @@ def test_the_daemon_logs_and_exports_its_hardware_plan(tmp_path, tiny_llama_dir,
     forced._load_model()
     assert forced.engine.prefill_dtype == (None if override == "float32" else "bfloat16")
     forced.engine.stop(timeout=5)
+    # bf16 weights (serve.cpu_weights_dtype; "auto" where the probe finds bf16 products faster): the served model
+    # is bf16, the plan says so, and nothing is autocast
+    import torch
+
+    bf16 = Daemon(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, cpu_weights_dtype="bfloat16")))
+    bf16.metrics = LoradMetrics()
+    with caplog.at_level(logging.INFO, logger="lorad.daemon"):
+        bf16._load_model()
+    assert [r for r in caplog.records if r.getMessage() == "hardware plan"][-1].dtype == "bfloat16"
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16 and bf16.engine.prefill_dtype is None
+    bf16.engine.stop(timeout=5)
 
 
 def test_training_gpu_peak_reaches_the_metrics_from_the_run_records():
@@ -261,3 +273,29 @@ def test_a_thread_lets_its_openmp_workers_go():
     assert counts["computing"] > counts["before"], counts
     assert counts["released"] < counts["computing"], counts
     assert counts["again"]
+
+
+def test_serve_weights_are_bf16_only_where_this_cpus_bf16_products_are_faster(monkeypatch):
+    """serve.cpu_weights_dtype: auto takes bf16 weights where the CPU has bf16 units and the probe finds bf16
+    matrix-vector products >= BF16_DECODE_MIN_SPEEDUP x float32's; the overrides win; a GPU never."""
+    from pipelines import hardware
+
+    for units, speedup, expected in ((True, 1.5, "bfloat16"), (True, 1.1, None), (False, 9.0, None)):
+        monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda units=units: units)
+        monkeypatch.setattr(hardware, "bf16_matvec_speedup", lambda speedup=speedup: speedup)
+        assert hardware.serve_weights_dtype("auto") == expected
+        assert hardware.serve_weights_dtype("bfloat16") == "bfloat16"
+        assert hardware.serve_weights_dtype("float32") is None
+        assert hardware.serve_weights_dtype("auto", device="cuda") is None
+    with pytest.raises(ValueError, match="serve.cpu_weights_dtype"):
+        hardware.serve_weights_dtype("fp8")
+
+
+def test_the_bf16_probe_measures_a_ratio():
+    """bf16_matvec_speedup times real products (small footprint here): a positive, finite ratio."""
+    import math
+
+    from pipelines.hardware import bf16_matvec_speedup
+
+    ratio = bf16_matvec_speedup.__wrapped__(rows=256, cols=128, footprint=1 << 20)
+    assert ratio > 0 and math.isfinite(ratio)

@@ -707,11 +707,27 @@ def test_load_for_applies_each_purposes_dtype_policy(purpose, cpu_bf16, dtype, f
 def test_load_for_serve_without_loader_uses_the_hardware_plan(tiny_llama_dir, tmp_path, monkeypatch):
     from daemon.config import build_config
 
+    from pipelines import hardware
+
     cfg = build_config({"paths": {"state_dir": str(tmp_path)},
                         "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+    monkeypatch.setattr(hardware, "bf16_matvec_speedup", lambda: 1.0)  # bf16 products no faster: float32 stays
     resolved, plan = models.settings_for("serve", cfg)
     assert plan is not None and plan.device == "cpu"
     assert (resolved.model.dtype, resolved.model.quantization) == (plan.dtype, plan.quantization) == ("float32", "none")
+    # a CPU whose bf16 products are faster serves bf16 weights, and the plan says so; training keeps float32
+    monkeypatch.setattr(hardware, "cpu_bf16_matmul", lambda: True)
+    monkeypatch.setattr(hardware, "bf16_matvec_speedup", lambda: 1.5)
+    resolved, plan = models.settings_for("serve", cfg)
+    assert resolved.model.dtype == plan.dtype == "bfloat16" and "cpu_weights_dtype" in plan.reason
+    assert models.settings_for("train", cfg)[0].model.dtype == "float32"
+    # serve.cpu_weights_dtype float32, or an explicit model.dtype, win over the probe
+    keep = build_config({"paths": {"state_dir": str(tmp_path)}, "serve": {"cpu_weights_dtype": "float32"},
+                         "model": {"base_model": str(tiny_llama_dir), "device": "cpu"}})
+    assert models.settings_for("serve", keep)[0].model.dtype == "float32"
+    explicit = build_config({"paths": {"state_dir": str(tmp_path)},
+                             "model": {"base_model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32"}})
+    assert models.settings_for("serve", explicit)[0].model.dtype == "float32"
 
 
 def test_load_for_placement_replaces_device_and_dtype(tmp_path):

@@ -247,6 +247,10 @@ class ServeConfig:
     cpu_prefill_dtype: str = _f("auto", "matmul dtype of prompt prefill for float32 weights on a CPU; auto = bf16 "
                                         "autocast where the CPU has bf16 units (AMX or AVX512-BF16), else "
                                         "float32 (decode stays float32)", choices=("auto", "float32", "bfloat16"))
+    cpu_weights_dtype: str = _f("auto", "weights the server loads on a CPU when model.dtype is auto; auto = bfloat16 "
+                                        "where a startup probe finds this CPU's bf16 matrix-vector products at "
+                                        "least 1.25x float32's (AVX512-BF16: ~1.5x; a decode step reads every "
+                                        "weight once a token), else float32", choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass(frozen=True)
