@@ -287,8 +287,9 @@ def bf16_matvec_speedup(rows: int = 1536, cols: int = 576, footprint: int = 64 <
     A decode step is such products over weights no cache holds, so the probe cycles through copies of a
     ``rows x cols`` matrix (the default model's MLP shape) that together exceed ``footprint`` bytes in float32, on
     the calling thread, best of 5 passes each (~0.3 s). bf16 reads half the bytes; whether the CPU turns that into
-    speed depends on its bf16 dot products: 1.5x on an AMD EPYC with AVX512-BF16, about 1x on an Intel Xeon with
-    AMX (whose tiles want many rows), far below 1 without bf16 units.
+    speed depends on its bf16 dot products: 1.5-2.4x on the dev VM's AMD EPYC with AVX512-BF16; on the Intel Xeon
+    with AMX measured earlier a one-token forward was slower in bf16 (39 against 35 ms); without bf16 units, far
+    below 1.
     """
     import time
 
