@@ -1,11 +1,13 @@
-"""What a smaller KV cache (serve.kv_cache_dtype) does to answers: greedy answers against the model dtype's.
+"""What a smaller KV cache (serve.kv_cache_dtype) or bf16 weights (serve.cpu_weights_dtype) do to answers: greedy
+answers against the model dtype's.
 
     .venv/bin/python bench/kv_cache_quality.py --out bench/results/kv_cache_quality_cpu.json
     python3 bench/kv_cache_quality.py --device cuda --out kv_cache_quality_h100.json   # bf16 on a GPU
 
 The default SmolLM2-135M-Instruct (real weights) answers the first user turns of the built-in regression sets
 (chatterbot-corpus, English and Chinese) greedily through the serving engine, once with each cache dtype (the
-model's, bfloat16 where that is a change, float8_e4m3), in batches as the server runs them. Reported per set and
+model's, bfloat16 where that is a change, float8_e4m3) and, on a CPU, once with bf16 weights (what lorad serve loads
+where the CPU's bf16 products are faster; its cache is bf16 too), in batches as the server runs them. Reported per set and
 smaller dtype against the model's: the share of answers identical token for token, the share whose first 8
 tokens agree, the mean length of the agreeing prefix; and each cache's bytes per position.
 A greedy answer is a hard test: one near-tie that rounds the other way changes every later token.
@@ -42,12 +44,13 @@ def prompts(tokenizer, per_set: int) -> dict[str, list[list[int]]]:
 
 
 def answers(kv_cache_dtype: str, device: str, cache: Path, ids: dict[str, list[list[int]]], new_tokens: int,
-            batch: int) -> tuple[dict[str, list[list[int]]], dict]:
-    """Greedy answers of every prompt through an engine with the given cache dtype, ``batch`` at a time."""
+            batch: int, weights: str = "auto") -> tuple[dict[str, list[list[int]]], dict]:
+    """Greedy answers of every prompt through an engine with the given cache dtype (and weights' dtype), ``batch``
+    at a time."""
     from daemon.engine import Engine, SamplingParams
     from pipelines.models import EMBEDDED_DEFAULT, load_base_model
 
-    model, tokenizer = load_base_model(EMBEDDED_DEFAULT, cache, device=device)
+    model, tokenizer = load_base_model(EMBEDDED_DEFAULT, cache, device=device, dtype=weights)
     engine = Engine(model, tokenizer, max_batch_size=batch, max_context=256, kv_cache_dtype=kv_cache_dtype).start()
     engine.load_champion()
     info = {"cache_bytes_per_position": engine.cache.nbytes / engine.cache.capacity_tokens,
@@ -101,6 +104,9 @@ def main() -> int:
         if dtype == "bfloat16" and ref_info["cache_dtype"] == "torch.bfloat16":
             continue  # the model's own dtype: nothing to compare
         arms[dtype] = answers(dtype, args.device, Path(args.cache), ids, args.new_tokens, args.batch)
+    if args.device == "cpu":
+        arms["bf16_weights"] = answers("auto", args.device, Path(args.cache), ids, args.new_tokens, args.batch,
+                                       weights="bfloat16")
     result = {
         "commit": _common.commit(), "dirty": _common.dirty("daemon", "pipelines", "bench/kv_cache_quality.py"),
         "machine": torch.cuda.get_device_name() if args.device == "cuda" else _common.cpu_name(),
