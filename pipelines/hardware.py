@@ -273,10 +273,8 @@ def cpu_autocast(model: Any) -> str | None:
     return "bfloat16"
 
 
-SERVE_PREFILL_CHOICES = ("auto", "float32", "bfloat16")
-
-
-SERVE_WEIGHTS_CHOICES = ("auto", "float32", "bfloat16")
+# serve.cpu_prefill_dtype and serve.cpu_weights_dtype: the plan's choice, or one forced
+SERVE_CPU_DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 BF16_DECODE_MIN_SPEEDUP = 1.25  # "auto" serves bf16 weights on a CPU only where its bf16 products clearly win
 
 
@@ -322,8 +320,8 @@ def serve_weights_dtype(setting: str = "auto", *, device: str = "cpu") -> str | 
     "bfloat16" always, "float32" never, "auto" where ``bf16_matvec_speedup`` reaches ``BF16_DECODE_MIN_SPEEDUP``
     (a decode step reads every weight once a token: half the bytes, when the CPU's bf16 units keep up, is up to
     half the time). None on a GPU (it serves 16-bit weights already) or where float32 stays."""
-    if setting not in SERVE_WEIGHTS_CHOICES:
-        raise ValueError(f"serve.cpu_weights_dtype must be one of {SERVE_WEIGHTS_CHOICES}, got {setting!r}")
+    if setting not in SERVE_CPU_DTYPE_CHOICES:
+        raise ValueError(f"serve.cpu_weights_dtype must be one of {SERVE_CPU_DTYPE_CHOICES}, got {setting!r}")
     if device == "cuda" or setting == "float32":
         return None
     if setting == "bfloat16":
@@ -340,8 +338,8 @@ def serve_prefill_autocast(model: Any, setting: str = "auto") -> str | None:
     """
     import torch
 
-    if setting not in SERVE_PREFILL_CHOICES:
-        raise ValueError(f"serve.cpu_prefill_dtype must be one of {SERVE_PREFILL_CHOICES}, got {setting!r}")
+    if setting not in SERVE_CPU_DTYPE_CHOICES:
+        raise ValueError(f"serve.cpu_prefill_dtype must be one of {SERVE_CPU_DTYPE_CHOICES}, got {setting!r}")
     weight = next(model.parameters())
     if setting == "float32" or weight.device.type != "cpu" or weight.dtype != torch.float32 or is_quantized(model):
         return None
