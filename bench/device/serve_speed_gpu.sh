@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's serving numbers on the device tool, all parts at one clean commit in one lease of one GPU: the engine
 # part (~8 min, the stock arms' compile warm-ups dominate), the HTTP part (~2 min) and the 7B part (~1 min) merged
-# into one serve_speed.json, then 7B variants (each its own JSON) and the 135M step. A call lasts at most 10
+# into one serve_speed.json, then the GPU test tier, 7B variants (each its own JSON) and the 135M step. A call lasts at most 10
 # minutes, so the job runs in the background and collect.sh brings the results back.
 #
 # Here, with a clean tree (git status --porcelain empty; .whl/ and .eng/ are git-ignored via .git/info/exclude):
@@ -13,7 +13,8 @@
 #     h11 httpx httpcore pyyaml                                                          # ~20 MB
 # Call 1 (kind nvidia-h100-x1, carry .whl .eng):  bash bench/device/serve_speed_gpu.sh
 # Calls 2, 3 (no carry), back to back:            bash /root/tree/bench/device/collect.sh 1 560
-# Then here: res.tgz holds serve_speed.json (engine + http + 7b), 7b_*.json, step.json and serve.log.
+# Then here: res.tgz holds serve_speed.json (engine + http + 7b), gpu_tier.log (the GPU test tier, run after the
+# measurements so it cannot disturb them), 7b_*.json, step.json and serve.log.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 4
@@ -30,9 +31,8 @@ bg() {   # bg NAME COMMAND: every stream to /root/res/NAME.log, NAME.done when i
 }
 S="python3 bench/serve_speed.py"
 bg serve "$S --part engine --part http --part 7b --out /root/res/serve_speed.json; \
-  $S --part 7b --rows-leaves o_proj --out /root/res/7b_rows_o.json; \
+  python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -rA -q > /root/res/gpu_tier.log 2>&1; \
   $S --part 7b --rows-leaves o_proj,down_proj --out /root/res/7b_rows_od.json; \
-  $S --part 7b --kv-cache-dtype float8_e4m3 --out /root/res/7b_fp8.json; \
-  $S --part 7b --out /root/res/7b_again.json; \
-  $S --part step --out /root/res/step.json"
+  $S --part step --out /root/res/step.json; \
+  $S --part 7b --kv-cache-dtype float8_e4m3 --out /root/res/7b_fp8.json"
 sleep 5; cat /root/res/serve.log; echo "started at commit $COMMIT"
