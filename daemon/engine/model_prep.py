@@ -1,4 +1,5 @@
-"""What the engine changes on or reads from the model before serving: end-of-sequence ids, a float32 output head."""
+"""What the engine changes on or reads from the model before serving: end-of-sequence ids, a float32 output head,
+the weights' dtype."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import logging
 from typing import Any
 
 log = logging.getLogger("lorad.engine")
+
+
+def weights_dtype(model: Any) -> Any:
+    """The dtype of the model's floating-point weights (the first one found: quantized models keep integer tensors
+    beside them)."""
+    return next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
 
 
 def float32_head(model: Any) -> None:

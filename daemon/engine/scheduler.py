@@ -28,7 +28,7 @@ from typing import Any, Callable
 from daemon.engine.api import (BASE_LABEL, CHAMPION_ALIASES, AdapterUnavailable, EngineClosed, EngineError,
                                GenerationHandle, InvalidRequest, QueueFull, SamplingParams, label)
 from daemon.engine.batching import BatchingMixin, Launch, RequestRow
-from daemon.engine.model_prep import eos_ids, float32_head
+from daemon.engine.model_prep import eos_ids, float32_head, weights_dtype
 from daemon.engine.versions import VersionsMixin
 
 log = logging.getLogger("lorad.engine")
@@ -158,8 +158,7 @@ class Engine(BatchingMixin, VersionsMixin):
         self._wrapped = lora.wrap_linears(model, slots=self.adapter_slots, r_max=self.lora_max_rank,
                                           kernel=lora_kernel)
         try:
-            dtype = cache_mod.cache_dtype(kv_cache_dtype, next(p for p in model.parameters()
-                                                               if p.dtype.is_floating_point).dtype)
+            dtype = cache_mod.cache_dtype(kv_cache_dtype, weights_dtype(model))
         except ValueError as e:
             raise EngineError(str(e)) from None
         element = torch.empty((), dtype=dtype).element_size()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from daemon.engine import lora as lora_mod
 from daemon.engine.cache import KVCache, LayerShape, bucket, stored
+from daemon.engine.model_prep import weights_dtype
 
 log = logging.getLogger("lorad.engine")
 
@@ -218,7 +219,7 @@ class Stepper:
         self.lora_slots, self.r_max = lora_slots, r_max
         self.device = cache.keys[next(iter(cache.keys))].device
         # the LoRA selection's dtype: the model's (the cache's may be float8)
-        self.dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+        self.dtype = weights_dtype(model)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.on_capture = on_capture
         s = cache.slots
