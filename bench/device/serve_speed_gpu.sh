@@ -14,7 +14,7 @@
 # Call 1 (kind nvidia-h100-x1, carry .whl .eng):  bash bench/device/serve_speed_gpu.sh
 # Calls 2, 3 (no carry), back to back:            bash /root/tree/bench/device/collect.sh 1 560
 # Then here: res.tgz holds serve_speed.json (engine + http + 7b), gpu_tier.log (the GPU test tier, run after the
-# measurements so it cannot disturb them), 7b_*.json, step.json and serve.log.
+# measurements so it cannot disturb them), 7b_rows_od.json, step.json and serve.log.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 4
@@ -33,6 +33,5 @@ S="python3 bench/serve_speed.py"
 bg serve "$S --part engine --part http --part 7b --out /root/res/serve_speed.json; \
   python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -rA -q > /root/res/gpu_tier.log 2>&1; \
   $S --part 7b --rows-leaves o_proj,down_proj --out /root/res/7b_rows_od.json; \
-  $S --part step --out /root/res/step.json; \
-  $S --part 7b --kv-cache-dtype float8_e4m3 --out /root/res/7b_fp8.json"
+  $S --part step --out /root/res/step.json"
 sleep 5; cat /root/res/serve.log; echo "started at commit $COMMIT"
