@@ -26,6 +26,7 @@ from daemon.runs import (JobError, create_run, fail_run, finish_run, hold_refuse
                          pending_payloads, record_progress, resumable_runs, runs_dir)
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
+from pipelines.train.distributed.launcher import job_env
 
 log = logging.getLogger("lorad.jobs")
 
@@ -203,8 +204,7 @@ class JobRunner:
         log_path = folder / f"{name}.log"
         with open(log_path, "ab") as err:
             proc = subprocess.Popen([self.python, "-m", "daemon.cli", *args], stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
-                                    preexec_fn=_die_with_parent)
+                                    start_new_session=True, env=job_env(), preexec_fn=_die_with_parent)
             with self._cond:
                 self._proc = proc
             out, _ = proc.communicate()
@@ -323,7 +323,7 @@ class JobRunner:
         cmd = train_argv(self.cfg.train, run_dir, python=self.python, extra=["--no-progress"])
         with open(run_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=str(Path(__file__).resolve().parents[1]), preexec_fn=_die_with_parent)
+                                    env=job_env(), preexec_fn=_die_with_parent)
         with self._cond:
             self._proc = proc
         mark_running(self.store, run_id, proc.pid, self.clock)

@@ -4,6 +4,7 @@ subprocess, and an interrupted run resumed by the next runner."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -48,8 +49,13 @@ def config(tmp_path: Path, model_dir: Path, **over):
 
 
 @pytest.mark.integration
-def test_manual_cycle_trains_evaluates_and_promotes(tmp_path, tiny_llama_dir):
-    cfg = config(tmp_path, tiny_llama_dir)
+def test_manual_cycle_trains_evaluates_and_promotes(tmp_path, tiny_llama_dir, monkeypatch):
+    # Relative paths, as `lorad run` started in a project folder has them: the drift, training and evaluation
+    # subprocesses read them from the daemon's working directory (they once started in lorad's source root, and
+    # the drift step could not find its own config).
+    monkeypatch.chdir(tmp_path)
+    cfg = config(Path("."), Path(os.path.relpath(tiny_llama_dir, tmp_path)))
+    assert not Path(cfg.paths.state_dir).is_absolute() and not Path(cfg.model.base_model).is_absolute()
     store = open_store(cfg.paths.state_dir)
     result = ingest_file(write_data(tmp_path / "a.jsonl", 150, 1), store, cfg.data)
     assert result.accepted == 150

@@ -16,8 +16,19 @@ from pipelines.train.distributed.world import MODES, NODE_RANK_ENV, SAFE_COLLECT
 from pipelines.train.protocol import (EXIT_INTERRUPTED, INTERRUPTED_MARKER, DistributedError, Interrupted,
                                       TrainingError, TrainOutcome)
 
-ROOT = Path(__file__).resolve().parents[3]   # the repository root: jobs start there
+ROOT = Path(__file__).resolve().parents[3]   # lorad's source root: first on a job's PYTHONPATH
 SLURM_NODE_RANK_ENV = "SLURM_NODEID"   # srun's node index: the node rank under Slurm
+
+
+def job_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a job process (``python -m daemon.cli ...``, ``python -m pipelines.train ...``) starts with:
+    the caller's, with lorad's source root first on PYTHONPATH. Jobs run in the caller's working directory, so the
+    relative paths of its config (``paths.state_dir``, ``paths.inbox``, a local ``model.base_model``) and of the
+    run folders name what they name for the caller; PYTHONPATH lets ``-m`` find lorad from any directory."""
+    env = dict(os.environ if environ is None else environ)
+    rest = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + rest if rest else "")
+    return env
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ def run_launched(train_cfg: Any, run_dir: Path, *, python: str = sys.executable,
     argv = train_argv(train_cfg, run_dir, python=python, extra=[] if progress else ["--no-progress"])
     seen = 0
     with open(run_dir / "train.log", "ab") as log:
-        proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=log, stderr=None if progress else log)
+        proc = subprocess.Popen(argv, env=job_env(), stdout=log, stderr=None if progress else log)
         try:
             while True:
                 try:
@@ -249,7 +260,7 @@ def follow(runs_dir: Path, node_rank: int, *, python: str = sys.executable, poll
             argv = launch_argv(mode, nproc, path.parent, python=python, extra=["--no-progress"], nodes=nodes)
             log({"event": "join", "run": path.parent.name, "node_rank": node_rank, "nnodes": nodes.nnodes})
             with open(path.parent / f"train-node{node_rank}.log", "ab") as out:
-                proc = subprocess.Popen(argv, cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(argv, env=job_env(), stdout=out, stderr=subprocess.STDOUT)
                 while proc.poll() is None:
                     if should_stop():
                         proc.send_signal(signal.SIGTERM)   # the launcher passes it on once; the ranks checkpoint
