@@ -536,6 +536,18 @@ def test_kv_cache_bounds_queue_and_429(world):
         make_engine(world, kv_cache_tokens=100, max_context=128)
 
 
+def test_the_default_cpu_cache_holds_max_batch_size_requests_of_the_default_context():
+    """`lorad run` with no config must not start with the "fewer slots than serve.max_batch_size" warning."""
+    from daemon.config import build_config
+    from daemon.engine.cache import plan_slots
+
+    s = build_config({}).serve
+    slots = plan_slots(bytes_per_token=1, context=s.max_prompt_tokens + s.max_new_tokens,
+                       max_batch_size=s.max_batch_size, device_type="cpu", free_bytes=None,
+                       kv_cache_fraction=s.kv_cache_fraction, kv_cache_tokens=s.kv_cache_tokens)
+    assert slots == s.max_batch_size
+
+
 def test_cancellation_frees_the_rows_cache_slot(world, engine):
     from daemon.engine import SamplingParams
 

@@ -229,7 +229,8 @@ class ServeConfig:
                                       "(bit-for-bit; slower at low load)")
     kv_cache_fraction: float = _f(0.3, "share of free GPU memory the KV cache takes (slots = max_batch_size or fewer)",
                                   gt=0.0, le=0.95)
-    kv_cache_tokens: int = _f(65536, "CPU KV cache budget in positions, all requests together", ge=1)
+    kv_cache_tokens: int = _f(81920, "CPU KV cache budget in positions, all requests together (the default holds "
+                                     "max_batch_size requests of the default 2,560-position context)", ge=1)
     adapter_slots: int = _f(4, "adapter versions held at once in the per-row LoRA tables (champion, previous, "
                                "pinned)", ge=2, le=64)
     lora_max_rank: int = _f(64, "largest adapter rank the LoRA tables hold; higher ranks are refused", ge=1, le=1024)
