@@ -272,8 +272,10 @@ class Daemon:
         if self.store.counts()["records_pending"] >= sc.min_new_records:
             # Ingested before a stop that came before their drift check: check them now, not at the next tick.
             self.runner.request("drift")
-        else:   # idle: have the drift reference's features ready for the first check
-            self.runner.request(WARM)
+        else:   # idle: have the drift reference's features ready for the first check, once serving is up (on a
+            # CPU the featurizing would share the cores with the model load and skew the engine's startup probe)
+            threading.Thread(target=lambda: self.ready.wait() and self.runner.request(WARM),
+                             name="drift-warm-after-ready", daemon=True).start()
         self.scheduler = Scheduler(timezone_name=sc.timezone, drift_minutes=sc.drift_check_minutes,
                                    monthly_cron=sc.monthly_refresh_cron, misfire_grace_seconds=sc.misfire_grace_seconds,
                                    on_drift_check=lambda: self.runner.request("drift"),

@@ -56,6 +56,19 @@ def test_manual_cycle_trains_evaluates_and_promotes(tmp_path, tiny_llama_dir, mo
     monkeypatch.chdir(tmp_path)
     cfg = config(Path("."), Path(os.path.relpath(tiny_llama_dir, tmp_path)))
     assert not Path(cfg.paths.state_dir).is_absolute() and not Path(cfg.model.base_model).is_absolute()
+    # Every job process runs at schedule.job_nice lower priority than the daemon (serving computes first).
+    import subprocess
+
+    import daemon.jobs
+
+    niceness, popen = [], subprocess.Popen
+
+    def spy(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        niceness.append(os.getpriority(os.PRIO_PROCESS, proc.pid) - os.getpriority(os.PRIO_PROCESS, 0))
+        return proc
+
+    monkeypatch.setattr(daemon.jobs.subprocess, "Popen", spy)
     store = open_store(cfg.paths.state_dir)
     result = ingest_file(write_data(tmp_path / "a.jsonl", 150, 1), store, cfg.data)
     assert result.accepted == 150
@@ -66,6 +79,7 @@ def test_manual_cycle_trains_evaluates_and_promotes(tmp_path, tiny_llama_dir, mo
     assert "drift" in events, "the drift step ran and was recorded"
     assert events["drift"]["data"]["reference_source"].startswith("base model")
     assert out["trained"] is True and out["promoted"] is True, out
+    assert len(niceness) >= 3 and set(niceness) == {cfg.schedule.job_nice} and cfg.schedule.job_nice > 0, niceness
     version = out["version"]
     assert promoted == [version] and registry.champion(store) == version
     row = registry.get_adapter(store, version)

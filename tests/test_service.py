@@ -165,3 +165,37 @@ def test_run_serves_health_status_and_stops_cleanly(tmp_path):
     snap = json.loads(lorad("status", "--json", "--state", str(state)).stdout)
     assert snap["daemon"]["running"] is False
     assert [e["subject"] for e in snap["events"][:2]] == ["stop", "start"]
+
+
+def test_the_drift_warm_up_waits_until_serving_is_ready(tmp_path, monkeypatch):
+    """An idle daemon queues the drift reference's warm-up only once the model serves: on a CPU the featurizing
+    would share the cores with the model load and skew the engine's startup probe (bf16 or float32 weights)."""
+    import threading
+
+    from daemon.jobs import WARM, JobRunner
+    from daemon.service import Daemon
+
+    requested = []
+    monkeypatch.setattr(JobRunner, "request", lambda self, trigger: requested.append(trigger) or True)
+    gate = threading.Event()
+
+    def loader(*args, **kwargs):
+        gate.wait(30)
+        raise RuntimeError("this test loads no model")
+
+    cfg = build_config({"paths": {"state_dir": str(tmp_path / "state"), "inbox": str(tmp_path / "inbox")},
+                        "serve": {"port": free_port()}})
+    d = Daemon(cfg, model_loader=loader)
+    d.startup()
+    try:
+        time.sleep(0.5)
+        assert requested == [], "nothing is queued while the model loads"
+        gate.set()
+        d.ready.set()   # what _load_model does once the engine is up
+        deadline = time.monotonic() + 10
+        while requested != [WARM] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert requested == [WARM]
+    finally:
+        gate.set()
+        d.shutdown()

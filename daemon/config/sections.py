@@ -294,6 +294,8 @@ class ScheduleConfig:
     cooldown_minutes: int = _f(60, "minimum time between two training runs", ge=0)
     min_new_records: int = _f(50, "fewer pending records than this never start a run", ge=1)
     misfire_grace_seconds: int = _f(3600, "a job missed by less than this still runs once after downtime", ge=1)
+    job_nice: int = _f(10, "nice increment of the drift, training and evaluation processes (0 = the daemon's "
+                           "priority): on a shared CPU, serving computes first", ge=0, le=19)
     inbox_settle_seconds: float = _f(2.0, "a file counts as complete after its size and mtime are stable this long",
                                      ge=0.0)
 
