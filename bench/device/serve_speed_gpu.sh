@@ -10,7 +10,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform any -d .whl apscheduler tzlocal watchdog pytest-timeout fastapi starlette pydantic \
 #     pydantic_core annotated-types typing-inspection uvicorn uvloop httptools openai jiter sniffio distro anyio \
-#     h11 httpx httpcore pyyaml                                                          # ~20 MB
+#     h11 httpx httpcore pyyaml opentelemetry-api importlib-metadata zipp annotated-doc    # ~20 MB
+#   (fastapi >= 0.16x imports opentelemetry; without it the HTTP part fails at its first import)
 # Call 1 (kind nvidia-h100-x1, carry .whl .eng):  bash bench/device/serve_speed_gpu.sh
 # Calls 2, 3 (no carry), back to back:            bash /root/tree/bench/device/collect.sh 1 560
 # Then here: res.tgz holds serve_speed.json (engine + http + 7b), gpu_tier.log (the GPU test tier, run after the
