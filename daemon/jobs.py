@@ -26,7 +26,7 @@ from daemon.runs import (JobError, create_run, fail_run, finish_run, hold_refuse
                          pending_payloads, record_progress, resumable_runs, runs_dir)
 from daemon.store import Store
 from pipelines.train import EXIT_INTERRUPTED  # the package imports torch only inside functions
-from pipelines.train.distributed.launcher import job_env
+from pipelines.train.distributed.launcher import die_with_parent, job_env
 
 log = logging.getLogger("lorad.jobs")
 
@@ -84,28 +84,13 @@ def _last_line(log_path: Path) -> str:
     return f": {lines[-1][:300]}" if lines else ""
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when the daemon dies, even by SIGKILL.
-
-    The training process then checkpoints and exits, so a restarted daemon resumes the run
-    instead of racing an orphan on the same run folder.
-    """
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass  # not Linux: recover_runs still stops orphans at the next start
-
-
 def job_preexec(nice: int) -> Callable[[], None]:
-    """preexec_fn of a job process: ``_die_with_parent``, then ``nice`` steps lower CPU priority (inherited by
+    """preexec_fn of a job process: ``die_with_parent``, then ``nice`` steps lower CPU priority (inherited by
     the job's own children). Serving shares the CPU with the job; at equal priority a job computing on every
     core preempts the engine's OpenMP workers mid-operation, and on a 2-core CPU a decode pass of bf16 products
     took up to 20x longer (a barrier waits a whole time slice for the preempted worker)."""
     def preexec() -> None:
-        _die_with_parent()
+        die_with_parent()
         if nice:
             os.nice(nice)
     return preexec

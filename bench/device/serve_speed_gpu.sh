@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 27's serving numbers on the device tool, all parts at one clean commit in one lease of one GPU: the engine
 # part (~8 min, the stock arms' compile warm-ups dominate), the HTTP part (~2 min) and the 7B part (~1 min) merged
-# into one serve_speed.json, then the GPU test tier, 7B variants (each its own JSON) and the 135M step. A call lasts at most 10
-# minutes, so the job runs in the background and collect.sh brings the results back.
+# into one serve_speed.json, then the GPU test tier, a 7B variant (its own JSON) and the 135M step. A call lasts at
+# most 10 minutes, so the job runs in the background and collect.sh brings the results back.
 #
 # Here, with a clean tree (git status --porcelain empty; .whl/ and .eng/ are git-ignored via .git/info/exclude):
 #   git rev-parse HEAD > .eng/COMMIT

@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[3]   # lorad's source root: first on a j
 SLURM_NODE_RANK_ENV = "SLURM_NODEID"   # srun's node index: the node rank under Slurm
 
 
-def job_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def job_env() -> dict[str, str]:
     """The environment a job process (``python -m daemon.cli ...``, ``python -m pipelines.train ...``) starts with:
     the caller's, with lorad's source root first on PYTHONPATH. Jobs run in the caller's working directory, so the
     relative paths of its config (``paths.state_dir``, ``paths.inbox``, a local ``model.base_model``) and of the
     run folders name what they name for the caller; PYTHONPATH lets ``-m`` find lorad from any directory."""
-    env = dict(os.environ if environ is None else environ)
+    env = dict(os.environ)
     rest = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + rest if rest else "")
     return env
@@ -197,8 +197,10 @@ def _replay_metrics(run_dir: Path, seen: int, on_step: Callable[[dict], None] | 
 # ----------------------------------------------------------------------------- the launcher
 
 
-def _die_with_parent() -> None:
-    """Linux: torchrun gets SIGTERM if this launcher dies, and stops its ranks (no orphans holding GPUs)."""
+def die_with_parent() -> None:
+    """preexec_fn: Linux sends this child SIGTERM when its parent dies, even by SIGKILL (torchrun then stops its
+    ranks, no orphans holding GPUs; a daemon's training job checkpoints and exits, so a restarted daemon resumes the
+    run instead of racing an orphan on the same run folder). Elsewhere nothing: recover_runs stops orphans later."""
     try:
         import ctypes
         import signal
@@ -296,7 +298,7 @@ def launch(run_dir: Path, mode: str, nproc: int, rank_args: list[str], nodes: No
         return 1
     announced = announce(run_dir, mode, nproc, nodes) if nodes is not None and nodes.node_rank == 0 else None
     proc = subprocess.Popen(torchrun_argv(mode, nproc, run_dir, python=sys.executable, extra=rank_args, nodes=nodes),
-                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                            env=env, start_new_session=True, preexec_fn=die_with_parent)
     forwarded = []
 
     def forward(signum, _frame):
