@@ -141,6 +141,27 @@ def test_greedy_matches_transformers_generate_for_base_and_adapter(world, engine
     assert (got_base.label, got_v1.label) == ("base", v1)
 
 
+def test_a_lone_cpu_decode_attends_to_exactly_its_positions_without_a_mask(world, engine, monkeypatch):
+    """One running row on a CPU writes its key/value by slicing and attends to its own positions only, so SDPA
+    runs without a mask (its faster kernel); the output is the masked path's (the greedy test above)."""
+    import torch
+    import torch.nn.functional as F
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        if query.shape[2] == 1:
+            seen.append((attn_mask is None, key.shape[2]))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = prompt_ids(world, PROMPTS[1])
+    got = engine.generate(ids, model="base", max_tokens=4, temperature=0)
+    lengths = sorted({n for _, n in seen})
+    assert seen and all(unmasked for unmasked, _ in seen), seen[:4]
+    assert lengths == list(range(len(ids) + 1, len(ids) + len(got.tokens))), lengths
+
+
 def test_batch_invariant_mode_equals_lone_requests_bit_for_bit(world):
     from daemon.engine import SamplingParams
 
