@@ -21,7 +21,6 @@ ALLOWED = {
     # a sentence where the commit belongs
     ("scaling.json", "$.four_gpu"): "'0fed315 (...) plus the per-step-time edit committed in the next commit'",
     # a commit without a recorded clean/dirty state (several completed by hand-written notes)
-    ("e2e_latency_gpu.json", "$"): "no dirty flag (hand-written note)",
     ("scaling.json", "$"): "no dirty flag",
     ("scaling.json", "$.resume_check"): "no dirty flag",
     ("train_speed.json", "$"): "no dirty flag (commit 4ae370a, whose drift.json says dirty: true)",
