@@ -162,6 +162,24 @@ def test_a_lone_cpu_decode_attends_to_exactly_its_positions_without_a_mask(world
     assert lengths == list(range(len(ids) + 1, len(ids) + len(got.tokens))), lengths
 
 
+def test_on_a_cpu_a_first_token_is_delivered_before_the_next_decode_step(world, engine, monkeypatch):
+    """A CPU computes a launch when it is made, so the prefill's token reaches the client at once, not after the
+    next decode step (which would add a whole step to the time to first token); the same for each decode step."""
+    from daemon.engine.scheduler import Engine
+
+    seen, decode_step = [], Engine._decode_step
+
+    def spy(self):
+        seen.append([(len(s.handle.tokens), s.pending) for s in self._running])
+        return decode_step(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", spy)
+    got = engine.generate(prompt_ids(world, PROMPTS[0]), model="base", max_tokens=4, temperature=0)
+    steps = [rows for rows in seen if rows]
+    assert len(got.tokens) == 4 and len(steps) == 3, steps
+    assert steps == [[(1, 0)], [(2, 0)], [(3, 0)]], steps
+
+
 def test_batch_invariant_mode_equals_lone_requests_bit_for_bit(world):
     from daemon.engine import SamplingParams
 
