@@ -52,6 +52,19 @@ def events(state: Path) -> list[dict]:
         return list(reversed(store.events(limit=10_000)))
 
 
+def training_job(state: Path, events_: list[dict]) -> dict | None:
+    """The successful training job's own figures (its result.json): tokens, the training loop's seconds and rate,
+    and the speed plan it ran (attention, compile, autocast); the stage's wall time minus the loop's seconds is the
+    job's fixed cost (process start, model and data loading, writing the adapter)."""
+    run_id = next((e["subject"] for e in events_ if e["kind"] == "train" and e["ok"] is True), None)
+    path = state / "runs" / str(run_id) / "result.json"
+    if run_id is None or not path.exists():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    return {"run_id": run_id, **{k: result.get(k) for k in ("tokens", "seconds", "tokens_per_second", "steps",
+                                                            "examples", "speed")}}
+
+
 def warmed(daemon_log: Path) -> bool:
     """True once the daemon logged that the drift reference's features are ready (or that the warm-up failed)."""
     try:
@@ -185,6 +198,8 @@ def main() -> int:
             "promoted": version, "total_seconds": round(total, 1) if total else None,
             "stages_seconds": stages,
             "stage_share": {k: round(v / total, 3) for k, v in stages.items()} if total else None,
+            "training_job": training_job(state, ev),
+            "torch_compile_disabled": os.environ.get("TORCH_COMPILE_DISABLE") == "1",
             "target_cpu_seconds": 600,
             "dropped_after": (f"the daemon served the base model and, {warm_up} s later, had the drift reference's "
                               f"features ready (its start-up warm-up): the file lands on an idle daemon" if warm else
