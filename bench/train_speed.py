@@ -277,7 +277,7 @@ def case_gpu_lorad(kind: str, steps: int, warmup: int) -> dict:
     model = build_random_llama(torch.bfloat16, dev())
     n_params = sum(p.numel() for p in model.parameters())
     data = records(2000, SHAPE_7B["vocab_size"])
-    speed = {"lorad": {}, "lorad_eager": {"compile_layers": False},
+    speed = {"lorad": {"compile_layers": True}, "lorad_eager": {"compile_layers": False},
              "lorad_mask": {"compile_layers": False, "attention": "mask"}}[kind]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -104,3 +104,42 @@ def test_chunked_loss_uses_the_fused_head_only_when_exact():
     assert _fusable_head(frozen)
     assert not _fusable_head(torch.nn.Linear(8, 5, bias=False))        # trained head: autograd path
     assert not _fusable_head(torch.nn.Linear(8, 5).requires_grad_(False))  # bias: autograd path
+
+
+def test_compile_pays_only_for_enough_tokens_times_non_embedding_parameters():
+    from pipelines.train.speed import COMPILE_MIN_WORK, compile_pays
+
+    model = tiny_model("llama")
+    embedding = model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in model.parameters()) - embedding
+    enough = int(COMPILE_MIN_WORK // params) + 1
+    assert compile_pays(model, enough) and not compile_pays(model, enough - 2)
+    # the embedding (a lookup) does not count: with it the threshold would be crossed earlier
+    assert not compile_pays(model, int(COMPILE_MIN_WORK // (params + embedding)) + 1)
+
+
+@pytest.mark.parametrize("setting,tokens,expected", [("always", 10, True), ("never", 10**12, False),
+                                                     ("auto", 10, False), ("auto", 10**12, "auto")])
+def test_train_compile_setting_and_the_planned_tokens_decide_compilation(setting, tokens, expected):
+    from pipelines.train.loop import _compile_choice
+
+    class Data:   # 10 steps of 2 micro-batches, each of tokens / 20 tokens: `tokens` planned in all
+        n_tokens = [tokens // 20] * 4
+        batches = [[0], [1], [2], [3]]
+        total_steps, accum = 10, 2
+
+    class OneProcess:
+        world_size = 1
+
+    model = tiny_model("llama")   # ~90k parameters: 10 tokens are far below the threshold, 1e12 far above
+    cfg = TrainConfig(compile=setting)
+    assert _compile_choice("auto", cfg, model, Data, OneProcess) == expected
+    assert _compile_choice(False, cfg, model, Data, OneProcess) is False   # an explicit argument wins
+
+
+def test_train_compile_rejects_a_yaml_boolean_with_the_choices():
+    from daemon.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, environ={}, overrides={"train": {"compile": False}})
+    assert "train.compile" in str(e.value)

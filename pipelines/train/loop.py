@@ -20,7 +20,8 @@ from pipelines.train.distributed import OneProcess
 from pipelines.train.lora import attach_lora
 from pipelines.train.loss import chunked_loss_sum
 from pipelines.train.protocol import Interrupted, TrainingError, TrainOutcome
-from pipelines.train.speed import SpeedPlan, decoder_layers, packed_attention_kwargs, plan_speed, speed_setup, uncompile
+from pipelines.train.speed import (SpeedPlan, compile_pays, decoder_layers, packed_attention_kwargs, plan_speed,
+                                   speed_setup, uncompile)
 
 ADAPTER_DIRNAME = "adapter"
 METRICS = "metrics.jsonl"
@@ -64,6 +65,7 @@ def train(examples: list[dict], *, run_dir: Path, model: Any, tokenizer: Any, cf
     model = attach_lora(model, cfg, parent_adapter, gradient_checkpointing=use_gc)
     model.train()
     device = dist.compute_device(model)
+    compile_layers = _compile_choice(compile_layers, cfg, model, data, dist)
     compile_layers, lora_kernel = dist.speed_limits(compile_layers, lora_kernel)
     plan = plan_speed(model, device, attention=attention, compile_layers=compile_layers, autocast=autocast,
                       max_seq_len=max_seq_len, lora_kernel=lora_kernel)
@@ -159,6 +161,24 @@ def _setup_micro_batch_size(cfg: TrainConfig, model: Any, max_seq_len: int, dist
 
         cfg = dataclasses.replace(cfg, micro_batch_size=micro_batch_for(model, max_seq_len))
     return dataclasses.replace(cfg, micro_batch_size=dist.agree_min(cfg.micro_batch_size))
+
+
+def _compile_choice(compile_layers: str | bool, cfg: TrainConfig, model: Any, data: "_Data", dist: Any) -> str | bool:
+    """``compile_layers`` unless it is "auto": then train.compile (always / never), or for auto False when this
+    process's planned tokens would not repay the compilation (``speed.compile_pays``), else "auto" for the speed
+    plan (CUDA, unquantized, varlen attention)."""
+    if compile_layers != "auto":
+        return compile_layers
+    if cfg.compile != "auto":
+        return cfg.compile == "always"
+    per_batch = sum(data.n_tokens) / max(1, len(data.batches))
+    tokens = int(data.total_steps * data.accum * per_batch / max(1, getattr(dist, "world_size", 1)))
+    if compile_pays(model, tokens):
+        return "auto"
+    if next(model.parameters()).is_cuda:
+        print(f"lorad train: layers not compiled: ~{tokens:,} planned tokens would not repay the compilation "
+              f"(train.compile: auto; 'always' forces it)", file=sys.stderr, flush=True)
+    return False
 
 
 @dataclass

@@ -66,6 +66,22 @@ def _varlen_attn():
     return _VARLEN[0]
 
 
+# Planned tokens x non-embedding parameters from which compiling the layers repays its warm-up. Measured on one
+# H100 with the 7B DeepSeek-LLM shape (bench/results/train_speed.json's gpu_cases): compiled 17.9k tokens/s after
+# a 52 s warm-up, eager 13.4k after 12 s, so compiling pays from ~2.1M tokens x 6.5e9 non-embedding parameters.
+# The time a token saves grows with the parameters, so smaller models need proportionally more tokens.
+COMPILE_MIN_WORK = 1.4e16
+
+
+def compile_pays(model: Any, tokens: int) -> bool:
+    """Whether compiling the decoder layers should repay its warm-up in a run of ``tokens`` tokens
+    (``COMPILE_MIN_WORK``); ``train.compile: auto`` asks here before the speed plan's own conditions."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    params = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return tokens * params >= COMPILE_MIN_WORK
+
+
 def plan_speed(model: Any, device: Any, *, attention: str = "auto", compile_layers: str | bool = "auto",
                autocast: str | bool = "auto", max_seq_len: int = 0, lora_kernel: str = "auto") -> SpeedPlan:
     """Choose the fast path for this model on this device; "auto" everywhere is the production default.
