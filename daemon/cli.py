@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("eval", parents=[common], help="evaluate a candidate adapter against the champion")
-    p.add_argument("--candidate", required=True, metavar="VERSION")
-    p.add_argument("--incumbent", default="champion", metavar="VERSION|champion|base")
+    p.add_argument("--candidate", required=True, metavar="VERSION",
+                   help="the adapter version to judge (see `lorad adapters`)")
+    p.add_argument("--incumbent", default="champion", metavar="VERSION|champion|base",
+                   help="what it must beat: an adapter version, the champion (default) or the bare base model")
     p.add_argument("--holdout", metavar="FILE", help="new-data holdout (default: the candidate snapshot's holdout)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_eval)
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapters)
 
     p = sub.add_parser("promote", parents=[common], help="make an adapter version the champion (verified first)")
-    p.add_argument("version")
+    p.add_argument("version", metavar="VERSION", help="the adapter version to serve (see `lorad adapters`)")
     p.add_argument("--reason", default="manual promotion", help="recorded with the alias change")
     p.set_defaults(func=cmd_promote)
 
