@@ -144,7 +144,8 @@ def format_summary(out: dict) -> str:
              f"{'set / category':<28} {'metric':<10} {'candidate':>10} {'incumbent':>10}  {'95 % CI of the change':<22} n"]
 
     def row(name: str, metric: str, c: float, i: float, ci: list | None = None, n: int | None = None) -> None:
-        band = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and all(math.isfinite(x) for x in ci) else ""
+        # negating an interval of zeros gives -0.0, which would print as "-0.000": add 0.0 to drop the sign
+        band = (f"[{ci[0] + 0.0:+.3f}, {ci[1] + 0.0:+.3f}]" if ci and all(math.isfinite(x) for x in ci) else "")
         lines.append(f"{name:<28} {metric:<10} {c:>10.4f} {i:>10.4f}  {band:<22} {n if n is not None else ''}")
 
     t = out["tests"]

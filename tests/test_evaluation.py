@@ -44,6 +44,15 @@ def test_lorad_eval_reports_every_set_category_and_metric_with_intervals():
     assert "time: 4.6 s (losses 3.0 s, answers 1.5 s)" in text
 
 
+def test_an_interval_of_zeros_prints_without_a_minus_sign():
+    same = {"candidate": 0.0, "incumbent": 0.0, "n": 11, "drop": 0.0, "ci95": [0.0, 0.0], "p_value": 1.0}
+    report = {**REPORT, "scores": {"holdout": {"metrics": {"accuracy": same}, "categories": {},
+                                               "uncategorized": {}, "kinds": {"choice": 11}}}}
+    text = format_summary(summarize(report, Decision(True, "ok", "ok"), "v2", "v1"))
+    acc = [ln for ln in text.splitlines() if ln.startswith("holdout ") and "accuracy" in ln][0]
+    assert "[+0.000, +0.000]" in acc, acc
+
+
 def test_answer_cache_round_trip_and_base_model_check(tmp_path):
     path = tmp_path / "eval-answers" / "v1.json"
     write_answer_cache(path, "model-a", {"k": "B"})
