@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", parents=[common], help="make an adapter version the champion (verified first)")
     p.add_argument("version", metavar="VERSION", help="the adapter version to serve (see `lorad adapters`)")
     p.add_argument("--reason", default="manual promotion", help="recorded with the alias change")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", parents=[common], help="point the champion back at the previous champion")
     p.add_argument("--reason", default="manual rollback", help="recorded with the alias change")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("unpark", parents=[common],
@@ -560,7 +562,7 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
         if answer is not None:
             status, result = answer
             if status == 200:
-                print(json.dumps(result))
+                _print_change(args, result, f"the daemon at {info['url']} serves it now")
                 return EXIT_OK
             if status != 403:  # 403: admin endpoints disabled there; fall through to the registry with a warning
                 print(f"lorad: the running daemon refused: {result.get('error', {}).get('message', result)}",
@@ -575,8 +577,16 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
         except AdapterError as e:
             print(f"lorad: {e}", file=sys.stderr)
             return EXIT_FAILED
-    print(json.dumps(result))
+    _print_change(args, result, "recorded in the registry; a daemon serves it from its next start")
     return EXIT_OK
+
+
+def _print_change(args: argparse.Namespace, result: dict, where: str) -> None:
+    """``{"from", "to"}`` as JSON (--json) or as a line: champion: OLD -> NEW (where it takes effect)."""
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+        return
+    print(f"champion: {result.get('from') or 'the base model'} -> {result.get('to') or 'the base model'} ({where})")
 
 
 def _post_admin(url: str, route: str, token: str, body: dict) -> tuple[int, dict] | None:

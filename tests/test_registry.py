@@ -163,3 +163,15 @@ def test_set_champion_is_idempotent_and_follows_rollbacks_to_the_base(env):
     assert registry.champion(store) is None and store.get_alias(registry.PREVIOUS) == v2
     with pytest.raises(AdapterError):
         registry.set_champion(store, v1, reason="r", base_model="another-base")
+
+
+def test_lorad_promote_and_rollback_print_a_line_or_json(env, capsys):
+    from daemon.cli import main
+
+    store, state, tmp = env
+    v = registry.register_adapter(store, state, make_adapter(tmp / "a", 0), base_model=BASE)
+    store.close()
+    assert main(["promote", v, "--state", str(state)]) == 0
+    assert capsys.readouterr().out.startswith(f"champion: the base model -> {v} (recorded in the registry")
+    assert main(["rollback", "--state", str(state), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"from": v, "to": None}

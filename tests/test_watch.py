@@ -226,7 +226,7 @@ def test_daemon_rolls_back_a_champion_users_dislike(tmp_path):
             # `lorad promote` from a shell goes through the running daemon, so the engine swaps at once
             env = {**os.environ, "LORAD_SERVE__ADMIN_TOKEN": TOKEN}
             cli = subprocess.run([sys.executable, "-m", "daemon.cli", "promote", v2, "--state", str(world["state"]),
-                                  "--reason", "operator says so"], capture_output=True, text=True, env=env,
+                                  "--reason", "operator says so", "--json"], capture_output=True, text=True, env=env,
                                  timeout=120)
             assert cli.returncode == 0, cli.stderr
             assert json.loads(cli.stdout)["to"] == v2 and d.engine.champion == v2 and answer()[0] == v2
