@@ -175,7 +175,7 @@ def _compile_choice(compile_layers: str | bool, cfg: TrainConfig, model: Any, da
     tokens = int(data.total_steps * data.accum * per_batch / max(1, getattr(dist, "world_size", 1)))
     if compile_pays(model, tokens):
         return "auto"
-    if next(model.parameters()).is_cuda:
+    if next(model.parameters()).is_cuda and dist.is_main:   # every rank decides alike; one says so
         print(f"lorad train: layers not compiled: ~{tokens:,} planned tokens would not repay the compilation "
               f"(train.compile: auto; 'always' forces it)", file=sys.stderr, flush=True)
     return False
