@@ -583,7 +583,7 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
 
 def _print_change(args: argparse.Namespace, result: dict, where: str) -> None:
     """``{"from", "to"}`` as JSON (--json) or as a line: champion: OLD -> NEW (where it takes effect)."""
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(result))
         return
     print(f"champion: {result.get('from') or 'the base model'} -> {result.get('to') or 'the base model'} ({where})")

@@ -121,6 +121,7 @@ def test_compile_pays_only_for_enough_tokens_times_non_embedding_parameters():
 @pytest.mark.parametrize("setting,tokens,expected", [("always", 10, True), ("never", 10**12, False),
                                                      ("auto", 10, False), ("auto", 10**12, "auto")])
 def test_train_compile_setting_and_the_planned_tokens_decide_compilation(setting, tokens, expected):
+    from pipelines.train.distributed import OneProcess
     from pipelines.train.loop import _compile_choice
 
     class Data:   # 10 steps of 2 micro-batches, each of tokens / 20 tokens: `tokens` planned in all
@@ -128,13 +129,10 @@ def test_train_compile_setting_and_the_planned_tokens_decide_compilation(setting
         batches = [[0], [1], [2], [3]]
         total_steps, accum = 10, 2
 
-    class OneProcess:
-        world_size = 1
-
     model = tiny_model("llama")   # ~90k parameters: 10 tokens are far below the threshold, 1e12 far above
     cfg = TrainConfig(compile=setting)
-    assert _compile_choice("auto", cfg, model, Data, OneProcess) == expected
-    assert _compile_choice(False, cfg, model, Data, OneProcess) is False   # an explicit argument wins
+    assert _compile_choice("auto", cfg, model, Data, OneProcess()) == expected
+    assert _compile_choice(False, cfg, model, Data, OneProcess()) is False   # an explicit argument wins
 
 
 def test_train_compile_rejects_a_yaml_boolean_with_the_choices():

@@ -465,6 +465,9 @@ class Engine(BatchingMixin, VersionsMixin):
 
     def _loop(self) -> None:
         busy = False  # this thread computed since it last let its CPU workers go
+        # On a GPU keep the newest launch in flight: the device computes it while the host reads the ones before.
+        # A CPU computes a launch when it is made: read each at once (the first token too, not after the next step)
+        overlap = self.device.type == "cuda"
         while True:
             with self._lock:
                 if self._stop_thread:
@@ -488,16 +491,13 @@ class Engine(BatchingMixin, VersionsMixin):
             self._expire()
             self._retire()
             self._admit()
-            if self.device.type != "cuda":
-                # A CPU computes a launch when it is made: deliver the new rows' first tokens now, not after the
-                # next decode step (on 2 cores a lone 64-token request's first token waited ~90 ms of prefill
-                # and then ~38 ms of the 135M's next step)
+            if not overlap:
+                # deliver the new rows' first tokens now (on 2 cores a lone 64-token request's first token waited
+                # ~90 ms of prefill and then ~38 ms of the 135M's next step)
                 self._drain()
                 self._retire()
             launched = self._decode_step()
-            # On a GPU keep the newest launch in flight: the device computes it while the host reads the ones
-            # before. A CPU's is computed already: read it now.
-            while len(self._inflight) > (1 if launched and self.device.type == "cuda" else 0):
+            while len(self._inflight) > (1 if launched and overlap else 0):
                 self._process(self._inflight.popleft())
             self._collect()
         self._drain()

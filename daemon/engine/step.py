@@ -105,11 +105,11 @@ def engine_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         keys, values = k_full[plan.slots, :, :plan.context], v_full[plan.slots, :, :plan.context]
     if keys.dtype != query.dtype:  # a float8 cache: attend in the model's dtype
         keys, values = keys.to(query.dtype), values.to(query.dtype)
-    mask = plan.mask
     if one:
         out = F.scaled_dot_product_attention(query, keys, values, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
+    mask = plan.mask
     if window:
         k_pos = torch.arange(plan.context, device=query.device)
         mask = mask & (k_pos > plan.positions[:, None, :, None] - window)
@@ -269,7 +269,7 @@ class Stepper:
                        else None)
         if not PLAN.kernel:
             PLAN.mask = k_pos[None, None, None, :] <= positions[:, None, :, None]
-        if ids.shape[1] == 1 and not PLAN.kernel:
+        if ids.shape[1] == 1 and not PLAN.kernel and PLAN.length is None:   # (a lone CPU row attends unmasked)
             # float32 for the GPU's decode attention, the model's dtype for SDPA on a CPU (see engine_attention)
             PLAN.bias = torch.zeros(PLAN.mask.shape[0], context, device=ids.device,
                                     dtype=torch.float32 if ids.is_cuda else self.dtype).masked_fill_(

@@ -172,7 +172,7 @@ def _compile_choice(compile_layers: str | bool, cfg: TrainConfig, model: Any, da
     if cfg.compile != "auto":
         return cfg.compile == "always"
     per_batch = sum(data.n_tokens) / max(1, len(data.batches))
-    tokens = int(data.total_steps * data.accum * per_batch / max(1, getattr(dist, "world_size", 1)))
+    tokens = int(data.total_steps * data.accum * per_batch / dist.world_size)
     if compile_pays(model, tokens):
         return "auto"
     if next(model.parameters()).is_cuda and dist.is_main:   # every rank decides alike; one says so
