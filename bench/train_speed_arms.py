@@ -113,10 +113,19 @@ def summarize(rows: list[dict], *, headline: str = "lorad_compiled", flops_per_t
             "arms": per_arm}
 
 
-def schedule(arms: list[str], rounds: int, gpus: list[str]) -> list[list[tuple[int, str]]]:
-    """Per GPU lane, the (round, arm) runs in order: round r puts arm i on GPU (i + r) mod G."""
+def schedule(arms: list[str], rounds: int, gpus: list[str], first_round: int = 0) -> list[list[tuple[int, str]]]:
+    """Per GPU lane, the (round, arm) runs in order: round r puts arm i on GPU (i + r) mod G.
+
+    With one GPU every round is one lane, its order rotated by r (round r starts with arm r mod n), so no arm
+    always runs first on a cold card or last on a hot one. ``first_round`` numbers the rounds on: rounds measured
+    in separate leases (``--first-round``) continue the rotation and merge without clashing (``merge-rounds``).
+    """
     lanes: list[list[tuple[int, str]]] = [[] for _ in gpus]
-    for r in range(rounds):
+    for r in range(first_round, first_round + rounds):
+        if len(gpus) == 1:
+            k = r % len(arms)
+            lanes[0].extend((r, arm) for arm in arms[k:] + arms[:k])
+            continue
         for i, arm in enumerate(arms):
             lanes[(i + r) % len(gpus)].append((r, arm))
     return lanes
@@ -189,6 +198,9 @@ def run_arm(arm: str, steps: int, warmup: int, ckpt_dir: Path) -> dict:
     res = _lorad_arm(arm, steps, warmup) if arm in LORAD_ARMS else _hf_arm(arm, steps, warmup, ckpt_dir)
     lengths = [len(r["input_ids"]) for r in ts.records(4000, ts.SHAPE_7B["vocab_size"])]
     res["flops_per_token"] = lora_flops_per_token(ts.SHAPE_7B, lengths, targets=res["lora_targets"])
+    import torch
+
+    res["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return res
 
 
@@ -292,7 +304,8 @@ def rounds_main(args) -> dict:
                 doc["summary"] = summarize(doc["rows"], headline=args.headline, flops_per_token=flops)
                 _write(out / "rounds.json", doc)
 
-    threads = [threading.Thread(target=lane, args=(q, g)) for q, g in zip(schedule(arms, args.rounds, gpus), gpus)]
+    lanes = schedule(arms, args.rounds, gpus, args.first_round)
+    threads = [threading.Thread(target=lane, args=(q, g)) for q, g in zip(lanes, gpus)]
     for t in threads:
         t.start()
     for t in threads:
@@ -313,6 +326,8 @@ def add_arguments(sub) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--arms", default=",".join(ARMS))
     r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--first-round", type=int, default=0,
+                   help="number of the first round (rounds measured in separate leases, merged by merge-rounds)")
     r.add_argument("--gpus", default="", help="comma-separated GPU indices, one lane each (default: one lane)")
     r.add_argument("--steps", type=int, default=30, help="timed optimizer steps per arm and round")
     r.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation included)")

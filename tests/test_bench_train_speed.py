@@ -52,6 +52,15 @@ def test_every_arm_meets_every_gpu_across_rounds():
     assert [len(lane) for lane in arms.schedule(list(arms.ARMS), 3, ["0"])] == [3 * len(arms.ARMS)]
 
 
+def test_one_gpu_rotates_the_order_and_later_leases_continue_it():
+    (lane,) = arms.schedule(["a", "b", "c"], rounds=3, gpus=["0"])
+    assert lane == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b")]
+    # one round per lease: rounds 1 and 2 measured later are the rounds the 3-round run would have had
+    assert arms.schedule(["a", "b", "c"], 1, ["0"], first_round=1)[0] == lane[3:6]
+    assert arms.schedule(["a", "b", "c"], 1, ["0"], first_round=2)[0] == lane[6:]
+    assert parse("rounds", "--out", "d", "--first-round", "2").first_round == 2
+
+
 def test_summary_takes_medians_finds_the_strongest_stock_arm_and_skips_failures():
     tps = {"seed_8bit": [1000, 1100, 900], "seed_fp16": [3000, 3100, 2900], "stock": [4800, 4700, 4900],
            "stock_liger": [8200, 8000, 8300], "stock_flat": [7000, 7100, 6900], "lorad_eager": [12000, 12500, 11500],
