@@ -901,7 +901,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     {"gpu": gpu_main, "cpu": cpu_main, "merge": merge_main, "case": case_main, "check": check_main,
      "cpu-update": cpu_update_main, "rounds": arms.rounds_main, "arm": arms.arm_main,
-     "adapter-time": arms.adapter_time_main}[args.cmd](args)
+     "adapter-time": arms.adapter_time_main, "merge-rounds": arms.merge_rounds_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -106,11 +106,89 @@ def summarize(rows: list[dict], *, headline: str = "lorad_compiled", flops_per_t
     def ratio(den: str | None) -> float | None:
         return top / med[den] if top and den in med else None
 
+    # The same ratios inside each round (every arm of a round ran on one card, or rotated over the lanes'), so a
+    # round on a faster card moves both sides of its ratios: their range is the spread a reader should see.
+    by_round: dict = {}
+    for r in rows:
+        if r.get("tokens_per_second"):
+            by_round.setdefault(r.get("round", 0), {})[r["arm"]] = r["tokens_per_second"]
+    per_round = {}
+    for rnd, tps in sorted(by_round.items()):
+        if headline in tps:
+            per_round[str(rnd)] = {name: tps[headline] / tps[den] for name, den in
+                                   (("speedup_vs_strongest_stock", strongest), ("speedup_vs_seed_as_written",
+                                    "seed_8bit"), ("speedup_vs_seed_fp16", "seed_fp16")) if den in tps}
+    ranges = {}
+    for name in ("speedup_vs_strongest_stock", "speedup_vs_seed_as_written", "speedup_vs_seed_fp16"):
+        values = [v[name] for v in per_round.values() if name in v]
+        if values:
+            ranges[name] = [min(values), max(values)]
     return {"headline_arm": headline, "strongest_stock_arm": strongest,
             "speedup_vs_strongest_stock": ratio(strongest), "speedup_vs_seed_as_written": ratio("seed_8bit"),
             "speedup_vs_seed_fp16": ratio("seed_fp16"), "mfu_spec": per_arm.get(headline, {}).get("mfu_spec"),
             "mfu_peak_tflops": peak / 1e12, "rounds": max((v["rounds"] for v in per_arm.values()), default=0),
-            "arms": per_arm}
+            "per_round": per_round, "per_round_range": ranges, "arms": per_arm}
+
+
+# Top-level keys of bench/results/train_speed.json that the rounds replace: the single-run figures of the
+# earlier protocol (speed-ups from one run of a few steps, MFU against the 790 TFLOP/s convention).
+SUPERSEDED_KEYS = ("speedup_vs_seed", "speedup_vs_stock", "mfu")
+
+
+def merge_rounds(docs: list[dict], results: dict, sources: list[str]) -> dict:
+    """Join the rounds.json of one or more leases into the results JSON ``results`` (returned, updated).
+
+    Every lease must have measured the same clean commit with the same protocol (timed and warm-up steps), and
+    no (arm, round) may appear twice: rounds from separate leases are then one run of the code, each round all
+    arms on one card. The issue's keys go to the top level; the rows, each lease's machine and the summary under
+    ``gpu_rounds``.
+
+    Raises:
+        ValueError: commits differ, a lease was dirty or unknown, the protocols differ, or a round repeats.
+    """
+    commits = {d.get("commit") for d in docs}
+    if len(commits) != 1 or None in commits:
+        raise ValueError(f"the leases measured different or unknown commits: {sorted(map(str, commits))}")
+    if any(d.get("dirty") is not False for d in docs):
+        bad = [src for src, d in zip(sources, docs) if d.get("dirty") is not False]
+        raise ValueError(f"not measured from a clean commit (dirty is not false): {', '.join(bad)}")
+    protocol = {(d.get("timed_steps"), d.get("warmup_steps")) for d in docs}
+    if len(protocol) != 1:
+        raise ValueError(f"the leases timed different steps (timed, warm-up): {sorted(protocol)}")
+    rows, seen = [], set()
+    for lease, (src, d) in enumerate(zip(sources, docs)):
+        for row in d.get("rows", []):
+            key = (row["arm"], row.get("round"))
+            if key in seen:
+                raise ValueError(f"{src}: arm {key[0]} round {key[1]} is in more than one lease "
+                                 f"(run later leases with --first-round)")
+            seen.add(key)
+            rows.append({**row, "lease": lease})
+    flops = {r["arm"]: r["flops_per_token"] for r in rows if "flops_per_token" in r}
+    headline = docs[0].get("summary", {}).get("headline_arm", "lorad_compiled")
+    summary = summarize(rows, headline=headline, flops_per_token=flops)
+    out = {k: v for k, v in results.items() if k not in SUPERSEDED_KEYS}
+    out.update({k: summary[k] for k in ("strongest_stock_arm", "speedup_vs_strongest_stock",
+                                        "speedup_vs_seed_as_written", "speedup_vs_seed_fp16", "mfu_spec", "rounds")})
+    out["gpu_rounds"] = {"commit": commits.pop(), "dirty": False, "timed_steps": docs[0].get("timed_steps"),
+                         "warmup_steps": docs[0].get("warmup_steps"),
+                         "leases": [{"source": src, "info": d.get("info")} for src, d in zip(sources, docs)],
+                         "summary": summary, "rows": rows}
+    return out
+
+
+def merge_rounds_main(args) -> None:
+    docs = [json.loads(Path(p).read_text()) for p in args.rounds]
+    path = Path(args.results)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        merged = merge_rounds(docs, results, [str(p) for p in args.rounds])
+    except ValueError as e:
+        raise SystemExit(f"merge-rounds: {e}")
+    _write(path, merged)
+    print(json.dumps({k: merged[k] for k in ("strongest_stock_arm", "speedup_vs_strongest_stock",
+                                             "speedup_vs_seed_as_written", "speedup_vs_seed_fp16", "mfu_spec",
+                                             "rounds")}, indent=1))
 
 
 def schedule(arms: list[str], rounds: int, gpus: list[str], first_round: int = 0) -> list[list[tuple[int, str]]]:
@@ -334,6 +412,10 @@ def add_arguments(sub) -> None:
     r.add_argument("--headline", default="lorad_compiled", choices=LORAD_ARMS)
     r.add_argument("--ckpt-dir", default="/tmp/lorad-bench-7b")
     r.add_argument("--timeout", type=int, default=900, help="seconds one arm may take")
+    m = sub.add_parser("merge-rounds", help="join the rounds.json of one or more leases (same clean commit) into "
+                                            "the results JSON")
+    m.add_argument("rounds", nargs="+", help="rounds.json of each lease")
+    m.add_argument("--results", default=str(ROOT / "bench/results/train_speed.json"))
     a = sub.add_parser("arm", help="one arm in this process (what rounds runs)")
     a.add_argument("name", choices=ARMS)
     a.add_argument("--json", required=True)

@@ -77,3 +77,46 @@ def test_summary_takes_medians_finds_the_strongest_stock_arm_and_skips_failures(
     assert s["arms"]["lorad_compiled"]["spread"] == pytest.approx(2000 / 17000)
     eager = arms.summarize(rows, headline="lorad_eager")
     assert eager["speedup_vs_strongest_stock"] == pytest.approx(12000 / 8200) and eager["mfu_spec"] is None
+
+
+def _lease(rounds: dict[int, dict[str, float]], commit: str = "c" * 40, dirty=False, card: str = "H100") -> dict:
+    rows = [{"arm": arm, "round": r, "tokens_per_second": v, "flops_per_token": 4.0e10, "card": card}
+            for r, tps in rounds.items() for arm, v in tps.items()]
+    return {"commit": commit, "dirty": dirty, "timed_steps": 30, "warmup_steps": 3, "info": {"card": card},
+            "rows": rows, "summary": {"headline_arm": "lorad_compiled"}}
+
+
+ROUND = {"seed_8bit": 1000.0, "seed_fp16": 3000.0, "stock": 4800.0, "stock_liger": 8000.0, "lorad_compiled": 16000.0}
+
+
+def test_per_round_ratios_and_their_range():
+    rows = [{"arm": a, "round": r, "tokens_per_second": v * (1 + r)} for r in range(2) for a, v in ROUND.items()]
+    rows[-1]["tokens_per_second"] = 16000.0 * 2 * 1.1          # round 1: lorad 10 % faster relative to stock
+    s = arms.summarize(rows)
+    assert s["per_round"]["0"]["speedup_vs_strongest_stock"] == pytest.approx(2.0)
+    assert s["per_round"]["1"]["speedup_vs_strongest_stock"] == pytest.approx(2.2)
+    assert s["per_round_range"]["speedup_vs_seed_fp16"] == pytest.approx([16 / 3, 16 / 3 * 1.1])
+
+
+def test_merge_rounds_joins_leases_of_one_clean_commit_and_replaces_the_old_headline():
+    old = {"speedup_vs_seed": 8.06, "speedup_vs_stock": 4.2, "mfu": 0.62, "qlora_peak_gib": 7.1, "cpu_cases": {}}
+    a, b = _lease({0: ROUND}), _lease({1: {k: v * 1.1 for k, v in ROUND.items()}}, card="H200")
+    out = arms.merge_rounds([a, b], old, ["a.json", "b.json"])
+    assert "speedup_vs_seed" not in out and "mfu" not in out and out["qlora_peak_gib"] == 7.1 and "cpu_cases" in out
+    assert out["strongest_stock_arm"] == "stock_liger" and out["rounds"] == 2
+    assert out["speedup_vs_strongest_stock"] == pytest.approx(2.0)
+    assert out["speedup_vs_seed_as_written"] == pytest.approx(16.0)
+    assert out["gpu_rounds"]["commit"] == "c" * 40 and [x["info"]["card"] for x in out["gpu_rounds"]["leases"]] == [
+        "H100", "H200"]
+    assert {r["lease"] for r in out["gpu_rounds"]["rows"]} == {0, 1}
+
+
+@pytest.mark.parametrize("second, match", [
+    (_lease({1: ROUND}, commit="d" * 40), "different"),
+    (_lease({1: ROUND}, dirty=True), "clean"),
+    (_lease({1: ROUND}, dirty=None), "clean"),
+    (_lease({0: ROUND}), "more than one lease"),
+])
+def test_merge_rounds_refuses_what_is_not_one_run(second, match):
+    with pytest.raises(ValueError, match=match):
+        arms.merge_rounds([_lease({0: ROUND}), second], {}, ["a.json", "b.json"])
