@@ -552,7 +552,7 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
 
     from daemon.registry import AdapterError
     from daemon.service import read_lock_info
-    from daemon.store import open_store
+    from daemon.store import DB_NAME, open_store
 
     cfg = _load(args)
     actor = f"cli:{getpass.getuser()}"
@@ -571,6 +571,10 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
             print(f"lorad: warning: the daemon at {info['url']} has no admin token, so it keeps serving its current "
                   "champion until it restarts; set serve.admin_token (LORAD_SERVE__ADMIN_TOKEN) for live swaps",
                   file=sys.stderr)
+    if not (Path(cfg.paths.state_dir) / DB_NAME).is_file():   # nothing to change: do not create an empty state
+        print(f"lorad: no registry in {cfg.paths.state_dir} (nothing trained or promoted there yet; is "
+              "paths.state_dir right?)", file=sys.stderr)
+        return EXIT_FAILED
     with open_store(cfg.paths.state_dir) as store:
         try:
             result = change(store, cfg, actor=actor)

@@ -175,3 +175,13 @@ def test_lorad_promote_and_rollback_print_a_line_or_json(env, capsys):
     assert capsys.readouterr().out.startswith(f"champion: the base model -> {v} (recorded in the registry")
     assert main(["rollback", "--state", str(state), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"from": v, "to": None}
+
+
+def test_lorad_rollback_without_a_registry_says_so_and_creates_nothing(tmp_path, capsys):
+    from daemon.cli import main
+
+    state = tmp_path / "no-state"
+    assert main(["rollback", "--state", str(state)]) == 1
+    assert "no registry in" in capsys.readouterr().err
+    assert main(["promote", "v1", "--state", str(state)]) == 1
+    assert not state.exists()
