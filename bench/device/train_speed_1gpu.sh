@@ -10,7 +10,8 @@
 # wheels and the tree must fit the 64 MiB a call carries), and the wheels of train_speed_gpu.sh's header in
 # .devw/whl-train (bitsandbytes, liger-kernel).
 # Call 1 (carry .devw/gt .devw/whl-train): bash .devw/gt/tree/bench/device/train_speed_1gpu.sh $PWD/.devw ROUND
-# Calls 2, 3 (no carry): bash /root/tree/bench/device/collect.sh 1 560
+# Calls 2, 3 (no carry): bash /root/tree/bench/device/collect.sh 1 560 (the round), then collect.sh 2 300 (the
+# profile of lorad's step that follows it: bench/profile_train.py, ~2 min)
 set -u
 DEVW=${1:?usage: train_speed_1gpu.sh ABSOLUTE_DEVW_DIR ROUND}
 ROUND=${2:?usage: train_speed_1gpu.sh ABSOLUTE_DEVW_DIR ROUND}
@@ -22,6 +23,7 @@ mkdir -p /root/res && cp COMMIT /root/res/commit.txt
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > /root/res/gpus.txt; lscpu > /root/res/lscpu.txt
 # rounds saves the 7B checkpoint (the 8-bit seed arm loads it from disk) before its first arm.
 setsid bash -c "python3 -m bench.train_speed rounds --out /root/res/train_speed_round$ROUND --gpus 0 --rounds 1 \
-  --first-round $ROUND --steps 30 --warmup 3 --ckpt-dir /root/ckpt7b; echo \"exit \$?\" > /root/res/rounds.done" \
-  > /root/res/rounds.log 2>&1 < /dev/null &
+  --first-round $ROUND --steps 30 --warmup 3 --ckpt-dir /root/ckpt7b; echo \"exit \$?\" > /root/res/rounds.done; \
+  python3 -m bench.profile_train --out /root/res/profile_train.json > /root/res/profile_train.log 2>&1; \
+  echo \"exit \$?\" > /root/res/profile.done" > /root/res/rounds.log 2>&1 < /dev/null &
 sleep 20; ls /root/res; tail -3 /root/res/rounds.log
