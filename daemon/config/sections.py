@@ -123,7 +123,7 @@ class TrainConfig:
                                     "(chat) records; mixed = one shuffled pool", choices=("mixed", "first"))
     compile: str = _f("auto", "torch.compile the decoder layers for training on a GPU (unquantized, varlen attention): "
                       "auto = only for runs long enough to repay the compilation (planned tokens x non-embedding "
-                      "parameters >= 1.4e16: ~2M tokens on a 7B model; a 135M model's runs stay eager), always, "
+                      "parameters >= 2.7e16: ~4M tokens on a 7B model; a 135M model's runs stay eager), always, "
                       "or never", choices=("auto", "always", "never"))
     checkpoint_every_steps: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     max_wall_seconds: int = _f(3 * 3600, "wall-clock budget of one run; it stops cleanly when spent", ge=10)

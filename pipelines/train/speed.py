@@ -67,10 +67,12 @@ def _varlen_attn():
 
 
 # Planned tokens x non-embedding parameters from which compiling the layers repays its warm-up. Measured on one
-# H100 with the 7B DeepSeek-LLM shape (bench/results/train_speed.json's gpu_cases): compiled 17.9k tokens/s after
-# a 52 s warm-up, eager 13.4k after 12 s, so compiling pays from ~2.1M tokens x 6.5e9 non-embedding parameters.
-# The time a token saves grows with the parameters, so smaller models need proportionally more tokens.
-COMPILE_MIN_WORK = 1.4e16
+# H100 with the 7B DeepSeek-LLM shape and the layers compiled with dynamic shapes (bench/results/train_speed_rounds/
+# round0_h100.json, clean ac496ac): compiled 17.2k tokens/s after a 113 s warm-up (3 steps and the compilation),
+# eager 12.1k after 15 s, so compiling pays from ~4.2M tokens x 6.5e9 non-embedding parameters. (An earlier H200
+# run with static shapes, 52 s of warm-up, put it at ~2.1M.) The time a token saves grows with the parameters, so
+# smaller models need proportionally more tokens.
+COMPILE_MIN_WORK = 2.7e16
 
 
 def compile_pays(model: Any, tokens: int) -> bool:
