@@ -3,7 +3,8 @@
 Diagnostic, not a benchmark of record: ``python -m bench.train_speed rounds`` measures the figures the docs quote
 (issue 22); this shows where lorad's step spends its time, to know what to make faster.
 
-    python -m bench.profile_train --out profile_train.json [--eager] [--steps 2]
+    python -m bench.profile_train --out profile_train.json [--eager] [--steps 2] [--lora-kernel fused]
+        [--lora-dropout 0]
 
 The 7B DeepSeek-LLM shape of ``bench/train_speed.py`` (random bf16 weights, the same seeded records), lorad's
 defaults through ``pipelines.train.train`` (compiled decoder layers unless ``--eager``). After ``--warmup``
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eager", action="store_true", help="decoder layers not compiled")
     ap.add_argument("--warmup", type=int, default=4, help="optimizer steps before profiling (compilation included)")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps profiled")
+    ap.add_argument("--lora-kernel", default="auto", choices=("auto", "fused", "peft"),
+                    help="the speed plan's LoRA linear (auto: PEFT's on a GPU; fused: lorad's one-node kernel)")
+    ap.add_argument("--lora-dropout", type=float, default=None, help="override train.lora_dropout (default 0.05)")
     args = ap.parse_args(argv)
 
     import torch
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = ts.build_random_llama(torch.bfloat16, ts.dev())
     data = ts.records(4000, ts.SHAPE_7B["vocab_size"])
-    cfg = TrainConfig(checkpoint_every_steps=10**6, max_wall_seconds=10**6)
+    extra = {"lora_dropout": args.lora_dropout} if args.lora_dropout is not None else {}
+    cfg = TrainConfig(checkpoint_every_steps=10**6, max_wall_seconds=10**6, **extra)
     cuda = torch.cuda.is_available()   # on a CPU (a smoke test with LORAD_BENCH_TINY=1) the ops stand for kernels
     prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
     marks: list[tuple[float, int]] = []
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = train(data, run_dir=Path(tmp), model=model, tokenizer=ts.StubTokenizer(), cfg=cfg, max_seq_len=2048,
                     max_steps=args.warmup + args.steps, progress=False, on_step=on_step,
-                    compile_layers=not args.eager)
+                    compile_layers=not args.eager, lora_kernel=args.lora_kernel)
     a, b = marks[args.warmup - 1], marks[-1]
     wall_ms = (b[0] - a[0]) / args.steps * 1000
     tokens = (b[1] - a[1]) / args.steps
@@ -124,13 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     matmul_ms = table["groups"].get("matmul", {}).get("ms_per_step") or 0
     doc = {"benchmark": "profile_train", "git": {"commit": _common.commit(), "dirty": _common.dirty()},
            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "compiled": not args.eager, "plan": out.speed, "warmup_steps": args.warmup, "profiled_steps": args.steps,
+           "compiled": not args.eager, "lora_dropout": cfg.lora_dropout, "plan": out.speed, "warmup_steps": args.warmup, "profiled_steps": args.steps,
            "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "tokens_per_second": tokens / wall_ms * 1000,
            "useful_tflops": {"over_wall": flops / wall_ms / 1e9,
                              "over_matmul_kernels": flops / matmul_ms / 1e9 if matmul_ms else None},
            **table}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps({k: doc[k] for k in ("card", "compiled", "tokens_per_second", "wall_ms_per_step",
+    print(json.dumps({k: doc[k] for k in ("card", "compiled", "lora_dropout", "plan", "tokens_per_second", "wall_ms_per_step",
                                           "kernel_ms_per_step", "busy_ms_per_step", "useful_tflops")}, indent=1))
     for g, v in doc["groups"].items():
         print(f"  {g:<12} {v['ms_per_step']:9.1f} ms/step  {v['share']:.1%}")
