@@ -455,7 +455,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(f"{out['version']}: loss {out['loss_first']:.4f} -> {out['loss_last']:.4f}, {out['tokens']} tokens "
-              f"at {out['tokens_per_second']:.0f} tokens/s\n  {out['path']}")
+              f"at {out['tokens_per_second']:.0f} tokens/s\n  {out['path']}\n"
+              f"  judge it against the champion on records it did not train on: lorad eval --candidate "
+              f"{out['version']} --holdout FILE")
     return EXIT_OK
 
 

@@ -1,0 +1,41 @@
+"""`lorad train --data` then `lorad eval` from the command line, as a new user runs them (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def cli_env(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("LORAD_MODEL__BASE_MODEL", str(tiny_llama_dir))
+    monkeypatch.setenv("LORAD_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("LORAD_EVAL__MAX_EXAMPLES", "8")
+    monkeypatch.setenv("LORAD_EVAL__ANSWER_EXAMPLES", "4")
+    monkeypatch.setenv("LORAD_EVAL__LATENCY_PROMPTS", "1")
+    monkeypatch.setenv("LORAD_EVAL__BOOTSTRAP_SAMPLES", "100")
+    data, holdout = tmp_path / "train.jsonl", tmp_path / "holdout.jsonl"
+    data.write_text("".join(json.dumps({"input": f"w{i} w{i + 1}", "output": f"w{i + 2} w{i + 3}"}) + "\n"
+                            for i in range(12)), encoding="utf-8")
+    holdout.write_text("".join(json.dumps({"input": f"w{i} w{i + 2}", "output": f"w{i + 4}"}) + "\n"
+                               for i in range(6)), encoding="utf-8")
+    return tmp_path / "state", data, holdout
+
+
+def test_lorad_train_then_eval_with_a_holdout(cli_env, capsys):
+    from daemon.cli import main
+
+    state, data, holdout = cli_env
+    assert main(["train", "--data", str(data), "--state", str(state), "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    version = out.split(":", 1)[0]
+    assert version.startswith("v") and f"lorad eval --candidate {version} --holdout FILE" in out
+    # trained from files, not from the inbox: no data snapshot, so eval asks for the holdout by name
+    assert main(["eval", "--candidate", version, "--state", str(state)]) == 1
+    assert "--holdout FILE" in capsys.readouterr().err
+    assert main(["eval", "--candidate", version, "--holdout", str(holdout), "--state", str(state), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["candidate"] == version and report["incumbent"] == "base"
+    assert report["tests"]["holdout"]["n"] == 6 and report["decision"] in ("promote", "reject")
+    assert set(report["metrics"]["candidate"]) >= {"holdout_loss", "chatterbot-en_loss", "chatterbot-zh_loss"}
