@@ -90,7 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--task", default="3-8咨询", help="LawBench task file (without .jsonl)")
-    ap.add_argument("--quick", action="store_true", help="10 training steps instead of one epoch")
+    ap.add_argument("--quick", action="store_true", help="3 training steps instead of one epoch (a check that it runs)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path)
@@ -126,7 +126,7 @@ def main() -> int:
     env = {**os.environ, "LORAD_MODEL__DEVICE": args.device, "LORAD_SCHEDULE__INBOX_SETTLE_SECONDS": "1",
            "LORAD_SCHEDULE__COOLDOWN_MINUTES": "0", "LORAD_METRICS__LOG_FORMAT": "json"}
     if args.quick:
-        env["LORAD_TRAIN__MAX_STEPS"] = "10"
+        env["LORAD_TRAIN__MAX_STEPS"] = "3"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--state", str(state), "--inbox", str(inbox),
                              "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -194,7 +194,7 @@ def main() -> int:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_land)),
             "device": args.device, "records": args.records, "task": args.task, "quick": args.quick,
             "config": "the defaults (deploy/config.example.yaml's values) but for the schedule's inbox settle time "
-                      "(1 s) and cooldown (0)" + ("; train.max_steps 10 (--quick)" if args.quick else ""),
+                      "(1 s) and cooldown (0)" + ("; train.max_steps 3 (--quick)" if args.quick else ""),
             "promoted": version, "total_seconds": round(total, 1) if total else None,
             "stages_seconds": stages,
             "stage_share": {k: round(v / total, 3) for k, v in stages.items()} if total else None,
