@@ -12,6 +12,9 @@ Arms (DeepSeek-LLM-7B shape, random weights, the same seeded records of 64-512 t
   stock_liger      stock with Liger kernels (TrainingArguments(use_liger_kernel=True))
   stock_flat       stock, padding-free (DataCollatorWithFlattening: a batch becomes one row with position_ids)
   stock_flat_liger padding-free and Liger
+  stock_flat_flex  padding-free on transformers' flex_attention (torch's own kernel: the flattened batch's
+                   records become a block mask that skips the blocks between records; SDPA takes a dense mask)
+  stock_flat_flex_liger  the same with Liger kernels
   lorad_eager      pipelines.train.train with its defaults, torch.compile off
   lorad_compiled   pipelines.train.train with its defaults (per-layer torch.compile on CUDA)
 
@@ -35,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SEED_ARMS = ("seed_8bit", "seed_fp16")
-STOCK_ARMS = ("stock", "stock_liger", "stock_flat", "stock_flat_liger")
+STOCK_ARMS = ("stock", "stock_liger", "stock_flat", "stock_flat_liger", "stock_flat_flex", "stock_flat_flex_liger")
 LORAD_ARMS = ("lorad_eager", "lorad_compiled")
 ARMS = SEED_ARMS + STOCK_ARMS + LORAD_ARMS
 SPEC_PEAK_BF16 = 989e12   # H100 / H200 SXM dense bf16, the vendor's figure (no sparsity)
@@ -227,6 +230,8 @@ def _hf_arm(arm: str, steps: int, warmup: int, ckpt_dir: Path) -> dict:
                                                      dtype=torch.float16, device_map={"": ts.dev()})
     else:
         model = ts.build_random_llama(torch.float16 if arm.startswith("seed") else torch.bfloat16, ts.dev())
+    if "flex" in arm:   # padding-free without flash-attn: torch's flex attention over the records' block mask
+        model.set_attn_implementation("flex_attention")
     n_params = sum(p.numel() for p in model.parameters())
     data = ts.records(4000, shape["vocab_size"])
     if arm.startswith("seed"):
@@ -238,6 +243,7 @@ def _hf_arm(arm: str, steps: int, warmup: int, ckpt_dir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         r = ts.hf_trainer_run(model, data, steps=warmup + steps, out_dir=tmp, cpu=ts.dev() == "cpu", **settings)
+    settings["attention"] = model.config._attn_implementation
     return {"arm": arm, "settings": {**settings, "load_in_8bit": arm == "seed_8bit"}, "n_params": n_params,
             "lora_targets": settings["targets"], "warmup_steps": warmup,
             "warmup_seconds": r["marks"][warmup - 1][0] - r["start"], **ts.rate(r["marks"], warmup), **ts.memory(),
@@ -301,6 +307,8 @@ def adapter_time(arm: str, tokens: int, ckpt_dir: Path) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map={"": ts.dev()})
+        if "flex" in arm:
+            model.set_attn_implementation("flex_attention")
     load_s = time.time() - t_load
     data = ts.records(max(200, tokens // 200), ts.SHAPE_7B["vocab_size"], seed=2)
     with tempfile.TemporaryDirectory() as tmp:
