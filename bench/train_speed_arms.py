@@ -180,12 +180,40 @@ def merge_rounds(docs: list[dict], results: dict, sources: list[str]) -> dict:
     return out
 
 
+QLORA_CASES = ("qlora_stock", "qlora_lorad", "qlora_lorad_noamp")
+
+
+def merge_qlora(run: dict, results: dict, source: str) -> dict:
+    """Replace the QLoRA figures of ``results`` (``qlora``, ``qlora_peak_gib``) with those of one
+    ``python -m bench.train_speed gpu --cases qlora_stock,qlora_lorad`` run (its gpu.json), measured from a clean
+    commit; the run's machine and commit go beside them (``qlora_run``).
+
+    Raises:
+        ValueError: the run names no commit or was not clean, or it has no successful qlora_lorad case.
+    """
+    info = run.get("info") or {}
+    if not info.get("commit") or info.get("dirty") is not False:
+        raise ValueError(f"{source}: not measured from a clean commit (commit {info.get('commit')!r}, "
+                         f"dirty {info.get('dirty')!r})")
+    cases = {k: v for k, v in (run.get("cases") or {}).items() if k in QLORA_CASES and "error" not in v}
+    if "qlora_lorad" not in cases:
+        raise ValueError(f"{source}: no successful qlora_lorad case")
+    keys = ("peak_allocated_gib", "peak_reserved_gib", "allocated_after_load_gib", "tokens_per_second", "settings")
+    out = dict(results)
+    out["qlora"] = {k: {x: v.get(x) for x in keys} for k, v in cases.items()}
+    out["qlora_peak_gib"] = cases["qlora_lorad"].get("peak_allocated_gib")
+    out["qlora_run"] = {"source": source, "info": info}
+    return out
+
+
 def merge_rounds_main(args) -> None:
     docs = [json.loads(Path(p).read_text()) for p in args.rounds]
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.is_file() else {}
     try:
         merged = merge_rounds(docs, results, [str(p) for p in args.rounds])
+        if args.qlora:
+            merged = merge_qlora(json.loads(Path(args.qlora).read_text()), merged, str(args.qlora))
     except ValueError as e:
         raise SystemExit(f"merge-rounds: {e}")
     _write(path, merged)
@@ -424,6 +452,8 @@ def add_arguments(sub) -> None:
                                             "the results JSON")
     m.add_argument("rounds", nargs="+", help="rounds.json of each lease")
     m.add_argument("--results", default=str(ROOT / "bench/results/train_speed.json"))
+    m.add_argument("--qlora", default="", metavar="GPU_JSON",
+                   help="also replace the QLoRA figures with this `train_speed gpu --cases qlora_stock,qlora_lorad` run")
     a = sub.add_parser("arm", help="one arm in this process (what rounds runs)")
     a.add_argument("name", choices=ARMS)
     a.add_argument("--json", required=True)

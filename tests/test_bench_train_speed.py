@@ -120,3 +120,16 @@ def test_merge_rounds_joins_leases_of_one_clean_commit_and_replaces_the_old_head
 def test_merge_rounds_refuses_what_is_not_one_run(second, match):
     with pytest.raises(ValueError, match=match):
         arms.merge_rounds([_lease({0: ROUND}), second], {}, ["a.json", "b.json"])
+
+
+def test_merge_qlora_takes_a_clean_run_and_refuses_others():
+    run = {"info": {"commit": "e" * 40, "dirty": False, "card": "H100"},
+           "cases": {"qlora_lorad": {"peak_allocated_gib": 7.0, "tokens_per_second": 3300.0},
+                     "qlora_stock": {"peak_allocated_gib": 32.0}, "qlora_lorad_noamp": {"error": "timed out"}}}
+    out = arms.merge_qlora(run, {"qlora_peak_gib": 7.13, "cpu_cases": {}}, "gpu.json")
+    assert out["qlora_peak_gib"] == 7.0 and set(out["qlora"]) == {"qlora_lorad", "qlora_stock"} and "cpu_cases" in out
+    assert out["qlora_run"]["info"]["commit"] == "e" * 40
+    with pytest.raises(ValueError, match="clean"):
+        arms.merge_qlora({**run, "info": {"commit": "e" * 40}}, {}, "gpu.json")
+    with pytest.raises(ValueError, match="qlora_lorad"):
+        arms.merge_qlora({**run, "cases": {"qlora_stock": {}}}, {}, "gpu.json")
