@@ -40,6 +40,8 @@ ENV = {
     "LORAD_TRAIN__LEARNING_RATE": "0.001",
     "LORAD_TRAIN__CHECKPOINT_EVERY_STEPS": "1",
     "LORAD_EVAL__MAX_EXAMPLES": "24",
+    "LORAD_EVAL__ANSWER_EXAMPLES": "8",   # answers are scored (free text on the holdout), on fewer examples: the
+    #                                       32-token answers to 24 long consultations took 41 of the eval's 86 s
     "LORAD_EVAL__BOOTSTRAP_SAMPLES": "500",
     "LORAD_EVAL__LATENCY_PROMPTS": "0",
     "LORAD_PROMOTE__REGRESSION_TOLERANCE": "0.1",
