@@ -173,6 +173,8 @@ def merge_rounds(docs: list[dict], results: dict, sources: list[str]) -> dict:
     out = {k: v for k, v in results.items() if k not in SUPERSEDED_KEYS}
     out.update({k: summary[k] for k in ("strongest_stock_arm", "speedup_vs_strongest_stock",
                                         "speedup_vs_seed_as_written", "speedup_vs_seed_fp16", "mfu_spec", "rounds")})
+    # the cards of these figures (the top-level "card" names the earlier single-run cases' card, QLoRA's)
+    out["rounds_cards"] = [(d.get("info") or {}).get("card") for d in docs]
     out["gpu_rounds"] = {"commit": commits.pop(), "dirty": False, "timed_steps": docs[0].get("timed_steps"),
                          "warmup_steps": docs[0].get("warmup_steps"),
                          "leases": [{"source": src, "info": d.get("info")} for src, d in zip(sources, docs)],

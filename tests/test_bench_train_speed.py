@@ -108,7 +108,7 @@ def test_merge_rounds_joins_leases_of_one_clean_commit_and_replaces_the_old_head
     assert out["speedup_vs_seed_as_written"] == pytest.approx(16.0)
     assert out["gpu_rounds"]["commit"] == "c" * 40 and [x["info"]["card"] for x in out["gpu_rounds"]["leases"]] == [
         "H100", "H200"]
-    assert {r["lease"] for r in out["gpu_rounds"]["rows"]} == {0, 1}
+    assert {r["lease"] for r in out["gpu_rounds"]["rows"]} == {0, 1} and out["rounds_cards"] == ["H100", "H200"]
 
 
 @pytest.mark.parametrize("second, match", [
