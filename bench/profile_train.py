@@ -128,15 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
     flops = lora_flops_per_token(ts.SHAPE_7B, lengths, targets=ALL_LINEAR) * tokens
     matmul_ms = table["groups"].get("matmul", {}).get("ms_per_step") or 0
     doc = {"benchmark": "profile_train", "git": {"commit": _common.commit(), "dirty": _common.dirty()},
-           "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "compiled": not args.eager, "lora_dropout": cfg.lora_dropout, "plan": out.speed, "warmup_steps": args.warmup, "profiled_steps": args.steps,
+           "card": torch.cuda.get_device_name(0) if cuda else "cpu", "compiled": not args.eager,
+           "lora_dropout": cfg.lora_dropout, "plan": out.speed, "warmup_steps": args.warmup,
+           "profiled_steps": args.steps,
            "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "tokens_per_second": tokens / wall_ms * 1000,
            "useful_tflops": {"over_wall": flops / wall_ms / 1e9,
                              "over_matmul_kernels": flops / matmul_ms / 1e9 if matmul_ms else None},
            **table}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps({k: doc[k] for k in ("card", "compiled", "lora_dropout", "plan", "tokens_per_second", "wall_ms_per_step",
-                                          "kernel_ms_per_step", "busy_ms_per_step", "useful_tflops")}, indent=1))
+    print(json.dumps({k: doc[k] for k in ("card", "compiled", "lora_dropout", "plan", "tokens_per_second",
+                                          "wall_ms_per_step", "kernel_ms_per_step", "busy_ms_per_step",
+                                          "useful_tflops")}, indent=1))
     for g, v in doc["groups"].items():
         print(f"  {g:<12} {v['ms_per_step']:9.1f} ms/step  {v['share']:.1%}")
     return doc

@@ -104,10 +104,13 @@ def summarize(rows: list[dict], *, headline: str = "lorad_compiled", flops_per_t
     med = {arm: v["median_tokens_per_second"] for arm, v in per_arm.items()}
     stock = {a: med[a] for a in STOCK_ARMS if a in med}
     strongest = max(stock, key=stock.get) if stock else None
-    top = med.get(headline)
 
-    def ratio(den: str | None) -> float | None:
-        return top / med[den] if top and den in med else None
+    speedups = {"speedup_vs_strongest_stock": strongest, "speedup_vs_seed_as_written": "seed_8bit",
+                "speedup_vs_seed_fp16": "seed_fp16"}   # name -> the arm the headline is divided by
+
+    def ratios(tps: dict) -> dict:
+        return {name: tps[headline] / tps[den] if headline in tps and den in tps else None
+                for name, den in speedups.items()}
 
     # The same ratios inside each round (every arm of a round ran on one card, or rotated over the lanes'), so a
     # round on a faster card moves both sides of its ratios: their range is the spread a reader should see.
@@ -115,26 +118,24 @@ def summarize(rows: list[dict], *, headline: str = "lorad_compiled", flops_per_t
     for r in rows:
         if r.get("tokens_per_second"):
             by_round.setdefault(r.get("round", 0), {})[r["arm"]] = r["tokens_per_second"]
-    per_round = {}
-    for rnd, tps in sorted(by_round.items()):
-        if headline in tps:
-            per_round[str(rnd)] = {name: tps[headline] / tps[den] for name, den in
-                                   (("speedup_vs_strongest_stock", strongest), ("speedup_vs_seed_as_written",
-                                    "seed_8bit"), ("speedup_vs_seed_fp16", "seed_fp16")) if den in tps}
+    per_round = {str(rnd): {k: v for k, v in ratios(tps).items() if v is not None}
+                 for rnd, tps in sorted(by_round.items()) if headline in tps}
     ranges = {}
-    for name in ("speedup_vs_strongest_stock", "speedup_vs_seed_as_written", "speedup_vs_seed_fp16"):
+    for name in speedups:
         values = [v[name] for v in per_round.values() if name in v]
         if values:
             ranges[name] = [min(values), max(values)]
-    return {"headline_arm": headline, "strongest_stock_arm": strongest,
-            "speedup_vs_strongest_stock": ratio(strongest), "speedup_vs_seed_as_written": ratio("seed_8bit"),
-            "speedup_vs_seed_fp16": ratio("seed_fp16"), "mfu_spec": per_arm.get(headline, {}).get("mfu_spec"),
+    return {"headline_arm": headline, "strongest_stock_arm": strongest, **ratios(med),
+            "mfu_spec": per_arm.get(headline, {}).get("mfu_spec"),
             "mfu_peak_tflops": peak / 1e12, "rounds": max((v["rounds"] for v in per_arm.values()), default=0),
             "per_round": per_round, "per_round_range": ranges, "arms": per_arm}
 
 
-# Top-level keys of bench/results/train_speed.json that the rounds replace: the single-run figures of the
-# earlier protocol (speed-ups from one run of a few steps, MFU against the 790 TFLOP/s convention).
+# Top-level keys of bench/results/train_speed.json: issue 22's, which the rounds write, and those they
+# replace, the single-run figures of the earlier protocol (speed-ups from one run of a few steps, MFU
+# against the 790 TFLOP/s convention).
+HEADLINE_KEYS = ("strongest_stock_arm", "speedup_vs_strongest_stock", "speedup_vs_seed_as_written",
+                 "speedup_vs_seed_fp16", "mfu_spec", "rounds")
 SUPERSEDED_KEYS = ("speedup_vs_seed", "speedup_vs_stock", "mfu")
 
 
@@ -171,8 +172,7 @@ def merge_rounds(docs: list[dict], results: dict, sources: list[str]) -> dict:
     headline = docs[0].get("summary", {}).get("headline_arm", "lorad_compiled")
     summary = summarize(rows, headline=headline, flops_per_token=flops)
     out = {k: v for k, v in results.items() if k not in SUPERSEDED_KEYS}
-    out.update({k: summary[k] for k in ("strongest_stock_arm", "speedup_vs_strongest_stock",
-                                        "speedup_vs_seed_as_written", "speedup_vs_seed_fp16", "mfu_spec", "rounds")})
+    out.update({k: summary[k] for k in HEADLINE_KEYS})
     # the cards of these figures (the top-level "card" names the earlier single-run cases' card, QLoRA's)
     out["rounds_cards"] = [(d.get("info") or {}).get("card") for d in docs]
     out["gpu_rounds"] = {"commit": commits.pop(), "dirty": False, "timed_steps": docs[0].get("timed_steps"),
@@ -219,9 +219,7 @@ def merge_rounds_main(args) -> None:
     except ValueError as e:
         raise SystemExit(f"merge-rounds: {e}")
     _write(path, merged)
-    print(json.dumps({k: merged[k] for k in ("strongest_stock_arm", "speedup_vs_strongest_stock",
-                                             "speedup_vs_seed_as_written", "speedup_vs_seed_fp16", "mfu_spec",
-                                             "rounds")}, indent=1))
+    print(json.dumps({k: merged[k] for k in HEADLINE_KEYS}, indent=1))
 
 
 def schedule(arms: list[str], rounds: int, gpus: list[str], first_round: int = 0) -> list[list[tuple[int, str]]]:
@@ -455,7 +453,8 @@ def add_arguments(sub) -> None:
     m.add_argument("rounds", nargs="+", help="rounds.json of each lease")
     m.add_argument("--results", default=str(ROOT / "bench/results/train_speed.json"))
     m.add_argument("--qlora", default="", metavar="GPU_JSON",
-                   help="also replace the QLoRA figures with this `train_speed gpu --cases qlora_stock,qlora_lorad` run")
+                   help="also replace the QLoRA figures with this run of "
+                        "`train_speed gpu --cases qlora_stock,qlora_lorad` (its gpu.json)")
     a = sub.add_parser("arm", help="one arm in this process (what rounds runs)")
     a.add_argument("name", choices=ARMS)
     a.add_argument("--json", required=True)
