@@ -192,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daemon.service import read_lock_info, status_snapshot
-    from daemon.store import DB_NAME, open_store
+    from daemon.store import has_store, open_store
 
     cfg = _load(args)
     state = Path(cfg.paths.state_dir)
@@ -201,7 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if live is not None and not live.get("redacted"):
         print(json.dumps(live, indent=2, ensure_ascii=False, default=str) if args.json else _format_status(live))
         return EXIT_OK
-    store = open_store(state, readonly=True) if (state / DB_NAME).exists() else None
+    store = open_store(state, readonly=True) if has_store(state) else None
     try:
         snap = status_snapshot(cfg, store, daemon_info=info, events=args.events)
     finally:
@@ -311,12 +311,11 @@ def cli_ingest(paths: list[str], cfg: Any, *, dry_run: bool) -> dict:
 
     A dry run against a state folder without a database uses an in-memory one, so it creates nothing.
     """
-    from pathlib import Path
 
-    from daemon.store import DB_NAME, Store, open_store
+    from daemon.store import Store, has_store, open_store
     from pipelines.ingest import ingest_files
 
-    if dry_run and not (Path(cfg.paths.state_dir) / DB_NAME).exists():
+    if dry_run and not has_store(cfg.paths.state_dir):
         store = Store(":memory:")
     else:
         store = open_store(cfg.paths.state_dir)
@@ -375,22 +374,22 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def _drift_adapter(cfg, which: str | None):
     """(version, folder) whose loss the drift check measures: --adapter, else the champion, else the base."""
-    from pathlib import Path
 
-    from daemon.store import DB_NAME, open_store
+    from daemon.store import NoStore, has_store, open_existing_store
 
     which = which or "champion"
     if which in ("base", "none"):
         return None, None
-    state = Path(cfg.paths.state_dir)
-    if not (state / DB_NAME).exists():
-        if which == "champion":
-            return None, None  # no state yet: nothing was ever promoted
-        raise LookupError(f"--adapter {which}: no lorad state at {state} (set --state)")
+    if which == "champion" and not has_store(cfg.paths.state_dir):
+        return None, None  # no state yet: nothing was ever promoted
     from daemon.evaluation import adapter_path
     from daemon.registry import AdapterError
 
-    with open_store(state, readonly=True) as store:
+    try:
+        store = open_existing_store(cfg.paths.state_dir, readonly=True)
+    except NoStore as e:
+        raise LookupError(f"--adapter {which}: {e}") from None
+    with store:
         try:
             return adapter_path(store, cfg, which)
         except AdapterError as e:
@@ -400,11 +399,16 @@ def _drift_adapter(cfg, which: str | None):
 def cmd_eval(args: argparse.Namespace) -> int:
     from daemon.evaluation import evaluate_candidate
     from daemon.registry import AdapterError
-    from daemon.store import open_store
+    from daemon.store import NoStore, open_existing_store
     from pipelines.evaluate import EvalError
 
     cfg = _load(args)
-    with open_store(cfg.paths.state_dir) as store:
+    try:
+        store = open_existing_store(cfg.paths.state_dir)
+    except NoStore as e:
+        print(f"lorad: {e}; `lorad train --data FILE` makes a candidate", file=sys.stderr)
+        return EXIT_FAILED
+    with store:
         try:
             out = evaluate_candidate(store, cfg, args.candidate, args.incumbent, holdout_file=args.holdout)
         except (AdapterError, EvalError) as e:
@@ -497,17 +501,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daemon.registry import AdapterError
-    from daemon.store import DB_NAME, open_store
+    from daemon.store import NoStore, open_existing_store
     from daemon.exports import export_version
     from pipelines.export import ExportError
 
     cfg = _load(args)
-    if not (Path(cfg.paths.state_dir) / DB_NAME).exists():
-        print(f"lorad: no lorad state in {cfg.paths.state_dir}; train an adapter first (`lorad train --data FILE`)",
-              file=sys.stderr)
+    try:
+        store = open_existing_store(cfg.paths.state_dir, readonly=True)
+    except NoStore as e:
+        print(f"lorad: {e}; train an adapter first (`lorad train --data FILE`)", file=sys.stderr)
         return EXIT_FAILED
     print(f"lorad: exporting {args.version} as {args.export_format}", file=sys.stderr)
-    with open_store(cfg.paths.state_dir, readonly=True) as store:
+    with store:
         try:
             result = export_version(store, cfg, args.version, args.export_format,
                                     out=Path(args.out) if args.out else None, dtype=args.dtype, force=args.force)
@@ -523,13 +528,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from daemon.registry import list_adapters
-    from daemon.store import DB_NAME, open_store
+    from daemon.store import has_store, open_store
 
     cfg = _load(args)
-    if not (Path(cfg.paths.state_dir) / DB_NAME).exists():
+    if not has_store(cfg.paths.state_dir):
         rows = []
     else:
         with open_store(cfg.paths.state_dir, readonly=True) as store:
@@ -554,7 +558,7 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
 
     from daemon.registry import AdapterError
     from daemon.service import read_lock_info
-    from daemon.store import DB_NAME, open_store
+    from daemon.store import NoStore, open_existing_store
 
     cfg = _load(args)
     actor = f"cli:{getpass.getuser()}"
@@ -573,11 +577,12 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
             print(f"lorad: warning: the daemon at {info['url']} has no admin token, so it keeps serving its current "
                   "champion until it restarts; set serve.admin_token (LORAD_SERVE__ADMIN_TOKEN) for live swaps",
                   file=sys.stderr)
-    if not (Path(cfg.paths.state_dir) / DB_NAME).is_file():   # nothing to change: do not create an empty state
-        print(f"lorad: no registry in {cfg.paths.state_dir} (nothing trained or promoted there yet; is "
-              "paths.state_dir right?)", file=sys.stderr)
+    try:
+        store = open_existing_store(cfg.paths.state_dir)
+    except NoStore as e:
+        print(f"lorad: {e}", file=sys.stderr)
         return EXIT_FAILED
-    with open_store(cfg.paths.state_dir) as store:
+    with store:
         try:
             result = change(store, cfg, actor=actor)
         except AdapterError as e:
@@ -633,13 +638,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_unpark(args: argparse.Namespace) -> int:
     """Parked records become pending again and join the next training run; their past refusals are forgotten."""
     from daemon.runs import unpark_records
-    from daemon.store import open_store
+    from daemon.store import NoStore, open_existing_store
 
     if bool(args.records) == bool(args.all):
         print("lorad: name the RECORD_IDs to unpark, or --all (not both)", file=sys.stderr)
         return EXIT_USAGE
     cfg = _load(args)
-    with open_store(cfg.paths.state_dir) as store:
+    try:
+        store = open_existing_store(cfg.paths.state_dir)
+    except NoStore as e:
+        print(f"lorad: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    with store:
         done = unpark_records(store, None if args.all else args.records, reason=args.reason)
     missing = sorted(set(args.records) - set(done))
     print(json.dumps({"unparked": done, "not_parked": missing}))

@@ -352,3 +352,24 @@ def open_store(state_dir: str | os.PathLike, **kwargs: Any) -> Store:
     if not kwargs.get("readonly"):
         ensure_state_dir(state_dir)
     return Store(Path(state_dir) / DB_NAME, **kwargs)
+
+
+class NoStore(LookupError):
+    """A command that reads lorad's state found none in the state folder (and created none)."""
+
+
+def has_store(state_dir: str | os.PathLike) -> bool:
+    """Whether the state folder holds a store (something was ingested, trained or promoted there)."""
+    return (Path(state_dir) / DB_NAME).is_file()
+
+
+def open_existing_store(state_dir: str | os.PathLike, **kwargs: Any) -> Store:
+    """Open the store a state folder already has; ``NoStore`` if it has none. Creates nothing.
+
+    For the commands that read or change what is there (eval, export, promote, rollback, unpark, a named
+    adapter's lookup): a mistyped ``--state`` is told so instead of leaving an empty state folder behind.
+    """
+    if not has_store(state_dir):
+        raise NoStore(f"no lorad state in {state_dir} (nothing was ingested, trained or promoted there; "
+                      "is paths.state_dir right? --state or LORAD_PATHS__STATE_DIR sets it)")
+    return open_store(state_dir, **kwargs)

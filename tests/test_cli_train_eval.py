@@ -39,3 +39,18 @@ def test_lorad_train_then_eval_with_a_holdout(cli_env, capsys):
     assert report["candidate"] == version and report["incumbent"] == "base"
     assert report["tests"]["holdout"]["n"] == 6 and report["decision"] in ("promote", "reject")
     assert set(report["metrics"]["candidate"]) >= {"holdout_loss", "chatterbot-en_loss", "chatterbot-zh_loss"}
+
+
+@pytest.mark.parametrize("argv", [["eval", "--candidate", "v0001-aaaaaaaa"], ["unpark", "--all"],
+                                  ["drift", "--adapter", "v0001-aaaaaaaa", "--reference", "{data}",
+                                   "--current", "{data}"]])
+def test_commands_that_read_the_state_refuse_a_missing_one_and_create_nothing(argv, tmp_path, capsys):
+    """A mistyped --state is named in the error; no empty state folder is left behind (nothing loads a model)."""
+    from daemon.cli import EXIT_FAILED, main
+
+    data = tmp_path / "x.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n", encoding="utf-8")
+    state = tmp_path / "typo-state"
+    assert main([a.format(data=data) for a in argv] + ["--state", str(state)]) == EXIT_FAILED
+    assert f"no lorad state in {state}" in capsys.readouterr().err
+    assert not state.exists()

@@ -182,6 +182,6 @@ def test_lorad_rollback_without_a_registry_says_so_and_creates_nothing(tmp_path,
 
     state = tmp_path / "no-state"
     assert main(["rollback", "--state", str(state)]) == 1
-    assert "no registry in" in capsys.readouterr().err
+    assert f"no lorad state in {state}" in capsys.readouterr().err
     assert main(["promote", "v1", "--state", str(state)]) == 1
     assert not state.exists()
