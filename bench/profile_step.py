@@ -23,7 +23,6 @@ a CUDA graph as in a step, as KV bytes read per second against the copy, and che
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import sys
@@ -92,13 +91,9 @@ def kernel_table(stepper, batch: int, context: int) -> dict:
             for _ in range(steps):
                 stepper._body(key)
             torch.cuda.synchronize()
-    by_name: dict = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            t = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0)
-            by_name[ev.name][0] += t / steps / 1000  # ms per step
-            by_name[ev.name][1] += 1 / steps
-    rows = sorted(([n[:160], round(v[0], 4), round(v[1], 1)] for n, v in by_name.items()), key=lambda r: -r[1])
+    rows = _common.kernels_per_step(((ev.name, getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0))
+                                     for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                                    steps, top=10**9, digits=4)
     return {"kernel_ms_per_step": round(sum(r[1] for r in rows), 4),
             "kernels_per_step": round(sum(r[2] for r in rows), 1), "top": rows[:30]}
 

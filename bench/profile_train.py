@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _common  # noqa: E402
+
 GROUPS = (  # first match wins, on the lower-cased kernel name
     ("attention", ("flash", "fmha", "attn", "varlen")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitkreduce", "sm90_")),
@@ -63,19 +65,15 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 def summarize_kernels(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     """``kernels``: (name, start us, duration us) of every CUDA kernel of ``steps`` steps."""
-    by_name: dict = collections.defaultdict(lambda: [0.0, 0])
     groups: dict = collections.defaultdict(float)
     for name, _, dur in kernels:
-        by_name[name][0] += dur / steps / 1000
-        by_name[name][1] += 1 / steps
         groups[kernel_group(name)] += dur / steps / 1000
     total = sum(groups.values())
-    top = sorted(([n[:160], round(v[0], 3), round(v[1], 1)] for n, v in by_name.items()), key=lambda r: -r[1])
     return {"kernel_ms_per_step": total,
             "busy_ms_per_step": busy_ms([(s, s + d) for _, s, d in kernels]) / steps,
             "groups": {g: {"ms_per_step": v, "share": v / total if total else None}
                        for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": top[:40]}
+            "top": _common.kernels_per_step(((name, dur) for name, _, dur in kernels), steps, top=40)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,7 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench import _common
     from bench import train_speed as ts
     from bench.train_speed_arms import ALL_LINEAR, lora_flops_per_token
     from daemon.config import TrainConfig

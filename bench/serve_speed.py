@@ -332,7 +332,7 @@ def part_engine(args, out: dict) -> None:
     out["engine_step_metric_mean_ms"] = 1000 * m.get_sample_value("lorad_serve_decode_step_seconds_sum") / max(
         1, m.get_sample_value("lorad_serve_decode_step_seconds_count"))
     eng.stop(timeout=10)
-    del stock, eng
+    stock = eng = arms = None   # free the GPU memory before the swap test (the arms hold the engine)
     torch.cuda.empty_cache()
     out["swaps"] = swaps_under_load(world, args.swaps)
 

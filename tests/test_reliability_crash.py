@@ -30,8 +30,6 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path):
 
 def test_the_invariant_checker_catches_violations(tmp_path):
     """The checker must be able to fail: a double-ingested file, a run left running, a tampered champion."""
-    import json
-    import sqlite3
 
     from daemon import registry
     from daemon.store import open_store

@@ -11,14 +11,12 @@ RLIMIT_AS for out of memory). The micro-batch halving after a CUDA out-of-memory
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

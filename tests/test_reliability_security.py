@@ -72,7 +72,7 @@ def test_an_adapter_row_pointing_outside_the_registry_is_not_loaded(tmp_path):
     from daemon.engine import AdapterUnavailable
 
     world = make_world(tmp_path, n_adapters=2)
-    store, (v1, v2) = world["store"], world["versions"]
+    store, (_, v2) = world["store"], world["versions"]
     outside = tmp_path / "elsewhere"
     os.replace(registry.get_adapter(store, v2)["path"], outside)  # same files, same hashes, wrong place
     with store.transaction() as tx:

@@ -6,7 +6,6 @@ Real uvicorn servers on 127.0.0.1 around tiny random models and adapters (see te
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -222,7 +221,7 @@ def test_concurrent_clients_during_swaps_never_mix_versions(served):
 
 
 def test_queue_full_answers_429(served):
-    world, engine, server = served.world, served.engine, served.server
+    engine, server = served.engine, served.server
     body = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
     with httpx.Client(base_url=server.url, timeout=30) as http:
         responses = []
@@ -246,7 +245,7 @@ def test_queue_full_answers_429(served):
 def test_limits_and_errors_in_openai_shape(served):
     import openai
 
-    world, server = served.world, served.server
+    server = served.server
     oai = client(server)
     with pytest.raises(openai.NotFoundError) as e:
         oai.completions.create(model="v0099-deadbeef", prompt="hello", max_tokens=2)

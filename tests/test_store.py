@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from daemon import store as store_mod
-from daemon.store import SCHEMA_VERSION, Store, StoreError, open_store
+from daemon.store import SCHEMA_VERSION, StoreError, open_store
 
 
 class FakeClock:
