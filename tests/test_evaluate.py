@@ -87,8 +87,8 @@ def test_losses_from_the_scored_positions_alone_equal_those_from_every_position(
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, use_cache):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+        def forward(self, input_ids, use_cache):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
 
     g = torch.Generator().manual_seed(1)
     examples = []
@@ -103,6 +103,8 @@ def test_losses_from_the_scored_positions_alone_equal_those_from_every_position(
     every = example_losses(EveryPosition(model), examples, batch_size=4)
     assert scored == pytest.approx(every, rel=1e-5)
     assert all(x == x for x in scored)   # no NaN: every example has scored tokens
+    # the batches are right-padded and run without an attention mask: each example alone (no padding) agrees
+    assert scored == pytest.approx([example_losses(model, [ex])[0] for ex in examples], rel=1e-5)
     # one batch of 4 rows, 29 predicting positions; a position is kept where any row scores its next token:
     # 1-7, 7-10, 14-18 and 24-28, 20 of the 29
     assert widths == [20]
