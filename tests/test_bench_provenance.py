@@ -67,3 +67,20 @@ def test_every_result_that_names_a_commit_was_measured_on_it_clean():
                      f"(\"dirty\": false beside it); re-run them: {new}")
     fixed = sorted(set(ALLOWED) - set(found))
     assert not fixed, f"these results now meet the rule: remove them from ALLOWED in {__file__}: {fixed}"
+
+
+def names_a_commit(obj) -> bool:
+    if isinstance(obj, dict):
+        return "commit" in obj or any(names_a_commit(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(names_a_commit(v) for v in obj)
+    return False
+
+
+def test_every_result_names_the_commit_it_measured():
+    """A results JSON with no commit anywhere in it could come from any code: the rule above would never see it."""
+    assert not names_a_commit({"runs": [{"tokens_per_second": 1.0}], "machine": {"cpu": "x"}})
+    assert names_a_commit({"runs": [{"info": {"commit": "a" * 40, "dirty": False}}]})
+    anonymous = [str(p.relative_to(RESULTS)) for p in sorted(RESULTS.rglob("*.json"))
+                 if not names_a_commit(json.loads(p.read_text(encoding="utf-8")))]
+    assert not anonymous, f"results without the commit they measured (write them with their program): {anonymous}"
