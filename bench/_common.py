@@ -82,3 +82,23 @@ def kernels_per_step(kernels, steps: int, *, top: int, digits: int = 3) -> list[
         by_name[name][1] += 1 / steps
     rows = sorted(([n[:160], round(v[0], digits), round(v[1], 1)] for n, v in by_name.items()), key=lambda r: -r[1])
     return rows[:top]
+
+
+def host_load() -> dict:
+    """What else was running: the 1/5/15-minute load averages and, where ``nvidia-smi`` answers, each GPU's
+    utilisation and the compute processes on the GPUs other than this one (a shared card slows every number)."""
+    out: dict = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        util = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return out
+    if util.returncode == 0:
+        out["gpu_utilization_pct_memory_mib"] = [[int(v) for v in line.split(",")]
+                                                 for line in util.stdout.splitlines() if line.strip()]
+    if apps.returncode == 0:
+        out["other_gpu_processes"] = [line.strip() for line in apps.stdout.splitlines()
+                                      if line.strip() and line.split(",")[0].strip() != str(os.getpid())]
+    return out

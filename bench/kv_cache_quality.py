@@ -110,6 +110,7 @@ def main() -> int:
     result = {
         "commit": _common.commit(), "dirty": _common.dirty("daemon", "pipelines", "bench/kv_cache_quality.py"),
         "machine": torch.cuda.get_device_name() if args.device == "cuda" else _common.cpu_name(),
+        "load_end": _common.host_load(),
         "torch": torch.__version__, "python": platform.python_version(), "model": EMBEDDED_DEFAULT,
         "settings": {"per_set": args.per_set, "new_tokens": args.new_tokens, "batch": args.batch,
                      "device": args.device, "greedy": True},

@@ -344,7 +344,7 @@ def main() -> int:
 
     shape = ss.SHAPE_7B if args.shape == "7b" else ss.SHAPE_135M
     bandwidth = ss.copy_bandwidth()
-    git = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench")}
+    git = {"commit": _common.commit(), "dirty": _common.dirty("daemon", "bench"), "load_start": _common.host_load()}
     if args.attention_sweep:
         out = {"git": git, "card": torch.cuda.get_device_name(), "shape": args.shape,
                "copy_bandwidth_gb_s": bandwidth / 1e9,

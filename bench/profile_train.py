@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     from daemon.config import TrainConfig
     from pipelines.train import train
 
+    load_start = _common.host_load()
     model = ts.build_random_llama(torch.bfloat16, ts.dev())
     data = ts.records(4000, ts.SHAPE_7B["vocab_size"])
     extra = {"lora_dropout": args.lora_dropout} if args.lora_dropout is not None else {}
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     flops = lora_flops_per_token(ts.SHAPE_7B, lengths, targets=ALL_LINEAR) * tokens
     matmul_ms = table["groups"].get("matmul", {}).get("ms_per_step") or 0
     doc = {"benchmark": "profile_train", "git": {"commit": _common.commit(), "dirty": _common.dirty()},
-           "card": torch.cuda.get_device_name(0) if cuda else "cpu", "compiled": not args.eager,
+           "card": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "load": {"start": load_start, "end": _common.host_load()}, "compiled": not args.eager,
            "lora_dropout": cfg.lora_dropout, "plan": out.speed, "warmup_steps": args.warmup,
            "profiled_steps": args.steps,
            "tokens_per_step": tokens, "wall_ms_per_step": wall_ms, "tokens_per_second": tokens / wall_ms * 1000,

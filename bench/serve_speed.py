@@ -912,6 +912,7 @@ def main() -> int:
     for part in args.part or ["engine"]:
         section: dict = {}
         t0 = time.perf_counter()
+        load_start = _common.host_load()
         try:
             fns[part](args, section)
         except Exception as e:  # noqa: BLE001 - the parts measured so far are still written
@@ -921,6 +922,7 @@ def main() -> int:
             section["trace"] = traceback.format_exc()[-3000:]
             print(section["trace"], flush=True)
         section["wall_s"] = time.perf_counter() - t0
+        section["load"] = {"start": load_start, "end": _common.host_load()}
         section.update(here)
         result[part] = section
         result["summary"] = summarize(result)
