@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from daemon.config import build_config
     from daemon.evaluation import answer_options
-    from pipelines.evaluate import evaluate, load_regression_set
+    from pipelines.evaluate import ScoreCache, evaluate, load_regression_set
 
     model_dir = args.base_model
     if model_dir is None:
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_examples=e.max_examples, bootstrap_samples=e.bootstrap_samples,
                            latency_prompts=e.latency_prompts, max_seq_len=cfg.data.max_seq_len,
                            answers=None if arm == "loss_only" else answer_options(cfg),
-                           answer_cache=None if arm == "loss_only" else cache)
+                           # the answers alone cached (a fresh loss cache each time): what answers cost
+                           caches=None if arm == "loss_only" else {"incumbent": ScoreCache(answers=cache)})
             times[arm].append(time.perf_counter() - t0)
             parts[arm].append({k: rep.get(k) for k in ("loss_seconds", "answer_seconds", "seconds")})
             if arm == "answers_cold":

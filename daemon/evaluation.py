@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon import registry
 from daemon.config import Config
 from daemon.store import Store
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import ScoreCache
 
 
 def read_files(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -61,16 +65,22 @@ def evaluate_candidate(store: Store, cfg: Config, candidate: str, incumbent: str
         raise EvalError(f"{candidate} has no data snapshot (trained with `lorad train --data`); pass --holdout FILE")
     regression = {name: load_regression_set(name) for name in cfg.eval.regression_sets}
     model, tokenizer, _, _ = load_for("eval", cfg)
-    cache_path = Path(cfg.paths.state_dir) / "cache" / "eval-answers" / f"{inc_version or 'base'}.json"
-    cache = read_answer_cache(cache_path, cfg.model.base_model) if cfg.eval.task_metrics else None
+    # Each model's answers and regression-set losses, kept from one evaluation to the next: the incumbent's are
+    # reused while it stays the champion, and the candidate's once it is promoted.
+    folder, identity = Path(cfg.paths.state_dir) / "cache" / "eval-answers", base_identity(cfg)
+    paths = {"candidate": folder / f"{candidate}.json", "base": folder / "base.json"}
+    if inc_version is not None:
+        paths["incumbent"] = folder / f"{inc_version}.json"
+    caches = {which: read_score_cache(path, identity) for which, path in paths.items()}
     report = evaluate(model, tokenizer, candidate=Path(cand_row["path"]), incumbent=inc_path, holdout=holdout,
                       regression=regression, max_examples=cfg.eval.max_examples,
                       bootstrap_samples=cfg.eval.bootstrap_samples, latency_prompts=cfg.eval.latency_prompts,
                       max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
                       regression_base=cfg.promote.regression_reference == "base",
-                      answers=answer_options(cfg) if cfg.eval.task_metrics else None, answer_cache=cache)
-    if cache is not None:
-        write_answer_cache(cache_path, cfg.model.base_model, cache)
+                      answers=answer_options(cfg) if cfg.eval.task_metrics else None, caches=caches)
+    for which in ("candidate", "base", "incumbent"):   # the incumbent's last: the newest file, kept the longest
+        if which in caches:
+            write_score_cache(paths[which], identity, caches[which])
     decision = should_promote(report, cfg.promote, confidence=cfg.eval.confidence)
     summary = {k: v for k, v in report.items() if k != "per_example"}
     with store.transaction() as tx:
@@ -91,22 +101,33 @@ def answer_options(cfg: Config) -> dict:
                            "free": e.free_new_tokens}, "free_text_sets": e.free_text_sets}
 
 
-def read_answer_cache(path: Path, base_model: str) -> dict:
-    """The incumbent's cached answers (empty when missing, unreadable or made with another base model)."""
+def base_identity(cfg: Config) -> str:
+    """The base model a cached score was made with (its name and revision): another one scores differently."""
+    return f"{cfg.model.base_model}@{cfg.model.revision}" if cfg.model.revision else cfg.model.base_model
+
+
+def read_score_cache(path: Path, base_model: str) -> ScoreCache:
+    """A model's cached answers and losses (empty when missing, unreadable or made with another base model)."""
+    from pipelines.evaluate import ScoreCache
+
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return dict(doc.get("answers") or {}) if doc.get("base_model") == base_model else {}
+        return ScoreCache()
+    if not isinstance(doc, dict) or doc.get("base_model") != base_model:
+        return ScoreCache()
+    answers, losses = doc.get("answers"), doc.get("losses")
+    return ScoreCache(answers=dict(answers) if isinstance(answers, dict) else {},
+                      losses=dict(losses) if isinstance(losses, dict) else {})
 
 
-def write_answer_cache(path: Path, base_model: str, answers: dict, keep: int = 4) -> None:
-    """Write the incumbent's answers atomically; keep the ``keep`` newest caches (older incumbents')."""
+def write_score_cache(path: Path, base_model: str, cache: ScoreCache, keep: int = 8) -> None:
+    """Write a model's cache atomically; keep the ``keep`` newest caches (older incumbents' and candidates')."""
     from pipelines.files import atomic_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
-        json.dump({"base_model": base_model, "answers": answers}, f, ensure_ascii=False)
+        json.dump({"base_model": base_model, "answers": cache.answers, "losses": cache.losses}, f, ensure_ascii=False)
     for old in sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
         old.unlink(missing_ok=True)
 

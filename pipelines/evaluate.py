@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +24,19 @@ BUILTIN_SETS = {"chatterbot-en": "english", "chatterbot-zh": "chinese"}
 
 class EvalError(RuntimeError):
     """An evaluation cannot be run; the message says why."""
+
+
+@dataclass
+class ScoreCache:
+    """One model's scores from earlier evaluations (an adapter version's, or the base model's), read and filled.
+
+    ``answers``: its answers keyed by prompt and budget (``score_answers``). ``losses``: its per-example losses on a
+    regression set, keyed by the set's token ids and the scoring settings. An adapter scored as a candidate fills its
+    own cache, so once promoted its evaluations as the incumbent skip the fixed regression sets.
+    """
+
+    answers: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
@@ -271,6 +285,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], new_t
     return out
 
 
+LOSS_CACHE_VERSION = 1   # bumped whenever example_losses' numbers change, so cached losses are not reused
+
+
 def _key(*parts: Any) -> str:
     import hashlib
 
@@ -375,13 +392,15 @@ def _sample(payloads: list[dict], k: int, seed: int) -> list[dict]:
 def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | None, holdout: list[dict],
              regression: dict[str, list[dict]], max_examples: int = 200, bootstrap_samples: int = 1000,
              latency_prompts: int = 8, max_seq_len: int = 1024, seed: int = 0, regression_base: bool = False,
-             answers: dict | None = None, answer_cache: dict | None = None) -> dict:
+             answers: dict | None = None, caches: dict[str, ScoreCache] | None = None) -> dict:
     """Score candidate and incumbent (None = the base model) on the holdout and every regression set.
 
     Args:
         answers: score answers too: {"examples": per set, "score_kinds": {category: kind},
             "new_tokens": {kind: n}[, "free_text_sets": "holdout" | "all" | "none"]}; None = losses only.
-        answer_cache: the incumbent's answers from earlier evaluations (read and filled in place).
+        caches: ``ScoreCache`` of "candidate", "incumbent" and "base" (each optional; with the base model as the
+            incumbent, the same object under both names): their answers and regression-set losses from earlier
+            evaluations, read and filled in place. A model's cached numbers are the ones it would compute again.
 
     Returns:
         An EvalReport dict: ``holdout`` {candidate_loss, incumbent_loss, p_value, n, ci..., categories},
@@ -421,6 +440,18 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
 
         kw.update(batch_size=64, batch_tokens=8192, autocast=cpu_autocast(model))
 
+    caches = caches or {}
+
+    def cache_for(which: str) -> ScoreCache | None:
+        """The cache of the model that ``which`` runs (the base model's when the incumbent is the base)."""
+        if which == "incumbent" and incumbent is None:
+            return caches.get("incumbent") or caches.get("base")
+        return caches.get(which)
+
+    def answer_cache(which: str) -> dict | None:
+        cache = cache_for(which)
+        return None if cache is None else cache.answers
+
     def use(which: str):
         import contextlib
 
@@ -432,6 +463,21 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
     def score(which: str, examples: list[dict]) -> list[float]:
         with use(which):
             return example_losses(peft_model, examples, **kw)
+
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    settings = {**kw, "device": next(model.parameters()).device.type, "dtype": str(next(model.parameters()).dtype),
+                "quantization": str(quantization.to_dict() if hasattr(quantization, "to_dict") else quantization),
+                "version": LOSS_CACHE_VERSION}
+
+    def score_set(which: str, examples: list[dict]) -> list[float]:
+        """A regression set's losses, from ``which``'s cache when it holds them (the sets do not change)."""
+        cache = cache_for(which)
+        if cache is None:
+            return score(which, examples)
+        key = _key("losses", [[e["input_ids"], e["labels"]] for e in examples], settings)
+        if key not in cache.losses:
+            cache.losses[key] = score(which, examples)
+        return list(cache.losses[key])
 
     t0 = time.perf_counter()
     # Scoring on a CPU runs as training's speed plan does where that changes no number (``_scoring_setup``); the
@@ -450,7 +496,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
         }
         for name, (payloads, examples) in sets.items():
             if examples:
-                c, i = score("candidate", examples), score("incumbent", examples)
+                c, i = score_set("candidate", examples), score_set("incumbent", examples)
                 r = report["regression"][name] = {"candidate_loss": _mean(c), "incumbent_loss": _mean(i),
                                                   "n": len(examples), "candidate_perplexity": math.exp(_mean(c)),
                                                   "incumbent_perplexity": math.exp(_mean(i)),
@@ -458,7 +504,7 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
                 if incumbent is None:
                     r["base_loss"] = _mean(i)
                 elif regression_base:
-                    r["base_loss"] = _mean(score("base", examples))
+                    r["base_loss"] = _mean(score_set("base", examples))
         report["loss_seconds"] = time.perf_counter() - t0
         if answers is not None:
             t1 = time.perf_counter()
@@ -474,9 +520,11 @@ def evaluate(model: Any, tokenizer: Any, *, candidate: Path, incumbent: Path | N
                 if not items:
                     continue
                 with use("candidate"):
-                    cs = score_answers(peft_model, tokenizer, items, loss_kw=kw, gen_kw=gen_kw)
+                    cs = score_answers(peft_model, tokenizer, items, cache=answer_cache("candidate"), loss_kw=kw,
+                                       gen_kw=gen_kw)
                 with use("incumbent"):
-                    ins = score_answers(peft_model, tokenizer, items, cache=answer_cache, loss_kw=kw, gen_kw=gen_kw)
+                    ins = score_answers(peft_model, tokenizer, items, cache=answer_cache("incumbent"), loss_kw=kw,
+                                        gen_kw=gen_kw)
                 report["scores"][name] = compare_scores(items, cs, ins, samples=bootstrap_samples, seed=seed)
             report["answer_seconds"] = time.perf_counter() - t1
     report["latency"] = _latency(peft_model, tokenizer, holdout_ex[:latency_prompts], use)

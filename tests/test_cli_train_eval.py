@@ -39,6 +39,10 @@ def test_lorad_train_then_eval_with_a_holdout(cli_env, capsys):
     assert report["candidate"] == version and report["incumbent"] == "base"
     assert report["tests"]["holdout"]["n"] == 6 and report["decision"] in ("promote", "reject")
     assert set(report["metrics"]["candidate"]) >= {"holdout_loss", "chatterbot-en_loss", "chatterbot-zh_loss"}
+    # each model's regression-set losses are kept for its next evaluation (the candidate's for when it is promoted)
+    folder = state / "cache" / "eval-answers"
+    kept = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in folder.glob("*.json")}
+    assert set(kept) == {version, "base"} and all(len(doc["losses"]) == 2 for doc in kept.values())
 
 
 @pytest.mark.parametrize("argv", [["eval", "--candidate", "v0001-aaaaaaaa"], ["unpark", "--all"],

@@ -173,16 +173,17 @@ def _records():
 def test_answers_are_scored_per_set_and_category_and_cached(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from pipelines.evaluate import evaluate
+    from pipelines.evaluate import ScoreCache, evaluate
 
     cand, inc = _adapter(tiny_llama_dir, tmp_path / "cand", 1), _adapter(tiny_llama_dir, tmp_path / "inc", 2)
     tok = _tokenizer()
     answers = {"examples": 64, "score_kinds": {}, "new_tokens": {"label": 4, "extraction": 6, "free": 6}}
-    cache: dict = {}
+    caches = {"incumbent": ScoreCache()}
+    cache = caches["incumbent"].answers
     kw = dict(candidate=cand, incumbent=inc, holdout=_records(), regression={"chat": _records()[6:]},
               max_examples=50, bootstrap_samples=50, latency_prompts=0, max_seq_len=128, answers=answers)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    report = evaluate(model, tok, answer_cache=cache, **kw)
+    report = evaluate(model, tok, caches=caches, **kw)
     scores = report["scores"]["holdout"]
     assert scores["kinds"] == {"choice": 6, "label": 4, "free": 4}
     assert set(scores["metrics"]) == {"accuracy", "rouge_l"} and scores["metrics"]["accuracy"]["n"] == 10
@@ -200,7 +201,7 @@ def test_answers_are_scored_per_set_and_category_and_cached(tmp_path, tiny_llama
     ev_generate = lambda *a, **k: calls.append(len(a[2])) or real(*a, **k)   # noqa: E731
     try:
         ev.generate_answers = ev_generate
-        again = evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tok, answer_cache=cache, **kw)
+        again = evaluate(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tok, caches=caches, **kw)
     finally:
         ev.generate_answers = real
     assert calls == [8, 8]           # only the candidate's label + free answers were generated, once per set
@@ -255,3 +256,39 @@ def test_free_text_answers_only_on_the_holdout_by_default(tmp_path, tiny_llama_d
                       bootstrap_samples=50, latency_prompts=0, max_seq_len=128, answers=answers)
     assert report["scores"]["holdout"]["kinds"]["free"] == 4
     assert report["scores"]["chat"]["kinds"] == {"label": 4}     # the chat set keeps its label records only
+
+
+def test_a_promoted_candidate_brings_its_regression_losses_along(tmp_path, tiny_llama_dir):
+    """A candidate's regression-set losses are kept in its cache; evaluated later as the incumbent, it is not
+    scored on those sets again, and the cached numbers are the ones a fresh evaluation computes."""
+    from transformers import AutoModelForCausalLM
+
+    import pipelines.evaluate as ev
+    from pipelines.evaluate import ScoreCache, evaluate
+
+    a, b, c = (_adapter(tiny_llama_dir, tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3)))
+    tok = _tokenizer()
+    kw = dict(holdout=_records(), regression={"chat": _records()[6:]}, max_examples=50, bootstrap_samples=50,
+              latency_prompts=0, max_seq_len=128)
+    model = lambda: AutoModelForCausalLM.from_pretrained(tiny_llama_dir)   # noqa: E731
+    cache_a = ScoreCache()
+    first = evaluate(model(), tok, candidate=a, incumbent=b, caches={"candidate": cache_a, "incumbent": ScoreCache()},
+                     **kw)
+    assert len(cache_a.losses) == 1           # the one regression set (the holdout is new data every time)
+
+    calls = []
+    real = ev.example_losses
+    ev.example_losses = lambda m, examples, **k: calls.append(len(examples)) or real(m, examples, **k)
+    try:   # a promoted: candidate c against a, with a's cache as the incumbent's
+        second = evaluate(model(), tok, candidate=c, incumbent=a,
+                          caches={"candidate": ScoreCache(), "incumbent": cache_a}, **kw)
+        cached_calls, calls[:] = list(calls), []
+        fresh = evaluate(model(), tok, candidate=c, incumbent=a, **kw)
+    finally:
+        ev.example_losses = real
+    chat, holdout = len(_records()[6:]), len(_records())
+    assert cached_calls == [holdout, holdout, chat] and calls == [holdout, holdout, chat, chat]
+    assert second["regression"]["chat"]["incumbent_loss"] == first["regression"]["chat"]["candidate_loss"]
+    for key in ("candidate_loss", "incumbent_loss"):
+        assert second["regression"]["chat"][key] == pytest.approx(fresh["regression"]["chat"][key], rel=1e-6)
+    assert second["regression"]["chat"]["categories"] == fresh["regression"]["chat"]["categories"]

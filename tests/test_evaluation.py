@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from daemon.evaluation import format_summary, read_answer_cache, summarize, write_answer_cache
+from daemon.evaluation import format_summary, read_score_cache, summarize, write_score_cache
 from daemon.policy import Decision
 
 
@@ -53,12 +53,18 @@ def test_an_interval_of_zeros_prints_without_a_minus_sign():
     assert "[+0.000, +0.000]" in acc, acc
 
 
-def test_answer_cache_round_trip_and_base_model_check(tmp_path):
+def test_score_cache_round_trip_and_base_model_check(tmp_path):
+    from pipelines.evaluate import ScoreCache
+
     path = tmp_path / "eval-answers" / "v1.json"
-    write_answer_cache(path, "model-a", {"k": "B"})
-    assert read_answer_cache(path, "model-a") == {"k": "B"}
-    assert read_answer_cache(path, "model-b") == {}           # another base model answers differently
-    assert read_answer_cache(tmp_path / "missing.json", "model-a") == {}
-    for i in range(6):
-        write_answer_cache(tmp_path / "eval-answers" / f"v{i + 2}.json", "model-a", {})
-    assert len(list((tmp_path / "eval-answers").glob("*.json"))) == 4   # the newest four incumbents' caches
+    write_score_cache(path, "model-a", ScoreCache(answers={"k": "B"}, losses={"s": [1.5, 2.0]}))
+    assert read_score_cache(path, "model-a") == ScoreCache(answers={"k": "B"}, losses={"s": [1.5, 2.0]})
+    assert read_score_cache(path, "model-b") == ScoreCache()      # another base model scores differently
+    assert read_score_cache(tmp_path / "missing.json", "model-a") == ScoreCache()
+    path.write_text('{"base_model": "model-a", "answers": {"k": "B"}}', encoding="utf-8")   # written before losses
+    assert read_score_cache(path, "model-a") == ScoreCache(answers={"k": "B"})
+    path.write_text('["not", "a", "cache"]', encoding="utf-8")
+    assert read_score_cache(path, "model-a") == ScoreCache()
+    for i in range(10):
+        write_score_cache(tmp_path / "eval-answers" / f"v{i + 2}.json", "model-a", ScoreCache())
+    assert len(list((tmp_path / "eval-answers").glob("*.json"))) == 8   # the newest eight models' caches
