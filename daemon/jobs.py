@@ -108,12 +108,14 @@ class JobRunner:
     earlier process left interrupted. ``promote(version, reason)`` makes a version the champion; the
     daemon passes one that preloads the adapter into the serving engine first and then flips the alias
     (``engine.promote_and_swap``); by default only the registry alias moves. ``on_promoted(version)``
-    is called after a promotion.
+    is called after a promotion. ``on_busy(True)`` is called when a job process starts and ``on_busy(False)`` when
+    it is gone (the daemon lets its CPU engine yield the cores meanwhile: ``Engine.share_cpu``).
     """
 
     def __init__(self, cfg: Config, store: Store, *, on_promoted: Callable[[str | None], Any] | None = None,
                  promote: Callable[[str, str], Any] | None = None,
-                 clock: Callable[[], float] = time.time, python: str = sys.executable, metrics: Any = None):
+                 clock: Callable[[], float] = time.time, python: str = sys.executable, metrics: Any = None,
+                 on_busy: Callable[[bool], Any] | None = None):
         import threading
 
         from monitors.metrics import LoradMetrics
@@ -132,6 +134,7 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self.current: dict | None = None   # what runs now, for status
         self.last_drift: dict | None = None
+        self.on_busy = on_busy
 
     # -- control ----------------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class JobRunner:
             self.resume_interrupted()
         except Exception:
             log.exception("resuming interrupted runs failed")
+        finally:
+            self._set_proc(None)
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
@@ -186,7 +191,10 @@ class JobRunner:
                     return
                 trigger = self._queue.pop(0)
             if trigger == WARM:
-                self.warm_drift_reference()
+                try:
+                    self.warm_drift_reference()
+                finally:
+                    self._set_proc(None)
                 continue
             try:
                 self.cycle(trigger)
@@ -195,6 +203,18 @@ class JobRunner:
                 self.store.add_event("cycle", subject=trigger, ok=False, reason=f"{type(e).__name__}: {e}")
             finally:
                 self.current = None
+                self._set_proc(None)   # whatever happened, no job process computes now
+
+    def _set_proc(self, proc: subprocess.Popen | None) -> None:
+        """The job process now running (None: none), and ``on_busy`` told when that changes."""
+        with self._cond:
+            changed = (self._proc is None) != (proc is None)
+            self._proc = proc
+        if changed and self.on_busy is not None:
+            try:
+                self.on_busy(proc is not None)
+            except Exception:  # noqa: BLE001 - a hint to the engine; never fails a job
+                log.exception("on_busy failed")
 
     def _run_step(self, args: list[str], folder: Path, name: str) -> subprocess.CompletedProcess:
         """Run one `lorad` step in its own process group; capture stdout (JSON), log stderr to a file."""
@@ -203,11 +223,9 @@ class JobRunner:
             proc = subprocess.Popen([self.python, "-m", "daemon.cli", *args], stdout=subprocess.PIPE, stderr=err,
                                     start_new_session=True, env=job_env(),
                                     preexec_fn=job_preexec(self.cfg.schedule.job_nice))
-            with self._cond:
-                self._proc = proc
+            self._set_proc(proc)
             out, _ = proc.communicate()
-            with self._cond:
-                self._proc = None
+            self._set_proc(None)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"), "")
 
     def _stopping_now(self) -> bool:
@@ -322,8 +340,7 @@ class JobRunner:
         with open(run_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                     env=job_env(), preexec_fn=job_preexec(self.cfg.schedule.job_nice))
-        with self._cond:
-            self._proc = proc
+        self._set_proc(proc)
         mark_running(self.store, run_id, proc.pid, self.clock)
         m, started = self.metrics, self.clock()
         m.training_running.set(1)
@@ -339,8 +356,7 @@ class JobRunner:
                 last = step
                 record_progress(self.store, run_id, step["step"], step["total_steps"])
                 publish_step(m, step)
-        with self._cond:
-            self._proc = None
+        self._set_proc(None)
         m.training_running.set(0)
         m.training_duration.observe(self.clock() - started)
         outcome = ("interrupted" if proc.returncode == EXIT_INTERRUPTED or (self._stopping_now() and proc.returncode)

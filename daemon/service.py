@@ -162,6 +162,7 @@ class Daemon:
         self.scheduler = None
         self.runner = None
         self.engine = None
+        self._job_computing = False   # a job process runs: a CPU engine decodes on one thread (Engine.share_cpu)
         self._ingest_lock = threading.Lock()
         self._ingest_store: Store | None = None
         self.live = None   # daemon.watch.LiveStats: what the server delivered, per version
@@ -243,6 +244,8 @@ class Daemon:
             from daemon.engine import build_engine
 
             build_engine(self)  # loads the champion adapter; on failure the engine exists but is not ready
+            if self.engine is not None:
+                self.engine.share_cpu(self._job_computing)   # a job (a resumed run) may have started first
         except Exception as e:  # keep serving health/metrics; /readyz says why; /admin/reload retries
             self.model_error = f"champion adapter failed to load: {type(e).__name__}: {e}"
             log.error("champion adapter failed to load", extra={"error": self.model_error})
@@ -267,7 +270,7 @@ class Daemon:
 
         sc = self.cfg.schedule
         self.runner = JobRunner(self.cfg, self.store, promote=self._promote, clock=self.clock,
-                                metrics=self.metrics)
+                                metrics=self.metrics, on_busy=self._job_busy)
         self.runner.start()
         if self.store.counts()["records_pending"] >= sc.min_new_records:
             # Ingested before a stop that came before their drift check: check them now, not at the next tick.
@@ -285,6 +288,12 @@ class Daemon:
         self.inbox = InboxWatcher(self.cfg.paths.inbox, self.ingest_inbox_file, settle_seconds=sc.inbox_settle_seconds,
                                   on_refused=lambda path, reason: self.metrics.inbox_files.labels("rejected").inc())
         self.inbox.start()
+
+    def _job_busy(self, busy: bool) -> None:
+        """A job process started or ended: serving on a CPU shares the cores with it (``Engine.share_cpu``)."""
+        self._job_computing = busy
+        if self.engine is not None:
+            self.engine.share_cpu(busy)
 
     def _monthly_refresh(self) -> None:
         self.store.add_event("schedule", subject="monthly_refresh", ok=True, reason="monthly refresh fired")

@@ -141,6 +141,25 @@ def test_greedy_matches_transformers_generate_for_base_and_adapter(world, engine
     assert (got_base.label, got_v1.label) == ("base", v1)
 
 
+def test_a_cpu_engine_decodes_on_one_thread_while_a_job_computes_and_answers_the_same(world, engine):
+    """share_cpu(True): the decode thread's next step runs on one torch thread (no OpenMP peer to wait for while a
+    job computes on the cores); share_cpu(False) gives it every thread back. The tokens do not change."""
+    import torch
+
+    threads = engine.call(torch.get_num_threads)
+    if threads < 2:
+        pytest.skip("one CPU thread: nothing to share")
+    ids = prompt_ids(world, PROMPTS[1])
+    before = engine.generate(ids, model="base", max_tokens=8, temperature=0).tokens
+    engine.share_cpu(True)
+    during = engine.generate(ids, model="base", max_tokens=8, temperature=0).tokens
+    assert engine.call(torch.get_num_threads) == 1
+    engine.share_cpu(False)
+    after = engine.generate(ids, model="base", max_tokens=8, temperature=0).tokens
+    assert engine.call(torch.get_num_threads) == threads
+    assert before == during == after and before
+
+
 def test_a_lone_cpu_decode_attends_to_exactly_its_positions_without_a_mask(world, engine, monkeypatch):
     """One running row on a CPU writes its key/value by slicing and attends to its own positions only, so SDPA
     runs without a mask (its faster kernel); the output is the masked path's (the greedy test above)."""

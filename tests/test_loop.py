@@ -72,14 +72,16 @@ def test_manual_cycle_trains_evaluates_and_promotes(tmp_path, tiny_llama_dir, mo
     store = open_store(cfg.paths.state_dir)
     result = ingest_file(write_data(tmp_path / "a.jsonl", 150, 1), store, cfg.data)
     assert result.accepted == 150
-    promoted = []
-    runner = JobRunner(cfg, store, on_promoted=promoted.append)
+    promoted, busy = [], []
+    runner = JobRunner(cfg, store, on_promoted=promoted.append, on_busy=busy.append)
     out = runner.cycle("drift")
     events = {e["kind"]: e for e in reversed(store.events(limit=50))}
     assert "drift" in events, "the drift step ran and was recorded"
     assert events["drift"]["data"]["reference_source"].startswith("base model")
     assert out["trained"] is True and out["promoted"] is True, out
     assert len(niceness) >= 3 and set(niceness) == {cfg.schedule.job_nice} and cfg.schedule.job_nice > 0, niceness
+    # the daemon hears when each job process starts and ends (a CPU engine shares the cores meanwhile)
+    assert busy == [True, False] * len(niceness), busy
     version = out["version"]
     assert promoted == [version] and registry.champion(store) == version
     row = registry.get_adapter(store, version)

@@ -134,6 +134,8 @@ class Engine(BatchingMixin, VersionsMixin):
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
+        self._share_cpu = False   # share_cpu(): decode on one CPU thread while another process computes
+        self._cpu_threads: int | None = None   # the decode thread's torch threads as set by the engine (CPU)
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
                           cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool,
@@ -211,6 +213,33 @@ class Engine(BatchingMixin, VersionsMixin):
             self._thread.start()
             self._release_cpu_workers()
         return self
+
+    def share_cpu(self, sharing: bool) -> None:
+        """On a CPU, decode on one thread while another process computes on the same cores (a lorad job), on all
+        of them otherwise; takes effect at the decode thread's next step. No-op on a GPU.
+
+        The decode thread's OpenMP workers wait for each other at the end of every op, spinning first. With a
+        job on the cores (even at a lower priority) a worker woken onto the core where its peer spins waits for
+        that spin to end: on 2 cores a 135M decode fell from ~24 to ~1 token/s while a busy loop ran at nice 10.
+        One thread has no peer to wait for: ~20 tokens/s, contended or not.
+        """
+        self._share_cpu = bool(sharing)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _apply_cpu_threads(self) -> None:
+        """In the decode thread: the torch thread count ``share_cpu`` asks for (CPU only)."""
+        if self.device.type != "cpu":
+            return
+        import torch
+
+        if self._cpu_threads is None:
+            self._cpu_threads = self._all_cpu_threads = torch.get_num_threads()
+        want = 1 if self._share_cpu else self._all_cpu_threads
+        if want != self._cpu_threads:
+            torch.set_num_threads(want)
+            self._cpu_threads = want
+            log.info("engine CPU threads", extra={"threads": want, "sharing": self._share_cpu})
 
     def _release_cpu_workers(self) -> None:
         """On a CPU, let the calling thread's OpenMP workers go (``pipelines.hardware.release_openmp_workers``).
@@ -480,6 +509,7 @@ class Engine(BatchingMixin, VersionsMixin):
                 commands = list(self._commands)
                 self._commands.clear()
                 busy = busy or bool(commands or self._waiting or self._running)
+            self._apply_cpu_threads()
             if commands:
                 self._drain()  # commands see a quiet device: every launched step read back
             for fn, future in commands:
