@@ -28,13 +28,14 @@ sys.path.insert(0, str(ROOT))
 from bench import _common  # noqa: E402
 from bench import serve_speed as ss  # noqa: E402
 
-COMPETITOR = ("import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n")
+COMPETITORS = {"matmul": "import torch\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n",   # every core
+               "spin": "while True:\n    pass\n"}                                               # one core
 ARMS = ("alone_all_threads", "alone_shared", "contended_all_threads", "contended_shared")
 
 
-def competitor(nice: int) -> subprocess.Popen:
-    """A process computing on every core at ``nice`` steps lower priority (what a lorad job is to the server)."""
-    return subprocess.Popen([sys.executable, "-c", COMPETITOR], preexec_fn=lambda: os.nice(nice),
+def competitor(kind: str, nice: int) -> subprocess.Popen:
+    """A process computing at ``nice`` steps lower priority (what a lorad job is to the server)."""
+    return subprocess.Popen([sys.executable, "-c", COMPETITORS[kind]], preexec_fn=lambda: os.nice(nice),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--nice", type=int, default=10, help="the competitor's nice increment (schedule.job_nice)")
+    ap.add_argument("--competitor", choices=sorted(COMPETITORS), default="matmul",
+                    help="matmul: 512 x 512 float32 products on every core (torch's threads); spin: a Python loop")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "lorad-test"), help="converted default model cache")
     args = ap.parse_args(argv)
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = ss.prompts(len(ARMS) * 2, ss.CPU_PROMPT, seed=200 + r)
             for i, arm in enumerate(order):
                 eng.share_cpu(arm.endswith("_shared"))
-                proc = competitor(args.nice) if arm.startswith("contended") else None
+                proc = competitor(args.competitor, args.nice) if arm.startswith("contended") else None
                 try:
                     if proc is not None:
                         time.sleep(1.0)   # the competitor is computing
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "torch_threads": torch.get_num_threads()},
            "load": {"start": load_start, "end": _common.host_load()}, "model": ss.CPU_SPEC,
            "weights": weights or "float32", "ready_s": ready, "rounds": args.rounds, "competitor_nice": args.nice,
-           "competitor": "a process multiplying 512 x 512 float32 matrices on every core", "arms": results,
+           "competitor": args.competitor, "arms": results,
            "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
