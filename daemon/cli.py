@@ -168,6 +168,18 @@ def _load(args: argparse.Namespace):
 # ----------------------------------------------------------------------------- commands
 
 
+def _existing_store(cfg: Any, hint: str = "", **kwargs: Any):
+    """The store of ``cfg``'s state folder (``daemon.store.open_existing_store``), or None after telling the user
+    that the folder has none (``hint``: what to do about it). Creates nothing."""
+    from daemon.store import NoStore, open_existing_store
+
+    try:
+        return open_existing_store(cfg.paths.state_dir, **kwargs)
+    except NoStore as e:
+        print(f"lorad: {e}{'; ' + hint if hint else ''}", file=sys.stderr)
+        return None
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from daemon.config import Config, render_markdown, render_yaml
 
@@ -311,7 +323,6 @@ def cli_ingest(paths: list[str], cfg: Any, *, dry_run: bool) -> dict:
 
     A dry run against a state folder without a database uses an in-memory one, so it creates nothing.
     """
-
     from daemon.store import Store, has_store, open_store
     from pipelines.ingest import ingest_files
 
@@ -374,7 +385,6 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def _drift_adapter(cfg, which: str | None):
     """(version, folder) whose loss the drift check measures: --adapter, else the champion, else the base."""
-
     from daemon.store import NoStore, has_store, open_existing_store
 
     which = which or "champion"
@@ -399,14 +409,11 @@ def _drift_adapter(cfg, which: str | None):
 def cmd_eval(args: argparse.Namespace) -> int:
     from daemon.evaluation import evaluate_candidate
     from daemon.registry import AdapterError
-    from daemon.store import NoStore, open_existing_store
     from pipelines.evaluate import EvalError
 
     cfg = _load(args)
-    try:
-        store = open_existing_store(cfg.paths.state_dir)
-    except NoStore as e:
-        print(f"lorad: {e}; `lorad train --data FILE` makes a candidate", file=sys.stderr)
+    store = _existing_store(cfg, "`lorad train --data FILE` makes a candidate")
+    if store is None:
         return EXIT_FAILED
     with store:
         try:
@@ -501,15 +508,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daemon.registry import AdapterError
-    from daemon.store import NoStore, open_existing_store
     from daemon.exports import export_version
     from pipelines.export import ExportError
 
     cfg = _load(args)
-    try:
-        store = open_existing_store(cfg.paths.state_dir, readonly=True)
-    except NoStore as e:
-        print(f"lorad: {e}; train an adapter first (`lorad train --data FILE`)", file=sys.stderr)
+    store = _existing_store(cfg, "train an adapter first (`lorad train --data FILE`)", readonly=True)
+    if store is None:
         return EXIT_FAILED
     print(f"lorad: exporting {args.version} as {args.export_format}", file=sys.stderr)
     with store:
@@ -528,7 +532,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-
     from daemon.registry import list_adapters
     from daemon.store import has_store, open_store
 
@@ -558,7 +561,6 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
 
     from daemon.registry import AdapterError
     from daemon.service import read_lock_info
-    from daemon.store import NoStore, open_existing_store
 
     cfg = _load(args)
     actor = f"cli:{getpass.getuser()}"
@@ -577,10 +579,8 @@ def _admin_change(args: argparse.Namespace, route: str, body: dict, change: Call
             print(f"lorad: warning: the daemon at {info['url']} has no admin token, so it keeps serving its current "
                   "champion until it restarts; set serve.admin_token (LORAD_SERVE__ADMIN_TOKEN) for live swaps",
                   file=sys.stderr)
-    try:
-        store = open_existing_store(cfg.paths.state_dir)
-    except NoStore as e:
-        print(f"lorad: {e}", file=sys.stderr)
+    store = _existing_store(cfg)
+    if store is None:
         return EXIT_FAILED
     with store:
         try:
@@ -638,16 +638,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_unpark(args: argparse.Namespace) -> int:
     """Parked records become pending again and join the next training run; their past refusals are forgotten."""
     from daemon.runs import unpark_records
-    from daemon.store import NoStore, open_existing_store
 
     if bool(args.records) == bool(args.all):
         print("lorad: name the RECORD_IDs to unpark, or --all (not both)", file=sys.stderr)
         return EXIT_USAGE
     cfg = _load(args)
-    try:
-        store = open_existing_store(cfg.paths.state_dir)
-    except NoStore as e:
-        print(f"lorad: {e}", file=sys.stderr)
+    store = _existing_store(cfg)
+    if store is None:
         return EXIT_FAILED
     with store:
         done = unpark_records(store, None if args.all else args.records, reason=args.reason)

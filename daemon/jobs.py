@@ -190,14 +190,11 @@ class JobRunner:
                 if self._stopping:
                     return
                 trigger = self._queue.pop(0)
-            if trigger == WARM:
-                try:
-                    self.warm_drift_reference()
-                finally:
-                    self._set_proc(None)
-                continue
             try:
-                self.cycle(trigger)
+                if trigger == WARM:
+                    self.warm_drift_reference()   # best effort: logs its own failures
+                else:
+                    self.cycle(trigger)
             except Exception as e:  # a failed cycle is recorded and survived; the daemon keeps serving
                 log.exception("learning cycle failed", extra={"trigger": trigger})
                 self.store.add_event("cycle", subject=trigger, ok=False, reason=f"{type(e).__name__}: {e}")

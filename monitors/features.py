@@ -483,9 +483,9 @@ def _forward_batch(model: Any, batch: list[_Encoded], pad_id: int, device: Any) 
     # Logits are only needed from the position before the earliest response token on: the
     # LM head over a 50k-150k vocabulary is a large share of the compute for long prompts.
     keep = width - (min(e.response_start for e in batch) - 1)
-    # No attention mask in the forward: rows are padded on the right, so under the causal mask no real token sees a
-    # pad (pipelines.evaluate.example_losses does the same); the causal attention kernel is the faster one. The mask still
-    # picks the real tokens to pool below.
+    # No attention mask in the forward: rows are padded on the right, so under the causal mask no real token sees
+    # a pad (pipelines.evaluate.example_losses does the same); the causal attention kernel is the faster one. The
+    # mask still picks the real tokens to pool below.
     kwargs = {"input_ids": ids, "output_hidden_states": True, "use_cache": False}
     out, _ = forward_keeping_logits(model, keep, **kwargs)  # without logits_to_keep: full logits
     logits = out.logits

@@ -136,6 +136,7 @@ class Engine(BatchingMixin, VersionsMixin):
         self._thread_id: int | None = None
         self._share_cpu = False   # share_cpu(): decode on one CPU thread while another process computes
         self._cpu_threads: int | None = None   # the decode thread's torch threads as set by the engine (CPU)
+        self._all_cpu_threads: int | None = None   # torch's thread count when the decode thread first ran
 
     def _build_model_side(self, max_batch_size: int, kv_cache_fraction: float, kv_cache_tokens: int,
                           cuda_graphs: bool, compile: bool, decode_kernel: bool, lora_kernel: bool,
